@@ -1,0 +1,403 @@
+"""Read and validate a PEFT LoRA adapter folder (``adapter_config.json`` + weights).
+
+The tensor keys, not ``target_modules``, are the truth about what was trained: every key is
+classified into a LoRA module (A/B pair, optional bias and DoRA magnitude), a full replacement
+tensor (``modules_to_save``, saved embeddings, ``bias="all"|"lora_only"``) or replacement rows
+(``trainable_token_indices``). Every problem is collected before anything is raised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError, UnsupportedError
+from .hub import ResolvedRef, resolve_ref
+from .shards import TensorEntry, read_header
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+PREFIX = "base_model.model."
+# Initialisations that rewrite the base weights, so W + dW on the original base is wrong.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "vocab.txt", "spiece.model", "tokenizer.tiktoken")
+
+_LORA_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_B.bias": "B_bias",
+    ".lora_embedding_A": "A",
+    ".lora_embedding_B": "B",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+}
+_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its A/B tensors, resolved rank/alpha/scale, and optional bias and DoRA magnitude."""
+
+    name: str  # module path inside the base model, e.g. model.layers.0.self_attn.q_proj
+    embedding: bool  # lora_embedding_A/B (an nn.Embedding), else a Linear/Conv1D pair
+    rank: int
+    alpha: float
+    scale: float
+    a_key: str
+    b_key: str
+    bias_key: str | None = None  # lora_B.bias (lora_bias=True): bias += scale * lora_B.bias
+    magnitude_key: str | None = None  # DoRA magnitude vector
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight"
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A full tensor saved by the adapter that replaces the base tensor of the same name."""
+
+    target: str  # base tensor name, e.g. lm_head.weight
+    key: str  # key in the adapter file
+    reason: str  # modules_to_save | embedding | bias
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of an embedding-like weight replaced by ``trainable_token_indices`` training."""
+
+    target: str  # e.g. model.embed_tokens.weight
+    key: str
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter is, as read from its folder: config facts, classified tensors and every problem found.
+
+    ``problems`` are reasons the adapter cannot be merged at all (empty when mergeable); shape checks
+    against a particular base happen later, when the merge is planned.
+    """
+
+    ref: ResolvedRef
+    config: dict
+    weights_file: Path
+    tensors: dict[str, TensorEntry]
+    modules: tuple[LoraModule, ...]
+    replacements: tuple[Replacement, ...]
+    token_rows: tuple[TokenRows, ...]
+    features: tuple[str, ...]
+    problems: tuple[str, ...] = field(default=())
+
+    @property
+    def path(self) -> Path:
+        return self.ref.path
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config.get("peft_type", "LORA"))
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({m.rank for m in self.modules})
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.modules), default=0)
+
+    @property
+    def alphas(self) -> list[float]:
+        return sorted({m.alpha for m in self.modules})
+
+    @property
+    def scales(self) -> list[float]:
+        return sorted({m.scale for m in self.modules})
+
+    @property
+    def target_names(self) -> list[str]:
+        """Short module names (q_proj, lm_head...) that the adapter changes."""
+        names = {m.name.rsplit(".", 1)[-1] for m in self.modules}
+        names |= {r.target.rsplit(".", 2)[-2] if r.target.count(".") else r.target for r in self.replacements}
+        names |= {t.target.rsplit(".", 2)[-2] for t in self.token_rows}
+        return sorted(names)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.weights_file.stat().st_size
+
+    @property
+    def mergeable(self) -> bool:
+        return not self.problems
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def summary(self) -> dict:
+        """A JSON-ready description (what `lora-deploy inspect` prints)."""
+        return {
+            "path": str(self.path),
+            "source": self.ref.source,
+            "revision": self.ref.revision,
+            "peft_type": self.peft_type,
+            "base_model": self.base_model,
+            "weights_file": self.weights_file.name,
+            "size_bytes": self.size_bytes,
+            "ranks": self.ranks,
+            "alphas": self.alphas,
+            "scales": self.scales,
+            "use_rslora": bool(self.config.get("use_rslora")),
+            "targets": self.target_names,
+            "lora_modules": len(self.modules),
+            "replaced_tensors": [r.target for r in self.replacements],
+            "trainable_token_rows": {t.target: len(t.indices) for t in self.token_rows},
+            "features": list(self.features),
+            "mergeable": self.mergeable,
+            "problems": list(self.problems),
+        }
+
+
+def strip_prefix(key: str) -> str:
+    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+
+
+def pattern_key(patterns: dict, module_name: str) -> str | None:
+    """PEFT's rule: the first pattern k with re.match(rf"(.*\\.)?({k})$", module_name) wins."""
+    for k in patterns:
+        if re.match(rf"(.*\.)?({k})$", module_name):
+            return k
+    return None
+
+
+def target_matches(config: dict, module_name: str) -> bool:
+    """Whether ``target_modules`` (list or regex string) selects ``module_name``, as PEFT decides it."""
+    targets = config.get("target_modules")
+    if targets is None:
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in targets) or "all-linear" in targets
+
+
+def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: bool = False) -> AdapterInfo:
+    """Read an adapter folder (or hub id), classify every tensor, and collect every problem.
+
+    Raises :class:`InputError` when the folder cannot be read at all (no config, bad JSON, no or
+    corrupt weights). Features that cannot be merged are returned in ``problems`` so that
+    ``inspect`` can still describe the adapter; :func:`require_mergeable` turns them into an error.
+    """
+    resolved = resolve_ref(ref, kind="adapter", revision=revision, allow_pickle=allow_pickle)
+    folder = resolved.path
+    config = _read_config(folder)
+    weights_file, tensors = _read_weights(folder, allow_pickle=allow_pickle)
+    problems: list[str] = []
+    features: list[str] = []
+
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        problems.append(f"peft_type is {config.get('peft_type')!r}; only LoRA adapters can be merged "
+                        "(IA3, prefix tuning, prompt tuning and others change the forward pass, not the weights)")
+    missing = [k for k in ("r", "lora_alpha") if config.get(k) is None]
+    if missing:
+        problems.append(f"{CONFIG_FILE} lacks {', '.join(missing)}")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        problems.append(f"init_lora_weights={init!r} rewrites the base weights during training, so merging into "
+                        "the original base is wrong; convert the adapter to a plain LoRA first "
+                        "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    if config.get("layer_replication"):
+        problems.append("layer_replication duplicates base layers; the merged model would need a different "
+                        "architecture, which no standard checkpoint can express")
+    if config.get("alora_invocation_tokens"):
+        problems.append("aLoRA (alora_invocation_tokens) activates only after an invocation sequence and "
+                        "cannot be folded into the weights")
+    if config.get("lora_ga_config") or config.get("runtime_config", {}).get("ephemeral_gpu_offload"):
+        pass  # training-time options only
+    for feature, present in (("use_rslora", config.get("use_rslora")), ("use_dora", config.get("use_dora")),
+                             ("rank_pattern", config.get("rank_pattern")),
+                             ("alpha_pattern", config.get("alpha_pattern")),
+                             ("layers_to_transform", config.get("layers_to_transform") is not None),
+                             ("regex target_modules", isinstance(config.get("target_modules"), str)),
+                             ("modules_to_save", config.get("modules_to_save")),
+                             ("trainable_token_indices", config.get("trainable_token_indices")),
+                             ("lora_bias", config.get("lora_bias")),
+                             (f"bias={config.get('bias')}", config.get("bias") not in (None, "none"))):
+        if present:
+            features.append(feature)
+
+    modules, replacements, token_rows = [], [], []
+    if not missing:
+        modules, replacements, token_rows = _classify(config, tensors, problems)
+    if any(m.embedding for m in modules):
+        features.append("embedding LoRA")
+    if any(r.reason == "embedding" for r in replacements):
+        features.append("saved embeddings")
+    if weights_file.suffix == ".bin":
+        features.append("pickle weights")
+    if not modules and not replacements and not token_rows and not problems:
+        problems.append(f"{weights_file.name} holds no LoRA tensors")
+    return AdapterInfo(resolved, config, weights_file, tensors, tuple(modules), tuple(replacements),
+                       tuple(token_rows), tuple(features), tuple(problems))
+
+
+def require_mergeable(info: AdapterInfo) -> None:
+    if info.problems:
+        listing = "\n".join(f"  - {p}" for p in info.problems)
+        raise UnsupportedError(f"adapter {info.ref.source} cannot be merged:\n{listing}")
+
+
+def _read_config(folder: Path) -> dict:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise InputError(f"{path} is missing: {folder} is not a PEFT adapter folder",
+                         hint="pass the folder written by PeftModel.save_pretrained()")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise InputError(f"{path} must hold a JSON object")
+    return config
+
+
+def _read_weights(folder: Path, *, allow_pickle: bool) -> tuple[Path, dict[str, TensorEntry]]:
+    st = folder / SAFETENSORS_FILE
+    if st.is_file():
+        entries, _ = read_header(st)
+        return st, entries
+    pkl = folder / PICKLE_FILE
+    if pkl.is_file():
+        if not allow_pickle:
+            raise InputError(f"{pkl} is a pickle file; loading pickles can run arbitrary code",
+                             hint="re-save the adapter with safetensors (save_pretrained(..., safe_serialization="
+                                  "True)), or pass --allow-pickle if you trust its author")
+        return pkl, _pickle_entries(pkl)
+    raise InputError(f"{folder} has {CONFIG_FILE} but no {SAFETENSORS_FILE}",
+                     hint="copy the adapter's weights file next to its config")
+
+
+def _pickle_entries(path: Path) -> dict[str, TensorEntry]:
+    """Describe a (trusted, opted-in) pickle adapter's tensors; their data is loaded by load_adapter_tensors."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
+        raise InputError(f"{path}: cannot be loaded ({e})") from e
+    from .shards import st_dtype
+
+    return {k: TensorEntry(k, path, st_dtype(v.dtype), tuple(v.shape), 0, v.numel() * v.element_size())
+            for k, v in state.items()}
+
+
+def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
+              ) -> tuple[list[LoraModule], list[Replacement], list[TokenRows]]:
+    parts: dict[str, dict[str, str]] = {}
+    embedding_modules: set[str] = set()
+    replacements: list[Replacement] = []
+    token_rows: list[TokenRows] = []
+    for key in tensors:
+        name = strip_prefix(key)
+        for suffix, role in _LORA_SUFFIXES.items():
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                if re.search(r"\.lora_(A|B|embedding_A|embedding_B)\.", module + "."):
+                    break  # e.g. lora_A.<adapter name>.weight: handled below as unknown
+                parts.setdefault(module, {})[role] = key
+                if "embedding" in suffix:
+                    embedding_modules.add(module)
+                break
+        else:
+            if name.endswith(_TOKENS_SUFFIX):
+                module = name[: -len(_TOKENS_SUFFIX)]
+                indices = _token_indices(config, module)
+                if indices is None:
+                    problems.append(f"{key}: trainable token rows without trainable_token_indices in the config")
+                else:
+                    token_rows.append(TokenRows(f"{module}.weight", key, tuple(indices)))
+            elif ".lora_" in name or ".token_adapter." in name:
+                problems.append(f"tensor {key!r} is not a LoRA tensor this tool understands")
+            elif name.endswith(".base_layer.weight") or name.endswith(".base_layer.bias"):
+                module, _, leaf = name.rpartition(".base_layer.")
+                reason = "bias" if leaf == "bias" else "embedding"
+                replacements.append(Replacement(f"{module}.{leaf}", key, reason))
+            elif name.endswith((".weight", ".bias")) or "." not in name:
+                reason = "bias" if name.endswith(".bias") else "modules_to_save"
+                replacements.append(Replacement(name, key, reason))
+            else:
+                problems.append(f"tensor {key!r} is not a LoRA tensor this tool understands")
+
+    modules: list[LoraModule] = []
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    for module, roles in sorted(parts.items()):
+        if "A" not in roles or "B" not in roles:
+            have = ", ".join(sorted(roles))
+            problems.append(f"module {module}: incomplete LoRA pair (has {have}; needs lora_A and lora_B)")
+            continue
+        a, b = tensors[roles["A"]], tensors[roles["B"]]
+        embedding = module in embedding_modules
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            problems.append(f"module {module}: only 2-D LoRA factors can be merged (convolution LoRA is not "
+                            f"supported); got A{list(a.shape)} B{list(b.shape)}")
+            continue
+        r = a.shape[0] if not embedding else a.shape[0]
+        if b.shape[1] != r:
+            problems.append(f"module {module}: lora_A has rank {r} but lora_B has {b.shape[1]} columns")
+            continue
+        rk = pattern_key(rank_pattern, module)
+        expected_r = int(rank_pattern[rk]) if rk is not None else int(config["r"])
+        if expected_r != r:
+            problems.append(f"module {module}: tensors have rank {r} but the config says {expected_r}"
+                            + (f" (rank_pattern {rk!r})" if rk else ""))
+            continue
+        ak = pattern_key(alpha_pattern, module)
+        alpha = float(alpha_pattern[ak]) if ak is not None else float(config["lora_alpha"])
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        modules.append(LoraModule(module, embedding, r, alpha, scale, roles["A"], roles["B"],
+                                  roles.get("B_bias"), roles.get("magnitude")))
+    for module, roles in parts.items():
+        if "magnitude" in roles and not config.get("use_dora"):
+            problems.append(f"module {module}: DoRA magnitude vector present but use_dora is false")
+    if config.get("use_dora"):
+        for m in modules:
+            if m.magnitude_key is None:
+                problems.append(f"module {m.name}: use_dora is true but lora_magnitude_vector is missing")
+    return modules, replacements, token_rows
+
+
+def _token_indices(config: dict, module: str) -> list[int] | None:
+    spec = config.get("trainable_token_indices")
+    if spec is None:
+        return None
+    if isinstance(spec, list):
+        return [int(i) for i in spec]
+    for k, v in spec.items():
+        if module == k or module.endswith("." + k):
+            return [int(i) for i in v]
+    return None
+
+
+def load_adapter_tensors(info: AdapterInfo) -> dict:
+    """Load every adapter tensor as float32 (adapters are small; the base is what must stream)."""
+    import torch
+
+    from .shards import load_tensor
+
+    if info.weights_file.suffix == ".bin":
+        state = torch.load(info.weights_file, map_location="cpu", weights_only=True)
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    out = {}
+    for k, entry in info.tensors.items():
+        t = load_tensor(entry)
+        out[k] = t.float() if t.is_floating_point() else t
+    return out

@@ -1,0 +1,84 @@
+"""Resolve a model or adapter reference (a local folder or a Hugging Face hub id) to a local folder.
+
+Hub ids go through ``huggingface_hub``'s cache, so ``HF_HUB_OFFLINE=1`` works on models that were
+downloaded before; nothing here talks to the network for a local path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+# What a merge needs from a hub repo: weights, configs, tokenizer files. Never pickles by default.
+_BASE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
+_ADAPTER_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class ResolvedRef:
+    """Where a model or adapter came from and where it lies on disk now.
+
+    ``source`` is what the user typed; ``revision`` is the hub commit (None for local folders), so a
+    provenance record can name exactly what was merged.
+    """
+
+    source: str
+    path: Path
+    revision: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.revision is not None
+
+
+def resolve_ref(ref: str | os.PathLike, *, kind: str, revision: str | None = None,
+                allow_pickle: bool = False) -> ResolvedRef:
+    """Return the local folder for ``ref``: an existing folder as is, else a hub id from the HF cache."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{kind} {text!r} is a file; expected a folder with config and weights",
+                             hint=f"pass the folder that contains the {kind}'s files")
+        return ResolvedRef(source=text, path=path.resolve())
+    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise InputError(f"{kind} folder {text!r} does not exist",
+                         hint="check the path, or pass a Hugging Face hub id such as org/name")
+    return _download(text, kind=kind, revision=revision, allow_pickle=allow_pickle)
+
+
+def _download(repo_id: str, *, kind: str, revision: str | None, allow_pickle: bool) -> ResolvedRef:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = list(_ADAPTER_PATTERNS if kind == "adapter" else _BASE_PATTERNS)
+    if allow_pickle:
+        patterns.append("*.bin")
+    try:
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except LocalEntryNotFoundError as e:
+        raise InputError(f"{kind} {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached",
+                         hint="download it first (hf download ...) or unset HF_HUB_OFFLINE") from e
+    except RepositoryNotFoundError as e:
+        raise InputError(f"{kind} {repo_id!r} is neither a local folder nor a hub repository you can access",
+                         hint="check the spelling, or log in with `hf auth login` for a gated repo") from e
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise InputError(f"could not fetch {kind} {repo_id!r} from the hub: {e}") from e
+    local_path = Path(local)
+    # snapshot folders are named by commit hash: .../snapshots/<sha>
+    return ResolvedRef(source=repo_id, path=local_path, revision=local_path.name)
+
+
+def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:
+    """sha256 of a file, read in large chunks (hashlib releases the GIL, so this can run in a thread)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

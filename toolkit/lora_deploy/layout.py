@@ -1,0 +1,72 @@
+"""What the base architecture says about its modules, read from ``config.json`` alone.
+
+The merge needs facts the checkpoint's tensors cannot tell: which modules are transformers
+``Conv1D`` (weights stored in x out, so GPT-2's square ``c_proj`` is ambiguous by shape), which are
+embeddings, and which output weights are tied to input embeddings. We instantiate the model on
+PyTorch's meta device (no memory, no weights) and look; for architectures transformers does not
+know, we fall back to the adapter's ``fan_in_fan_out`` flag and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Module facts of one architecture: Conv1D and embedding modules, tied weights, model prefix."""
+
+    architecture: str
+    conv1d: frozenset[str] = field(default_factory=frozenset)
+    embeddings: frozenset[str] = field(default_factory=frozenset)
+    tied: dict[str, str] = field(default_factory=dict)  # output weight -> input weight it is tied to
+    known: bool = True  # False when transformers could not build the architecture
+    model_names: frozenset[str] = field(default_factory=frozenset)  # every parameter/buffer name
+
+
+def read_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise InputError(f"{path} is missing: the base folder is not a Hugging Face model",
+                         hint="pass the folder that holds config.json and *.safetensors")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise InputError(f"{path} must hold a JSON object")
+    return config
+
+
+def read_layout(folder: Path) -> ModelLayout:
+    """Build the base architecture on the meta device and record its module facts."""
+    config = read_config(folder)
+    arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.pytorch_utils import Conv1D
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(hf_config)
+    except Exception:  # noqa: BLE001 - any failure here means "unknown architecture", handled below
+        tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.get("tie_word_embeddings") else {}
+        return ModelLayout(arch, tied=tied, known=False)
+    conv1d = frozenset(n for n, m in model.named_modules() if isinstance(m, Conv1D))
+    embeddings = frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding))
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    if not tied and getattr(hf_config, "tie_word_embeddings", False):
+        out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        if out_emb is not None and id(out_emb) in names and id(in_emb) in names:
+            tied = {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
+    names = frozenset(n for n, _ in model.named_parameters()) | frozenset(n for n, _ in model.named_buffers())
+    return ModelLayout(arch, conv1d, embeddings, tied, True, names)

@@ -1,0 +1,66 @@
+"""One output sink for the CLI: data to stdout (text or JSON), messages and progress to stderr.
+
+Commands never call ``print``: they hand results to :data:`out`, so ``--json`` works the same for
+every command and progress bars are switched off where a machine reads the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any
+
+
+def to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "__fspath__"):
+        return str(obj)
+    return obj
+
+
+class Output:
+    """Human or JSON mode; ``progress`` is true only for humans on a terminal."""
+
+    def __init__(self) -> None:
+        self.json = False
+        self.quiet = False
+
+    def set_mode(self, *, json_mode: bool = False, quiet: bool = False) -> None:
+        self.json, self.quiet = json_mode, quiet
+
+    @property
+    def progress(self) -> bool:
+        return not self.json and not self.quiet and sys.stderr.isatty()
+
+    def info(self, message: str) -> None:
+        if not self.json and not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"Warning: {message}", file=sys.stderr, flush=True)
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        print(f"Error: {message}", file=sys.stderr, flush=True)
+        if hint:
+            print(f"Hint: {hint}", file=sys.stderr, flush=True)
+
+    def result(self, data: Any, text: str) -> None:
+        """Emit the command's result: ``data`` as JSON in JSON mode, else the human ``text``."""
+        if self.json:
+            print(json.dumps(to_jsonable(data), indent=2, sort_keys=False))
+        else:
+            print(text)
+
+    @staticmethod
+    def table(rows: list[tuple[str, str]]) -> str:
+        width = max((len(k) for k, _ in rows), default=0)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+out = Output()

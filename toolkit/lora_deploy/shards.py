@@ -1,0 +1,313 @@
+"""Streaming safetensors I/O: read a (sharded) checkpoint's index and write shards tensor by tensor.
+
+Memory does not grow with the model: the reader looks at headers only (tensor bytes are read one
+tensor at a time, or copied file-to-file when untouched), and the writer lays out every shard's
+header up front so that each tensor is written and dropped as soon as it is computed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from .errors import InputError
+
+if TYPE_CHECKING:  # torch is imported lazily: `lora-deploy --help` must not pay for it
+    import torch
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# safetensors dtype names and their sizes in bytes
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+_MAX_HEADER = 100 << 20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies: file, dtype (safetensors name), shape, and absolute byte range."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse a safetensors header without reading tensor data; fail clearly on a truncated file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise InputError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise InputError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes)")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header ({e})") from e
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from e
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        try:
+            b, e = info["data_offsets"]
+            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{path}: malformed header entry for tensor {name!r}") from err
+        if base + e > size:
+            raise InputError(f"{path}: truncated: tensor {name!r} ends at byte {base + e}, file has {size}",
+                             hint="the download or copy was interrupted; fetch the file again")
+        entries[name] = TensorEntry(name, path, dtype, shape, base + b, base + e)
+    return entries, metadata
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Every tensor of a checkpoint folder, from ``model.safetensors`` or its sharded index."""
+
+    folder: Path
+    files: tuple[Path, ...]
+    tensors: dict[str, TensorEntry]
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ShardIndex:
+        index_file = folder / SAFETENSORS_INDEX
+        if index_file.is_file():
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise InputError(f"{index_file}: malformed index ({e})") from e
+            files = sorted({folder / f for f in weight_map.values()}, key=_shard_order)
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise InputError(f"{index_file} names shards that are missing: {', '.join(missing)}")
+        else:
+            files = sorted(folder.glob("*.safetensors"), key=_shard_order)
+            if not files:
+                pickles = sorted(p.name for p in folder.glob("*.bin"))
+                hint = ("convert it to safetensors first (transformers: save_pretrained(..., "
+                        "safe_serialization=True))") if pickles else None
+                raise InputError(f"{folder}: no safetensors weights found"
+                                 + (f" (only pickle files: {', '.join(pickles)})" if pickles else ""), hint=hint)
+        tensors: dict[str, TensorEntry] = {}
+        for f in files:
+            entries, _ = read_header(f)
+            for name, entry in entries.items():
+                if name in tensors:
+                    raise InputError(f"tensor {name!r} appears in both {tensors[name].file.name} and {f.name}")
+                tensors[name] = entry
+        return cls(folder, tuple(files), tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _shard_order(p: Path) -> tuple:
+    m = re.search(r"(\d+)-of-(\d+)", p.name)
+    return (int(m.group(1)), p.name) if m else (0, p.name)
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' / '500MB' / '2GiB' / 1000 -> bytes (decimal units as the hub uses them, binary with 'i')."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise InputError(f"invalid size {text!r}", hint="use a number with a unit, such as 5GB or 500MB")
+    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = " KMGT".index(unit) if unit else 0
+    value = int(num * ((1024 if binary else 1000) ** power))
+    if value <= 0:
+        raise InputError(f"size {text!r} must be positive")
+    return value
+
+
+# ---------------------------------------------------------------- tensor <-> bytes
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+    if name not in table:
+        raise InputError(f"unsupported safetensors dtype {name}")
+    return table[name]
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    import torch
+
+    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+            torch.bool: "BOOL"}[dtype]
+
+
+def load_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor's bytes from disk into a fresh CPU tensor (no mmap kept alive)."""
+    import torch
+
+    with open(entry.file, "rb") as f:
+        f.seek(entry.start)
+        buf = bytearray(entry.nbytes)
+        if f.readinto(buf) != entry.nbytes:
+            raise InputError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
+    if not buf:
+        return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
+    return torch.frombuffer(buf, dtype=torch_dtype(entry.dtype)).reshape(entry.shape)
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's raw little-endian bytes without copying more than once."""
+    import torch
+
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+# ---------------------------------------------------------------- writer
+
+@dataclass
+class OutputShard:
+    """One output file: the tensors it holds, in order, with their dtype and shape."""
+
+    tensors: list[tuple[str, str, tuple[int, ...]]] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def plan_shards(specs: list[tuple[str, str, tuple[int, ...]]], max_shard_bytes: int) -> list[OutputShard]:
+    """Group (name, dtype, shape) in order into shards of at most ``max_shard_bytes`` (a bigger tensor gets its own)."""
+    shards: list[OutputShard] = [OutputShard()]
+    for name, dtype, shape in specs:
+        n = _numel(shape) * DTYPE_SIZES[dtype]
+        if shards[-1].tensors and shards[-1].nbytes + n > max_shard_bytes:
+            shards.append(OutputShard())
+        shards[-1].tensors.append((name, dtype, shape))
+        shards[-1].nbytes += n
+    return shards
+
+
+def shard_filenames(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class ShardWriter:
+    """Write planned shards tensor by tensor into ``folder``; verifies every tensor lands where planned.
+
+    The header of each file is written first (offsets are known from the plan), so no shard is ever
+    buffered in memory. Call :meth:`write` once per tensor, in plan order, then :meth:`close`.
+    """
+
+    def __init__(self, folder: Path, shards: list[OutputShard], metadata: dict[str, str] | None = None):
+        self.folder = folder
+        self.shards = shards
+        self.names = shard_filenames(len(shards))
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._order = [(i, t) for i, s in enumerate(shards) for t in s.tensors]
+        self._pos = 0
+        self._file: BinaryIO | None = None
+        self._file_idx = -1
+        self.bytes_written = 0
+
+    def _open(self, idx: int) -> None:
+        if self._file:
+            self._file.close()
+        header: dict[str, object] = {"__metadata__": self.metadata}
+        offset = 0
+        for name, dtype, shape in self.shards[idx].tensors:
+            n = _numel(shape) * DTYPE_SIZES[dtype]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # align data to 8 bytes, as the reference writer does
+        self._file = open(self.folder / self.names[idx], "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+        self._file_idx = idx
+
+    def _next(self, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        if self._pos >= len(self._order):
+            raise RuntimeError(f"tensor {name} was not planned")
+        idx, (pname, pdtype, pshape) = self._order[self._pos]
+        if (pname, pdtype, pshape) != (name, dtype, tuple(shape)):
+            raise RuntimeError(f"writer expected {pname} {pdtype}{list(pshape)}, got {name} {dtype}{list(shape)}")
+        if idx != self._file_idx:
+            self._open(idx)
+        self._pos += 1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._next(name, st_dtype(tensor.dtype), tuple(tensor.shape))
+        data = tensor_bytes(tensor)
+        self._file.write(data)
+        self.bytes_written += data.nbytes
+
+    def copy_raw(self, name: str, entry: TensorEntry, chunk: int = 64 << 20) -> None:
+        """Copy an untouched tensor's bytes straight from its source file (no torch, no conversion)."""
+        self._next(name, entry.dtype, entry.shape)
+        with open(entry.file, "rb") as src:
+            src.seek(entry.start)
+            left = entry.nbytes
+            while left:
+                block = src.read(min(chunk, left))
+                if not block:
+                    raise InputError(f"{entry.file}: truncated while copying tensor {entry.name!r}")
+                self._file.write(block)
+                left -= len(block)
+        self.bytes_written += entry.nbytes
+
+    def close(self) -> None:
+        if self._pos != len(self._order):
+            missing = self._order[self._pos][1][0]
+            raise RuntimeError(f"writer closed before tensor {missing} was written")
+        if self._file:
+            self._file.close()
+            self._file = None
+        if len(self.shards) > 1:
+            weight_map = {name: self.names[i] for i, s in enumerate(self.shards) for name, _, _ in s.tensors}
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self.shards)}, "weight_map": weight_map}
+            (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._file:
+            self._file.close()
+            self._file = None
+
+
+def fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
