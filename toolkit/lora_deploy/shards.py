@@ -268,7 +268,7 @@ class ShardWriter:
         self._file.write(data)
         self.bytes_written += data.nbytes
 
-    def copy_raw(self, name: str, entry: TensorEntry, chunk: int = 64 << 20) -> None:
+    def copy_raw(self, name: str, entry: TensorEntry, chunk: int = 8 << 20) -> None:
         """Copy an untouched tensor's bytes straight from its source file (no torch, no conversion)."""
         self._next(name, entry.dtype, entry.shape)
         with open(entry.file, "rb") as src:

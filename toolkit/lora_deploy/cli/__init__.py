@@ -44,7 +44,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning expected errors into a message and an exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # a typer.Exit inside a command comes back as its code
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except LoraDeployError as e:
         if os.environ.get("LORA_DEPLOY_DEBUG"):
             raise

@@ -1,0 +1,144 @@
+"""Shared builders: tiny models and real PEFT adapters, made locally (no hub), cached per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def make_base(folder: Path, arch: str = "llama", *, dtype: str = "float32", seed: int = 0,
+              tokenizer: bool = False, **overrides) -> Path:
+    """A random tiny model of ``arch`` saved to ``folder``."""
+    from lora_deploy.example import build_random_base
+
+    _quiet_transformers()
+    build_random_base(folder, arch, dtype=dtype, seed=seed, tokenizer=tokenizer, **overrides)
+    return folder
+
+
+def load_base(base: Path, *, resize: int | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if resize:
+        model.resize_token_embeddings(resize, mean_resizing=False)
+    return model
+
+
+def make_adapter(base: Path, folder: Path, *, seed: int = 1, resize: int | None = None, perturb: float = 0.05,
+                 save_kwargs: dict | None = None, **lora_kwargs) -> Path:
+    """Train-like PEFT adapter: get_peft_model with init_lora_weights=False, every trainable tensor nudged."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = load_base(base, resize=resize)
+    lora_kwargs.setdefault("init_lora_weights", False)
+    lora_kwargs.setdefault("r", 4)
+    lora_kwargs.setdefault("lora_alpha", 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+        with torch.no_grad():  # stand-in for training: modules_to_save, biases, token rows all move
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.add_(perturb * torch.randn_like(p))
+        peft_model.save_pretrained(folder, **(save_kwargs or {}))
+    return folder
+
+
+def peft_merged_state(base: Path, adapters: list[Path], weights: list[float] | None = None,
+                      *, resize: int | None = None) -> dict:
+    """The oracle: PEFT's merge_and_unload() in float32 (several adapters via the exact "cat" combination)."""
+    from peft import PeftModel
+
+    model = load_base(base, resize=resize)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
+        if len(adapters) > 1 or (weights and weights[0] != 1.0):
+            for i, a in enumerate(adapters[1:], start=1):
+                pm.load_adapter(a, adapter_name=f"a{i}")
+            names = [f"a{i}" for i in range(len(adapters))]
+            pm.add_weighted_adapter(names, list(weights), "mix", combination_type="cat")
+            pm.set_adapter("mix")
+            for n in names:
+                pm.delete_adapter(n)
+        merged = pm.merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+def loaded_state(folder: Path) -> dict:
+    """A checkpoint as transformers loads it (ties applied), in float32."""
+    return {k: v.detach().float().clone() for k, v in load_base(folder).state_dict().items()}
+
+
+def file_tensors(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            for k in st.keys():
+                out[k] = st.get_tensor(k)
+    return out
+
+
+def run_cli(*args: str):
+    """Run the real console entry point in-process; returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from lora_deploy.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="session")
+def llama_base(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("llama") / "base", "llama", tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(llama_base, tmp_path_factory) -> Path:
+    return make_adapter(llama_base, tmp_path_factory.mktemp("llama-adapter") / "a",
+                        target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+@pytest.fixture(scope="session")
+def example(tmp_path_factory):
+    from lora_deploy.example import build_example
+
+    _quiet_transformers()
+    return build_example(tmp_path_factory.mktemp("example"))
+
+
+def edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
