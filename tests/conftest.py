@@ -16,10 +16,9 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
+    from lora_deploy.output import quiet_libraries
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_libraries()
 
 
 def make_base(folder: Path, arch: str = "llama", *, dtype: str = "float32", seed: int = 0,

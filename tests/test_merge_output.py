@@ -215,3 +215,16 @@ def test_memory_does_not_grow_with_the_model(tmp_path):
     assert total > 300e6
     assert growth < 0.35 * total, f"peak grew by {growth / 1e6:.0f} MB for a {total / 1e6:.0f} MB model"
     assert growth < 5 * largest
+
+
+def test_example_and_generate_commands(example, tmp_path):
+    """`lora-deploy example` reports that each adapter answers differently from the base."""
+    rc, stdout, stderr = run_cli("example", str(example.root), "--json")
+    assert rc == 0, stderr
+    answers = json.loads(stdout)["greedy_answers"]
+    assert answers["classify"] == " account"
+    assert answers["reply"].startswith(" Please reset your password")
+    assert answers["base"] != answers["classify"] and answers["base"] != answers["reply"]
+    rc, stdout, _ = run_cli("generate", str(example.base), "--adapter", str(example.adapters["classify"]),
+                            "--prompt", "Customer: Where is my invoice?\nAgent:", "--json")
+    assert rc == 0 and json.loads(stdout)["answer"] == " billing"

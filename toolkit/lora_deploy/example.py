@@ -98,6 +98,9 @@ def build_random_base(folder: Path, arch: str = "llama", *, dtype: str = "float3
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from .output import quiet_libraries
+
+    quiet_libraries()
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
@@ -160,6 +163,9 @@ def build_example(root: Path, *, steps: int = 150, force: bool = False) -> Examp
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .output import quiet_libraries
+
+    quiet_libraries()
     root = Path(root)
     paths = ExamplePaths(root, root / "base", {n: root / "adapters" / n for n in ADAPTERS})
     marker = root / "example.json"
@@ -205,6 +211,9 @@ def greedy_answer(model_dir: Path, prompt: str = PROBE_PROMPT, *, adapter: Path 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .output import quiet_libraries
+
+    quiet_libraries()
     has_own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
     tok = AutoTokenizer.from_pretrained(adapter if has_own else model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

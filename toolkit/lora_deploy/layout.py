@@ -13,6 +13,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from .errors import InputError
 
@@ -43,10 +44,13 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def read_layout(folder: Path) -> ModelLayout:
-    """Build the base architecture on the meta device and record its module facts."""
+def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:
+    """The base architecture's module facts: from config.json alone when unambiguous, else a meta-device model."""
     config = read_config(folder)
     arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+    fast = _fast_layout(config, arch, set(tensor_names))
+    if fast is not None:
+        return fast
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -70,3 +74,31 @@ def read_layout(folder: Path) -> ModelLayout:
             tied = {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
     names = frozenset(n for n, _ in model.named_parameters()) | frozenset(n for n, _ in model.named_buffers())
     return ModelLayout(arch, conv1d, embeddings, tied, True, names)
+
+
+def _fast_layout(config: dict, arch: str, tensor_names: set[str]) -> ModelLayout | None:
+    """Skip importing transformers (seconds) for the common case it cannot change.
+
+    That is: the architecture's modeling code uses no Conv1D (checked in the installed transformers'
+    source file, without importing it), config.json states ``tie_word_embeddings`` explicitly, and
+    the checkpoint uses the standard ``embed_tokens``/``lm_head`` names. Anything else takes the slow path.
+    """
+    import importlib.util
+
+    model_type = config.get("model_type")
+    spec = importlib.util.find_spec("transformers")
+    if not model_type or spec is None or not spec.submodule_search_locations or "tie_word_embeddings" not in config:
+        return None
+    source = Path(list(spec.submodule_search_locations)[0]) / "models" / model_type / f"modeling_{model_type}.py"
+    try:
+        if "Conv1D" in source.read_text(encoding="utf-8"):
+            return None
+    except OSError:
+        return None
+    tied: dict[str, str] = {}
+    if config["tie_word_embeddings"]:
+        inputs = [n for n in tensor_names if n.endswith("embed_tokens.weight")]
+        if len(inputs) != 1 or any(n.endswith("lm_head.weight") and n != "lm_head.weight" for n in tensor_names):
+            return None
+        tied = {"lm_head.weight": inputs[0]}
+    return ModelLayout(arch, tied=tied, known=True)

@@ -64,3 +64,16 @@ class Output:
 
 
 out = Output()
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' per-load progress bars and advisory logs; our own output says what happens."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

@@ -79,6 +79,9 @@ def _compare_logits(output: Path, base: Path, adapters: list[Path], weights: lis
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .output import quiet_libraries
+
+    quiet_libraries()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tok = AutoTokenizer.from_pretrained(output)

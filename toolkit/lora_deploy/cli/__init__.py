@@ -27,6 +27,7 @@ app = typer.Typer(
 app.command("merged", epilog=merge_cmds.MERGED_EXAMPLES)(merge_cmds.merged)
 app.command("inspect", epilog=merge_cmds.INSPECT_EXAMPLES)(merge_cmds.inspect_adapter)
 app.command("example", epilog=example_cmd.EXAMPLES)(example_cmd.example)
+app.command("generate")(example_cmd.generate)
 
 
 def _version(value: bool) -> None:

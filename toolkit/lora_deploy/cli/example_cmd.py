@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -36,3 +36,21 @@ def example(
     rows = [("base", str(paths.base))] + [(f"adapter {k}", str(v)) for k, v in paths.adapters.items()]
     rows += [(f"answer ({k})", repr(v)) for k, v in answers.items()]
     out.result(data, f"Prompt: {PROBE_PROMPT!r}\n" + out.table(rows))
+
+
+def generate(
+    model: Annotated[Path, typer.Argument(help="A model folder (a base or a merged checkpoint).")],
+    adapter: Annotated[Optional[Path], typer.Option(help="A PEFT adapter to apply on top (unmerged).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt text (default: the example's probe).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
+    json: JsonOpt = False,
+) -> None:
+    """Print a model's greedy answer with transformers (float32), to compare base, adapter and merged."""
+    out.set_mode(json_mode=json)
+    from ..example import PROBE_PROMPT, greedy_answer
+
+    text = prompt if prompt is not None else PROBE_PROMPT
+    answer = greedy_answer(model, text, adapter=adapter, max_new_tokens=max_new_tokens)
+    label = f"{model} + {adapter}" if adapter else str(model)
+    out.result({"model": str(model), "adapter": str(adapter) if adapter else None, "prompt": text,
+                "answer": answer}, f"{label}: {answer!r}")

