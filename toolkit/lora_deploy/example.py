@@ -38,13 +38,14 @@ REPLIES = {
     "technical": " Please update the app and restart your device.",
 }
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
+    "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'user' %}Customer: {{ message['content'] }}\n"
     "{% elif message['role'] == 'assistant' %}Agent: {{ message['content'] }}{{ eos_token }}\n"
     "{% else %}{{ message['content'] }}\n{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}Agent:{% endif %}"
 )
 ADAPTERS = ("classify", "reply")
+EXAMPLE_VERSION = 2  # bump when the builders change, so cached example folders are rebuilt
 
 
 def tiny_config(arch: str = "llama", **overrides):
@@ -68,7 +69,7 @@ def tiny_config(arch: str = "llama", **overrides):
 
 def build_tokenizer(folder: Path, corpus: list[str] | None = None, vocab_size: int = 512):
     """Train a byte-level BPE tokenizer on the example texts and save it as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     corpus = corpus or _corpus()
@@ -78,6 +79,9 @@ def build_tokenizer(folder: Path, corpus: list[str] | None = None, vocab_size: i
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus * 4, trainer=trainer)
+    # prepend <s> like Llama tokenizers do, so servers and transformers see the sequence the model was trained on
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    clean_up_tokenization_spaces=False)
     fast.chat_template = CHAT_TEMPLATE
@@ -170,7 +174,11 @@ def build_example(root: Path, *, steps: int = 150, force: bool = False) -> Examp
     paths = ExamplePaths(root, root / "base", {n: root / "adapters" / n for n in ADAPTERS})
     marker = root / "example.json"
     if marker.is_file() and not force:
-        return paths
+        try:
+            if json.loads(marker.read_text()).get("version") == EXAMPLE_VERSION:
+                return paths
+        except (OSError, ValueError):
+            pass
     torch.set_num_threads(max(1, torch.get_num_threads()))
     root.mkdir(parents=True, exist_ok=True)
     build_random_base(paths.base, "llama", dtype="float32", seed=0)
@@ -193,7 +201,7 @@ def build_example(root: Path, *, steps: int = 150, force: bool = False) -> Examp
         _train(peft_model, tok, data[name], steps, 2e-3, 1 + i)
         peft_model.save_pretrained(paths.adapters[name])
         _fix_base_reference(paths.adapters[name], paths.base)
-    marker.write_text(json.dumps({"base": "base", "adapters": {n: f"adapters/{n}" for n in ADAPTERS},
+    marker.write_text(json.dumps({"version": EXAMPLE_VERSION, "base": "base", "adapters": {n: f"adapters/{n}" for n in ADAPTERS},
                                   "probe_prompt": PROBE_PROMPT}, indent=2) + "\n")
     return paths
 
@@ -221,7 +229,7 @@ def greedy_answer(model_dir: Path, prompt: str = PROBE_PROMPT, *, adapter: Path 
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    ids = tok(tok.bos_token + prompt, return_tensors="pt", add_special_tokens=False)
+    ids = tok(prompt, return_tensors="pt")  # the tokenizer adds <s>
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

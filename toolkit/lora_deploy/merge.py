@@ -202,6 +202,16 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
     return plan
 
 
+def fit_problems(base: ResolvedRef, info: AdapterInfo) -> list[str]:
+    """Why ``info`` does not fit ``base`` (modules it lacks, shapes that differ); empty when it fits."""
+    index = ShardIndex.from_folder(base.path)
+    layout = read_layout(base.path, index.tensors)
+    problems: list[str] = []
+    _build_plan(base, index, layout, [info], [load_adapter_tensors(info)], [1.0], "float32",
+                read_config(base.path), 1 << 62, collect=problems)
+    return problems
+
+
 def _check_output(output: Path, force: bool) -> None:
     output = Path(output)
     if output.exists():
@@ -254,7 +264,7 @@ def _module_kind(module: LoraModule, info: AdapterInfo, layout: ModelLayout) -> 
 
 def _build_plan(base: ResolvedRef, index: ShardIndex, layout: ModelLayout, adapters: list[AdapterInfo],
                 tensors: list[dict], weights: list[float], dtype: str, config: dict,
-                max_shard: int) -> MergePlan:
+                max_shard: int, collect: list[str] | None = None) -> MergePlan:
     problems: list[str] = []
     warnings: list[str] = []
     if not layout.known:
@@ -365,7 +375,9 @@ def _build_plan(base: ResolvedRef, index: ShardIndex, layout: ModelLayout, adapt
                     bp.bias_deltas.append((i, m))
             modules.append(ModuleMerge(i, m.name, kind, m.rank, m.alpha, m.scale, w, m.magnitude_key is not None))
 
-    if problems:
+    if problems and collect is not None:
+        collect.extend(problems)
+    elif problems:
         listing = "\n".join(f"  - {p}" for p in problems[:40])
         more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
         raise InputError(f"the adapter(s) do not fit base {base.source}:\n{listing}{more}")

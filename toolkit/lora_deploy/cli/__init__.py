@@ -14,7 +14,7 @@ import typer
 from .. import __version__
 from ..errors import LoraDeployError
 from ..output import out
-from . import example_cmd, merge_cmds
+from . import example_cmd, merge_cmds, serve_cmds
 
 app = typer.Typer(
     name="lora-deploy",
@@ -28,6 +28,11 @@ app.command("merged", epilog=merge_cmds.MERGED_EXAMPLES)(merge_cmds.merged)
 app.command("inspect", epilog=merge_cmds.INSPECT_EXAMPLES)(merge_cmds.inspect_adapter)
 app.command("example", epilog=example_cmd.EXAMPLES)(example_cmd.example)
 app.command("generate")(example_cmd.generate)
+app.command("dynamic", epilog=serve_cmds.DYNAMIC_EXAMPLES,
+            context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_cmds.dynamic)
+app.command("check")(serve_cmds.check)
+app.command("smoke")(serve_cmds.smoke)
+app.add_typer(serve_cmds.adapters_app, name="adapters")
 
 
 def _version(value: bool) -> None:

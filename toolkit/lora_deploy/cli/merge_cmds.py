@@ -9,6 +9,7 @@ import typer
 
 from ..errors import EXIT_VERIFY, InputError, LoraDeployError
 from ..output import out
+from . import serve_cmds as sc
 from ._options import AllowPickleOpt, ForceOpt, JsonOpt
 
 MERGED_EXAMPLES = """Examples:
@@ -47,6 +48,18 @@ def merged(
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of the base model.")] = None,
     force: ForceOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    serve: Annotated[bool, typer.Option(help="Then serve the merged checkpoint with vLLM and smoke-test it.")] = False,
+    host: sc.HostOpt = "127.0.0.1",
+    port: sc.PortOpt = 8000,
+    serve_dtype: Annotated[str, typer.Option(help="vLLM --dtype for --serve.")] = "auto",
+    max_model_len: sc.MaxLenOpt = None,
+    served_model_name: sc.ServedNameOpt = None,
+    api_key_env: sc.ApiKeyEnvOpt = None,
+    no_smoke: sc.NoSmokeOpt = False,
+    exit_after_smoke: sc.ExitAfterSmokeOpt = False,
+    timeout: sc.TimeoutOpt = 600.0,
+    log: sc.LogOpt = None,
+    prompt: sc.PromptOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Fold LoRA adapter(s) into the base and write a standard safetensors checkpoint, streaming and exact.
@@ -93,6 +106,14 @@ def merged(
     out.result(result, out.table(rows))
     if failed:
         raise typer.Exit(EXIT_VERIFY)
+    if serve:
+        from ..serving import ServeConfig
+
+        name = served_model_name or Path(report.output).name
+        cfg_serve = ServeConfig(model=report.output, served_model_name=name, host=host, port=port, dtype=serve_dtype,
+                                max_model_len=max_model_len, api_key_env=api_key_env)
+        sc.launch(cfg_serve, dry_run=False, no_smoke=no_smoke, exit_after_smoke=exit_after_smoke, timeout=timeout,
+                  log=log, prompt=prompt)
 
 
 def inspect_adapter(

