@@ -186,30 +186,31 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
 
 
 def normalise_scales(info: AdapterInfo, target: Path) -> Path:
-    """Write a copy of the adapter whose uniform alpha/r scale gives each module its true PEFT scale.
+    """Write a copy of the adapter that any vLLM scales exactly like PEFT scales the original.
 
-    For every module, lora_B is multiplied by (true scale / uniform scale); rank_pattern and
-    alpha_pattern are dropped, and r becomes the largest rank so vLLM sizes its buffers right.
+    Every module is zero-padded to the largest rank R (extra rank-1 terms are exactly zero) and its
+    true PEFT scale is folded into lora_B; the config says r = lora_alpha = R without patterns or
+    rsLoRA, so the uniform scale is 1 whether or not the server honours rank/alpha patterns.
     """
-    import math
-
     import torch
     from safetensors.torch import save_file
 
     from .adapter import load_adapter_tensors
 
     cfg = dict(info.config)
-    r, alpha = max(int(cfg["r"]), info.max_rank), float(cfg["lora_alpha"])
-    cfg["r"] = r  # vLLM sizes buffers and checks --max-lora-rank from r once the patterns are gone
-    uniform = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    rank = info.max_rank
     tensors = load_adapter_tensors(info)
-    out = {}
-    for key, t in tensors.items():
-        out[key] = t.clone()
+    out = {k: v.clone() for k, v in tensors.items()}
     for m in info.modules:
-        out[m.b_key] = (tensors[m.b_key].double() * (m.scale / uniform)).to(torch.float32)
-    cfg.pop("rank_pattern", None)
-    cfg.pop("alpha_pattern", None)
+        a, b = tensors[m.a_key], tensors[m.b_key]
+        a_pad = torch.zeros((rank, a.shape[1]), dtype=torch.float32)
+        b_pad = torch.zeros((b.shape[0], rank), dtype=torch.float32)
+        a_pad[: m.rank] = a
+        b_pad[:, : m.rank] = (b.double() * m.scale).float()
+        out[m.a_key], out[m.b_key] = a_pad, b_pad
+    for key in ("rank_pattern", "alpha_pattern"):
+        cfg.pop(key, None)
+    cfg.update(r=rank, lora_alpha=rank, use_rslora=False)
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)

@@ -117,7 +117,7 @@ def _error_text(r: requests.Response) -> str:
 
 def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | None = None,
               api_key: str | None = None, prompt: str = DEFAULT_PROMPT, max_tokens: int = 16,
-              timeout: float = 60.0, retries: int = 3, chat: bool = True) -> SmokeReport:
+              timeout: float = 60.0, retries: int = 3, chat: bool = True, rounds: int = 3) -> SmokeReport:
     """Run every check against ``url``; ``models`` are the names that must be served (default: all listed)."""
     start = time.monotonic()
     client = _Client(url, api_key, timeout, retries)
@@ -152,8 +152,15 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
     for m in present:
         stream_text, ttft, total = _stream(client, m, prompt, max_tokens)
         results.append([m, stream_text, ttft, total])
-    with ThreadPoolExecutor(max_workers=max(1, len(present))) as pool:  # all at once: one mixed batch
-        together = dict(zip(present, pool.map(complete, present)))
+    # all at once, twice each, in a few rounds: mixed batches form, and a batch that corrupts one model's
+    # rows (a wrong LoRA slot for base requests, say) shows as an answer that differs from its solo answer
+    together = {m: answers[m] for m in present}
+    burst = present * 2
+    with ThreadPoolExecutor(max_workers=max(1, len(burst))) as pool:
+        for _ in range(rounds):
+            for m, text in zip(burst, pool.map(complete, burst)):
+                if text != answers[m]:
+                    together[m] = text
     chat_answers: dict[str, str | None] = {m: None for m in present}
     if chat and present:
         try:

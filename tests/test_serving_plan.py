@@ -1,0 +1,154 @@
+"""Serving decisions made before vLLM starts: derived flags, the exact command, pre-flight refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import edit_json, file_tensors, make_adapter, make_base, run_cli
+
+from lora_deploy.errors import EXIT_INPUT, EXIT_UNSUPPORTED, InputError
+from lora_deploy.merge import MergeConfig, run_merge
+from lora_deploy.preflight import check_adapters, normalise_scales
+from lora_deploy.serving import ServedAdapter, derive_lora_flags, smallest_allowed_rank
+
+
+@pytest.mark.parametrize("rank,expected", [(1, 1), (4, 8), (8, 8), (9, 16), (16, 16), (17, 32), (300, 320),
+                                           (512, 512)])
+def test_smallest_allowed_rank(rank, expected):
+    assert smallest_allowed_rank(rank) == expected
+
+
+def test_rank_beyond_vllm_is_refused_with_the_way_out():
+    with pytest.raises(InputError, match="lora-deploy merged"):
+        smallest_allowed_rank(513)
+
+
+def test_lora_flags_from_adapters():
+    ads = (ServedAdapter("a", "/a", 8), ServedAdapter("b", "/b", 24))
+    gpu = derive_lora_flags(ads)
+    assert (gpu.max_lora_rank, gpu.max_loras, gpu.max_cpu_loras) == (32, 2, 2)
+    cpu = derive_lora_flags(ads, cpu_build=True)
+    assert cpu.max_loras == 3 and "empty" in cpu.notes[0]  # the mixed-batch workaround
+    mine = derive_lora_flags(ads, max_loras=4, max_lora_rank=64, max_cpu_loras=8)
+    assert (mine.max_lora_rank, mine.max_loras, mine.max_cpu_loras) == (64, 4, 8)
+    with pytest.raises(InputError, match="below adapter b's rank 24"):
+        derive_lora_flags(ads, max_lora_rank=16)
+    with pytest.raises(InputError, match="not one vLLM accepts"):
+        derive_lora_flags(ads, max_lora_rank=48)
+    with pytest.raises(InputError, match="--max-cpu-loras 1"):
+        derive_lora_flags(ads, max_cpu_loras=1)
+
+
+def test_dry_run_prints_the_exact_command(example, monkeypatch):
+    monkeypatch.setenv("SECRET_KEY_VAR", "s3cr3t-value")
+    rc, stdout, stderr = run_cli("dynamic", "--base", str(example.base),
+                                 "--adapter", f"classify={example.adapters['classify']}",
+                                 "--adapter", f"reply={example.adapters['reply']}", "--served-model-name", "support",
+                                 "--api-key-env", "SECRET_KEY_VAR", "--dry-run", "--json", "--",
+                                 "--max-num-batched-tokens", "1024")
+    assert rc == 0, stderr
+    plan = json.loads(stdout)
+    argv = plan["argv"]
+    assert "s3cr3t-value" not in " ".join(argv) and plan["env"]["VLLM_API_KEY"] == "<redacted>"
+    assert argv[argv.index("--max-lora-rank") + 1] == "16"  # reply has rank 16, classify 8
+    assert argv[argv.index("--max-loras") + 1] == "3"  # 2 adapters + the CPU build's empty slot
+    modules = [json.loads(a) for a in argv[argv.index("--lora-modules") + 1:] if a.startswith("{")]
+    assert [(m["name"], m["base_model_name"]) for m in modules] == [("classify", "support"), ("reply", "support")]
+    assert "--enable-lora" in argv and argv[-2:] == ["--max-num-batched-tokens", "1024"]
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in plan["env"]  # off by default
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]  # the CPU build's working launch form
+
+
+def test_runtime_adapters_need_an_api_key(example, monkeypatch):
+    args = ["dynamic", "--base", str(example.base), "--adapter", f"classify={example.adapters['classify']}",
+            "--allow-runtime-adapters", "--dry-run", "--json"]
+    rc, _, stderr = run_cli(*args)
+    assert rc == EXIT_INPUT and "needs an API key" in stderr
+    monkeypatch.setenv("K", "secret")
+    rc, stdout, stderr = run_cli(*args, "--api-key-env", "K")
+    assert rc == 0, stderr
+    assert json.loads(stdout)["env"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert "anyone holding the API key" in stderr
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("qwen") / "base", "qwen2")
+
+
+RULES = [
+    ("DoRA", dict(target_modules=["q_proj"], use_dora=True), None),
+    ("modules_to_save", dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), None),
+    ("bias", dict(target_modules=["q_proj"], bias="all"), None),
+    ("LoRA bias", dict(target_modules=["q_proj"], lora_bias=True), None),
+    ("trainable tokens", dict(target_modules=["q_proj"], trainable_token_indices=[1, 2]), None),
+    ("rank limit", dict(target_modules=["q_proj"], r=16), ["--max-lora-rank", "8"]),
+    ("initialisation", dict(target_modules=["q_proj"]), {"init_lora_weights": "pissa"}),
+    ("layer_replication", dict(target_modules=["q_proj"]), {"layer_replication": [[0, 2]]}),
+    ("required config fields", dict(target_modules=["q_proj"]), {"target_modules": None}),
+    ("LoRA only", dict(target_modules=["q_proj"]), {"peft_type": "IA3"}),
+]
+
+
+@pytest.mark.parametrize("rule,lora,extra", RULES, ids=[r[0] for r in RULES])
+def test_preflight_refuses_each_rule(qwen, tmp_path, rule, lora, extra):
+    adapter = make_adapter(qwen, tmp_path / "adapter", **lora)
+    args = []
+    if isinstance(extra, dict):
+        edit_json(adapter / "adapter_config.json", **extra)
+    elif extra:
+        args = extra
+    rc, stdout, stderr = run_cli("check", "--base", str(qwen), "--adapter", f"bad={adapter}", *args, "--json")
+    assert rc == EXIT_UNSUPPORTED, (stdout, stderr)
+    refusals = json.loads(stdout)["refusals"]
+    assert rule in [r["rule"] for r in refusals], refusals
+    assert all(r["adapter"] == "bad" and r["fix"] for r in refusals)
+
+
+def test_preflight_refuses_an_adapter_for_another_base(qwen, tmp_path):
+    other = make_base(tmp_path / "other", "qwen2", hidden_size=128, num_attention_heads=2, intermediate_size=256)
+    adapter = make_adapter(other, tmp_path / "adapter", target_modules=["q_proj"])
+    report = check_adapters(str(qwen), {"x": str(adapter)})
+    assert [r.rule for r in report.refusals] == ["fits the base"] * len(report.refusals) and report.refusals
+    assert "another base model" in report.refusals[0].message
+
+
+def test_preflight_refuses_embedding_lora_with_another_vocabulary(qwen, tmp_path):
+    adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["embed_tokens"], resize=600)
+    rules = [r.rule for r in check_adapters(str(qwen), {"x": str(adapter)}).refusals]
+    assert "embedding vocabulary" in rules
+
+
+def test_dynamic_refuses_before_starting_anything(qwen, tmp_path):
+    adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj"], use_dora=True)
+    rc, _, stderr = run_cli("dynamic", "--base", str(qwen), "--adapter", f"dora={adapter}", "--dry-run")
+    assert rc == EXIT_UNSUPPORTED
+    assert "dora: [DoRA]" in stderr and "lora-deploy merged --base" in stderr
+
+
+def test_plain_adapters_pass(example):
+    report = check_adapters(str(example.base), {k: str(v) for k, v in example.adapters.items()})
+    assert report.passed and [a.rank for a in report.accepted] == [8, 16]
+
+
+def test_normalised_copy_has_the_same_effect(qwen, tmp_path):
+    """Folding per-module scales into lora_B (for a vLLM that ignores the patterns) changes nothing merged."""
+    from lora_deploy.adapter import load_adapter
+
+    adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
+                           rank_pattern={"v_proj": 8}, alpha_pattern={"q_proj": 32})
+    normal = normalise_scales(load_adapter(adapter), tmp_path / "normal")
+    cfg = json.loads((normal / "adapter_config.json").read_text())
+    assert "rank_pattern" not in cfg and "alpha_pattern" not in cfg and cfg["r"] == 8
+    assert load_adapter(normal).scales == [1.0] and load_adapter(normal).ranks == [8]  # uniform: patterns moot
+    for name, a in (("orig", adapter), ("norm", normal)):
+        run_merge(MergeConfig(base=str(qwen), adapters=(str(a),), output=tmp_path / name, dtype="float32"))
+    orig, norm = file_tensors(tmp_path / "orig"), file_tensors(tmp_path / "norm")
+    for k in orig:
+        torch.testing.assert_close(norm[k], orig[k], rtol=1e-6, atol=1e-7)
+    report = check_adapters(str(qwen), {"p": str(adapter)}, normalise_dir=tmp_path / "n", honours_patterns=False)
+    assert report.accepted[0].normalised and report.notes
+    shutil.rmtree(tmp_path / "n")

@@ -1,0 +1,203 @@
+"""Real vLLM (the CPU build) on 127.0.0.1, started by lora-deploy's own launcher, queried with `openai`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import run_cli
+
+from lora_deploy.example import PROMPT_TEMPLATE, TICKETS, greedy_answer
+from lora_deploy.launcher import VllmServer, group_members, plan_launch
+from lora_deploy.serving import ServeConfig, ServedAdapter
+
+API_KEY_VAR = "LORA_DEPLOY_TEST_KEY"
+API_KEY = "test-key-not-secret"
+PROMPTS = [PROMPT_TEMPLATE.format(message=ms[0]) for ms in TICKETS.values()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(example, tmp_path_factory):
+    """One dynamic server for the session: base + both example adapters, float32, runtime adapters allowed."""
+    os.environ[API_KEY_VAR] = API_KEY
+    cfg = ServeConfig(model=str(example.base), served_model_name="support",
+                      adapters=(ServedAdapter("classify", str(example.adapters["classify"]), 8),
+                                ServedAdapter("reply", str(example.adapters["reply"]), 16)),
+                      port=free_port(), dtype="float32", allow_runtime_adapters=True, api_key_env=API_KEY_VAR,
+                      max_loras=4)  # headroom for the runtime adapter loaded below (CPU mixed-batch workaround)
+    srv = VllmServer(plan_launch(cfg), log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+    try:
+        srv.start()
+        srv.wait_ready(timeout=600)
+        yield srv
+    finally:
+        pgid = srv.pgid
+        srv.stop()
+        assert group_members(pgid) == [], "vLLM processes survived stop()"
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.plan.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def complete(client, model: str, prompt: str, max_tokens: int = 16) -> str:
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    return r.choices[0].text
+
+
+def test_models_lists_base_and_adapters_with_parent(client, example):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {"support", "classify", "reply"}
+    assert models["classify"].parent == "support" and models["reply"].parent == "support"
+    assert models["support"].parent is None
+
+
+@pytest.mark.parametrize("adapter", ["classify", "reply"])
+def test_greedy_tokens_equal_transformers_with_peft(client, example, adapter):
+    """float32: vLLM's adapter answers are transformers+PEFT's greedy answers, prompt for prompt."""
+    for prompt in PROMPTS:
+        expected = greedy_answer(example.base, prompt, adapter=example.adapters[adapter], max_new_tokens=16)
+        assert complete(client, adapter, prompt) == expected, prompt
+
+
+def test_base_answers_like_transformers(client, example):
+    assert complete(client, "support", PROMPTS[0]) == greedy_answer(example.base, PROMPTS[0])
+
+
+def test_mixed_concurrent_batch_is_correct(client):
+    """Base and adapter requests in one batch get their own answers (the CPU mixed-batch bug is worked around)."""
+    solo = {m: complete(client, m, PROMPTS[0]) for m in ("support", "classify", "reply")}
+    assert len(set(solo.values())) == 3
+    models = ["support", "classify", "reply"] * 3
+    for _ in range(3):
+        with ThreadPoolExecutor(len(models)) as pool:
+            answers = list(pool.map(lambda m: complete(client, m, PROMPTS[0]), models))
+        assert answers == [solo[m] for m in models]
+
+
+def test_chat_completion_uses_the_chat_template(client):
+    r = client.chat.completions.create(model="classify", messages=[{"role": "user", "content": "I lost my password."}],
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].message.content.strip() == "account"
+
+
+def test_smoke_command_passes_and_reports_json(server):
+    rc, stdout, stderr = run_cli("smoke", "--url", server.plan.url, "--api-key-env", API_KEY_VAR, "--json",
+                                 "--model", "classify", "--model", "reply")
+    assert rc == 0, stdout + stderr
+    report = json.loads(stdout)
+    assert report["passed"] and report["base_model"] == "support"
+    names = {(c["name"], c["model"]) for c in report["checks"] if c["passed"]}
+    assert ("adapter differs from base", "classify") in names and ("concurrent = sequential", "support") in names
+    assert all(m["ttft_s"] > 0 for m in report["models"])
+
+
+def test_smoke_errors_are_clear(server):
+    rc, _, stderr = run_cli("smoke", "--url", server.plan.url)  # no API key
+    assert rc == 8 and "401" in stderr and "--api-key-env" in stderr
+    rc, stdout, _ = run_cli("smoke", "--url", server.plan.url, "--api-key-env", API_KEY_VAR, "--model", "nope")
+    assert rc == 8 and "FAIL  models listed: missing: nope" in stdout
+    rc, _, stderr = run_cli("smoke", "--url", f"http://127.0.0.1:{free_port()}")
+    assert rc == 8 and "cannot connect" in stderr
+
+
+def test_runtime_load_and_unload_are_confirmed(server, client, example, tmp_path):
+    url = server.plan.url
+    rc, stdout, stderr = run_cli("adapters", "load", "reply2", str(example.adapters["reply"]), "--url", url,
+                                 "--api-key-env", API_KEY_VAR, "--json")
+    assert rc == 0, stderr
+    assert json.loads(stdout)["parent"] == "support"
+    assert complete(client, "reply2", PROMPTS[0]) == complete(client, "reply", PROMPTS[0])
+    rc, _, stderr = run_cli("adapters", "load", "ghost", str(tmp_path / "missing"), "--url", url,
+                            "--api-key-env", API_KEY_VAR)
+    assert rc == 9 and "ghost" in stderr
+    assert "ghost" not in {m.id for m in client.models.list().data}
+    rc, _, stderr = run_cli("adapters", "unload", "reply2", "--url", url, "--api-key-env", API_KEY_VAR)
+    assert rc == 0, stderr
+    assert "reply2" not in {m.id for m in client.models.list().data}
+
+
+def _cli(*args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lora_deploy.cli", *args], stdout=subprocess.PIPE,
+                            stderr=open(log, "w"), text=True, start_new_session=True)
+
+
+def _wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 600) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, log.read_text())
+        if m:
+            return m
+        if proc.poll() is not None:
+            raise AssertionError(f"CLI exited {proc.returncode}: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {pattern!r}: {log.read_text()[-3000:]}")
+
+
+def test_merged_serve_matches_dynamic_and_sigterm_leaves_no_process(server, client, example, tmp_path):
+    """`merged --serve` in float32 answers exactly like the adapter served dynamically; SIGTERM cleans up."""
+    port, log = free_port(), tmp_path / "cli.log"
+    proc = _cli("merged", "--base", str(example.base), "--adapter", str(example.adapters["classify"]),
+                "--output", str(tmp_path / "merged"), "--dtype", "float32", "--serve", "--serve-dtype", "float32",
+                "--port", str(port), "--served-model-name", "support-merged", log=log)
+    try:
+        pgid = int(_wait_for(r"process group (\d+)", log, proc).group(1))
+        _wait_for(r"Serving at ", log, proc)
+        from openai import OpenAI
+
+        merged = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        for prompt in PROMPTS:
+            assert complete(merged, "support-merged", prompt) == complete(client, "classify", prompt), prompt
+        assert group_members(pgid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        deadline = time.monotonic() + 30
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert group_members(pgid) == [], "vLLM outlived the CLI's SIGTERM"
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_vllm_dying_at_start_up_is_a_clear_error(example, tmp_path):
+    rc, _, stderr = run_cli("dynamic", "--base", str(example.base), "--adapter",
+                            f"classify={example.adapters['classify']}", "--port", str(free_port()),
+                            "--log", str(tmp_path / "vllm.log"), "--exit-after-smoke", "--", "--no-such-flag")
+    assert rc == 7, stderr
+    assert "vLLM exited during start-up" in stderr and "--no-such-flag" in stderr
+    pgid = int(re.search(r"process group (\d+)", stderr).group(1))
+    assert group_members(pgid) == []
+
+
+def test_smoke_catches_mixed_batch_corruption_without_the_workaround(example, tmp_path):
+    """With every LoRA slot filled, the CPU build answers base requests with an adapter in mixed batches:
+    the smoke test must fail (exit 8), which is what the launcher's extra slot prevents."""
+    rc, stdout, stderr = run_cli("dynamic", "--base", str(example.base),
+                                 "--adapter", f"classify={example.adapters['classify']}",
+                                 "--adapter", f"reply={example.adapters['reply']}", "--dtype", "float32",
+                                 "--port", str(free_port()), "--max-loras", "2", "--exit-after-smoke", "--json")
+    assert rc == 8, stderr
+    failed = [c for c in json.loads(stdout)["smoke"]["checks"] if not c["passed"]]
+    assert [(c["name"], c["model"]) for c in failed] == [("concurrent = sequential", "base")]

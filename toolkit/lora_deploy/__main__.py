@@ -1,0 +1,5 @@
+"""python -m lora_deploy"""
+
+from .cli import main
+
+main()

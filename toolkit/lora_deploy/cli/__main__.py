@@ -1,0 +1,5 @@
+"""python -m lora_deploy.cli"""
+
+from . import main
+
+main()
