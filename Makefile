@@ -13,12 +13,13 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # pip prints one line per local mirror it does not find a package in; keep real errors visible.
 QUIET_PIP := 2>&1 | grep -v -E "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help venv demo test clean bench-merge
+.PHONY: help venv demo test clean bench-merge bench-serve
 
 help:
 	@echo "make demo   - set up .venv, build the tiny example, merge it (verified), compare answers"
 	@echo "make test   - set up .venv with test extras and run the whole test suite"
 	@echo "make bench-merge - copy vs lora-deploy merged vs PEFT on a 1.1B-parameter checkpoint"
+	@echo "make bench-serve - merged vs dynamic LoRA serving on real vLLM, with a PNG plot in docs/"
 
 venv: $(STAMP)
 
@@ -41,12 +42,19 @@ demo: $(STAMP)
 	$(VENV)/bin/lora-deploy generate example/base
 	$(VENV)/bin/lora-deploy generate example/base --adapter example/adapters/classify
 	$(VENV)/bin/lora-deploy generate demo-out/merged-classify
+	@echo
+	@echo "== Serving with real vLLM: the merged checkpoint, then the base with both adapters (--enable-lora)"
+	$(PY) -m lora_deploy.demo --example example --merged demo-out/merged-classify
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench-merge: $(STAMP)
 	$(PY) benchmarks/merge_bench.py --repeat 2
+
+bench-serve: $(STAMP)
+	$(PIP) install -q -e ".[bench]" $(QUIET_PIP)
+	$(PY) benchmarks/serve_bench.py --out docs/serve-bench
 
 clean:
 	rm -rf $(VENV) example demo-out .pytest_cache

@@ -8,12 +8,12 @@ tensor (``modules_to_save``, saved embeddings, ``bias="all"|"lora_only"``) or re
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._files import read_json_object
 from .errors import InputError, UnsupportedError
 from .hub import ResolvedRef, resolve_ref
 from .shards import TensorEntry, read_header
@@ -256,17 +256,8 @@ def require_mergeable(info: AdapterInfo) -> None:
 
 
 def _read_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise InputError(f"{path} is missing: {folder} is not a PEFT adapter folder",
-                         hint="pass the folder written by PeftModel.save_pretrained()")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise InputError(f"{path} must hold a JSON object")
-    return config
+    return read_json_object(folder / CONFIG_FILE, missing=f"{folder} is not a PEFT adapter folder",
+                            hint="pass the folder written by PeftModel.save_pretrained()")
 
 
 def _read_weights(folder: Path, *, allow_pickle: bool) -> tuple[Path, dict[str, TensorEntry]]:

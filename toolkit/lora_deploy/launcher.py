@@ -73,7 +73,8 @@ class VllmServer:
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(self.plan.argv, env={**os.environ, **self.plan.env}, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         finally:
             log.close()
 
@@ -137,6 +138,19 @@ class VllmServer:
         while _group_alive(pgid) and time.monotonic() < end:
             time.sleep(0.1)
         return self.proc.returncode
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM vLLM if we die without stopping it (kill -9, crash).
+
+    vLLM then shuts its engine processes down itself; stop() remains the normal path.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the process group and stop() still apply
 
 
 def _signal_group(pgid: int, sig: int) -> None:

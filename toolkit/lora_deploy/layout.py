@@ -9,13 +9,12 @@ know, we fall back to the adapter's ``fan_in_fan_out`` flag and say so.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from .errors import InputError
+from ._files import read_json_object
 
 
 @dataclass(frozen=True)
@@ -31,17 +30,8 @@ class ModelLayout:
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise InputError(f"{path} is missing: the base folder is not a Hugging Face model",
-                         hint="pass the folder that holds config.json and *.safetensors")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path} is not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise InputError(f"{path} must hold a JSON object")
-    return config
+    return read_json_object(folder / "config.json", missing="the base folder is not a Hugging Face model",
+                            hint="pass the folder that holds config.json and *.safetensors")
 
 
 def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:

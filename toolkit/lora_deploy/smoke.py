@@ -80,7 +80,8 @@ class _Client:
                 continue
             except requests.Timeout as e:
                 raise LoraDeployError(f"{method} {self.url}{path} timed out after {self.timeout:.0f} s",
-                                      exit_code=EXIT_SMOKE, hint="the server is overloaded or stuck; raise --timeout")
+                                      exit_code=EXIT_SMOKE,
+                                      hint="the server is overloaded or stuck; raise --timeout") from e
             if r.status_code >= 500 and attempt < self.retries:
                 time.sleep(0.5 * (attempt + 1))
                 continue
@@ -135,7 +136,7 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
     checks.append(Check("models listed", not missing, "missing: " + ", ".join(missing) if missing
                         else f"{len(parents)} model(s): " + ", ".join(parents)))
     adapters = [m for m in wanted if m != base]
-    if base:
+    if base and adapters:
         wrong_parent = [m for m in adapters if m in parents and parents[m] != base]
         checks.append(Check("adapters' parent", not wrong_parent,
                             "parent is not " + base + ": " + ", ".join(wrong_parent) if wrong_parent
@@ -197,6 +198,17 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
     return SmokeReport(client.url, base, models_out, checks, prompt, round(time.monotonic() - start, 3), passed)
 
 
+def iter_sse(response: requests.Response):
+    """The JSON chunks of an OpenAI-style server-sent-event stream, up to `data: [DONE]`."""
+    for line in response.iter_lines(decode_unicode=True):
+        if not line or not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 def _stream(client: _Client, model: str, prompt: str, max_tokens: int) -> tuple[str, float, float]:
     start = time.monotonic()
     ttft = None
@@ -204,13 +216,7 @@ def _stream(client: _Client, model: str, prompt: str, max_tokens: int) -> tuple[
     r = client.request("POST", "/v1/completions", stream=True, json={
         "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
     with r:
-        for line in r.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+        for chunk in iter_sse(r):
             text = chunk["choices"][0].get("text", "") if chunk.get("choices") else ""
             if text and ttft is None:
                 ttft = time.monotonic() - start

@@ -32,6 +32,7 @@ app.command("dynamic", epilog=serve_cmds.DYNAMIC_EXAMPLES,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_cmds.dynamic)
 app.command("check")(serve_cmds.check)
 app.command("smoke")(serve_cmds.smoke)
+app.command("bench")(serve_cmds.bench)
 app.add_typer(serve_cmds.adapters_app, name="adapters")
 
 

@@ -243,3 +243,23 @@ def adapters_unload(name: Annotated[str, typer.Argument(help="Adapter model name
 
     unload_runtime_adapter(url, name, _api_key(api_key_env))
     out.result({"unloaded": name}, f"unloaded {name}")
+
+
+def bench(
+    url: Annotated[str, typer.Option(help="Server URL.")],
+    model: Annotated[list[str], typer.Option(help="Model to load; repeat to spread requests over several.")],
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
+    requests_per_model: Annotated[int, typer.Option(help="Requests sent to each model.")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request (EOS ignored).")] = 32,
+    prompt: PromptOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Concurrent load against an endpoint: time to first token, inter-token latency, throughput per model."""
+    out.set_mode(json_mode=json)
+    from ..bench import format_bench, run_load
+    from ..smoke import DEFAULT_PROMPT
+
+    report = run_load(url, list(model), concurrency=concurrency, requests_per_model=requests_per_model,
+                      max_tokens=max_tokens, prompt=prompt or DEFAULT_PROMPT, api_key=_api_key(api_key_env))
+    out.result(report, format_bench(report))

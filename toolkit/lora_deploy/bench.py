@@ -1,0 +1,135 @@
+"""Concurrent load against an OpenAI-compatible endpoint: TTFT, inter-token latency, throughput per model.
+
+A fixed pool of workers streams completions (``ignore_eos`` so every answer has the same length,
+the way `vllm bench serve` measures); requests are spread round-robin over the given models, so a
+multi-adapter server is measured under mixed batches. The number of requests and the run time are
+bounded; nothing here runs unless asked.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import requests
+
+from .smoke import DEFAULT_PROMPT, iter_sse
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Latency and throughput of one model under the shared load."""
+
+    model: str
+    requests: int
+    failures: int
+    output_tokens: int
+    ttft_p50_ms: float
+    ttft_p90_ms: float
+    itl_p50_ms: float
+    itl_p90_ms: float
+    e2e_p50_ms: float
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """The whole run: settings, wall time, and per-model and overall numbers."""
+
+    url: str
+    concurrency: int
+    max_tokens: int
+    seconds: float
+    models: list[ModelStats]
+    total_tokens_per_s: float
+    requests_per_s: float
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
+    return values[k]
+
+
+def _one(url: str, model: str, prompt: str, max_tokens: int, headers: dict, timeout: float):
+    start = time.monotonic()
+    stamps: list[float] = []
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    with requests.post(f"{url}/v1/completions", json=body, headers=headers, stream=True, timeout=timeout) as r:
+        r.raise_for_status()
+        for chunk in iter_sse(r):
+            if chunk.get("usage"):
+                tokens = chunk["usage"].get("completion_tokens", tokens)
+            if chunk.get("choices"):  # one chunk per decoding step (ignored EOS steps may carry empty text)
+                stamps.append(time.monotonic())
+    end = time.monotonic()
+    ttft = (stamps[0] - start) if stamps else end - start
+    tokens = tokens or len(stamps)
+    # inter-token latency per request, as vLLM's own benchmark defines TPOT: chunks can arrive in bursts,
+    # so gaps between single chunks say little; the decode time spread over the tokens does
+    itl = (end - start - ttft) / (tokens - 1) if tokens > 1 else float("nan")
+    return ttft, itl, end - start, tokens
+
+
+def run_load(url: str, models: list[str], *, concurrency: int = 8, requests_per_model: int = 16,
+             max_tokens: int = 32, prompt: str = DEFAULT_PROMPT, api_key: str | None = None,
+             timeout: float = 120.0, max_seconds: float = 600.0) -> BenchReport:
+    """Send ``requests_per_model`` streamed requests per model, ``concurrency`` at a time."""
+    url = url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    _one(url, models[0], prompt, 4, headers, timeout)  # warm-up: first-request costs are not load
+    jobs = [m for _ in range(requests_per_model) for m in models]
+    results: dict[str, list] = {m: [] for m in models}
+    failures = {m: 0 for m in models}
+    lock = threading.Lock()
+    deadline = time.monotonic() + max_seconds
+
+    def work(model: str) -> None:
+        if time.monotonic() > deadline:
+            return
+        try:
+            res = _one(url, model, prompt, max_tokens, headers, timeout)
+        except requests.RequestException:
+            with lock:
+                failures[model] += 1
+            return
+        with lock:
+            results[model].append(res)
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(work, jobs))
+    wall = time.monotonic() - start
+    stats = []
+    for m in models:
+        rs = results[m]
+        ttfts = [r[0] * 1000 for r in rs]
+        itls = [r[1] * 1000 for r in rs if r[1] == r[1]]
+        e2e = [r[2] * 1000 for r in rs]
+        toks = sum(r[3] for r in rs)
+        stats.append(ModelStats(m, len(rs), failures[m], toks, round(_pct(ttfts, .5), 2), round(_pct(ttfts, .9), 2),
+                                round(_pct(itls, .5), 2), round(_pct(itls, .9), 2), round(_pct(e2e, .5), 2),
+                                round(toks / wall, 2)))
+    total = sum(s.output_tokens for s in stats)
+    done = sum(s.requests for s in stats)
+    return BenchReport(url, concurrency, max_tokens, round(wall, 3), stats, round(total / wall, 2),
+                       round(done / wall, 3))
+
+
+def format_bench(report: BenchReport) -> str:
+    lines = [f"Load on {report.url}: {report.concurrency} concurrent, {report.max_tokens} tokens each, "
+             f"{report.seconds:.1f} s", "",
+             f"{'model':<18}{'req':>5}{'fail':>5}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}{'ITL p50':>9}"
+             f"{'ITL p90':>9}{'E2E p50':>9}"]
+    for s in report.models:
+        lines.append(f"{s.model:<18}{s.requests:>5}{s.failures:>5}{s.tokens_per_s:>9.1f}{s.ttft_p50_ms:>8.0f}ms"
+                     f"{s.ttft_p90_ms:>8.0f}ms{s.itl_p50_ms:>7.1f}ms{s.itl_p90_ms:>7.1f}ms{s.e2e_p50_ms:>7.0f}ms")
+    lines.append(f"\ntotal: {report.total_tokens_per_s:.1f} output tokens/s, {report.requests_per_s:.2f} requests/s")
+    return "\n".join(lines)
+
