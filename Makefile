@@ -10,8 +10,12 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= cpu,test
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-# pip prints one line per local mirror it does not find a package in; keep real errors visible.
-QUIET_PIP := 2>&1 | grep -v -E "is ignored: it is neither a file nor a directory" || true
+# pip prints one line per local mirror it does not find a package in; drop those, keep real errors visible,
+# and keep pip's exit status (pipefail), so a failed install fails the build.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+QUIET_PIP := 2>&1 | sed -e '/is ignored: it is neither a file nor a directory/d'
+
 
 .PHONY: help venv demo test clean bench-merge bench-serve
 

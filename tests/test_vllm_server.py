@@ -201,3 +201,40 @@ def test_smoke_catches_mixed_batch_corruption_without_the_workaround(example, tm
     assert rc == 8, stderr
     failed = [c for c in json.loads(stdout)["smoke"]["checks"] if not c["passed"]]
     assert [(c["name"], c["model"]) for c in failed] == [("concurrent = sequential", "base")]
+
+
+def test_kubernetes_probe_and_smoke_job_scripts_against_real_vllm(server, example, tmp_path):
+    """The readiness probe and the smoke-test Job that the manifests ship run for real against vLLM."""
+    from lora_deploy.k8s import render_manifests
+    from lora_deploy.spec import parse_spec
+
+    spec = parse_spec({"name": "support", "mode": "dynamic", "model": str(example.base), "servedModelName": "support",
+                       "adapters": [{"name": "classify", "path": str(example.adapters["classify"])},
+                                    {"name": "reply", "path": str(example.adapters["reply"])}],
+                       "apiKeySecret": {"name": "k", "key": "api-key"}})
+    files = render_manifests(spec).files
+    data = files["configmap.yaml"]["data"]
+    mounts = {i["key"]: i["path"] for i in files["smoke-test-job.yaml"]["spec"]["template"]["spec"]["volumes"][0]
+              ["configMap"]["items"]}
+    config, code = tmp_path / "etc", tmp_path / "opt"
+    config.mkdir()
+    for key, value in data.items():
+        (config / key).write_text(value)
+        if key in mounts:
+            (code / mounts[key]).parent.mkdir(parents=True, exist_ok=True)
+            (code / mounts[key]).write_text(value)
+    smoke = json.loads(data["smoke.json"])
+    smoke.update(url=server.plan.url, wait_seconds=30)
+    (config / "smoke.json").write_text(json.dumps(smoke))
+    env = {**os.environ, "LORA_DEPLOY_CONFIG_DIR": str(config), "PYTHONPATH": str(code),
+           "LORA_DEPLOY_READY_URL": server.plan.url, "VLLM_API_KEY": API_KEY}
+    ready = subprocess.run([sys.executable, str(config / "ready.py")], env=env, capture_output=True, text=True)
+    assert ready.returncode == 0, ready.stderr
+    job = subprocess.run([sys.executable, str(code / "smoke_job.py")], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert job.returncode == 0, job.stdout + job.stderr
+    assert "PASSED" in job.stdout and "classify" in job.stdout
+    # the probe is not a rubber stamp: an adapter the server does not list keeps the pod unready
+    (config / "models.json").write_text(json.dumps(["support", "classify", "missing-adapter"]))
+    unready = subprocess.run([sys.executable, str(config / "ready.py")], env=env, capture_output=True, text=True)
+    assert unready.returncode != 0 and "missing-adapter" in unready.stderr

@@ -14,7 +14,7 @@ import typer
 from .. import __version__
 from ..errors import LoraDeployError
 from ..output import out
-from . import example_cmd, merge_cmds, serve_cmds
+from . import example_cmd, k8s_cmds, merge_cmds, serve_cmds
 
 app = typer.Typer(
     name="lora-deploy",
@@ -34,6 +34,7 @@ app.command("check")(serve_cmds.check)
 app.command("smoke")(serve_cmds.smoke)
 app.command("bench")(serve_cmds.bench)
 app.add_typer(serve_cmds.adapters_app, name="adapters")
+app.command("manifests", epilog=k8s_cmds.EXAMPLES)(k8s_cmds.manifests)
 
 
 def _version(value: bool) -> None:

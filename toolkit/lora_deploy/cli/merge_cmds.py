@@ -48,6 +48,8 @@ def merged(
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of the base model.")] = None,
     force: ForceOpt = False,
     allow_pickle: AllowPickleOpt = False,
+    manifests: Annotated[Optional[Path], typer.Option(
+        help="Also write a deploy spec and Kubernetes manifests for serving the merged checkpoint here.")] = None,
     serve: Annotated[bool, typer.Option(help="Then serve the merged checkpoint with vLLM and smoke-test it.")] = False,
     host: sc.HostOpt = "127.0.0.1",
     port: sc.PortOpt = 8000,
@@ -106,6 +108,12 @@ def merged(
     out.result(result, out.table(rows))
     if failed:
         raise typer.Exit(EXIT_VERIFY)
+    if manifests is not None:
+        from ..spec import spec_for_local_run
+
+        write_deployment(spec_for_local_run(served_name=served_model_name or Path(report.output).name, mode="merged",
+                                            model=report.output, local_model=True, api_key=bool(api_key_env),
+                                            max_model_len=max_model_len), manifests, force=force)
     if serve:
         from ..serving import ServeConfig
 
@@ -114,6 +122,19 @@ def merged(
                                 max_model_len=max_model_len, api_key_env=api_key_env)
         sc.launch(cfg_serve, dry_run=False, no_smoke=no_smoke, exit_after_smoke=exit_after_smoke, timeout=timeout,
                   log=log, prompt=prompt)
+
+
+def write_deployment(spec, folder: Path, *, force: bool) -> None:
+    """Write SPEC.yaml and the rendered manifests into ``folder`` (shared by merged/dynamic --manifests)."""
+    from ..k8s import SPEC_COPY, render_manifests, write_manifests
+    from ..spec import spec_to_yaml
+
+    rendered = render_manifests(spec)
+    write_manifests(rendered, folder, force=force)
+    (folder / SPEC_COPY).write_text(spec_to_yaml(spec))
+    out.info(f"Wrote Kubernetes manifests to {folder} (spec: {folder / SPEC_COPY}); the model is "
+             f"expected at {spec.model} on the volume {spec.weights.claim or '(hub download)'}. "
+             f"Apply: kubectl apply -k {folder}")
 
 
 def inspect_adapter(

