@@ -220,8 +220,6 @@ def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: 
     if config.get("alora_invocation_tokens"):
         problems.append("aLoRA (alora_invocation_tokens) activates only after an invocation sequence and "
                         "cannot be folded into the weights")
-    if config.get("lora_ga_config") or config.get("runtime_config", {}).get("ephemeral_gpu_offload"):
-        pass  # training-time options only
     for feature, present in (("use_rslora", config.get("use_rslora")), ("use_dora", config.get("use_dora")),
                              ("rank_pattern", config.get("rank_pattern")),
                              ("alpha_pattern", config.get("alpha_pattern")),
@@ -341,7 +339,7 @@ def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
             problems.append(f"module {module}: only 2-D LoRA factors can be merged (convolution LoRA is not "
                             f"supported); got A{list(a.shape)} B{list(b.shape)}")
             continue
-        r = a.shape[0] if not embedding else a.shape[0]
+        r = a.shape[0]  # A is (r, in) for Linear and (r, vocab) for embeddings
         if b.shape[1] != r:
             problems.append(f"module {module}: lora_A has rank {r} but lora_B has {b.shape[1]} columns")
             continue

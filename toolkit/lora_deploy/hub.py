@@ -14,9 +14,8 @@ from pathlib import Path
 
 from .errors import InputError
 
-# What a merge needs from a hub repo: weights, configs, tokenizer files. Never pickles by default.
-_BASE_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
-_ADAPTER_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
+# What we need from a hub repo (model or adapter): weights, configs, tokenizer files. Never pickles by default.
+_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -57,7 +56,7 @@ def _download(repo_id: str, *, kind: str, revision: str | None, allow_pickle: bo
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = list(_ADAPTER_PATTERNS if kind == "adapter" else _BASE_PATTERNS)
+    patterns = list(_PATTERNS)
     if allow_pickle:
         patterns.append("*.bin")
     try:

@@ -19,14 +19,12 @@ from ._files import read_json_object
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """Module facts of one architecture: Conv1D and embedding modules, tied weights, model prefix."""
+    """Module facts of one architecture: its Conv1D modules and which output weights are tied to inputs."""
 
     architecture: str
     conv1d: frozenset[str] = field(default_factory=frozenset)
-    embeddings: frozenset[str] = field(default_factory=frozenset)
     tied: dict[str, str] = field(default_factory=dict)  # output weight -> input weight it is tied to
     known: bool = True  # False when transformers could not build the architecture
-    model_names: frozenset[str] = field(default_factory=frozenset)  # every parameter/buffer name
 
 
 def read_config(folder: Path) -> dict:
@@ -55,15 +53,13 @@ def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:
         tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.get("tie_word_embeddings") else {}
         return ModelLayout(arch, tied=tied, known=False)
     conv1d = frozenset(n for n, m in model.named_modules() if isinstance(m, Conv1D))
-    embeddings = frozenset(n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding))
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     if not tied and getattr(hf_config, "tie_word_embeddings", False):
         out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
         names = {id(m): n for n, m in model.named_modules()}
         if out_emb is not None and id(out_emb) in names and id(in_emb) in names:
             tied = {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
-    names = frozenset(n for n, _ in model.named_parameters()) | frozenset(n for n, _ in model.named_buffers())
-    return ModelLayout(arch, conv1d, embeddings, tied, True, names)
+    return ModelLayout(arch, conv1d, tied, True)
 
 
 def _fast_layout(config: dict, arch: str, tensor_names: set[str]) -> ModelLayout | None:

@@ -87,8 +87,9 @@ def _compare_logits(output: Path, base: Path, adapters: list[Path], weights: lis
         tok = AutoTokenizer.from_pretrained(output)
         merged = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        if len(_vocab_rows(model)) != len(_vocab_rows(merged)):
-            model.resize_token_embeddings(_vocab_rows(merged).shape[0])
+        rows = merged.get_input_embeddings().weight.shape[0]
+        if model.get_input_embeddings().weight.shape[0] != rows:  # the adapter resized the vocabulary
+            model.resize_token_embeddings(rows)
         peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
         if len(adapters) > 1 or weights[0] != 1.0:
             for i, a in enumerate(adapters[1:], start=1):
@@ -113,6 +114,3 @@ def _compare_logits(output: Path, base: Path, adapters: list[Path], weights: lis
             greedy = greedy and bool((a.argmax(-1) == b.argmax(-1)).all())
     return diff, peak, RTOL[dtype] * max(peak, 1.0), greedy
 
-
-def _vocab_rows(model):
-    return model.get_input_embeddings().weight
