@@ -12,8 +12,10 @@ from ._options import ForceOpt, JsonOpt
 
 EXAMPLES = """Examples:
 
-  lora-deploy example ./example
-  lora-deploy merged --base ./example/base --adapter ./example/adapters/classify --output ./merged --verify
+```
+lora-deploy example ./example
+lora-deploy merged --base ./example/base --adapter ./example/adapters/classify --output ./merged --verify
+```
 """
 
 

@@ -12,9 +12,11 @@ from ._options import ForceOpt, JsonOpt
 
 EXAMPLES = """Examples:
 
-  lora-deploy manifests deploy/support-bot-merged.yaml --output manifests/support-bot-merged
-  lora-deploy manifests deploy/support-adapters-dynamic.yaml --output manifests/support-adapters-dynamic --check
-  kubectl apply -k manifests/support-bot-merged
+```
+lora-deploy manifests deploy/support-bot-merged.yaml --output manifests/support-bot-merged
+lora-deploy manifests deploy/support-adapters-dynamic.yaml --output manifests/support-adapters-dynamic --check
+kubectl apply -k manifests/support-bot-merged
+```
 """
 
 

@@ -14,14 +14,18 @@ from ._options import AllowPickleOpt, ForceOpt, JsonOpt
 
 MERGED_EXAMPLES = """Examples:
 
-  lora-deploy merged --base meta-llama/Llama-3.1-8B --adapter ./my-adapter --output ./merged
-  lora-deploy merged --base ./base --adapter a --adapter b --weights 0.7,0.3 --output ./mix --dtype bfloat16
-  lora-deploy merged --base ./base --adapter ./adapter --output ./merged --verify --json
+```
+lora-deploy merged --base meta-llama/Llama-3.1-8B --adapter ./my-adapter --output ./merged
+lora-deploy merged --base ./base --adapter a --adapter b --weights 0.7,0.3 --output ./mix --dtype bfloat16
+lora-deploy merged --base ./base --adapter ./adapter --output ./merged --verify --json
+```
 """
 INSPECT_EXAMPLES = """Examples:
 
-  lora-deploy inspect ./my-adapter
-  lora-deploy inspect org/some-lora --json
+```
+lora-deploy inspect ./my-adapter
+lora-deploy inspect org/some-lora --json
+```
 """
 
 

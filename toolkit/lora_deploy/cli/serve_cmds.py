@@ -15,10 +15,12 @@ from ._options import JsonOpt
 
 DYNAMIC_EXAMPLES = """Examples:
 
-  lora-deploy dynamic --base ./base --adapter classify=./adapters/classify --adapter reply=./adapters/reply
-  lora-deploy dynamic --base meta-llama/Llama-3.1-8B --adapter sql=org/sql-lora --dry-run
-  LORA_DEPLOY_API_KEY=... lora-deploy dynamic --base ./base --adapter a=./a --allow-runtime-adapters \\
-      --api-key-env LORA_DEPLOY_API_KEY -- --gpu-memory-utilization 0.85
+```
+lora-deploy dynamic --base ./base --adapter classify=./adapters/classify --adapter reply=./adapters/reply
+lora-deploy dynamic --base meta-llama/Llama-3.1-8B --adapter sql=org/sql-lora --dry-run
+LORA_DEPLOY_API_KEY=... lora-deploy dynamic --base ./base --adapter a=./a --allow-runtime-adapters \\
+    --api-key-env LORA_DEPLOY_API_KEY -- --gpu-memory-utilization 0.85
+```
 """
 
 # Serving options shared by `dynamic` and `merged --serve`
