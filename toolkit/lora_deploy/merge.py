@@ -101,6 +101,7 @@ class MergePlan:
     modules: list[ModuleMerge]
     max_shard_bytes: int
     warnings: list[str] = field(default_factory=list)
+    adapter_tensors: list[dict] = field(default_factory=list)  # loaded once while validating, reused to merge
 
     @property
     def output_bytes(self) -> int:
@@ -199,6 +200,7 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
     tensors = [load_adapter_tensors(info) for info in adapters]
     _check_finite(adapters, tensors)
     plan = _build_plan(base, index, layout, adapters, tensors, weights, dtype, config, max_shard)
+    plan.adapter_tensors = tensors
     return plan
 
 
@@ -456,7 +458,7 @@ def execute_plan(plan: MergePlan, cfg: MergeConfig, *, progress: bool = False) -
             specs.append((p.name, dt, tuple(p.shape)))
         shards = plan_shards(specs, plan.max_shard_bytes)
         writer = ShardWriter(tmp, shards, metadata={"lora_deploy": __version__})
-        adapter_tensors = [load_adapter_tensors(a) for a in plan.adapters]
+        adapter_tensors = plan.adapter_tensors or [load_adapter_tensors(a) for a in plan.adapters]
         workspace = Workspace()
         # One writer thread: file writes (which release the GIL) overlap the next tensor's math. It runs
         # jobs in submission order, so tensors land exactly as planned; two output slots alternate.
@@ -472,7 +474,8 @@ def execute_plan(plan: MergePlan, cfg: MergeConfig, *, progress: bool = False) -
                     pending.append(io.submit(writer.copy_raw, p.name, p.source))
                     bar.update(p.source.nbytes)
                     continue
-                if _streamable(p):
+                streamable = _streamable(p)
+                if streamable:
                     if slot_jobs[slot] is not None:
                         slot_jobs[slot].result()  # that slot's previous tensor is on disk: reuse its buffer
                     t = _compute_blocked(p, plan, adapter_tensors, workspace, out_dtype, slot)
@@ -484,7 +487,7 @@ def execute_plan(plan: MergePlan, cfg: MergeConfig, *, progress: bool = False) -
                 changed += p.touched
                 job = io.submit(writer.write, p.name, t)
                 pending.append(job)
-                if _streamable(p):
+                if streamable:
                     slot_jobs[slot], slot = job, 1 - slot
                 bar.update(t.numel() * t.element_size())
                 del t
