@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -151,4 +150,3 @@ def test_normalised_copy_has_the_same_effect(qwen, tmp_path):
         torch.testing.assert_close(norm[k], orig[k], rtol=1e-6, atol=1e-7)
     report = check_adapters(str(qwen), {"p": str(adapter)}, normalise_dir=tmp_path / "n", honours_patterns=False)
     assert report.accepted[0].normalised and report.notes
-    shutil.rmtree(tmp_path / "n")

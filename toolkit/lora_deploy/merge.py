@@ -392,18 +392,13 @@ def _build_plan(base: ResolvedRef, index: ShardIndex, layout: ModelLayout, adapt
         out_config["tie_word_embeddings"] = False
         warnings.append("the adapter replaces a tied embedding/output layer separately (modules_to_save); "
                         "writing lm_head and setting tie_word_embeddings=false")
-    for emb in tied.values():
+    # the input embedding's final row count is the vocabulary size (a saved, resized embedding changes it)
+    inputs = set(tied.values()) or {n for n in plans if n.endswith(("embed_tokens.weight", "wte.weight"))}
+    for emb in sorted(inputs):
         rows = plans[emb].shape[0]
         if "vocab_size" in out_config and out_config["vocab_size"] != rows:
             warnings.append(f"vocabulary resized by the adapter: vocab_size {out_config['vocab_size']} -> {rows}")
             out_config["vocab_size"] = rows
-    if not tied:
-        for name, p in plans.items():
-            if p.replacement and name.endswith("embed_tokens.weight") or name == "transformer.wte.weight":
-                if "vocab_size" in out_config and out_config["vocab_size"] != p.shape[0]:
-                    warnings.append(f"vocabulary resized by the adapter: vocab_size {out_config['vocab_size']}"
-                                    f" -> {p.shape[0]}")
-                    out_config["vocab_size"] = p.shape[0]
     ordered = [plans[n] for n in index.tensors] + [p for n, p in plans.items() if n not in index.tensors]
     return MergePlan(base, index, layout, adapters, weights, dtype, ordered, out_config, modules, max_shard,
                      warnings)
