@@ -13,7 +13,8 @@ import yaml
 from conftest import run_cli
 
 from lora_deploy.errors import InputError
-from lora_deploy.k8s import KUBERNETES_VERSION, compare_with, render_manifests, validate_object, vllm_args
+from lora_deploy.k8s import compare_with, lws_name, render_manifests, vllm_args
+from lora_deploy.k8s_validate import KUBERNETES_VERSION, validate_object
 from lora_deploy.serving import ServeConfig, ServedAdapter, build_vllm_args
 from lora_deploy.spec import load_spec, parse_spec
 
@@ -48,8 +49,12 @@ def _pod_templates(obj: dict) -> list[dict]:
     return []
 
 
+def _files_of(data: dict) -> dict:
+    return render_manifests(parse_spec(copy.deepcopy(data))).files
+
+
 def _files(name: str) -> dict:
-    return render_manifests(parse_spec(copy.deepcopy(VARIANTS[name]))).files
+    return _files_of(VARIANTS[name])
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -68,9 +73,58 @@ def test_the_validator_is_not_a_rubber_stamp():
     bad = copy.deepcopy(dep)
     bad["spec"]["template"]["spec"]["containers"][0]["probe"] = {}  # misspelt field: strict mode refuses it
     assert validate_object(bad)
-    lws = copy.deepcopy(_files("multinode")["leaderworkerset.yaml"])
-    lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]["env"] = "x"
-    assert any("workerTemplate" in p for p in validate_object(lws))
+
+
+def _mutated(obj: dict, path: str, value) -> dict:
+    """A copy of ``obj`` with the dotted ``path`` set to ``value`` (``DELETE`` removes it)."""
+    out = copy.deepcopy(obj)
+    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node = out
+    for p in parents:
+        node = node[p]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return out
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize("path,value,needle", [
+    ("spec.leaderWorkerTemplate.workerTemplate.spec.containers.0.env", "x", "workerTemplate"),
+    ("spec.leaderWorkerTemplate.leaderTemplate.spec.containers.0.probe", {}, "leaderTemplate"),
+    ("spec.leaderWorkerTemplate.sise", 2, "'sise' was unexpected"),
+    ("spec.startupPolicy", "LeaderFirst", "'LeaderFirst' is not one of"),
+    ("spec.leaderWorkerTemplate.restartPolicy", "Always", "'Always' is not one of"),
+    ("spec.leaderWorkerTemplate.size", "2", "'2' is not of type 'integer'"),
+    ("spec.leaderWorkerTemplate.size", 0, "less than the minimum of 1"),
+    ("spec.leaderWorkerTemplate.workerTemplate", DELETE, "'workerTemplate' is a required property"),
+    ("spec.rolloutStrategy.rollingUpdateConfiguration.maxUnavailable", 0, "cannot both be 0"),
+    ("apiVersion", "leaderworkerset.x-k8s.io/v1beta1", "was expected"),
+])
+def test_leader_worker_set_validation_refuses_what_the_lws_api_refuses(path, value, needle):
+    lws = _files("multinode")["leaderworkerset.yaml"]
+    assert validate_object(lws) == []
+    problems = validate_object(_mutated(lws, path, value))
+    assert any(needle in p for p in problems), problems
+
+
+@pytest.mark.parametrize("path,value,needle", [
+    ("spec.minReplicas", 1, "spec.minReplicas: unknown field"),  # the HPA spelling, not KEDA's
+    ("spec.triggers.0.metdata", {}, "spec.triggers[0].metdata: unknown field"),
+    ("spec.cooldownPeriod", "600", "spec.cooldownPeriod: Input should be a valid integer"),
+    ("spec.triggers.0.metadata.threshold", 5, "threshold: Input should be a valid string"),
+    ("spec.scaleTargetRef.name", DELETE, "spec.scaleTargetRef.name: Field required"),
+    ("spec.triggers", DELETE, "spec.triggers: Field required"),
+    ("apiVersion", "keda.sh/v1", "apiVersion: Input should be 'keda.sh/v1alpha1'"),
+])
+def test_scaled_object_validation_uses_kedas_crd(path, value, needle):
+    keda = _files("merged-download-keda")["scaledobject.yaml"]
+    assert validate_object(keda) == []
+    problems = validate_object(_mutated(keda, path, value))
+    assert any(needle in p for p in problems), problems
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -157,6 +211,32 @@ def test_multi_node_is_a_leader_worker_set():
     assert files["service.yaml"]["spec"]["selector"]["role"] == "leader"
 
 
+@pytest.mark.parametrize("name", ["multinode", "multinode-dynamic"])
+def test_multi_node_leaves_lws_its_headless_service_and_protects_whole_groups(name):
+    """LWS names its headless Service (the leader address workers dial) after itself and skips creating it
+    when that name is taken; a drain must not evict pods of several groups at once; pods on different
+    nodes can share only a ReadWriteMany claim."""
+    files = _files(name)
+    lws = files["leaderworkerset.yaml"]
+    assert lws["metadata"]["name"] == lws_name(parse_spec(copy.deepcopy(VARIANTS[name])))
+    services = [o["metadata"]["name"] for o in files.values() if o["kind"] == "Service"]
+    assert lws["metadata"]["name"] not in services and services == ["bot"]
+    selector = files["pdb.yaml"]["spec"]["selector"]["matchLabels"]
+    for role in ("leaderTemplate", "workerTemplate"):
+        labels = lws["spec"]["leaderWorkerTemplate"][role]["metadata"]["labels"]
+        assert selector.items() <= labels.items(), role
+    assert files["pdb.yaml"]["spec"]["maxUnavailable"] == 1
+    claims = {n: o for n, o in files.items() if o["kind"] == "PersistentVolumeClaim"}
+    for pvc in claims.values():
+        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_a_single_pod_gets_a_read_write_once_claim():
+    one = {**BASE, "model": "org/model", "weights": {"source": "download"}}
+    assert _files_of(one)["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert _files_of({**one, "replicas": 2})["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
 def test_runtime_adapters_need_a_key_and_get_a_network_policy():
     files = _files("dynamic-runtime-hpa")
     env = {e["name"]: e for e in files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -226,6 +306,14 @@ def test_committed_manifests_match_a_fresh_render(spec_file):
     assert diffs == [], f"re-render: lora-deploy manifests {spec_file.relative_to(ROOT)} --force"
 
 
+@pytest.mark.parametrize("spec_file", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_committed_manifests_have_no_yaml_aliases(spec_file):
+    """Every file reads on its own: no &anchor / *alias shared between containers."""
+    for path in sorted((ROOT / "manifests" / spec_file.stem).glob("*.yaml")):
+        events = list(yaml.parse(path.read_text()))
+        assert not any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in events), path.name
+
+
 def test_examples_cover_both_modes():
     modes = {load_spec(p).mode for p in EXAMPLES}
     assert modes == {"merged", "dynamic"}
@@ -247,7 +335,9 @@ def test_manifests_cli_writes_checks_and_refuses_to_overwrite(tmp_path):
     out = tmp_path / "m"
     rc, stdout, stderr = run_cli("manifests", str(spec), "--output", str(out), "--json")
     assert rc == 0, stderr
-    assert json.loads(stdout)["kubernetes"] == KUBERNETES_VERSION and (out / "deployment.yaml").is_file()
+    report = json.loads(stdout)
+    assert report["kubernetes"] == KUBERNETES_VERSION and (out / "deployment.yaml").is_file()
+    assert report["validated_against"]["keda"].startswith("2.")
     assert run_cli("manifests", str(spec), "--output", str(out), "--check")[0] == 0
     (out / "service.yaml").write_text("changed")
     rc, stdout, _ = run_cli("manifests", str(spec), "--output", str(out), "--check")

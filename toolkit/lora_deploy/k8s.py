@@ -2,7 +2,7 @@
 
 Pure functions: ``render_manifests(spec)`` returns ``{filename: object}``; nothing touches a
 cluster. The vLLM flags come from :mod:`lora_deploy.serving`, the same derivation the local
-launcher uses. Validation uses the real Kubernetes OpenAPI schemas (``kubernetes-validate``).
+launcher uses. :mod:`lora_deploy.k8s_validate` checks every object before anything is written.
 """
 
 from __future__ import annotations
@@ -13,17 +13,15 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import InputError, LoraDeployError
+from .k8s_validate import KEDA_API, LWS_API, validate_manifests
 from .serving import ServeConfig, ServedAdapter, build_vllm_args
 from .spec import DeploySpec
 
-KUBERNETES_VERSION = "1.33.0"  # the schema version manifests are validated against
 PORT = 8000
 VLLM_UID = 2000  # the official image's `vllm` user
 CONFIG_DIR = "/etc/lora-deploy"
 SMOKE_DIR = "/opt/lora-deploy"
-LWS_API = "leaderworkerset.x-k8s.io/v1"
 SPEC_COPY = "lora-deploy-spec.yaml"  # the spec that `merged/dynamic --manifests` writes beside the manifests
-KEDA_API = "keda.sh/v1alpha1"
 
 READY_SCRIPT = '''\
 """Readiness: the engine is up AND /v1/models lists every expected model (not just /health)."""
@@ -110,6 +108,20 @@ def _labels(spec: DeploySpec, component: str = "server") -> dict[str, str]:
 
 def _meta(spec: DeploySpec, name: str, component: str = "server") -> dict:
     return {"name": name, "namespace": spec.namespace, "labels": _labels(spec, component)}
+
+
+def lws_name(spec: DeploySpec) -> str:
+    """The LeaderWorkerSet's name: never the Service's, since LWS names its own headless Service after itself.
+
+    The leader address LWS hands to workers (``LWS_LEADER_ADDRESS``) resolves only through that headless
+    Service, and LWS does not create it when a Service of that name already exists.
+    """
+    return f"{spec.name}-lws"
+
+
+def _server_selector(spec: DeploySpec) -> dict[str, str]:
+    """Every serving pod: a Deployment's pods, or a LeaderWorkerSet's leaders and workers."""
+    return {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/component": "server"}
 
 
 def _shm_size(gpus: int) -> str:
@@ -271,7 +283,7 @@ def _service(spec: DeploySpec, selector: dict) -> dict:
 
 def _deployment(spec: DeploySpec, args: list[str]) -> dict:
     volumes, mounts = _volumes(spec)
-    selector = {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/component": "server"}
+    selector = _server_selector(spec)
     pod = _pod_spec(spec, [_vllm_container(spec, args, mounts)], volumes, init=_download_init(spec, mounts))
     dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(spec, spec.name),
            "spec": {"replicas": spec.replicas, "selector": {"matchLabels": selector},
@@ -293,7 +305,7 @@ def _leader_worker_set(spec: DeploySpec, args: list[str]) -> dict:
                              probes=False)
     worker.pop("ports")  # workers serve no API: the leader does
     init = _download_init(spec, mounts)
-    return {"apiVersion": LWS_API, "kind": "LeaderWorkerSet", "metadata": _meta(spec, spec.name),
+    return {"apiVersion": LWS_API, "kind": "LeaderWorkerSet", "metadata": _meta(spec, lws_name(spec)),
             "spec": {"replicas": spec.replicas, "startupPolicy": "LeaderCreated",
                      "rolloutStrategy": {"type": "RollingUpdate",
                                          "rollingUpdateConfiguration": {"maxSurge": 0, "maxUnavailable": 1}},
@@ -305,7 +317,10 @@ def _leader_worker_set(spec: DeploySpec, args: list[str]) -> dict:
                                             "spec": _pod_spec(spec, [worker], volumes, init=init)}}}}
 
 
-def _pdb(spec: DeploySpec, selector: dict) -> dict:
+def _pdb(spec: DeploySpec) -> dict:
+    """At most one serving pod evicted at a time. For a LeaderWorkerSet this covers workers too: losing any
+    pod restarts its whole group, so a drain that took one worker of every group would take every replica."""
+    selector = _server_selector(spec)
     return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": _meta(spec, spec.name),
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}}}
 
@@ -347,7 +362,9 @@ def _network_policy(spec: DeploySpec, selector: dict) -> dict:
 def _pvc(spec: DeploySpec) -> dict:
     pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
            "metadata": _meta(spec, spec.weights.claim or f"{spec.name}-models"),
-           "spec": {"accessModes": ["ReadWriteOnce" if spec.replicas <= 1 else "ReadWriteMany"],
+           # one pod may use a node-local volume; several pods (replicas, or a group's nodes) share it
+           "spec": {"accessModes": ["ReadWriteOnce" if spec.replicas * spec.multi_node.nodes <= 1
+                                    else "ReadWriteMany"],
                     "resources": {"requests": {"storage": spec.weights.size}}}}
     if spec.weights.storage_class:
         pvc["spec"]["storageClassName"] = spec.weights.storage_class
@@ -386,13 +403,13 @@ def render_manifests(spec: DeploySpec) -> RenderedManifests:
     files["configmap.yaml"] = _config_map(spec, adapters)
     if spec.multi_node.nodes > 1:
         files["leaderworkerset.yaml"] = _leader_worker_set(spec, args)
-        selector = {"app.kubernetes.io/name": spec.name, "role": "leader"}
-        notes.append("multi-node: a LeaderWorkerSet (needs the LWS controller in the cluster)")
+        selector = {"app.kubernetes.io/name": spec.name, "role": "leader"}  # only leaders serve the API
+        notes.append(f"multi-node: LeaderWorkerSet {lws_name(spec)} (needs the LWS controller in the cluster)")
     else:
         files["deployment.yaml"] = _deployment(spec, args)
-        selector = {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/component": "server"}
+        selector = _server_selector(spec)
     files["service.yaml"] = _service(spec, selector)
-    files["pdb.yaml"] = _pdb(spec, selector)
+    files["pdb.yaml"] = _pdb(spec)
     if spec.weights.source == "download" and not spec.weights.claim:
         files["pvc.yaml"] = _pvc(spec)
     if spec.runtime_adapters:
@@ -409,65 +426,12 @@ def render_manifests(spec: DeploySpec) -> RenderedManifests:
     return RenderedManifests(files, tuple(notes))
 
 
-# ---------------------------------------------------------------- validation
-
-def validate_object(obj: dict, version: str = KUBERNETES_VERSION) -> list[str]:
-    """Problems with one object against the real Kubernetes schemas (custom resources: their pod templates)."""
-    import kubernetes_validate
-    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
-
-    kind = obj.get("kind")
-    if kind == "Kustomization":
-        return [] if isinstance(obj.get("resources"), list) else ["kustomization has no resources list"]
-    if kind == "LeaderWorkerSet":
-        problems = _required_paths(obj, ["spec.leaderWorkerTemplate.size", "spec.leaderWorkerTemplate.workerTemplate"])
-        tmpl = obj.get("spec", {}).get("leaderWorkerTemplate", {})
-        for role in ("leaderTemplate", "workerTemplate"):
-            if role in tmpl:
-                wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{role}"},
-                           "template": tmpl[role]}
-                problems += [f"{role}: {p}" for p in validate_object(wrapped, version)]
-        return problems
-    if kind == "ScaledObject":
-        problems = _required_paths(obj, ["spec.scaleTargetRef.name", "spec.triggers"])
-        for i, t in enumerate(obj.get("spec", {}).get("triggers", [])):
-            if not isinstance(t.get("type"), str) or not isinstance(t.get("metadata"), dict) or not all(
-                    isinstance(v, str) for v in t["metadata"].values()):
-                problems.append(f"spec.triggers[{i}]: needs a type and a metadata map of strings")
-        return problems
-    try:
-        kubernetes_validate.validate(obj, version, strict=True)
-    except ValidationError as e:
-        path = ".".join(str(p) for p in e.path)
-        return [f"{kind} {obj.get('metadata', {}).get('name')}: {path}: {e.message}"]
-    except SchemaNotFoundError as e:
-        return [f"{kind}: no schema for {obj.get('apiVersion')} in Kubernetes {version} ({e})"]
-    return []
-
-
-def _required_paths(obj: dict, paths: list[str]) -> list[str]:
-    problems = []
-    for path in paths:
-        node = obj
-        for part in path.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node in (None, "", []):
-            problems.append(f"{obj.get('kind')}: {path} is required")
-    return problems
-
-
-def validate_manifests(rendered: RenderedManifests, version: str = KUBERNETES_VERSION) -> list[str]:
-    problems = []
-    for name, obj in rendered.files.items():
-        problems += [f"{name}: {p}" for p in validate_object(obj, version)]
-    return problems
-
-
 def dump_yaml(obj: dict) -> str:
     import yaml
 
     class _Dumper(yaml.SafeDumper):
-        pass
+        def ignore_aliases(self, data):  # shared lists are written out in full: no &id001 / *id001 in manifests
+            return True
 
     def _str(dumper, data):
         style = "|" if "\n" in data else None
@@ -482,7 +446,7 @@ def write_manifests(rendered: RenderedManifests, output: Path, *, force: bool = 
     import os
     import shutil
 
-    problems = validate_manifests(rendered)
+    problems = validate_manifests(rendered.files)
     if problems:
         raise LoraDeployError("refusing to write manifests that fail the Kubernetes schemas:\n"
                               + "\n".join(f"  - {p}" for p in problems), exit_code=3)

@@ -28,9 +28,14 @@ def manifests(
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
-    """Render a deploy spec into hardened manifests, validated against the Kubernetes schemas before writing."""
+    """Render a deploy spec into hardened manifests, validated against the Kubernetes schemas before writing.
+
+    Built-in kinds are checked against the Kubernetes OpenAPI schemas (strict: unknown fields fail), a KEDA
+    ScaledObject against KEDA's CRD, a LeaderWorkerSet against its v1 API; invalid output is never written.
+    """
     out.set_mode(json_mode=json)
-    from ..k8s import KUBERNETES_VERSION, compare_with, render_manifests, write_manifests
+    from ..k8s import compare_with, render_manifests, write_manifests
+    from ..k8s_validate import schema_versions
     from ..spec import load_spec
 
     spec = load_spec(spec_file)
@@ -47,6 +52,8 @@ def manifests(
     files = write_manifests(rendered, target, force=force)
     for note in rendered.notes:
         out.info(f"Note: {note}")
-    out.result({"output": str(target), "files": [f.name for f in files], "kubernetes": KUBERNETES_VERSION},
-               f"Wrote {len(files)} files to {target} (valid for Kubernetes {KUBERNETES_VERSION}):\n  "
+    versions = schema_versions()
+    out.result({"output": str(target), "files": [f.name for f in files], "validated_against": versions,
+                "kubernetes": versions["kubernetes"]},
+               f"Wrote {len(files)} files to {target} (valid for Kubernetes {versions['kubernetes']}):\n  "
                + "\n  ".join(f.name for f in files) + f"\nApply: kubectl apply -k {target}")
