@@ -92,7 +92,8 @@ def _mutated(obj: dict, path: str, value) -> dict:
 DELETE = object()
 
 
-@pytest.mark.parametrize("path,value,needle", [
+# A mistake in a custom resource, and what the validator must say about it: (path, value, needle).
+LWS_MISTAKES = [  # against the LeaderWorkerSet v1 API; pod templates against the core schemas
     ("spec.leaderWorkerTemplate.workerTemplate.spec.containers.0.env", "x", "workerTemplate"),
     ("spec.leaderWorkerTemplate.leaderTemplate.spec.containers.0.probe", {}, "leaderTemplate"),
     ("spec.leaderWorkerTemplate.sise", 2, "'sise' was unexpected"),
@@ -103,15 +104,8 @@ DELETE = object()
     ("spec.leaderWorkerTemplate.workerTemplate", DELETE, "'workerTemplate' is a required property"),
     ("spec.rolloutStrategy.rollingUpdateConfiguration.maxUnavailable", 0, "cannot both be 0"),
     ("apiVersion", "leaderworkerset.x-k8s.io/v1beta1", "was expected"),
-])
-def test_leader_worker_set_validation_refuses_what_the_lws_api_refuses(path, value, needle):
-    lws = _files("multinode")["leaderworkerset.yaml"]
-    assert validate_object(lws) == []
-    problems = validate_object(_mutated(lws, path, value))
-    assert any(needle in p for p in problems), problems
-
-
-@pytest.mark.parametrize("path,value,needle", [
+]
+KEDA_MISTAKES = [  # against KEDA's CRD
     ("spec.minReplicas", 1, "spec.minReplicas: unknown field"),  # the HPA spelling, not KEDA's
     ("spec.triggers.0.metdata", {}, "spec.triggers[0].metdata: unknown field"),
     ("spec.cooldownPeriod", "600", "spec.cooldownPeriod: Input should be a valid integer"),
@@ -119,11 +113,16 @@ def test_leader_worker_set_validation_refuses_what_the_lws_api_refuses(path, val
     ("spec.scaleTargetRef.name", DELETE, "spec.scaleTargetRef.name: Field required"),
     ("spec.triggers", DELETE, "spec.triggers: Field required"),
     ("apiVersion", "keda.sh/v1", "apiVersion: Input should be 'keda.sh/v1alpha1'"),
-])
-def test_scaled_object_validation_uses_kedas_crd(path, value, needle):
-    keda = _files("merged-download-keda")["scaledobject.yaml"]
-    assert validate_object(keda) == []
-    problems = validate_object(_mutated(keda, path, value))
+]
+
+
+@pytest.mark.parametrize("variant,fname,path,value,needle",
+                         [("multinode", "leaderworkerset.yaml", *m) for m in LWS_MISTAKES]
+                         + [("merged-download-keda", "scaledobject.yaml", *m) for m in KEDA_MISTAKES])
+def test_custom_resources_are_refused_where_their_api_refuses_them(variant, fname, path, value, needle):
+    obj = _files(variant)[fname]
+    assert validate_object(obj) == []
+    problems = validate_object(_mutated(obj, path, value))
     assert any(needle in p for p in problems), problems
 
 
