@@ -330,6 +330,8 @@ def test_kustomize_builds_every_committed_base(spec_file):
 
 
 def test_manifests_cli_writes_checks_and_refuses_to_overwrite(tmp_path):
+    rc, stdout, _ = run_cli("manifests", "--help")
+    assert rc == 0 and "manifests/NAME" in stdout  # help is markdown: <placeholders> would vanish
     spec = ROOT / "deploy" / "support-bot-merged.yaml"
     out = tmp_path / "m"
     rc, stdout, stderr = run_cli("manifests", str(spec), "--output", str(out), "--json")

@@ -23,7 +23,7 @@ kubectl apply -k manifests/support-bot-merged
 def manifests(
     spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="A deploy spec (deploy/NAME.yaml).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the kustomize base "
-                                                   "(default: manifests/<spec file name>).")] = None,
+                                                   "(default: manifests/NAME for deploy/NAME.yaml).")] = None,
     check: Annotated[bool, typer.Option(help="Do not write: exit 1 if OUTPUT differs from a fresh render.")] = False,
     force: ForceOpt = False,
     json: JsonOpt = False,
