@@ -14,7 +14,7 @@ from conftest import run_cli
 
 from lora_deploy.errors import InputError
 from lora_deploy.k8s import compare_with, lws_name, render_manifests, vllm_args
-from lora_deploy.k8s_validate import KUBERNETES_VERSION, validate_object
+from lora_deploy.k8s_validate import KUBERNETES_VERSION, load_crds, validate_object
 from lora_deploy.serving import ServeConfig, ServedAdapter, build_vllm_args
 from lora_deploy.spec import load_spec, parse_spec
 
@@ -124,6 +124,75 @@ def test_custom_resources_are_refused_where_their_api_refuses_them(variant, fnam
     assert validate_object(obj) == []
     problems = validate_object(_mutated(obj, path, value))
     assert any(needle in p for p in problems), problems
+
+
+def _lws_crd(startup_policies=("LeaderCreated", "LeaderReady")) -> dict:
+    """A small hand-written LeaderWorkerSet CRD (not LWS's file) using each OpenAPI extension a CRD may carry."""
+    int_or_string = {"x-kubernetes-int-or-string": True}
+    template = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    spec = {"type": "object", "required": ["leaderWorkerTemplate"], "properties": {
+        "replicas": {"type": "integer", "format": "int32"},
+        "startupPolicy": {"type": "string", "enum": list(startup_policies)},
+        "networkConfig": {"type": "object", "nullable": True,
+                          "properties": {"subdomainPolicy": {"type": "string"}}},
+        "rolloutStrategy": {"type": "object", "properties": {
+            "type": {"type": "string", "enum": ["RollingUpdate"]},
+            "rollingUpdateConfiguration": {"type": "object", "properties": {
+                "maxSurge": int_or_string, "maxUnavailable": int_or_string}}}},
+        "leaderWorkerTemplate": {"type": "object", "required": ["workerTemplate"], "properties": {
+            "size": {"type": "integer", "format": "int32", "minimum": 1},
+            "restartPolicy": {"type": "string"},
+            "leaderTemplate": template, "workerTemplate": template}}}}
+    schema = {"type": "object", "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                               "metadata": {"type": "object"}, "spec": spec}}
+    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "leaderworkersets.leaderworkerset.x-k8s.io"},
+            "spec": {"group": "leaderworkerset.x-k8s.io", "scope": "Namespaced",
+                     "names": {"kind": "LeaderWorkerSet", "plural": "leaderworkersets"},
+                     "versions": [{"name": "v1", "served": True, "storage": True,
+                                   "schema": {"openAPIV3Schema": schema}}]}}
+
+
+def test_a_supplied_crd_replaces_the_built_in_check(tmp_path):
+    """`kubectl get crd -o yaml` output (a List) and release bundles (several documents) both load; the
+    object is then held to that CRD, strictly, and its OpenAPI extensions mean what Kubernetes says."""
+    listed = tmp_path / "crds.yaml"
+    listed.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [_lws_crd()]}))
+    bundle = tmp_path / "bundle.yaml"
+    bundle.write_text(yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}},
+                                          _lws_crd()]))
+    for path in (listed, bundle):
+        crds = load_crds([path])
+        assert list(crds) == [("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")]
+    lws = _files("multinode")["leaderworkerset.yaml"]
+    assert validate_object(lws, crds=crds) == []
+    rolling = "spec.rolloutStrategy.rollingUpdateConfiguration"
+    assert validate_object(_mutated(lws, f"{rolling}.maxSurge", "25%"), crds=crds) == []  # int-or-string
+    assert validate_object(_mutated(lws, "spec.networkConfig", None), crds=crds) == []  # nullable
+    for path, value, needle in [(f"{rolling}.maxSurge", True, "is not valid under any of the given schemas"),
+                                ("spec.leaderWorkerTemplate.sise", 2, "'sise' was unexpected"),
+                                ("spec.replicas", "1", "'1' is not of type 'integer'"),
+                                ("spec.leaderWorkerTemplate.workerTemplate.spec.containers.0.env", "x",
+                                 "workerTemplate")]:  # pod templates still meet the core schema
+        problems = validate_object(_mutated(lws, path, value), crds=crds)
+        assert any(needle in p for p in problems), (path, problems)
+
+
+def test_manifests_cli_holds_custom_resources_to_the_given_crd(tmp_path):
+    spec = ROOT / "deploy" / "llama-70b-multinode.yaml"
+    crd = tmp_path / "lws-crd.yaml"
+    crd.write_text(yaml.safe_dump(_lws_crd()))
+    rc, stdout, stderr = run_cli("manifests", str(spec), "--output", str(tmp_path / "ok"), "--crd", str(crd),
+                                 "--json")
+    assert rc == 0, stderr
+    assert json.loads(stdout)["validated_against"]["leaderworkerset"] == f"leaderworkerset.x-k8s.io/v1 CRD from {crd}"
+    crd.write_text(yaml.safe_dump(_lws_crd(startup_policies=("LeaderReady",))))  # a cluster without LeaderCreated
+    rc, _, stderr = run_cli("manifests", str(spec), "--output", str(tmp_path / "old"), "--crd", str(crd))
+    assert rc == 3 and "spec.startupPolicy" in stderr and not (tmp_path / "old").exists()
+    (tmp_path / "none.yaml").write_text("kind: ConfigMap\napiVersion: v1\n")
+    rc, _, stderr = run_cli("manifests", str(spec), "--output", str(tmp_path / "x"), "--crd",
+                            str(tmp_path / "none.yaml"))
+    assert rc == 3 and "no CustomResourceDefinition" in stderr and "kubectl get crd" in stderr
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -8,12 +8,13 @@ launcher uses. :mod:`lora_deploy.k8s_validate` checks every object before anythi
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from .errors import InputError, LoraDeployError
-from .k8s_validate import KEDA_API, LWS_API, validate_manifests
+from .k8s_validate import KEDA_API, LWS_API, CrdSchema, validate_manifests
 from .serving import ServeConfig, ServedAdapter, build_vllm_args
 from .spec import DeploySpec
 
@@ -441,14 +442,18 @@ def dump_yaml(obj: dict) -> str:
     return yaml.dump(obj, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
 
 
-def write_manifests(rendered: RenderedManifests, output: Path, *, force: bool = False) -> list[Path]:
-    """Validate, then write every file into ``output`` (through a temporary folder; replaced only with force)."""
+def write_manifests(rendered: RenderedManifests, output: Path, *, force: bool = False,
+                    crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> list[Path]:
+    """Validate, then write every file into ``output`` (through a temporary folder; replaced only with force).
+
+    ``crds`` (from :func:`lora_deploy.k8s_validate.load_crds`) validates custom resources against those CRDs.
+    """
     import os
     import shutil
 
-    problems = validate_manifests(rendered.files)
+    problems = validate_manifests(rendered.files, crds=crds)
     if problems:
-        raise LoraDeployError("refusing to write manifests that fail the Kubernetes schemas:\n"
+        raise LoraDeployError("refusing to write manifests that fail their schemas:\n"
                               + "\n".join(f"  - {p}" for p in problems), exit_code=3)
     output = Path(output)
     if output.exists() and not force and any(output.iterdir()):

@@ -10,12 +10,21 @@ Each kind is checked against the most authoritative schema that can be installed
 - ``LeaderWorkerSet``: LWS publishes its CRD only in its own release assets, which no package index
   carries, so its ``v1`` API is written down here (:data:`LWS_V1_SCHEMA`: fields, types, enums, required
   keys, unknown keys refused), and its leader and worker pod templates are checked as core PodTemplates.
+
+A CRD file you supply (:func:`load_crds`, ``lora-deploy manifests --crd FILE``; for instance the one your
+cluster serves, ``kubectl get crd leaderworkersets.leaderworkerset.x-k8s.io -o yaml``) replaces the built-in
+check for its kinds: the object is validated against that CRD's ``openAPIV3Schema``, strictly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 KUBERNETES_VERSION = "1.33.0"  # the schema version manifests are validated against
 LWS_API = "leaderworkerset.x-k8s.io/v1"
@@ -64,19 +73,108 @@ LWS_V1_SCHEMA = _closed({
 }, ("apiVersion", "kind", "metadata", "spec"))
 
 
-def schema_versions() -> dict[str, str]:
+@dataclass(frozen=True)
+class CrdSchema:
+    """One served version of a CustomResourceDefinition, as a strict JSON Schema for its custom resources.
+
+    Strict the way ``kubectl apply --validate=strict`` is: a key the schema does not list is an error
+    (a structural CRD would silently prune it), unless the CRD marks that object
+    ``x-kubernetes-preserve-unknown-fields``. CEL rules (``x-kubernetes-validations``) are not evaluated.
+    """
+
+    api_version: str  # group/version, e.g. leaderworkerset.x-k8s.io/v1
+    kind: str
+    schema: dict
+    source: str  # the file it was read from, for reports
+
+
+def load_crds(paths: Iterable[str | Path]) -> dict[tuple[str, str], CrdSchema]:
+    """Every served version of every CustomResourceDefinition in ``paths``, keyed by (apiVersion, kind).
+
+    A file may hold several YAML documents (a release's ``manifests.yaml``, say); objects that are not
+    CRDs are skipped, but a file with no CRD at all is an error, since it was named to be used.
+    """
+    import yaml
+
+    crds: dict[tuple[str, str], CrdSchema] = {}
+    for path in map(Path, paths):
+        try:
+            docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+        except FileNotFoundError as e:
+            raise InputError(f"CRD file {path} does not exist") from e
+        except yaml.YAMLError as e:
+            raise InputError(f"{path}: not valid YAML ({e})") from e
+        found = 0
+        for doc in docs:
+            items = doc.get("items", []) if doc.get("kind") == "List" else [doc]  # `kubectl get crd -o yaml`
+            for crd in (i for i in items if isinstance(i, dict) and i.get("kind") == "CustomResourceDefinition"):
+                spec = crd.get("spec", {})
+                group, kind = spec.get("group"), spec.get("names", {}).get("kind")
+                for v in spec.get("versions", []):
+                    schema = (v.get("schema") or {}).get("openAPIV3Schema")
+                    if not (group and kind and schema) or not v.get("served", True):
+                        continue
+                    key = (f"{group}/{v['name']}", kind)
+                    crds[key] = CrdSchema(key[0], kind, _strict(schema), str(path))
+                    found += 1
+        if not found:
+            raise InputError(f"{path}: no CustomResourceDefinition with an openAPIV3Schema in it",
+                             hint="export one from a cluster with: kubectl get crd NAME -o yaml > FILE")
+    return crds
+
+
+_SUBSCHEMAS = ("items", "additionalProperties", "allOf", "anyOf", "oneOf", "not")
+
+
+def _strict(node: Any) -> Any:
+    """An OpenAPI v3 CRD schema as JSON Schema, closed to unknown keys (see CrdSchema)."""
+    if isinstance(node, list):
+        return [_strict(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key.startswith("x-kubernetes-") or key == "nullable":
+            continue  # OpenAPI extensions, translated below
+        if key == "properties":
+            out[key] = {name: _strict(sub) for name, sub in value.items()}
+        elif key in _SUBSCHEMAS:
+            out[key] = _strict(value)
+        else:
+            out[key] = value  # type, enum, required, format, description, ...
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def schema_versions(crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> dict[str, str]:
     """What each kind is validated against, for reports (`lora-deploy manifests --json`)."""
     from importlib.metadata import version
 
     keda = ".".join(version("cloudcoil.models.keda").split(".")[:3])  # the 4th part is cloudcoil's build
-    return {"kubernetes": KUBERNETES_VERSION, "keda": keda, "leaderworkerset": "v1 API (typed in lora-deploy)"}
+    out = {"kubernetes": KUBERNETES_VERSION, "keda": keda, "leaderworkerset": "v1 API (typed in lora-deploy)"}
+    for (api_version, kind), crd in (crds or {}).items():
+        out[{"ScaledObject": "keda", "LeaderWorkerSet": "leaderworkerset"}.get(kind, kind)] = \
+            f"{api_version} CRD from {crd.source}"
+    return out
 
 
-def validate_object(obj: dict, version: str = KUBERNETES_VERSION) -> list[str]:
+def validate_object(obj: dict, version: str = KUBERNETES_VERSION,
+                    crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> list[str]:
     """Every problem with one object, each naming the field; empty when the cluster would accept it."""
     kind = obj.get("kind")
     if kind == "Kustomization":
         return [] if isinstance(obj.get("resources"), list) else ["kustomization has no resources list"]
+    crd = (crds or {}).get((obj.get("apiVersion"), kind))
+    if crd is not None:
+        problems = _json_schema_problems(crd.schema, obj, kind, draft4=True)
+        return problems + (_lws_pod_templates(obj, version) if kind == "LeaderWorkerSet" else [])
     if kind == "LeaderWorkerSet":
         return _validate_lws(obj, version)
     if kind == "ScaledObject":
@@ -84,9 +182,10 @@ def validate_object(obj: dict, version: str = KUBERNETES_VERSION) -> list[str]:
     return _validate_core(obj, version)
 
 
-def validate_manifests(files: dict[str, dict], version: str = KUBERNETES_VERSION) -> list[str]:
+def validate_manifests(files: dict[str, dict], version: str = KUBERNETES_VERSION,
+                       crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> list[str]:
     """Problems across a whole base, each prefixed with its file name."""
-    return [f"{name}: {p}" for name, obj in files.items() for p in validate_object(obj, version)]
+    return [f"{name}: {p}" for name, obj in files.items() for p in validate_object(obj, version, crds)]
 
 
 def _validate_core(obj: dict, version: str) -> list[str]:
@@ -103,18 +202,28 @@ def _validate_core(obj: dict, version: str) -> list[str]:
     return []
 
 
-def _validate_lws(obj: dict, version: str) -> list[str]:
+def _json_schema_problems(schema: dict, obj: dict, kind: str, *, draft4: bool = False) -> list[str]:
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(LWS_V1_SCHEMA)
-    problems = [f"LeaderWorkerSet: {_path(e.absolute_path) or '(top)'}: {e.message}"
-                for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+    validator = (jsonschema.Draft4Validator if draft4 else jsonschema.Draft202012Validator)(schema)
+    return [f"{kind}: {_path(e.absolute_path) or '(top)'}: {e.message}"
+            for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def _lws_pod_templates(obj: dict, version: str) -> list[str]:
+    """The leader and worker templates against the core PodTemplate schema."""
+    problems = []
     template = obj.get("spec", {}).get("leaderWorkerTemplate", {}) if isinstance(obj.get("spec"), dict) else {}
     for role in ("leaderTemplate", "workerTemplate"):
         if isinstance(template.get(role), dict):
             wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": obj.get("metadata", {}),
                        "template": template[role]}
             problems += [f"spec.leaderWorkerTemplate.{role}: {p}" for p in _validate_core(wrapped, version)]
+    return problems
+
+
+def _validate_lws(obj: dict, version: str) -> list[str]:
+    problems = _json_schema_problems(LWS_V1_SCHEMA, obj, "LeaderWorkerSet") + _lws_pod_templates(obj, version)
     rolling = (obj.get("spec", {}).get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
     if rolling.get("maxSurge", 0) in (0, "0%") and rolling.get("maxUnavailable", 1) in (0, "0%"):
         # the LWS admission webhook refuses this: a rollout could never make progress

@@ -15,6 +15,8 @@ EXAMPLES = """Examples:
 ```
 lora-deploy manifests deploy/support-bot-merged.yaml --output manifests/support-bot-merged
 lora-deploy manifests deploy/support-adapters-dynamic.yaml --output manifests/support-adapters-dynamic --check
+kubectl get crd leaderworkersets.leaderworkerset.x-k8s.io -o yaml > lws-crd.yaml
+lora-deploy manifests deploy/llama-70b-multinode.yaml --crd lws-crd.yaml --force
 kubectl apply -k manifests/support-bot-merged
 ```
 """
@@ -25,6 +27,9 @@ def manifests(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the kustomize base "
                                                    "(default: manifests/NAME for deploy/NAME.yaml).")] = None,
     check: Annotated[bool, typer.Option(help="Do not write: exit 1 if OUTPUT differs from a fresh render.")] = False,
+    crd: Annotated[Optional[list[Path]], typer.Option(
+        "--crd", metavar="FILE", help="Validate custom resources against this CustomResourceDefinition file "
+        "instead of the built-in check (repeatable), e.g. from `kubectl get crd NAME -o yaml`.")] = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -35,9 +40,10 @@ def manifests(
     """
     out.set_mode(json_mode=json)
     from ..k8s import compare_with, render_manifests, write_manifests
-    from ..k8s_validate import schema_versions
+    from ..k8s_validate import load_crds, schema_versions
     from ..spec import load_spec
 
+    crds = load_crds(crd or ())
     spec = load_spec(spec_file)
     rendered = render_manifests(spec)
     target = output or Path("manifests") / spec_file.stem
@@ -49,10 +55,10 @@ def manifests(
         if diffs:
             raise typer.Exit(1)
         return
-    files = write_manifests(rendered, target, force=force)
+    files = write_manifests(rendered, target, force=force, crds=crds)
     for note in rendered.notes:
         out.info(f"Note: {note}")
-    versions = schema_versions()
+    versions = schema_versions(crds)
     out.result({"output": str(target), "files": [f.name for f in files], "validated_against": versions,
                 "kubernetes": versions["kubernetes"]},
                f"Wrote {len(files)} files to {target} (valid for Kubernetes {versions['kubernetes']}):\n  "
