@@ -103,7 +103,7 @@ LWS_MISTAKES = [  # against the LeaderWorkerSet v1 API; pod templates against th
     ("spec.leaderWorkerTemplate.size", 0, "less than the minimum of 1"),
     ("spec.leaderWorkerTemplate.workerTemplate", DELETE, "'workerTemplate' is a required property"),
     ("spec.rolloutStrategy.rollingUpdateConfiguration.maxUnavailable", 0, "cannot both be 0"),
-    ("apiVersion", "leaderworkerset.x-k8s.io/v1beta1", "was expected"),
+    ("apiVersion", "leaderworkerset.x-k8s.io/v1beta1", "is not one of ['leaderworkerset.x-k8s.io/v1']"),
 ]
 KEDA_MISTAKES = [  # against KEDA's CRD
     ("spec.minReplicas", 1, "spec.minReplicas: unknown field"),  # the HPA spelling, not KEDA's
@@ -172,8 +172,11 @@ def test_a_supplied_crd_replaces_the_built_in_check(tmp_path):
     for path, value, needle in [(f"{rolling}.maxSurge", True, "is not valid under any of the given schemas"),
                                 ("spec.leaderWorkerTemplate.sise", 2, "'sise' was unexpected"),
                                 ("spec.replicas", "1", "'1' is not of type 'integer'"),
+                                # the CRD replaces only the schema: pod templates still meet the core
+                                # schema, and the LWS webhook's rule still holds
                                 ("spec.leaderWorkerTemplate.workerTemplate.spec.containers.0.env", "x",
-                                 "workerTemplate")]:  # pod templates still meet the core schema
+                                 "workerTemplate"),
+                                (f"{rolling}.maxUnavailable", 0, "cannot both be 0")]:
         problems = validate_object(_mutated(lws, path, value), crds=crds)
         assert any(needle in p for p in problems), (path, problems)
 

@@ -43,10 +43,11 @@ def _closed(properties: dict, required: tuple[str, ...] = ()) -> dict:
 
 # The LeaderWorkerSet v1 API (sigs.k8s.io/lws, api/leaderworkerset/v1): written from its Go types and their
 # kubebuilder markers (enums, defaults, required fields). Pod templates, PVC templates and metadata are core
-# types and are checked against the Kubernetes schemas by validate_object.
+# types and are checked against the Kubernetes schemas by validate_object. JSON Schema draft 4, the dialect
+# of a CRD's openAPIV3Schema, so one validator serves this and supplied CRDs alike.
 LWS_V1_SCHEMA = _closed({
-    "apiVersion": {"const": LWS_API},
-    "kind": {"const": "LeaderWorkerSet"},
+    "apiVersion": {"enum": [LWS_API]},
+    "kind": {"enum": ["LeaderWorkerSet"]},
     "metadata": _OBJECT,
     "spec": _closed({
         "replicas": _COUNT,
@@ -172,11 +173,10 @@ def validate_object(obj: dict, version: str = KUBERNETES_VERSION,
     if kind == "Kustomization":
         return [] if isinstance(obj.get("resources"), list) else ["kustomization has no resources list"]
     crd = (crds or {}).get((obj.get("apiVersion"), kind))
+    if kind == "LeaderWorkerSet":  # a supplied CRD replaces only the schema: the webhook's rules still apply
+        return _validate_lws(obj, version, crd.schema if crd else LWS_V1_SCHEMA)
     if crd is not None:
-        problems = _json_schema_problems(crd.schema, obj, kind, draft4=True)
-        return problems + (_lws_pod_templates(obj, version) if kind == "LeaderWorkerSet" else [])
-    if kind == "LeaderWorkerSet":
-        return _validate_lws(obj, version)
+        return _json_schema_problems(crd.schema, obj, kind)
     if kind == "ScaledObject":
         return _validate_scaled_object(obj)
     return _validate_core(obj, version)
@@ -202,28 +202,23 @@ def _validate_core(obj: dict, version: str) -> list[str]:
     return []
 
 
-def _json_schema_problems(schema: dict, obj: dict, kind: str, *, draft4: bool = False) -> list[str]:
+def _json_schema_problems(schema: dict, obj: dict, kind: str) -> list[str]:
     import jsonschema
 
-    validator = (jsonschema.Draft4Validator if draft4 else jsonschema.Draft202012Validator)(schema)
+    validator = jsonschema.Draft4Validator(schema)
     return [f"{kind}: {_path(e.absolute_path) or '(top)'}: {e.message}"
             for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
 
 
-def _lws_pod_templates(obj: dict, version: str) -> list[str]:
-    """The leader and worker templates against the core PodTemplate schema."""
-    problems = []
+def _validate_lws(obj: dict, version: str, schema: dict) -> list[str]:
+    """``schema``, then the leader and worker templates as core PodTemplates, then the LWS webhook's rule."""
+    problems = _json_schema_problems(schema, obj, "LeaderWorkerSet")
     template = obj.get("spec", {}).get("leaderWorkerTemplate", {}) if isinstance(obj.get("spec"), dict) else {}
     for role in ("leaderTemplate", "workerTemplate"):
         if isinstance(template.get(role), dict):
             wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": obj.get("metadata", {}),
                        "template": template[role]}
             problems += [f"spec.leaderWorkerTemplate.{role}: {p}" for p in _validate_core(wrapped, version)]
-    return problems
-
-
-def _validate_lws(obj: dict, version: str) -> list[str]:
-    problems = _json_schema_problems(LWS_V1_SCHEMA, obj, "LeaderWorkerSet") + _lws_pod_templates(obj, version)
     rolling = (obj.get("spec", {}).get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
     if rolling.get("maxSurge", 0) in (0, "0%") and rolling.get("maxUnavailable", 1) in (0, "0%"):
         # the LWS admission webhook refuses this: a rollout could never make progress
