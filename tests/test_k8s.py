@@ -285,8 +285,7 @@ def test_multi_node_is_a_leader_worker_set():
 @pytest.mark.parametrize("name", ["multinode", "multinode-dynamic"])
 def test_multi_node_leaves_lws_its_headless_service_and_protects_whole_groups(name):
     """LWS names its headless Service (the leader address workers dial) after itself and skips creating it
-    when that name is taken; a drain must not evict pods of several groups at once; pods on different
-    nodes can share only a ReadWriteMany claim."""
+    when that name is taken; a drain must not evict pods of several groups at once."""
     files = _files(name)
     lws = files["leaderworkerset.yaml"]
     assert lws["metadata"]["name"] == lws_name(parse_spec(copy.deepcopy(VARIANTS[name])))
@@ -297,15 +296,15 @@ def test_multi_node_leaves_lws_its_headless_service_and_protects_whole_groups(na
         labels = lws["spec"]["leaderWorkerTemplate"][role]["metadata"]["labels"]
         assert selector.items() <= labels.items(), role
     assert files["pdb.yaml"]["spec"]["maxUnavailable"] == 1
-    claims = {n: o for n, o in files.items() if o["kind"] == "PersistentVolumeClaim"}
-    for pvc in claims.values():
-        assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
-def test_a_single_pod_gets_a_read_write_once_claim():
+def test_the_weights_claim_is_shared_whenever_more_than_one_pod_mounts_it():
+    """One pod may use a node-local volume; several replicas, or one group spread over nodes, cannot."""
     one = {**BASE, "model": "org/model", "weights": {"source": "download"}}
     assert _files_of(one)["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert _files_of({**one, "replicas": 2})["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    group = _files_of({**one, "gpus": 8, "multiNode": {"nodes": 2}})  # one replica, two nodes
+    assert "leaderworkerset.yaml" in group and group["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_runtime_adapters_need_a_key_and_get_a_network_policy():
