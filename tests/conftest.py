@@ -64,9 +64,8 @@ def make_adapter(base: Path, folder: Path, *, seed: int = 1, resize: int | None 
     return folder
 
 
-def peft_merged_state(base: Path, adapters: list[Path], weights: list[float] | None = None,
-                      *, resize: int | None = None) -> dict:
-    """The oracle: PEFT's merge_and_unload() in float32 (several adapters via the exact "cat" combination)."""
+def peft_model(base: Path, adapters: list[Path], weights: list[float] | None = None, *, resize: int | None = None):
+    """The unmerged PEFT model (several adapters via the exact "cat" combination), float32, eval mode."""
     from peft import PeftModel
 
     model = load_base(base, resize=resize)
@@ -81,8 +80,38 @@ def peft_merged_state(base: Path, adapters: list[Path], weights: list[float] | N
             pm.set_adapter("mix")
             for n in names:
                 pm.delete_adapter(n)
-        merged = pm.merge_and_unload()
+    return pm.eval()
+
+
+def peft_merged_state(base: Path, adapters: list[Path], weights: list[float] | None = None,
+                      *, resize: int | None = None) -> dict:
+    """PEFT's merge_and_unload() in float32: the tensor oracle wherever it agrees with the unmerged model."""
+    merged = peft_model(base, adapters, weights, resize=resize).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+PROBE_IDS = [[1, 5, 17, 99, 250, 3, 42, 7, 64, 128], [2, 9, 33, 0, 11, 300, 4, 4, 8, 16]]
+
+
+def logits_of(model, vocab: int | None = None):
+    """Float32 logits of ``model`` on fixed token ids (below ``vocab``), no grad."""
+    import torch
+
+    ids = torch.tensor(PROBE_IDS) % (vocab or 512)
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def loaded_model(folder: Path):
+    """A checkpoint loaded by plain transformers (float32); fails on any missing or unexpected tensor."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    assert not problems, f"{folder} does not load cleanly: {problems}"
+    return model.eval()
 
 
 def loaded_state(folder: Path) -> dict:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import file_tensors, loaded_state, make_adapter, make_base, peft_merged_state
+from conftest import (file_tensors, load_base, loaded_model, loaded_state, logits_of, make_adapter, make_base,
+                      peft_merged_state, peft_model)
 
 from lora_deploy.merge import MergeConfig, run_merge
 
@@ -24,14 +25,27 @@ CASES = [
     ("dora", "llama", {}, dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True), {}),
     ("modules-to-save", "llama", {}, dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), {}),
     ("modules-to-save-tied", "llama", {"tie_word_embeddings": True},
-     dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), {}),
+     dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), {"tied": False}),
+    # the issue's silent breakage: an untied config with no lm_head tensor (transformers initialised it randomly)
+    ("modules-to-save-embedding-tied", "llama", {"tie_word_embeddings": True},
+     dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]), {"tied": False}),
+    ("modules-to-save-both-tied", "llama", {"tie_word_embeddings": True},
+     dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]), {"tied": False}),
     ("embedding-lora", "llama", {}, dict(target_modules=["embed_tokens", "q_proj"]), {}),
-    ("embedding-lora-tied", "llama", {"tie_word_embeddings": True}, dict(target_modules=["embed_tokens"]), {}),
+    # PEFT's merge writes a one-sided LoRA into the shared storage, changing both sides: we follow the unmerged model
+    ("embedding-lora-tied", "llama", {"tie_word_embeddings": True}, dict(target_modules=["embed_tokens"]),
+     {"peft_right": False, "tied": False}),
+    ("head-lora-tied", "llama", {"tie_word_embeddings": True}, dict(target_modules=["lm_head", "q_proj"]),
+     {"peft_right": False, "tied": False}),
+    ("embedding-lora-ensure-tying", "llama", {"tie_word_embeddings": True},
+     dict(target_modules=["embed_tokens"], ensure_weight_tying=True), {"peft_right": False, "tied": True}),
+    ("resized-vocab-modules-to-save-both", "llama", {}, dict(target_modules=["q_proj"],
+     modules_to_save=["embed_tokens", "lm_head"]), {"resize": 520, "save_kwargs": {"save_embedding_layers": True}}),
     ("embedding-dora", "llama", {}, dict(target_modules=["embed_tokens"], use_dora=True), {}),
     ("resized-vocab", "llama", {}, dict(target_modules=["q_proj"]),
      {"resize": 520, "save_kwargs": {"save_embedding_layers": True}}),
     ("resized-vocab-tied", "llama", {"tie_word_embeddings": True}, dict(target_modules=["q_proj"]),
-     {"resize": 530, "save_kwargs": {"save_embedding_layers": True}}),
+     {"resize": 530, "save_kwargs": {"save_embedding_layers": True}, "tied": True}),
     ("trainable-tokens", "llama", {}, dict(target_modules=["q_proj"], trainable_token_indices=[3, 7, 100]), {}),
     ("trainable-tokens-tied", "llama", {"tie_word_embeddings": True},
      dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [5, 9]}), {}),
@@ -64,34 +78,53 @@ def bases(tmp_path_factory):
     return get
 
 
+def check_against_oracle(base, adapters, out, report, *, weights=None, resize=None):
+    """The oracle is the unmerged PEFT model: our merged checkpoint computes its logits (float32); our tensors
+    equal PEFT's merge_and_unload() wherever PEFT's merged model agrees with its unmerged one, and where it
+    does not, the report says so. Returns whether PEFT's merge was right."""
+    vocab = resize or json.loads((base / "config.json").read_text()).get("vocab_size")
+    pm = peft_model(base, adapters, weights, resize=resize)
+    want = logits_of(pm, vocab)
+    assert not torch.allclose(want, logits_of(load_base(base, resize=resize).eval(), vocab), atol=1e-3), \
+        "the adapter changes nothing: the test would prove nothing"
+    got = logits_of(loaded_model(out), vocab)
+    # float32 summation order differs between a merged and an unmerged forward: allow rounding at the logits' scale
+    atol = 1e-4 + 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda m: f"merged vs unmerged logits: {m}")
+    peft_merged = pm.merge_and_unload()
+    peft_right = torch.allclose(logits_of(peft_merged, vocab), want, rtol=1e-4, atol=atol)
+    if peft_right:
+        expected = {k: v.detach() for k, v in peft_merged.state_dict().items()}
+        ours = loaded_state(out)
+        assert sorted(ours) == sorted(expected)
+        for name, ref in expected.items():
+            torch.testing.assert_close(ours[name], ref, rtol=2e-6, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    else:
+        assert report.peft_differs, "PEFT's merge is wrong here, and the report must say where"
+    # the files hold base names only, never LoRA leftovers, and never adapter_config.json
+    names = file_tensors(out)
+    assert not [n for n in names if "lora" in n or "base_layer" in n or "modules_to_save" in n]
+    assert not (out / "adapter_config.json").exists()
+    return peft_right
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_float32_merge_equals_peft(case, bases, tmp_path):
-    """Every tensor of our float32 merge equals PEFT's merge_and_unload(); names and ties survive."""
+def test_float32_merge_equals_the_unmerged_model(case, bases, tmp_path):
+    """Every feature: logits equal the unmerged PEFT model's, tensors equal PEFT's merge where PEFT is right."""
     _, arch, overrides, lora, extra = case
     base = bases(arch, overrides)
     adapter = make_adapter(base, tmp_path / "adapter", resize=extra.get("resize"),
                            save_kwargs=extra.get("save_kwargs"), **lora)
-    _merge(base, [adapter], tmp_path / "out", dtype="float32")
-
-    expected = peft_merged_state(base, [adapter], resize=extra.get("resize"))
-    ours = loaded_state(tmp_path / "out")
-    assert sorted(ours) == sorted(expected)
-    base_state = loaded_state(base) if not extra.get("resize") else None
-    changed = 0
-    for name, ref in expected.items():
-        torch.testing.assert_close(ours[name], ref, rtol=2e-6, atol=2e-6, msg=lambda m: f"{name}: {m}")
-        if base_state is not None and not torch.equal(base_state[name], ref):
-            changed += 1
-    if base_state is not None:
-        assert changed > 0, "the adapter changed nothing: the test would prove nothing"
-    # the files hold base names only, never LoRA leftovers, and never adapter_config.json
-    names = file_tensors(tmp_path / "out")
-    assert not [n for n in names if "lora" in n or "base_layer" in n or "modules_to_save" in n]
-    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    report = _merge(base, [adapter], tmp_path / "out", dtype="float32")
+    peft_right = check_against_oracle(base, [adapter], tmp_path / "out", report, resize=extra.get("resize"))
+    assert peft_right == (extra.get("peft_right", True)), "PEFT's merge changed: update the table"
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["dtype"] == "float32"
     if extra.get("resize"):
         assert config["vocab_size"] == extra["resize"]
+    if "tied" in extra:
+        assert config["tie_word_embeddings"] is extra["tied"]
+        assert ("lm_head.weight" in file_tensors(tmp_path / "out")) is not extra["tied"]
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -65,7 +65,7 @@ class Replacement:
 
     target: str  # base tensor name, e.g. lm_head.weight
     key: str  # key in the adapter file
-    reason: str  # modules_to_save | embedding | bias
+    reason: str  # modules_to_save (a separate copy of one module) | embedding (its shared base value) | bias
 
 
 @dataclass(frozen=True)
@@ -315,12 +315,23 @@ def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
                     token_rows.append(TokenRows(f"{module}.weight", key, tuple(indices)))
             elif ".lora_" in name or ".token_adapter." in name:
                 problems.append(f"tensor {key!r} is not a LoRA tensor this tool understands")
-            elif name.endswith(".base_layer.weight") or name.endswith(".base_layer.bias"):
-                module, _, leaf = name.rpartition(".base_layer.")
+            elif name.endswith((".base_layer.weight", ".base_layer.bias", ".original_module.weight")):
+                # the module's own (possibly resized) base value, shared by both sides of tied embeddings
+                module, _, leaf = name.rpartition(".base_layer." if ".base_layer." in name else ".original_module.")
                 reason = "bias" if leaf == "bias" else "embedding"
                 replacements.append(Replacement(f"{module}.{leaf}", key, reason))
+            elif name.endswith(".modules_to_save.weight"):
+                replacements.append(Replacement(name.replace(".modules_to_save.", "."), key, "modules_to_save"))
             elif name.endswith((".weight", ".bias")) or "." not in name:
-                reason = "bias" if name.endswith(".bias") else "modules_to_save"
+                module = name.rpartition(".")[0]
+                if name.endswith(".bias"):
+                    reason = "bias"
+                elif f"{PREFIX}{module}.modules_to_save.weight" in tensors:
+                    continue  # the same values as the explicit modules_to_save copy
+                elif _in_modules_to_save(config, module):
+                    reason = "modules_to_save"
+                else:
+                    reason = "embedding"  # save_embedding_layers: the full (resized) layer, not a separate copy
                 replacements.append(Replacement(name, key, reason))
             else:
                 problems.append(f"tensor {key!r} is not a LoRA tensor this tool understands")
@@ -362,6 +373,11 @@ def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
             if m.magnitude_key is None:
                 problems.append(f"module {m.name}: use_dora is true but lora_magnitude_vector is missing")
     return modules, replacements, token_rows
+
+
+def _in_modules_to_save(config: dict, module: str) -> bool:
+    names = config.get("modules_to_save") or []
+    return any(module == n or module.endswith("." + n) for n in names)
 
 
 def _token_indices(config: dict, module: str) -> list[int] | None:

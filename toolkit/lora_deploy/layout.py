@@ -26,6 +26,28 @@ class ModelLayout:
     tied: dict[str, str] = field(default_factory=dict)  # output weight -> input weight it is tied to
     known: bool = True  # False when transformers could not build the architecture
 
+    def checkpoint_names(self, tensor_names: Iterable[str]) -> CheckpointNames:
+        return CheckpointNames(frozenset(tensor_names))
+
+
+@dataclass(frozen=True)
+class CheckpointNames:
+    """Maps a model's in-memory parameter names (what adapter keys use) to the checkpoint's tensor names."""
+
+    tensors: frozenset[str]
+
+    def single(self, name: str) -> str | None:
+        """The one checkpoint tensor holding in-memory parameter ``name``, or None when there is none."""
+        if name in self.tensors:
+            return name
+        head, _, rest = name.partition(".")
+        if rest and rest in self.tensors:  # hub GPT-2 files lack the `transformer.` prefix
+            return rest
+        for t in self.tensors:
+            if t.endswith("." + name) and t.count(".") == name.count(".") + 1:
+                return t
+        return None
+
 
 def read_config(folder: Path) -> dict:
     return read_json_object(folder / "config.json", missing="the base folder is not a Hugging Face model",

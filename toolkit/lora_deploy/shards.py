@@ -159,18 +159,61 @@ def st_dtype(dtype: torch.dtype) -> str:
             torch.bool: "BOOL"}[dtype]
 
 
-def load_tensor(entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor's bytes from disk into a fresh CPU tensor (no mmap kept alive)."""
-    import torch
+class TensorReader:
+    """The one way tensors are read from safetensors files: plain reads, one tensor at a time.
 
-    with open(entry.file, "rb") as f:
+    Files stay open between reads (a merge reads thousands of tensors from a few shards). With
+    ``reuse=True`` a read lands in one growing buffer that the next read overwrites, so streaming a
+    checkpoint touches the same memory over and over instead of page-faulting through fresh allocations.
+    No mmap is kept alive, so memory does not grow with the model.
+    """
+
+    def __init__(self) -> None:
+        self._files: dict[Path, BinaryIO] = {}
+        self._buffer = bytearray()
+
+    def read(self, entry: TensorEntry, *, reuse: bool = False) -> torch.Tensor:
+        """The tensor's values (a view of the shared buffer with ``reuse``, valid until the next read)."""
+        import torch
+
+        dtype = torch_dtype(entry.dtype)
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        if reuse:
+            if len(self._buffer) < entry.nbytes:
+                self._buffer = bytearray(entry.nbytes)
+            buf = self._buffer
+        else:
+            buf = bytearray(entry.nbytes)
+        f = self._files.get(entry.file)
+        if f is None:
+            f = self._files[entry.file] = open(entry.file, "rb", buffering=0)
         f.seek(entry.start)
-        buf = bytearray(entry.nbytes)
-        if f.readinto(buf) != entry.nbytes:
-            raise InputError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
-    if not buf:
-        return torch.empty(entry.shape, dtype=torch_dtype(entry.dtype))
-    return torch.frombuffer(buf, dtype=torch_dtype(entry.dtype)).reshape(entry.shape)
+        view, got = memoryview(buf), 0
+        while got < entry.nbytes:
+            n = f.readinto(view[got:entry.nbytes])
+            if not n:
+                raise InputError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
+            got += n
+        count = entry.nbytes // torch.empty(0, dtype=dtype).element_size()
+        return torch.frombuffer(buf, dtype=dtype, count=count).reshape(entry.shape)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_tensor(entry: TensorEntry) -> torch.Tensor:
+    """Read one tensor into a fresh CPU tensor (for the few callers that read a tensor or two)."""
+    with TensorReader() as reader:
+        return reader.read(entry)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -309,16 +352,3 @@ class ShardWriter:
         if self._file:
             self._file.close()
             self._file = None
-
-
-def fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

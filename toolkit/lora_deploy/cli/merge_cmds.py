@@ -86,7 +86,13 @@ def merged(
              f"({len(plan.modules)} LoRA modules, {len(plan.tensors)} tensors) -> {output} [{plan.dtype}]")
     for w in plan.warnings:
         out.warn(w)
-    report = execute_plan(plan, cfg, progress=out.progress)
+    report = execute_plan(plan, progress=out.progress)
+    for stale in report.stale_partials_removed:
+        out.warn(f"removed {stale.path} ({stale.bytes / 1e6:.1f} MB), left by an earlier merge into the same "
+                 f"output whose process (pid {stale.owner_pid}) is gone")
+    for note in report.peft_differs:
+        out.warn(f"PEFT's merge_and_unload() differs from the unmerged model here; this merge follows the "
+                 f"unmerged model: {note}")
     result: dict = {"merge": report}
     rows = [("output", report.output), ("dtype", report.dtype), ("shards", str(len(report.shards))),
             ("tensors changed", f"{report.tensors_changed} of {report.tensors}"),
@@ -97,9 +103,8 @@ def merged(
         out.info("Verifying: loading the base with PEFT and the merged model (whole models, float32)...")
         from ..verify import verify_merge
 
-        changed = sorted({p.name for p in plan.tensors if p.deltas or p.dora})
-        allowed = {p.name for p in plan.tensors if p.source is None or p.name not in plan.base_index.tensors
-                   or p.shape != p.source.shape}
+        changed = plan.changed_tensors
+        allowed = plan.new_or_reshaped
         vr = verify_merge(Path(report.output), plan.base.path, [a.path for a in plan.adapters], plan.weights,
                           dtype=plan.dtype, expected_changes=changed, allowed_new=allowed)
         result["verify"] = vr

@@ -1,0 +1,273 @@
+"""Execute a merge plan: stream the base tensor by tensor, compute, write shards, hash inputs, commit.
+
+Output goes to a staged folder beside the destination (see :func:`lora_deploy._files.staged_folder`):
+free space is checked against the plan's size first, partial folders of killed merges are removed,
+and only a complete, checked checkpoint is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from .. import __version__
+from .._files import StalePartial, human_bytes, staged_folder
+from ..adapter import load_adapter_tensors
+from ..errors import InputError, LoraDeployError
+from ..hub import sha256_file
+from ..shards import SAFETENSORS_INDEX, ShardWriter, TensorReader, plan_shards, torch_dtype
+from .compute import Workspace, add_low_rank_blocked, apply_dora, check_range, expert_delta, lora_delta, minmax
+from .plan import LowRankUpdate, MergeConfig, MergePlan, TensorPlan, plan_merge
+
+if TYPE_CHECKING:
+    import torch
+
+PROVENANCE_FILE = "lora_deploy_merge.json"
+# Files never copied from the base into a merged checkpoint.
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_SKIP_NAMES = {"adapter_config.json", SAFETENSORS_INDEX, "pytorch_model.bin.index.json", ".gitattributes",
+               PROVENANCE_FILE}
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did: where it wrote, how much, how fast, and which tensors it changed."""
+
+    output: str
+    dtype: str
+    shards: list[str]
+    tensors: int
+    tensors_changed: int
+    bytes_written: int
+    seconds: float
+    adapters: list[dict]
+    tie_word_embeddings: bool | None
+    vocab_size: int | None
+    warnings: list[str]
+    peft_differs: list[str]
+    stale_partials_removed: list[StalePartial]
+    provenance: str
+
+
+def run_merge(cfg: MergeConfig, *, progress: bool = False,
+              on_plan: Callable[[MergePlan], None] | None = None) -> MergeReport:
+    """Plan (validating everything), then stream the merged checkpoint into ``cfg.output``."""
+    plan = plan_merge(cfg)
+    if on_plan:
+        on_plan(plan)
+    return execute_plan(plan, progress=progress)
+
+
+def execute_plan(plan: MergePlan, *, progress: bool = False) -> MergeReport:
+    """Write the merged checkpoint that ``plan`` describes into ``plan.output``."""
+    import torch
+
+    start = time.monotonic()
+    adapter_tensors = [load_adapter_tensors(a) for a in plan.adapters]
+    _check_finite(plan, adapter_tensors)
+    out_dtype = getattr(torch, plan.dtype)
+    # The math is memory-bound and runs beside a writer and a hashing thread: one intra-op thread avoids
+    # oversubscribing small machines (measured: 1.5x faster than torch's default on 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-deploy-hash") if plan.hash_inputs else None
+    hashes: dict[Path, Future] = {}
+    try:
+        if hasher:
+            for f in plan.base_index.files:
+                hashes[f] = hasher.submit(sha256_file, f)
+        with staged_folder(plan.output, force=plan.force, required_bytes=plan.output_bytes + (1 << 20),
+                           what="the merged checkpoint") as staged:
+            writer, changed = _stream(plan, staged.path, adapter_tensors, out_dtype, progress)
+            _write_side_files(plan, staged.path)
+            provenance = _provenance(plan, hashes)
+            (staged.path / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    finally:
+        torch.set_num_threads(threads)
+        if hasher:
+            hasher.shutdown(wait=True, cancel_futures=True)
+    return MergeReport(
+        output=str(staged.output), dtype=plan.dtype, shards=writer.names, tensors=len(plan.tensors),
+        tensors_changed=changed, bytes_written=writer.bytes_written, seconds=round(time.monotonic() - start, 3),
+        adapters=provenance["adapters"], tie_word_embeddings=plan.config.get("tie_word_embeddings"),
+        vocab_size=plan.config.get("vocab_size"), warnings=list(plan.warnings), peft_differs=list(plan.peft_differs),
+        stale_partials_removed=staged.stale_removed, provenance=PROVENANCE_FILE)
+
+
+def _stream(plan: MergePlan, folder: Path, adapter_tensors: list[dict], out_dtype: torch.dtype,
+            progress: bool) -> tuple[ShardWriter, int]:
+    """Compute every output tensor in plan order and hand it to one writer thread; returns (writer, changed)."""
+    shards = plan_shards([(p.name, p.dtype, p.shape) for p in plan.tensors], plan.max_shard_bytes)
+    writer = ShardWriter(folder, shards, metadata={"lora_deploy": __version__})
+    reader, workspace = TensorReader(), Workspace()
+    # One writer thread: file writes (which release the GIL) overlap the next tensor's math. It runs jobs in
+    # submission order, so tensors land exactly as planned; two output slots alternate between compute and write.
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-deploy-writer")
+    pending: list[Future] = []
+    slot_jobs: list[Future | None] = [None, None]
+    slot = 0
+    bar = _progress(plan.output_bytes, progress)
+    changed = 0
+    try:
+        for p in plan.tensors:
+            if not p.touched and p.source is not None and p.source.dtype == p.dtype:
+                pending.append(io.submit(writer.copy_raw, p.name, p.source))
+                bar.update(p.source.nbytes)
+                continue
+            streamable = _streamable(p)
+            if streamable:
+                if slot_jobs[slot] is not None:
+                    slot_jobs[slot].result()  # that slot's previous tensor is on disk: reuse its buffer
+                src = reader.read(p.source, reuse=True)
+                t = workspace.output(src.numel(), out_dtype, slot).view(p.shape)
+                lo, hi = add_low_rank_blocked(src, _factors(p, adapter_tensors), t, workspace)
+                check_range(p.name, lo, hi, plan.dtype)
+            else:
+                t = _compute(p, reader, adapter_tensors)
+                if t.is_floating_point():
+                    check_range(p.name, *minmax(t), plan.dtype)
+                    t = t.to(torch_dtype(p.dtype))
+            changed += p.touched
+            job = io.submit(writer.write, p.name, t)
+            pending.append(job)
+            if streamable:
+                slot_jobs[slot], slot = job, 1 - slot
+            bar.update(p.nbytes)
+            del t
+            if len(pending) > 64:  # drop finished jobs (re-raising a writer error early)
+                for f in [f for f in pending if f.done()]:
+                    f.result()
+                pending = [f for f in pending if not f.done()]
+        for f in pending:
+            f.result()
+        writer.close()
+    finally:
+        io.shutdown(wait=True, cancel_futures=True)
+        writer.abort()
+        reader.close()
+        bar.close()
+    return writer, changed
+
+
+def _check_finite(plan: MergePlan, tensors: list[dict]) -> None:
+    import torch
+
+    bad = []
+    for info, ts in zip(plan.adapters, tensors):
+        for key, t in ts.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad.append(f"{info.weights_file}: {key}")
+    if bad:
+        raise InputError("adapter holds NaN or Inf values:\n" + "\n".join(f"  - {b}" for b in bad[:20]),
+                         hint="the training run diverged; use an earlier checkpoint")
+
+
+def _streamable(p: TensorPlan) -> bool:
+    """Plain 2-D deltas (or a dtype change) on a floating base tensor: the blocked fast path applies."""
+    return (p.source is not None and p.replacement is None and not p.rows and p.dora is None and not p.biases
+            and p.is_float and (not p.deltas or (len(p.shape) == 2 and all(d.kind != "experts" for d in p.deltas))))
+
+
+def _factors(p: TensorPlan, adapter_tensors: list[dict]) -> list[tuple]:
+    """(L, R, s, w) per delta with L @ R in the tensor's storage orientation."""
+    factors = []
+    for d in p.deltas:
+        a, b = adapter_tensors[d.adapter][d.a_key], adapter_tensors[d.adapter][d.b_key]
+        # storage orientation: Linear W[out, in] = B @ A; Conv1D/Embedding W = (B @ A).T = A.T @ B.T
+        left, right = (b, a) if d.kind == "linear" else (a.T.contiguous(), b.T.contiguous())
+        factors.append((left, right, d.scale, d.weight))
+    return factors
+
+
+def update_delta(d: LowRankUpdate, adapter_tensors: list[dict]) -> torch.Tensor:
+    """One update's s * delta in the storage orientation of the tensor it lands in (before the user's weight)."""
+    ts = adapter_tensors[d.adapter]
+    if d.kind == "experts":
+        delta = expert_delta(ts[d.a_key], ts[d.b_key], d.scale, d.experts, d.transposed)
+    else:
+        delta = lora_delta(ts[d.a_key], ts[d.b_key], d.scale, d.kind)
+    if d.part is not None:
+        delta = delta[tuple(slice(a, b) for a, b in d.part)]
+    return delta
+
+
+def _compute(p: TensorPlan, reader: TensorReader, adapter_tensors: list[dict]) -> torch.Tensor:
+    """The float32 value of one output tensor: base (or replacement), token rows, deltas, DoRA, biases."""
+    import torch
+
+    if p.replacement is not None:
+        i, key = p.replacement
+        t = adapter_tensors[i][key].float().clone()
+    else:
+        t = reader.read(p.source)
+        if not t.is_floating_point():
+            return t
+        t = t.float()
+    for rows in p.rows:
+        idx = torch.tensor(rows.indices, dtype=torch.long)
+        t.index_copy_(0, idx, adapter_tensors[rows.adapter][rows.key].float())
+    for d in p.deltas:
+        delta = update_delta(d, adapter_tensors).reshape(t.shape)
+        t += delta if d.weight == 1.0 else d.weight * delta
+    if p.dora is not None:
+        d, magnitude_key = p.dora
+        t = apply_dora(t, update_delta(d, adapter_tensors), adapter_tensors[d.adapter][magnitude_key], d.kind)
+    for b in p.biases:
+        bias = adapter_tensors[b.adapter][b.key].float() * b.scale
+        t += bias if b.weight == 1.0 else b.weight * bias
+    return t
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+                disable=not enabled, dynamic_ncols=True)
+
+
+def _write_side_files(plan: MergePlan, folder: Path) -> None:
+    """config.json (output dtype, ties, vocab), generation config, tokenizer (adapter's if it has one)."""
+    for src in sorted(plan.base.path.iterdir()):
+        if src.is_file() and src.name not in _SKIP_NAMES and not src.name.endswith(_SKIP_SUFFIXES):
+            shutil.copy2(src, folder / src.name)
+    tokenizer_source = next((a for a in plan.adapters if a.tokenizer_files()), None)
+    if tokenizer_source is not None:
+        for f in tokenizer_source.tokenizer_files():
+            shutil.copy2(f, folder / f.name)
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
+
+
+def _provenance(plan: MergePlan, hashes: dict[Path, Future]) -> dict:
+    import torch
+
+    def files_of(names: list[Path]) -> dict:
+        if not plan.hash_inputs:
+            return {f.name: None for f in names}
+        return {f.name: hashes[f].result() if f in hashes else sha256_file(f) for f in names}
+
+    adapters = []
+    for i, a in enumerate(plan.adapters):
+        mods = {m.module: {"kind": m.kind, "rank": m.rank, "alpha": m.alpha, "scale": m.scale, "dora": m.dora,
+                           **({"experts": m.experts} if m.experts else {})}
+                for m in plan.modules if m.adapter == i}
+        adapters.append({"source": a.ref.source, "path": str(a.path), "revision": a.ref.revision,
+                         "weight": plan.weights[i], "peft_type": a.peft_type,
+                         "files": files_of([a.path / "adapter_config.json", a.weights_file]),
+                         "features": list(a.features), "modules": mods})
+    return {
+        "tool": "lora-deploy", "version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__, "dtype": plan.dtype,
+        "formula": "W' = W + sum_i weight_i * scale_i * (B_i @ A_i), computed in float32, rounded once",
+        "base": {"source": plan.base.source, "path": str(plan.base.path), "revision": plan.base.revision,
+                 "architecture": plan.layout.architecture,
+                 "files": files_of(list(plan.base_index.files) + [plan.base.path / "config.json"])},
+        "adapters": adapters,
+        "peft_merge_differs": list(plan.peft_differs),
+        "warnings": list(plan.warnings),
+    }
+

@@ -1,0 +1,453 @@
+"""Plan a merge: resolve the inputs, validate everything, and freeze what each output tensor becomes.
+
+Nothing here reads tensor data: shapes come from the safetensors headers of the base and the adapters,
+so a plan for a 70B model costs milliseconds and every problem is reported before the first byte is
+written. The frozen :class:`MergePlan` carries everything :mod:`.execute` needs.
+
+The oracle is the unmerged PEFT model. Each operation is assigned to the tensor the unmerged model
+applies it to, which matters where PEFT's own ``merge_and_unload()`` is wrong: a LoRA on one side of
+tied input/output embeddings changes only that side in the unmerged model, while PEFT's merge writes
+it into the shared storage and so changes both. We write both sides (untied) and say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..adapter import AdapterInfo, LoraModule, load_adapter, require_mergeable
+from ..errors import InputError, UnsupportedError
+from ..hub import ResolvedRef, resolve_ref
+from ..layout import CheckpointNames, ModelLayout, read_config, read_layout
+from ..shards import DTYPE_SIZES, ShardIndex, TensorEntry, parse_size
+from .._files import check_output_free
+
+DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
+               "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
+_ST_DTYPE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """Everything a merge needs; built by the CLI or by Python callers."""
+
+    base: str
+    adapters: tuple[str, ...]
+    output: Path
+    weights: tuple[float, ...] | None = None  # one per adapter; default 1.0 each
+    dtype: str = "float16"
+    shard_size: str | int = "5GB"
+    force: bool = False
+    allow_pickle: bool = False
+    base_revision: str | None = None
+    hash_inputs: bool = True
+
+
+@dataclass(frozen=True)
+class ModuleMerge:
+    """How one adapter changed one module: the resolved rank, alpha, scale and the user's weight."""
+
+    adapter: int
+    module: str
+    kind: str  # linear | conv1d | embedding | experts
+    rank: int
+    alpha: float
+    scale: float
+    weight: float
+    dora: bool = False
+    experts: int = 0  # > 0 for a LoRA on fused expert parameters (rank is per expert)
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """w * s * (B @ A) added to one output tensor, in that tensor's storage orientation.
+
+    ``kind`` says how B @ A lies in storage: ``linear`` as is, ``conv1d``/``embedding`` transposed,
+    ``experts`` one rank-r pair per expert of a fused 3-D parameter (see :func:`.compute.expert_delta`).
+    ``part`` selects the slice of the module's delta this tensor holds, when the checkpoint stores the
+    in-memory parameter in several tensors (per-expert 2-D files of a fused 3-D parameter).
+    """
+
+    adapter: int
+    module: str
+    kind: str
+    a_key: str
+    b_key: str
+    scale: float
+    weight: float
+    experts: int = 0
+    transposed: bool = False  # experts stored [E, in, out]
+    part: tuple[tuple[int, int], ...] | None = None  # (start, stop) per dim of the module's delta
+
+
+@dataclass(frozen=True)
+class BiasUpdate:
+    """``lora_bias``: bias += w * s * lora_B.bias."""
+
+    adapter: int
+    key: str
+    scale: float
+    weight: float
+
+
+@dataclass(frozen=True)
+class RowReplacement:
+    """``trainable_token_indices``: these rows of the tensor are replaced by the adapter's rows."""
+
+    adapter: int
+    key: str
+    indices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What one output tensor becomes: its starting value, then the adapters' operations in order.
+
+    The starting value is the base tensor ``source`` or, when an adapter saved the full tensor, that
+    tensor (``replacement``: adapter index and key). ``dtype`` is the safetensors dtype written.
+    """
+
+    name: str
+    source: TensorEntry | None
+    shape: tuple[int, ...]
+    dtype: str
+    replacement: tuple[int, str] | None = None
+    rows: tuple[RowReplacement, ...] = ()
+    deltas: tuple[LowRankUpdate, ...] = ()
+    biases: tuple[BiasUpdate, ...] = ()
+    dora: tuple[LowRankUpdate, str] | None = None  # (the update, the magnitude key)
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.replacement or self.rows or self.deltas or self.biases or self.dora)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in _FLOAT_DTYPES
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * DTYPE_SIZES[self.dtype]
+
+    def value_key(self) -> tuple:
+        """Two plans with equal keys compute identical values (used to keep tied embeddings tied)."""
+        start = self.replacement if self.replacement is not None else (self.source.name if self.source else None)
+        return (start, self.shape, self.rows, self.deltas, self.biases, self.dora)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A validated merge: every output tensor's plan, the config to write, and what each adapter changes."""
+
+    base: ResolvedRef
+    base_index: ShardIndex
+    layout: ModelLayout
+    adapters: tuple[AdapterInfo, ...]
+    weights: tuple[float, ...]
+    dtype: str
+    tensors: tuple[TensorPlan, ...]
+    config: dict
+    modules: tuple[ModuleMerge, ...]
+    max_shard_bytes: int
+    output: Path
+    force: bool = False
+    hash_inputs: bool = True
+    warnings: tuple[str, ...] = ()
+    peft_differs: tuple[str, ...] = ()  # where PEFT's merge_and_unload() disagrees with its unmerged model
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def changed_tensors(self) -> list[str]:
+        """Tensors a LoRA delta changes (what verification expects to differ from the base)."""
+        return sorted(p.name for p in self.tensors if p.deltas or p.dora)
+
+    @property
+    def new_or_reshaped(self) -> set[str]:
+        """Tensors the base checkpoint does not hold with this shape (resized or untied embeddings)."""
+        base = self.base_index.tensors
+        return {p.name for p in self.tensors if p.name not in base or p.shape != base[p.name].shape}
+
+
+def normalize_dtype(dtype: str) -> str:
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in DTYPE_NAMES:
+        raise InputError(f"unknown dtype {dtype!r}", hint="use float16, bfloat16 or float32")
+    return DTYPE_NAMES[key]
+
+
+def plan_merge(cfg: MergeConfig) -> MergePlan:
+    """Resolve inputs and validate the whole merge without writing anything; raise listing every bad input."""
+    dtype = normalize_dtype(cfg.dtype)
+    max_shard = parse_size(cfg.shard_size)
+    if not cfg.adapters:
+        raise InputError("no adapter given", hint="pass --adapter PATH (repeat it to merge several)")
+    weights = tuple(cfg.weights) if cfg.weights is not None else (1.0,) * len(cfg.adapters)
+    if len(weights) != len(cfg.adapters):
+        raise InputError(f"--weights has {len(weights)} value(s) for {len(cfg.adapters)} adapter(s)",
+                         hint="give one weight per --adapter, in the same order, e.g. --weights 0.7,0.3")
+    if any(w != w or w in (float("inf"), float("-inf")) for w in weights):
+        raise InputError("--weights must be finite numbers")
+    check_output_free(cfg.output, cfg.force)
+
+    base = resolve_ref(cfg.base, kind="base model", revision=cfg.base_revision)
+    config = read_config(base.path)
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise UnsupportedError(f"base {cfg.base} is {method}-quantized; merging into quantized weights loses the "
+                               "adapter's precision", hint="merge into the original fp16/bf16 base instead")
+    index = ShardIndex.from_folder(base.path)
+    layout = read_layout(base.path, index.tensors)
+    adapters = tuple(load_adapter(a, allow_pickle=cfg.allow_pickle) for a in cfg.adapters)
+    for info in adapters:
+        require_mergeable(info)
+    planner = _Planner(base, index, layout, adapters, weights, dtype)
+    planner.run()
+    if planner.problems:
+        listing = "\n".join(f"  - {p}" for p in planner.problems[:40])
+        more = f"\n  ... and {len(planner.problems) - 40} more" if len(planner.problems) > 40 else ""
+        raise InputError(f"the adapter(s) do not fit base {base.source}:\n{listing}{more}")
+    tensors, out_config = planner.finish(config)
+    return MergePlan(base, index, layout, adapters, weights, dtype, tensors, out_config, tuple(planner.modules),
+                     max_shard, Path(cfg.output), cfg.force, cfg.hash_inputs, tuple(planner.warnings),
+                     tuple(planner.peft_differs))
+
+
+def fit_problems(base: ResolvedRef, info: AdapterInfo) -> list[str]:
+    """Why ``info`` does not fit ``base`` (modules it lacks, shapes that differ); empty when it fits."""
+    index = ShardIndex.from_folder(base.path)
+    planner = _Planner(base, index, read_layout(base.path, index.tensors), (info,), (1.0,), "float32")
+    planner.run()
+    return planner.problems
+
+
+@dataclass
+class _Draft:
+    """A tensor plan while it is being built (frozen into a :class:`TensorPlan` at the end)."""
+
+    name: str
+    source: TensorEntry | None
+    shape: tuple[int, ...]
+    in_base: bool = True  # False for an output that the base checkpoint leaves implicit (a tied head)
+    replacement: tuple[int, str] | None = None
+    rows: list[RowReplacement] = field(default_factory=list)
+    deltas: list[LowRankUpdate] = field(default_factory=list)
+    biases: list[BiasUpdate] = field(default_factory=list)
+    dora: tuple[LowRankUpdate, str] | None = None
+
+    def freeze(self, dtype: str) -> TensorPlan:
+        src_dtype = self.source.dtype if self.source is not None else "F32"
+        out = _ST_DTYPE[dtype] if src_dtype in _FLOAT_DTYPES else src_dtype
+        return TensorPlan(self.name, self.source, tuple(self.shape), out, self.replacement, tuple(self.rows),
+                          tuple(self.deltas), tuple(self.biases), self.dora)
+
+
+class _Planner:
+    """Assigns every adapter operation to the checkpoint tensor(s) it changes, collecting every problem."""
+
+    def __init__(self, base: ResolvedRef, index: ShardIndex, layout: ModelLayout, adapters: tuple[AdapterInfo, ...],
+                 weights: tuple[float, ...], dtype: str):
+        self.base, self.index, self.layout = base, index, layout
+        self.adapters, self.weights, self.dtype = adapters, weights, dtype
+        self.names: CheckpointNames = layout.checkpoint_names(index.tensors)
+        self.drafts: dict[str, _Draft] = {n: _Draft(n, e, e.shape) for n, e in index.tensors.items()}
+        self.problems: list[str] = []
+        self.warnings: list[str] = []
+        self.peft_differs: list[str] = []
+        self.modules: list[ModuleMerge] = []
+        # tied outputs, in checkpoint names: {output weight: input weight}. Both sides are planned separately
+        # (a checkpoint usually stores only the input side); equal plans are written once, tied, at the end.
+        self.tied: dict[str, str] = {}
+        for head, emb in layout.tied.items():
+            e = self.names.single(emb)
+            if e is None:
+                continue
+            h = self.names.single(head) or head
+            self.tied[h] = e
+            # a tied model computes its head from the input embedding, whatever the checkpoint stores for it
+            self.drafts[h] = _Draft(h, index.tensors[e], index.tensors[e].shape, in_base=h in index.tensors)
+
+    # ------------------------------------------------------------ helpers
+    def _problem(self, info: AdapterInfo, text: str) -> None:
+        self.problems.append(f"adapter {info.ref.source}: {text}")
+
+    def _draft(self, name: str, info: AdapterInfo, what: str) -> _Draft | None:
+        ck = name if name in self.drafts else self.names.single(name)
+        if ck is None or ck not in self.drafts:
+            self._problem(info, f"{what} targets {name}, which the base model {self.base.source} does not have "
+                          "(is this adapter for another base model?)")
+            return None
+        return self.drafts[ck]
+
+    def _tie_partner(self, draft: _Draft) -> _Draft | None:
+        for h, e in self.tied.items():
+            if draft.name == h:
+                return self.drafts[e]
+            if draft.name == e:
+                return self.drafts[h]
+        return None
+
+    def _sides(self, draft: _Draft, shared: bool) -> list[_Draft]:
+        """The tensors an operation on ``draft`` changes: both sides of a tie when the model shares it."""
+        partner = self._tie_partner(draft) if shared else None
+        return [draft] if partner is None else [draft, partner]
+
+    # ------------------------------------------------------------ the passes
+    def run(self) -> None:
+        if not self.layout.known:
+            self.warnings.append(f"transformers does not know architecture {self.layout.architecture}; Conv1D "
+                                 "orientation taken from each adapter's fan_in_fan_out flag")
+        for i, info in enumerate(self.adapters):
+            self._replacements(i, info)
+            self._token_rows(i, info)
+            for m in info.modules:
+                self._module(i, info, m)
+
+    def _replacements(self, i: int, info: AdapterInfo) -> None:
+        """Full tensors saved by the adapter: they define the starting value (and possibly a new shape).
+
+        Shared values first, each tie's input side last among them (a tied model computes its head from the
+        input embedding), then the separate ``modules_to_save`` copies of single modules.
+        """
+        heads = set(self.tied)
+
+        def order(r) -> int:
+            if r.reason == "modules_to_save":
+                return 2
+            return 0 if (self.names.single(r.target) or r.target) in heads else 1
+
+        for r in sorted(info.replacements, key=order):
+            draft = self._draft(r.target, info, r.reason)
+            if draft is None:
+                continue
+            new = tuple(info.tensors[r.key].shape)
+            old = tuple(draft.shape)
+            if len(new) != len(old) or (new != old and r.reason == "bias") or new[1:] != old[1:]:
+                self._problem(info, f"{r.key} has shape {list(new)} but base tensor {draft.name} has {list(old)}")
+                continue
+            # a saved embedding (resized vocabulary) is the tied pair's shared value; modules_to_save is a
+            # separate copy of one side, exactly as the unmerged PEFT model holds it
+            for side in self._sides(draft, shared=r.reason != "modules_to_save"):
+                if side.replacement is not None and side.replacement[0] != i:
+                    self._problem(info, f"{side.name} is also replaced by adapter "
+                                  f"{self.adapters[side.replacement[0]].ref.source}; merge them separately")
+                    continue
+                side.replacement, side.shape = (i, r.key), new
+
+    def _token_rows(self, i: int, info: AdapterInfo) -> None:
+        for t in info.token_rows:
+            draft = self._draft(t.target, info, "trainable_token_indices")
+            if draft is None:
+                continue
+            rows = info.tensors[t.key].shape
+            if rows[0] != len(t.indices) or tuple(rows[1:]) != tuple(draft.shape[1:]):
+                self._problem(info, f"{t.key} has shape {list(rows)} for {len(t.indices)} token rows of "
+                              f"{draft.name} {list(draft.shape)}")
+            elif max(t.indices, default=0) >= draft.shape[0] or min(t.indices, default=0) < 0:
+                self._problem(info, f"trainable token index out of range for {draft.name} with {draft.shape[0]} rows")
+            else:
+                for side in self._sides(draft, shared=True):  # PEFT applies token rows to the tied head too
+                    side.rows.append(RowReplacement(i, t.key, t.indices))
+
+    def _module(self, i: int, info: AdapterInfo, m: LoraModule) -> None:
+        w = self.weights[i]
+        draft = self._draft(m.weight_name, info, "LoRA")
+        if draft is None:
+            return
+        kind = self._kind(m, info)
+        a, b = info.tensors[m.a_key].shape, info.tensors[m.b_key].shape
+        expected = {"linear": (b[0], a[1]), "conv1d": (a[1], b[0]), "embedding": (a[1], b[0])}[kind]
+        if tuple(draft.shape) != expected:
+            self._problem(info, f"{m.name} ({kind}) gives a delta of shape {list(expected)} but base tensor "
+                          f"{draft.name} has {list(draft.shape)} (is this adapter for another base model?)")
+            return
+        update = LowRankUpdate(i, m.name, kind, m.a_key, m.b_key, m.scale, w)
+        partner = self._tie_partner(draft)
+        shared = bool(info.config.get("ensure_weight_tying")) and partner is not None
+        if shared and draft.name in self.tied and any(
+                self.names.single(o.weight_name) == partner.name for o in info.modules):
+            # ensure_weight_tying saves the input side's LoRA again, transposed, for the head: apply it once
+            self.peft_differs.append(
+                f"{m.name}: ensure_weight_tying ties this LoRA to {partner.name}'s; PEFT's merge_and_unload() "
+                "adds the delta to the shared weight twice, the unmerged model once. Written once, tied")
+            return
+        sides = self._sides(draft, shared)
+        if partner is not None and not shared:
+            self.peft_differs.append(
+                f"{m.name}: LoRA on one side of tied embeddings; the unmerged PEFT model applies it to "
+                f"{draft.name} only, PEFT's merge_and_unload() to both {draft.name} and {partner.name}. "
+                f"Written as the unmerged model computes: {partner.name} keeps the base values, untied")
+        if m.magnitude_key is not None:
+            mag = info.tensors[m.magnitude_key].shape
+            want = draft.shape[1] if kind in ("embedding", "conv1d") else draft.shape[0]
+            if tuple(mag) != (want,):
+                self._problem(info, f"DoRA magnitude of {m.name} has shape {list(mag)}, expected [{want}]")
+                return
+            if len(self.adapters) > 1 or w != 1.0:
+                self._problem(info, f"uses DoRA ({m.name}); a DoRA merge rescales the whole weight, so it cannot "
+                              "be combined with other adapters or weighted")
+                return
+            for side in sides:
+                side.dora = (update, m.magnitude_key)
+        else:
+            for side in sides:
+                side.deltas.append(update)
+        if m.bias_key is not None:
+            bias_name = draft.name[: -len(".weight")] + ".bias"
+            bias = self.drafts.get(bias_name)
+            if bias is None:
+                self._problem(info, f"{m.name} has a LoRA bias (lora_bias=True) but the base has no {bias_name}")
+            elif tuple(info.tensors[m.bias_key].shape) != tuple(bias.shape):
+                self._problem(info, f"lora_B.bias of {m.name} has shape {list(info.tensors[m.bias_key].shape)}, "
+                              f"base bias {list(bias.shape)}")
+            else:
+                bias.biases.append(BiasUpdate(i, m.bias_key, m.scale, w))
+        self.modules.append(ModuleMerge(i, m.name, kind, m.rank, m.alpha, m.scale, w, m.magnitude_key is not None))
+
+    def _kind(self, m: LoraModule, info: AdapterInfo) -> str:
+        if m.embedding:
+            return "embedding"
+        if m.name in self.layout.conv1d:
+            return "conv1d"
+        if not self.layout.known and info.config.get("fan_in_fan_out"):
+            return "conv1d"
+        return "linear"
+
+    # ------------------------------------------------------------ the result
+    def finish(self, config: dict) -> tuple[tuple[TensorPlan, ...], dict]:
+        """Frozen tensor plans in checkpoint order, and the config.json to write."""
+        out_config = dict(config)
+        out_config["dtype"] = self.dtype
+        if "torch_dtype" in out_config:
+            out_config["torch_dtype"] = self.dtype
+        drop: set[str] = set()
+        untied = []
+        for h, e in self.tied.items():
+            head, emb = self.drafts[h], self.drafts[e]
+            if head.freeze(self.dtype).value_key() != emb.freeze(self.dtype).value_key():
+                untied.append(h)
+            elif not head.in_base:
+                drop.add(h)  # both sides equal: keep the tie, and no needless copy of the head
+        if untied:
+            out_config["tie_word_embeddings"] = False
+            self.warnings.append(f"the tied input/output embeddings differ after the merge ({', '.join(untied)}); "
+                                 "writing both and setting tie_word_embeddings=false")
+        # the input embedding's final row count is the vocabulary size (a saved, resized embedding changes it)
+        inputs = set(self.tied.values()) or {n for n in self.drafts
+                                             if n.endswith(("embed_tokens.weight", "wte.weight"))}
+        for emb in sorted(inputs):
+            rows = self.drafts[emb].shape[0]
+            if "vocab_size" in out_config and out_config["vocab_size"] != rows:
+                self.warnings.append(f"vocabulary resized by the adapter: vocab_size {out_config['vocab_size']} "
+                                     f"-> {rows}")
+                out_config["vocab_size"] = rows
+        ordered = [self.drafts[n] for n in self.index.tensors]
+        ordered += [d for n, d in self.drafts.items() if n not in self.index.tensors and n not in drop]
+        return tuple(d.freeze(self.dtype) for d in ordered), out_config
+
