@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -112,6 +113,37 @@ def loaded_model(folder: Path):
     problems = {k: v for k, v in info.items() if v}
     assert not problems, f"{folder} does not load cleanly: {problems}"
     return model.eval()
+
+
+def check_against_oracle(base, adapters, out, report, *, weights=None, resize=None):
+    """The oracle is the unmerged PEFT model: our merged checkpoint computes its logits (float32); our tensors
+    equal PEFT's merge_and_unload() wherever PEFT's merged model agrees with its unmerged one, and where it
+    does not, the report says so. Returns whether PEFT's merge was right."""
+    config = json.loads((base / "config.json").read_text())
+    vocab = resize or config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
+    pm = peft_model(base, adapters, weights, resize=resize)
+    want = logits_of(pm, vocab)
+    assert not torch.allclose(want, logits_of(load_base(base, resize=resize).eval(), vocab), atol=1e-3), \
+        "the adapter changes nothing: the test would prove nothing"
+    got = logits_of(loaded_model(out), vocab)
+    # float32 summation order differs between a merged and an unmerged forward: allow rounding at the logits' scale
+    atol = 1e-4 + 1e-5 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda m: f"merged vs unmerged logits: {m}")
+    peft_merged = pm.merge_and_unload()
+    peft_right = torch.allclose(logits_of(peft_merged, vocab), want, rtol=1e-4, atol=atol)
+    if peft_right:
+        expected = {k: v.detach() for k, v in peft_merged.state_dict().items()}
+        ours = loaded_state(out)
+        assert sorted(ours) == sorted(expected)
+        for name, ref in expected.items():
+            torch.testing.assert_close(ours[name], ref, rtol=2e-6, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    else:
+        assert report.peft_differs, "PEFT's merge is wrong here, and the report must say where"
+    # the files hold base names only, never LoRA leftovers, and never adapter_config.json
+    names = file_tensors(out)
+    assert not [n for n in names if "lora" in n or "base_layer" in n or "modules_to_save" in n]
+    assert not (out / "adapter_config.json").exists()
+    return peft_right
 
 
 def loaded_state(folder: Path) -> dict:

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import (file_tensors, load_base, loaded_model, loaded_state, logits_of, make_adapter, make_base,
-                      peft_merged_state, peft_model)
+from conftest import (check_against_oracle, file_tensors, load_base, loaded_state, make_adapter, make_base,
+                      peft_merged_state)
 
 from lora_deploy.merge import MergeConfig, run_merge
 
@@ -78,36 +78,6 @@ def bases(tmp_path_factory):
     return get
 
 
-def check_against_oracle(base, adapters, out, report, *, weights=None, resize=None):
-    """The oracle is the unmerged PEFT model: our merged checkpoint computes its logits (float32); our tensors
-    equal PEFT's merge_and_unload() wherever PEFT's merged model agrees with its unmerged one, and where it
-    does not, the report says so. Returns whether PEFT's merge was right."""
-    vocab = resize or json.loads((base / "config.json").read_text()).get("vocab_size")
-    pm = peft_model(base, adapters, weights, resize=resize)
-    want = logits_of(pm, vocab)
-    assert not torch.allclose(want, logits_of(load_base(base, resize=resize).eval(), vocab), atol=1e-3), \
-        "the adapter changes nothing: the test would prove nothing"
-    got = logits_of(loaded_model(out), vocab)
-    # float32 summation order differs between a merged and an unmerged forward: allow rounding at the logits' scale
-    atol = 1e-4 + 1e-5 * float(want.abs().max())
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=atol, msg=lambda m: f"merged vs unmerged logits: {m}")
-    peft_merged = pm.merge_and_unload()
-    peft_right = torch.allclose(logits_of(peft_merged, vocab), want, rtol=1e-4, atol=atol)
-    if peft_right:
-        expected = {k: v.detach() for k, v in peft_merged.state_dict().items()}
-        ours = loaded_state(out)
-        assert sorted(ours) == sorted(expected)
-        for name, ref in expected.items():
-            torch.testing.assert_close(ours[name], ref, rtol=2e-6, atol=2e-6, msg=lambda m: f"{name}: {m}")
-    else:
-        assert report.peft_differs, "PEFT's merge is wrong here, and the report must say where"
-    # the files hold base names only, never LoRA leftovers, and never adapter_config.json
-    names = file_tensors(out)
-    assert not [n for n in names if "lora" in n or "base_layer" in n or "modules_to_save" in n]
-    assert not (out / "adapter_config.json").exists()
-    return peft_right
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_float32_merge_equals_the_unmerged_model(case, bases, tmp_path):
     """Every feature: logits equal the unmerged PEFT model's, tensors equal PEFT's merge where PEFT is right."""
@@ -174,7 +144,8 @@ def test_weighted_adapters_are_the_exact_sum(bases, tmp_path):
     base = bases("llama", {})
     a = make_adapter(base, tmp_path / "a", seed=1, target_modules=["q_proj", "v_proj"], r=4)
     b = make_adapter(base, tmp_path / "b", seed=2, target_modules=["q_proj", "down_proj"], r=8, lora_alpha=4)
-    _merge(base, [a, b], tmp_path / "out", dtype="float32", weights=(0.7, 0.3))
+    report = _merge(base, [a, b], tmp_path / "out", dtype="float32", weights=(0.7, 0.3))
+    check_against_oracle(base, [a, b], tmp_path / "out", report, weights=[0.7, 0.3])
     expected = peft_merged_state(base, [a, b], [0.7, 0.3])
     ours = loaded_state(tmp_path / "out")
     for name, ref in expected.items():

@@ -53,6 +53,11 @@ class LoraModule:
     b_key: str
     bias_key: str | None = None  # lora_B.bias (lora_bias=True): bias += scale * lora_B.bias
     magnitude_key: str | None = None  # DoRA magnitude vector
+    # target_parameters (LoRA on fused MoE expert parameters): the candidate parameter names of this module, and
+    # how deep its keys sit (PEFT nests one wrapper per parameter: `.base_layer.` once per outer wrapper).
+    # rank is then the stacked rank (r x experts) and scale is resolved per parameter when planning.
+    parameters: tuple[str, ...] = ()
+    depth: int = 0
 
     @property
     def weight_name(self) -> str:
@@ -109,24 +114,31 @@ class AdapterInfo:
 
     @property
     def ranks(self) -> list[int]:
-        return sorted({m.rank for m in self.modules})
+        """Ranks per module (per expert for target_parameters: the saved factors stack one pair per expert)."""
+        ranks = {m.rank for m in self.modules if not m.parameters}
+        ranks |= {lora_scale(self.config, f"{m.name}.{p}")[0] for m in self.modules for p in m.parameters}
+        return sorted(ranks)
 
     @property
     def max_rank(self) -> int:
-        return max((m.rank for m in self.modules), default=0)
+        return max(self.ranks, default=0)
 
     @property
     def alphas(self) -> list[float]:
-        return sorted({m.alpha for m in self.modules})
+        return sorted({lora_scale(self.config, n)[1] for n in self._lora_names()})
 
     @property
     def scales(self) -> list[float]:
-        return sorted({m.scale for m in self.modules})
+        return sorted({lora_scale(self.config, n)[2] for n in self._lora_names()})
+
+    def _lora_names(self) -> list[str]:
+        return [n for m in self.modules for n in ([f"{m.name}.{p}" for p in m.parameters] or [m.name])]
 
     @property
     def target_names(self) -> list[str]:
-        """Short module names (q_proj, lm_head...) that the adapter changes."""
-        names = {m.name.rsplit(".", 1)[-1] for m in self.modules}
+        """Short module names (q_proj, lm_head...) that the adapter changes; experts.<parameter> for target_parameters."""
+        names = {m.name.rsplit(".", 1)[-1] for m in self.modules if not m.parameters}
+        names |= {f"{m.name.rsplit('.', 1)[-1]}.{'|'.join(m.parameters)}" for m in self.modules if m.parameters}
         names |= {r.target.rsplit(".", 2)[-2] if r.target.count(".") else r.target for r in self.replacements}
         names |= {t.target.rsplit(".", 2)[-2] for t in self.token_rows}
         return sorted(names)
@@ -228,6 +240,7 @@ def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: 
                              ("modules_to_save", config.get("modules_to_save")),
                              ("trainable_token_indices", config.get("trainable_token_indices")),
                              ("lora_bias", config.get("lora_bias")),
+                             ("target_parameters (MoE experts)", config.get("target_parameters")),
                              (f"bias={config.get('bias')}", config.get("bias") not in (None, "none"))):
         if present:
             features.append(feature)
@@ -354,6 +367,23 @@ def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
         if b.shape[1] != r:
             problems.append(f"module {module}: lora_A has rank {r} but lora_B has {b.shape[1]} columns")
             continue
+        params = _target_parameters(config, module)
+        if params:
+            # target_parameters (PEFT's ParamWrapper): one rank-r pair per expert, stacked (rank r * experts);
+            # which parameter, its r and the number of experts are settled against the base when planning
+            depth = 0
+            while module.endswith(".base_layer"):
+                module, depth = module[: -len(".base_layer")], depth + 1
+            plain_r, plain_alpha, plain_scale = lora_scale(config, module)
+            if not any(r % lora_scale(config, f"{module}.{p}")[0] == 0 for p in params) and r != plain_r:
+                problems.append(f"module {module}: rank {r} is not a multiple of the configured rank of any "
+                                f"targeted parameter ({', '.join(params)})")
+                continue
+            # rank/alpha/scale hold the plain-module reading, used if no parameter fits (a bare entry such as
+            # "down_proj" in target_parameters also matches Linear modules that PEFT adapted as modules)
+            modules.append(LoraModule(module, False, r, plain_alpha, plain_scale, roles["A"], roles["B"],
+                                      parameters=params, depth=depth))
+            continue
         rk = pattern_key(rank_pattern, module)
         expected_r = int(rank_pattern[rk]) if rk is not None else int(config["r"])
         if expected_r != r:
@@ -373,6 +403,29 @@ def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
             if m.magnitude_key is None:
                 problems.append(f"module {m.name}: use_dora is true but lora_magnitude_vector is missing")
     return modules, replacements, token_rows
+
+
+def lora_scale(config: dict, name: str) -> tuple[int, float, float]:
+    """(r, alpha, scale) of the LoRA on ``name`` (a module, or a parameter for target_parameters), as PEFT resolves them."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rk, ak = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
+    r = int(rank_pattern[rk]) if rk is not None else int(config["r"])
+    alpha = float(alpha_pattern[ak]) if ak is not None else float(config["lora_alpha"])
+    return r, alpha, (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
+
+
+def _target_parameters(config: dict, module: str) -> tuple[str, ...]:
+    """The parameter names of ``module`` (``X`` or a nested ``X.base_layer...``) that target_parameters selects."""
+    targets = config.get("target_parameters") or []
+    while module.endswith(".base_layer"):
+        module = module[: -len(".base_layer")]
+    found = []
+    for t in targets:
+        owner, _, leaf = t.rpartition(".")
+        if not owner or module == owner or module.endswith("." + owner):
+            found.append(leaf)
+    return tuple(dict.fromkeys(found))
 
 
 def _in_modules_to_save(config: dict, module: str) -> bool:

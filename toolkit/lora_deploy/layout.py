@@ -26,18 +26,55 @@ class ModelLayout:
     tied: dict[str, str] = field(default_factory=dict)  # output weight -> input weight it is tied to
     known: bool = True  # False when transformers could not build the architecture
 
-    def checkpoint_names(self, tensor_names: Iterable[str]) -> CheckpointNames:
-        return CheckpointNames(frozenset(tensor_names))
+    folder: Path | None = None
+
+    def checkpoint_names(self, tensors: dict) -> CheckpointNames:
+        """How this checkpoint stores the model's in-memory parameters (``tensors``: name -> header entry)."""
+        return CheckpointNames(self.folder, tensors)
 
 
 @dataclass(frozen=True)
-class CheckpointNames:
-    """Maps a model's in-memory parameter names (what adapter keys use) to the checkpoint's tensor names."""
+class CheckpointPart:
+    """Where (part of) an in-memory parameter lies in a checkpoint tensor.
 
-    tensors: frozenset[str]
+    ``box`` is the (start, stop) range along each dimension of the in-memory parameter; ``dims`` lists the
+    in-memory dimensions that the checkpoint tensor keeps, in its own order (the others have length 1 and
+    are dropped). Mixtral's fused ``mlp.experts.gate_up_proj`` [E, 2I, H], for example, is stored as
+    ``block_sparse_moe.experts.{e}.w1.weight`` = box ((e, e+1), (0, I), (0, H)), dims (1, 2).
+    """
+
+    name: str
+    box: tuple[tuple[int, int], ...]
+    dims: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.box[d][1] - self.box[d][0] for d in self.dims)
+
+    def take(self, t):
+        """The part of in-memory tensor ``t`` (same shape as the parameter) that this checkpoint tensor holds."""
+        t = t[tuple(slice(a, b) for a, b in self.box)]
+        dropped = [d for d in range(t.dim()) if d not in self.dims]
+        return t.permute(*self.dims, *dropped).reshape(self.shape)
+
+
+class CheckpointNames:
+    """Maps a model's in-memory parameter names (what adapter keys use) to the checkpoint's tensors.
+
+    Most names are stored as they are. Others are renamed or re-laid-out by transformers on load (GPT-NeoX
+    ``lm_head`` is ``embed_out`` on disk; Mixtral's router and per-expert files become ``mlp.gate`` and
+    fused 3-D expert parameters). Those are resolved with transformers' own save-side conversion
+    (``revert_weight_conversion``, what ``save_pretrained`` applies), so a new architecture needs no table here.
+    """
+
+    def __init__(self, folder: Path | None, tensors: dict):
+        self.folder = folder
+        self.tensors = tensors  # checkpoint name -> TensorEntry (or anything with .shape)
+        self._model = None
+        self._memory_shapes: dict[str, tuple[int, ...]] | None = None
 
     def single(self, name: str) -> str | None:
-        """The one checkpoint tensor holding in-memory parameter ``name``, or None when there is none."""
+        """The one checkpoint tensor holding in-memory parameter ``name`` whole, or None when there is none."""
         if name in self.tensors:
             return name
         head, _, rest = name.partition(".")
@@ -46,7 +83,136 @@ class CheckpointNames:
         for t in self.tensors:
             if t.endswith("." + name) and t.count(".") == name.count(".") + 1:
                 return t
+        parts = self.parts(name)
+        if parts and len(parts) == 1 and parts[0].dims == tuple(range(len(parts[0].box))):
+            return parts[0].name
         return None
+
+    def memory_shape(self, name: str) -> tuple[int, ...] | None:
+        """The in-memory shape of parameter ``name`` (from the header when stored as is, else a meta model)."""
+        if name in self.tensors:
+            return tuple(self.tensors[name].shape)
+        shapes = self._shapes()
+        return shapes.get(name) if shapes else None
+
+    def is_transposed(self, module: str) -> bool:
+        """Whether a fused experts module stores its parameters [E, in, out] (transformers' ``is_transposed``)."""
+        model = self._meta()
+        if model is None:
+            return False
+        try:
+            return bool(getattr(model.get_submodule(module), "is_transposed", False))
+        except AttributeError:
+            return False
+
+    def parts(self, name: str) -> list[CheckpointPart] | None:
+        """Every checkpoint tensor that holds a piece of in-memory parameter ``name`` (None if unknown)."""
+        if name in self.tensors:
+            shape = tuple(self.tensors[name].shape)
+            return [CheckpointPart(name, tuple((0, n) for n in shape), tuple(range(len(shape))))]
+        shapes = self._shapes()
+        if not shapes or name not in shapes:
+            return None
+        parts = _reverted_parts(self._meta(), name, shapes[name])
+        if parts is None or any(p.name not in self.tensors for p in parts):
+            return None
+        return parts
+
+    def _meta(self):
+        if self._model is None and self.folder is not None:
+            self._model = _meta_model(self.folder) or False
+        return self._model or None
+
+    def _shapes(self) -> dict[str, tuple[int, ...]] | None:
+        if self._memory_shapes is None:
+            model = self._meta()
+            self._memory_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()} if model else {}
+        return self._memory_shapes
+
+
+def _meta_model(folder: Path):
+    """The architecture on PyTorch's meta device (no memory, no weights), or None if transformers can't build it."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .output import quiet_libraries
+
+        quiet_libraries()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - any failure means "transformers does not know this architecture"
+        return None
+
+
+def _proxy_size(n: int) -> int:
+    """A small stand-in for a dimension of size n that splits into 2, 3, 4 or 6 equal chunks as n does."""
+    if n <= 12:
+        return n
+    for p in (12, 6, 4, 3, 2):
+        if n % p == 0:
+            return p
+    return 5  # no small divisor: no conversion can chunk this dimension, so any size stands in
+
+
+def _reverted_parts(model, name: str, shape: tuple[int, ...]) -> list[CheckpointPart] | None:
+    """Run transformers' save-side conversion on an index tensor of a small stand-in shape and read off boxes.
+
+    Every element of the stand-in holds its own flat index, so each checkpoint tensor the conversion
+    produces tells exactly which in-memory elements it holds. Pure re-layouts (rename, split along a
+    dimension, un-stack experts, transpose) give boxes, which scale back to the real sizes; anything else
+    (an interleave, a value change) returns None and the caller refuses the tensor.
+    """
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    proxy = tuple(_proxy_size(n) for n in shape)
+    numel = 1
+    for n in proxy:
+        numel *= n
+    idx = torch.arange(numel, dtype=torch.int64).reshape(proxy)
+    strides = idx.stride()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = revert_weight_conversion(model, {name: idx})
+    except Exception:  # noqa: BLE001 - a conversion that cannot run on a stand-in is not a layout we can map
+        return None
+    parts = []
+    for ck, t in out.items():
+        if t.dtype != torch.int64 or t.numel() == 0:
+            return None
+        first = int(t.reshape(-1)[0])
+        start = [(first // strides[d]) % proxy[d] for d in range(len(proxy))]
+        kept = [k for k in range(t.dim()) if t.shape[k] > 1]
+        dims = []
+        for k in kept:
+            step = [0] * t.dim()
+            step[k] = 1
+            diff = int(t[tuple(step)]) - first
+            d = next((d for d in range(len(proxy)) if strides[d] == diff and proxy[d] > 1), None)
+            if d is None or d in dims:
+                return None
+            dims.append(d)
+        box = [(start[d], start[d] + (t.shape[kept[dims.index(d)]] if d in dims else 1)) for d in range(len(proxy))]
+        expect = idx[tuple(slice(a, b) for a, b in box)]
+        dropped = [d for d in range(len(proxy)) if d not in dims]
+        if not torch.equal(expect.permute(*dims, *dropped).reshape(-1), t.reshape(-1)):
+            return None
+        real = []
+        for d, (a, b) in enumerate(box):
+            if (a, b) == (0, proxy[d]):
+                real.append((0, shape[d]))
+            elif shape[d] % proxy[d] == 0:
+                f = shape[d] // proxy[d]
+                real.append((a * f, b * f))
+            else:
+                return None
+        parts.append(CheckpointPart(ck, tuple(real), tuple(dims)))
+    return parts
 
 
 def read_config(folder: Path) -> dict:
@@ -58,7 +224,7 @@ def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:
     """The base architecture's module facts: from config.json alone when unambiguous, else a meta-device model."""
     config = read_config(folder)
     arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
-    fast = _fast_layout(config, arch, set(tensor_names))
+    fast = _fast_layout(config, arch, set(tensor_names), folder)
     if fast is not None:
         return fast
     try:
@@ -73,7 +239,7 @@ def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:
                 model = AutoModelForCausalLM.from_config(hf_config)
     except Exception:  # noqa: BLE001 - any failure here means "unknown architecture", handled below
         tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.get("tie_word_embeddings") else {}
-        return ModelLayout(arch, tied=tied, known=False)
+        return ModelLayout(arch, tied=tied, known=False, folder=folder)
     conv1d = frozenset(n for n, m in model.named_modules() if isinstance(m, Conv1D))
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     if not tied and getattr(hf_config, "tie_word_embeddings", False):
@@ -81,10 +247,10 @@ def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:
         names = {id(m): n for n, m in model.named_modules()}
         if out_emb is not None and id(out_emb) in names and id(in_emb) in names:
             tied = {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
-    return ModelLayout(arch, conv1d, tied, True)
+    return ModelLayout(arch, conv1d, tied, True, folder)
 
 
-def _fast_layout(config: dict, arch: str, tensor_names: set[str]) -> ModelLayout | None:
+def _fast_layout(config: dict, arch: str, tensor_names: set[str], folder: Path) -> ModelLayout | None:
     """Skip importing transformers (seconds) for the common case it cannot change.
 
     That is: the architecture's modeling code uses no Conv1D (checked in the installed transformers'
@@ -109,4 +275,4 @@ def _fast_layout(config: dict, arch: str, tensor_names: set[str]) -> ModelLayout
         if len(inputs) != 1 or any(n.endswith("lm_head.weight") and n != "lm_head.weight" for n in tensor_names):
             return None
         tied = {"lm_head.weight": inputs[0]}
-    return ModelLayout(arch, tied=tied, known=True)
+    return ModelLayout(arch, tied=tied, known=True, folder=folder)

@@ -68,7 +68,8 @@ def verify_merge(output: Path, base: Path, adapters: list[Path], weights: list[f
     if diff is not None and diff > tol:
         problems.append(f"logits differ from the unmerged PEFT model by {diff:.3g} (tolerance {tol:.3g})")
     if greedy is False:
-        notes.append("greedy next tokens differ on at least one prompt (within logit tolerance)")
+        problems.append("the greedy next token differs from the unmerged PEFT model's where its top two logits are "
+                        "clearly apart")
     return VerifyReport(not problems, not lora_names, not (missing or extra or reshaped),
                         len(expected_changes) - len(unchanged), unchanged, diff, peak, tol, greedy, problems, notes)
 
@@ -103,14 +104,20 @@ def _compare_logits(output: Path, base: Path, adapters: list[Path], weights: lis
                 return None, None, None, None
             peft_model.set_adapter("combined")
         peft_model.eval()
-    diff, peak, greedy = 0.0, 0.0, True
+    outputs = []
     with torch.no_grad():
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt")["input_ids"]
-            a = merged(input_ids=ids).logits
-            b = peft_model(input_ids=ids).logits
-            diff = max(diff, float((a - b).abs().max()))
-            peak = max(peak, float(b.abs().max()))
-            greedy = greedy and bool((a.argmax(-1) == b.argmax(-1)).all())
-    return diff, peak, RTOL[dtype] * max(peak, 1.0), greedy
+            outputs.append((merged(input_ids=ids).logits, peft_model(input_ids=ids).logits))
+    diff = max(float((a - b).abs().max()) for a, b in outputs)
+    peak = max(float(b.abs().max()) for _, b in outputs)
+    tol = RTOL[dtype] * max(peak, 1.0)
+    greedy = True
+    for a, b in outputs:
+        # a greedy token may flip only where the reference's top two logits are closer than the rounding allows;
+        # a flip at a clear margin is a real difference, and is reported as one
+        top2 = b.topk(2, dim=-1).values
+        clear = (top2[..., 0] - top2[..., 1]) > 2 * tol
+        greedy = greedy and bool(((a.argmax(-1) == b.argmax(-1)) | ~clear).all())
+    return diff, peak, tol, greedy
 

@@ -25,19 +25,23 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, kind: str) -> tor
     return d * scale
 
 
-def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, transposed: bool) -> torch.Tensor:
+def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, transposed: bool,
+                 only: int | None = None) -> torch.Tensor:
     """The delta PEFT's ParamWrapper adds to a fused 3-D expert parameter, float32, shape [E, ., .].
 
     PEFT stores one rank-r pair per expert along the rank axis, ordered differently in the two factors
     (peft/tuners/lora/layer.py, ParamWrapper.get_delta_weight): A is [E*r, in] expert-major (row e*r + k),
     B is [out, r*E] rank-major (column k*E + e). Expert e's update is ``B[:, e::E] @ A[e*r:(e+1)*r]``
     ([out, in]), transposed when the parameter is stored [E, in, out] (``transposed``), scaled by s.
+    ``only`` computes a single expert's slice ([1, ., .]) for checkpoints that store experts one by one.
     """
     import torch
 
     r = a.shape[0] // experts
     a3 = a.float().reshape(experts, r, a.shape[1])  # [E, r, in]
     b3 = b.float().reshape(b.shape[0], r, experts).permute(2, 0, 1)  # [E, out, r]
+    if only is not None:  # one expert, as [1, ., .]
+        a3, b3 = a3[only:only + 1], b3[only:only + 1]
     d = torch.bmm(b3, a3)  # [E, out_e, in_e]
     if transposed:
         d = d.transpose(1, 2)

@@ -11,7 +11,7 @@ import json
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -170,7 +170,8 @@ def _check_finite(plan: MergePlan, tensors: list[dict]) -> None:
 def _streamable(p: TensorPlan) -> bool:
     """Plain 2-D deltas (or a dtype change) on a floating base tensor: the blocked fast path applies."""
     return (p.source is not None and p.replacement is None and not p.rows and p.dora is None and not p.biases
-            and p.is_float and (not p.deltas or (len(p.shape) == 2 and all(d.kind != "experts" for d in p.deltas))))
+            and p.is_float and (not p.deltas or (len(p.shape) == 2
+                                                 and all(d.kind != "experts" and d.part is None for d in p.deltas))))
 
 
 def _factors(p: TensorPlan, adapter_tensors: list[dict]) -> list[tuple]:
@@ -187,13 +188,18 @@ def _factors(p: TensorPlan, adapter_tensors: list[dict]) -> list[tuple]:
 def update_delta(d: LowRankUpdate, adapter_tensors: list[dict]) -> torch.Tensor:
     """One update's s * delta in the storage orientation of the tensor it lands in (before the user's weight)."""
     ts = adapter_tensors[d.adapter]
-    if d.kind == "experts":
-        delta = expert_delta(ts[d.a_key], ts[d.b_key], d.scale, d.experts, d.transposed)
-    else:
+    if d.kind != "experts":
         delta = lora_delta(ts[d.a_key], ts[d.b_key], d.scale, d.kind)
-    if d.part is not None:
-        delta = delta[tuple(slice(a, b) for a, b in d.part)]
-    return delta
+        return delta if d.part is None else d.part.take(delta)
+    part = d.part
+    if part is not None and part.box[0][1] - part.box[0][0] == 1:
+        # a per-expert checkpoint tensor: compute that expert's delta only, not all E of them
+        e = part.box[0][0]
+        delta = expert_delta(ts[d.a_key], ts[d.b_key], d.scale, d.experts, d.transposed, only=e)
+        part = replace(part, box=((0, 1),) + part.box[1:])
+    else:
+        delta = expert_delta(ts[d.a_key], ts[d.b_key], d.scale, d.experts, d.transposed)
+    return delta if part is None else part.take(delta)
 
 
 def _compute(p: TensorPlan, reader: TensorReader, adapter_tensors: list[dict]) -> torch.Tensor:

@@ -12,13 +12,13 @@ it into the shared storage and so changes both. We write both sides (untied) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..adapter import AdapterInfo, LoraModule, load_adapter, require_mergeable
+from ..adapter import AdapterInfo, LoraModule, load_adapter, lora_scale, require_mergeable
 from ..errors import InputError, UnsupportedError
 from ..hub import ResolvedRef, resolve_ref
-from ..layout import CheckpointNames, ModelLayout, read_config, read_layout
+from ..layout import CheckpointNames, CheckpointPart, ModelLayout, read_config, read_layout
 from ..shards import DTYPE_SIZES, ShardIndex, TensorEntry, parse_size
 from .._files import check_output_free
 
@@ -78,7 +78,7 @@ class LowRankUpdate:
     weight: float
     experts: int = 0
     transposed: bool = False  # experts stored [E, in, out]
-    part: tuple[tuple[int, int], ...] | None = None  # (start, stop) per dim of the module's delta
+    part: CheckpointPart | None = None  # the piece of the parameter's delta this tensor holds
 
 
 @dataclass(frozen=True)
@@ -355,7 +355,58 @@ class _Planner:
                 for side in self._sides(draft, shared=True):  # PEFT applies token rows to the tied head too
                     side.rows.append(RowReplacement(i, t.key, t.indices))
 
+    def _parameter_module(self, i: int, info: AdapterInfo, m: LoraModule) -> None:
+        """LoRA on (fused MoE expert) parameters: find the parameter it fits, then the checkpoint tensors holding it.
+
+        The checkpoint may store the fused in-memory parameter as it is, renamed, or as per-expert 2-D tensors
+        (the layout most hub MoE checkpoints have); :class:`CheckpointNames` knows which pieces lie where.
+        """
+        a, b = info.tensors[m.a_key].shape, info.tensors[m.b_key].shape
+        fits = []
+        for param in m.parameters:
+            name = f"{m.name}.{param}"
+            shape = self.names.memory_shape(name)
+            if shape is None or len(shape) not in (2, 3):
+                continue
+            r, alpha, scale = lora_scale(info.config, name)
+            experts = shape[0] if len(shape) == 3 else 1
+            transposed = len(shape) == 3 and self.names.is_transposed(m.name)
+            out_d, in_d = (shape[-1], shape[-2]) if transposed else (shape[-2], shape[-1])
+            if tuple(a) == (r * experts, in_d) and tuple(b) == (out_d, r * experts):
+                fits.append((name, shape, r, alpha, scale, experts, transposed))
+        if not fits and m.depth == 0 and f"{m.name}.weight" in self.drafts | self.names.tensors:
+            if m.rank != lora_scale(info.config, m.name)[0]:
+                self._problem(info, f"module {m.name}: tensors have rank {m.rank} but the config says "
+                              f"{lora_scale(info.config, m.name)[0]}")
+                return
+            self._module(i, info, replace(m, parameters=()))  # a plain module LoRA after all
+            return
+        if len(fits) != 1:
+            found = "none" if not fits else "more than one (" + ", ".join(f[0] for f in fits) + ")"
+            self._problem(info, f"the target_parameters LoRA {m.a_key} (A{list(a)}, B{list(b)}) fits {found} of "
+                          f"{m.name}'s parameters {', '.join(m.parameters)} (is this adapter for another base model?)")
+            return
+        name, shape, r, alpha, scale, experts, transposed = fits[0]
+        parts = self.names.parts(name)
+        if not parts:
+            self._problem(info, f"{name}: the base checkpoint {self.base.source} stores this parameter in a layout "
+                          "transformers' conversion mapping does not describe")
+            return
+        kind = "experts" if len(shape) == 3 else "linear"
+        for part in parts:
+            draft = self.drafts[part.name]
+            if tuple(draft.shape) != part.shape:
+                self._problem(info, f"{part.name} has shape {list(draft.shape)}, but holds {list(part.shape)} of {name}")
+                return
+            whole = part.dims == tuple(range(len(shape))) and part.shape == tuple(shape)
+            draft.deltas.append(LowRankUpdate(i, name, kind, m.a_key, m.b_key, scale, self.weights[i], experts,
+                                              transposed, None if whole else part))
+        self.modules.append(ModuleMerge(i, name, kind, r, alpha, scale, self.weights[i], False, experts))
+
     def _module(self, i: int, info: AdapterInfo, m: LoraModule) -> None:
+        if m.parameters:
+            self._parameter_module(i, info, m)
+            return
         w = self.weights[i]
         draft = self._draft(m.weight_name, info, "LoRA")
         if draft is None:
