@@ -141,6 +141,10 @@ def check_against_oracle(base, adapters, out, report, *, weights=None, resize=No
         assert report.peft_differs, "PEFT's merge is wrong here, and the report must say where"
     # the files hold base names only, never LoRA leftovers, and never adapter_config.json
     names = file_tensors(out)
+    # the pre-rename completeness check agrees with transformers on a checkpoint that loads cleanly
+    from lora_deploy.layout import expected_tensors
+
+    assert expected_tensors(json.loads((out / "config.json").read_text())).problems(names) == []
     assert not [n for n in names if "lora" in n or "base_layer" in n or "modules_to_save" in n]
     assert not (out / "adapter_config.json").exists()
     return peft_right

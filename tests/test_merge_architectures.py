@@ -143,3 +143,32 @@ def test_configurations_the_survey_found_broken(model_type, overrides, lora, tmp
     adapter = make_adapter(base, tmp_path / "adapter", **lora)
     report = _merge(base, [adapter], tmp_path / "out", dtype="float32")
     check_against_oracle(base, [adapter], tmp_path / "out", report)
+
+
+@pytest.mark.parametrize("model_type", DENSE + MOE + ["gpt2"])
+def test_expected_tensors_match_what_transformers_saves(model_type, arch_base):
+    """The completeness check accepts every checkpoint transformers itself wrote (fused or per-expert layout)."""
+    from lora_deploy.layout import expected_tensors
+
+    base = arch_base(model_type)
+    expected = expected_tensors(json.loads((base / "config.json").read_text()))
+    assert expected is not None and expected.problems(file_tensors(base)) == []
+
+
+def test_a_plan_that_would_write_an_incomplete_checkpoint_is_refused(arch_base, tmp_path, monkeypatch):
+    """The old silent failure: untie a tied model but write no head. Refused before anything is written."""
+    from lora_deploy.errors import UnsupportedError
+    from lora_deploy.merge import plan as plan_module
+
+    base = arch_base("gemma")
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["o_proj"], modules_to_save=["embed_tokens"])
+    finish = plan_module._Planner.finish
+
+    def without_head(self, config):
+        tensors, out_config = finish(self, config)
+        return tuple(t for t in tensors if t.name != "lm_head.weight"), out_config
+
+    monkeypatch.setattr(plan_module._Planner, "finish", without_head)
+    with pytest.raises(UnsupportedError, match="missing tensor lm_head.weight"):
+        _merge(base, [adapter], tmp_path / "out", dtype="float32")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

@@ -276,3 +276,70 @@ def _fast_layout(config: dict, arch: str, tensor_names: set[str], folder: Path) 
             return None
         tied = {"lm_head.weight": inputs[0]}
     return ModelLayout(arch, tied=tied, known=True, folder=folder)
+
+
+@dataclass(frozen=True)
+class ExpectedTensors:
+    """The tensor names transformers expects in a checkpoint of one config, as its own save and load rules say.
+
+    ``in_memory`` is the model's state dict without tied copies and ``_keys_to_ignore_on_save``; ``saved`` is
+    the same after ``revert_weight_conversion`` (what ``save_pretrained`` writes: renamed, per-expert files).
+    A checkpoint may use either layout. ``optional`` names may be present or absent (the tied side of a tie);
+    ``ignore_missing`` and ``ignore_unexpected`` are the model's own regex patterns for names it tolerates.
+    """
+
+    in_memory: frozenset[str]
+    saved: frozenset[str]
+    optional: frozenset[str]
+    prefix: str = ""
+    ignore_missing: tuple[str, ...] = ()
+    ignore_unexpected: tuple[str, ...] = ()
+
+    def problems(self, names: Iterable[str]) -> list[str]:
+        """What a checkpoint holding ``names`` lacks or has in excess (empty when it loads completely)."""
+        import re
+
+        def normal(n: str) -> str:  # hub GPT-2 files lack the base model prefix; transformers adds it
+            known = self.in_memory | self.saved | self.optional
+            return n if n in known or not self.prefix or f"{self.prefix}.{n}" not in known else f"{self.prefix}.{n}"
+
+        have = {normal(n) for n in names}
+        best: list[str] | None = None
+        for expected in (self.saved, self.in_memory):
+            missing = sorted(n for n in expected - have
+                             if not any(re.search(p, n) for p in self.ignore_missing))
+            extra = sorted(n for n in have - expected - self.optional
+                           if not any(re.search(p, n) for p in self.ignore_unexpected))
+            found = [f"missing tensor {n}" for n in missing] + [f"unexpected tensor {n}" for n in extra]
+            if best is None or len(found) < len(best):
+                best = found
+        return best or []
+
+
+def expected_tensors(config: dict) -> ExpectedTensors | None:
+    """The tensors a checkpoint with this ``config.json`` must hold, from a meta-device model (None if unknown)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        from .output import quiet_libraries
+
+        quiet_libraries()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(hf_config)
+            state = model.state_dict()
+            for name in model._keys_to_ignore_on_save or ():
+                state.pop(name, None)
+            tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+            kept = {k: v for k, v in state.items() if k not in tied}
+            saved = revert_weight_conversion(model, dict(kept))
+    except Exception:  # noqa: BLE001 - any failure means "transformers does not know this architecture"
+        return None
+    return ExpectedTensors(frozenset(kept), frozenset(saved), frozenset(tied), model.base_model_prefix or "",
+                           tuple(model._keys_to_ignore_on_load_missing or ()),
+                           tuple(model._keys_to_ignore_on_load_unexpected or ()))

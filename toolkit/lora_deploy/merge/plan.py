@@ -18,7 +18,7 @@ from pathlib import Path
 from ..adapter import AdapterInfo, LoraModule, load_adapter, lora_scale, require_mergeable
 from ..errors import InputError, UnsupportedError
 from ..hub import ResolvedRef, resolve_ref
-from ..layout import CheckpointNames, CheckpointPart, ModelLayout, read_config, read_layout
+from ..layout import CheckpointNames, CheckpointPart, ModelLayout, expected_tensors, read_config, read_layout
 from ..shards import DTYPE_SIZES, ShardIndex, TensorEntry, parse_size
 from .._files import check_output_free
 
@@ -214,9 +214,36 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
         more = f"\n  ... and {len(planner.problems) - 40} more" if len(planner.problems) > 40 else ""
         raise InputError(f"the adapter(s) do not fit base {base.source}:\n{listing}{more}")
     tensors, out_config = planner.finish(config)
+    _check_complete(index, config, tensors, out_config)
     return MergePlan(base, index, layout, adapters, weights, dtype, tensors, out_config, tuple(planner.modules),
                      max_shard, Path(cfg.output), cfg.force, cfg.hash_inputs, tuple(planner.warnings),
                      tuple(planner.peft_differs))
+
+
+def _check_complete(index: ShardIndex, base_config: dict, tensors: tuple[TensorPlan, ...], out_config: dict) -> None:
+    """Refuse a plan whose checkpoint transformers would load with missing or unexpected tensors.
+
+    A missing head with ``tie_word_embeddings=false`` loads as a randomly initialised head with only a log
+    line, so this is checked against the architecture's own expectations (a meta-device model of the config
+    to write, after transformers' tying and renaming rules), before anything is written. Only plans that
+    change the set of tensors, the tie or the vocabulary are checked: otherwise the output holds exactly the
+    base's tensors under the base's config, and the check would cost seconds for nothing.
+    """
+    names = [p.name for p in tensors]
+    same = set(names) == set(index.tensors) and all(
+        out_config.get(k) == base_config.get(k) for k in ("tie_word_embeddings", "vocab_size"))
+    if same:
+        return
+    expected = expected_tensors(out_config)
+    if expected is None:
+        return  # transformers cannot build this architecture; nothing to compare with (the layout warned)
+    problems = expected.problems(names)
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems[:20])
+        raise UnsupportedError(
+            f"the merged checkpoint would not load completely in transformers ({len(problems)} problem(s)):\n"
+            f"{listing}", hint="this adapter changes the model's tensor set in a way lora-deploy cannot write; "
+            "please report it with the adapter_config.json, and serve the adapter unmerged (lora-deploy dynamic)")
 
 
 def fit_problems(base: ResolvedRef, info: AdapterInfo) -> list[str]:
