@@ -2,11 +2,14 @@
 
 Builds a synthetic Llama-shaped fp16 checkpoint (TinyLlama-1.1B shapes by default: 1.1B parameters,
 sharded like a hub model) and a rank-16 adapter on every linear layer, then runs the three jobs side
-by side, each in a fresh process, and prints wall time and peak memory (max RSS) with ratios.
+by side, each as the whole process a user runs (``cp -r``, the ``lora-deploy merged`` command, a Python
+process running PEFT), interpreter start and imports included, and prints wall time and peak memory
+(max RSS) with ratios. Runs are interleaved and the median is kept.
 
-    .venv/bin/python benchmarks/merge_bench.py --workdir /tmp/lora-bench
+    .venv/bin/python benchmarks/merge_bench.py --workdir /tmp/lora-bench            # 1.1B
+    .venv/bin/python benchmarks/merge_bench.py --workdir /tmp/lora-bench-s --layers 8   # 0.49B
 
-Use --layers to shrink the model for a quick look. Nothing here is a test: it prints numbers.
+Nothing here is a test: it prints numbers.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import statistics
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,44 +96,36 @@ def build(workdir: Path, layers: int, rank: int) -> tuple[Path, Path]:
     return base, adapter
 
 
-def peak_rss() -> int:
-    """This process's own high-water RSS (VmHWM). ru_maxrss would include the parent's peak from before exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def job(mode: str, base: Path, adapter: Path, out: Path) -> None:
-    """Runs inside a fresh child process; prints import and work seconds and this process's peak RSS."""
-    start = time.monotonic()
-    if mode == "lora-deploy":
-        import torch  # noqa: F401
-
-        import lora_deploy.merge  # noqa: F401
-    elif mode == "peft":
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
-    imports = time.monotonic() - start
-    start = time.monotonic()
+def job_command(mode: str, base: Path, adapter: Path, out: Path) -> list[str]:
+    """The whole process each job is: what a user runs, interpreter start and imports included."""
     if mode == "copy":
-        shutil.copytree(base, out)
-    elif mode == "lora-deploy":
-        from lora_deploy.merge import MergeConfig, run_merge
+        return ["cp", "-r", str(base), str(out)]
+    if mode == "lora-deploy":
+        cli = Path(sys.executable).with_name("lora-deploy")
+        return [str(cli), "merged", "--base", str(base), "--adapter", str(adapter), "--output", str(out),
+                "--dtype", "float16", "--shard-size", "1GB"]
+    script = ("import sys, torch\n"
+              "from peft import PeftModel\n"
+              "from transformers import AutoModelForCausalLM\n"
+              "base, adapter, out = sys.argv[1:]\n"
+              "model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)\n"
+              "model = PeftModel.from_pretrained(model, adapter).merge_and_unload()\n"
+              "model.save_pretrained(out, max_shard_size='1GB')\n")
+    return [sys.executable, "-c", script, str(base), str(adapter), str(out)]
 
-        run_merge(MergeConfig(base=str(base), adapters=(str(adapter),), output=out, dtype="float16",
-                              shard_size="1GB"))
-    elif mode == "peft":
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        model.save_pretrained(out, max_shard_size="1GB")
-    seconds = time.monotonic() - start
-    rss = peak_rss()
-    print(json.dumps({"mode": mode, "seconds": seconds, "imports": imports, "max_rss": rss}))
+def timed(cmd: list[str]) -> dict:
+    """Wall seconds and peak RSS of one whole child process (wait4's rusage: that child alone)."""
+    with tempfile.TemporaryFile() as err:
+        start = time.monotonic()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.monotonic() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{cmd[0]} failed:\n{err.read().decode()[-2000:]}")
+    return {"seconds": seconds, "max_rss": usage.ru_maxrss * 1024}
 
 
 def drop_caches() -> None:
@@ -143,52 +139,51 @@ def drop_caches() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/lora-deploy-bench"))
-    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--layers", type=int, default=22, help="decoder layers (22: 1.1B parameters; 8: 0.49B)")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=1, help="runs of each job; the best time is kept")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each job, interleaved; the median is kept")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--cold", action="store_true",
                     help="drop the OS page cache before each job (needs root): reads come from disk")
-    ap.add_argument("--job", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.job:
-        mode, base, adapter, out = args.job
-        job(mode, Path(base), Path(adapter), Path(out))
-        return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    base, adapter = build(args.workdir, args.layers, args.rank)
+    if args.build_only:
+        build(args.workdir, args.layers, args.rank)
+        return
+    # build in a child: a parent holding torch's memory would be counted in every forked job's peak RSS
+    subprocess.run([sys.executable, __file__, "--build-only", "--workdir", str(args.workdir), "--layers",
+                    str(args.layers), "--rank", str(args.rank)], check=True)
+    base, adapter = args.workdir / "base", args.workdir / "adapter"
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     params = size // 2
     print(f"page cache: {'dropped before each job (cold reads)' if args.cold else 'warm (inputs in memory)'}")
     print(f"checkpoint: {params / 1e9:.2f}B parameters, {size / 1e9:.2f} GB fp16, "
-          f"{len(list(base.glob('*.safetensors')))} shards; adapter rank {args.rank} on {len(TARGETS)} modules/layer")
+          f"{len(list(base.glob('*.safetensors')))} shard(s); adapter rank {args.rank} on {len(TARGETS)} "
+          "modules/layer")
     modes = ["copy", "lora-deploy"] + ([] if args.skip_peft else ["peft"])
-    results = {}
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
     for _ in range(args.repeat):
-        for mode in modes:
+        for mode in modes:  # interleaved, so a slow spell of a shared machine hits every job alike
             out = args.workdir / f"out-{mode}"
             shutil.rmtree(out, ignore_errors=True)
             if args.cold:
                 drop_caches()
-            res = subprocess.run([sys.executable, __file__, "--job", mode, str(base), str(adapter), str(out)],
-                                 capture_output=True, text=True, check=True)
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            if mode not in results or r["seconds"] < results[mode]["seconds"]:
-                results[mode] = r
+            runs[mode].append(timed(job_command(mode, base, adapter, out)))
             shutil.rmtree(out, ignore_errors=True)
+    results = {m: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "max_rss")} for m, rs in runs.items()}
     copy = results["copy"]
-    print("work s: the job itself; +imports s: Python imports before it (torch, transformers)")
-    print(f"{'job':<14}{'work s':>8}{'+imports s':>11}{'peak RSS':>11}{'work/copy':>11}{'RSS/peft':>10}")
+    print(f"whole processes (interpreter start and imports included), median of {args.repeat}")
+    print(f"{'job':<14}{'wall s':>8}{'peak RSS':>11}{'/copy':>8}{'RSS/peft':>10}")
     for mode, r in results.items():
         rss_ratio = r["max_rss"] / results["peft"]["max_rss"] if "peft" in results else float("nan")
-        print(f"{mode:<14}{r['seconds']:>8.2f}{r['imports']:>11.2f}{r['max_rss'] / 1e9:>9.2f}GB"
-              f"{r['seconds'] / copy['seconds']:>10.2f}x{rss_ratio:>9.2f}x")
+        print(f"{mode:<14}{r['seconds']:>8.2f}{r['max_rss'] / 1e9:>9.2f}GB"
+              f"{r['seconds'] / copy['seconds']:>7.2f}x{rss_ratio:>9.2f}x")
     ld = results["lora-deploy"]
     line = f"lora-deploy: {ld['seconds'] / copy['seconds']:.2f}x the copy's time"
     if "peft" in results:
         pf = results["peft"]
-        line += (f"; {pf['seconds'] / ld['seconds']:.1f}x faster than PEFT "
-                 f"({(pf['seconds'] + pf['imports']) / (ld['seconds'] + ld['imports']):.1f}x with imports), "
+        line += (f"; {pf['seconds'] / ld['seconds']:.1f}x faster than PEFT, "
                  f"{ld['max_rss'] / pf['max_rss']:.2f}x its peak memory")
     print(line)
 

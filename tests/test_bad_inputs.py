@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import edit_json, make_adapter, make_base, run_cli
 
-from lora_deploy.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_UNSUPPORTED
+from lora_deploy.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_UNSUPPORTED, EXIT_USAGE
 
 
 @pytest.fixture
@@ -197,3 +199,31 @@ def test_missing_base_config(llama_adapter, tmp_path):
     torch.save({}, base / "junk.pt")
     out = tmp_path / "out"
     _assert_refused(_merged(base, llama_adapter, out), EXIT_INPUT, "config.json is missing", out=out)
+
+
+def _process(*args: str, **kw) -> subprocess.CompletedProcess:
+    """The real `lora-deploy` process (console entry point, quick exit included), as users and CI run it."""
+    return subprocess.run([sys.executable, "-m", "lora_deploy", *args], capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+@pytest.mark.parametrize("args,needle", [(("plan-nothing",), "No such command"),
+                                         (("merged", "--bogus"), "No such option: --bogus"),
+                                         (("merged", "--base", "b", "--adapter", "a", "--output", "o",
+                                           "--verify", "maybe"), "Got unexpected extra argument")])
+def test_a_bad_command_line_exits_2_with_usage_and_no_traceback(args, needle):
+    res = _process(*args)
+    assert res.returncode == EXIT_USAGE, res
+    assert needle in res.stderr and "Usage:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_process_exits_quickly_without_losing_output(llama_base, llama_adapter, tmp_path):
+    """After a merge the process skips torch's teardown: its --json report and files must still be complete."""
+    res = _process("merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output",
+                   str(tmp_path / "out"), "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)["merge"]
+    assert report["tensors_changed"] > 0 and (tmp_path / "out" / report["provenance"]).is_file()
+    res = _process("merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output",
+                   str(tmp_path / "out"), "--json")
+    assert res.returncode == EXIT_OUTPUT and "--force" in res.stderr

@@ -1,5 +1,5 @@
 """python -m lora_deploy"""
 
-from .cli import main
+from .cli import entry_point
 
-main()
+entry_point()

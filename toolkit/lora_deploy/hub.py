@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,10 +75,16 @@ def _download(repo_id: str, *, kind: str, revision: str | None, allow_pickle: bo
     return ResolvedRef(source=repo_id, path=local_path, revision=local_path.name)
 
 
-def sha256_file(path: Path, *, chunk: int = 16 << 20) -> str:
-    """sha256 of a file, read in large chunks (hashlib releases the GIL, so this can run in a thread)."""
+def sha256_file(path: Path, *, chunk: int = 16 << 20, stop: threading.Event | None = None) -> str | None:
+    """sha256 of a file, read in large chunks (hashlib releases the GIL, so this can run in a thread).
+
+    With ``stop``, a hash running in a thread gives up (returns None) soon after the event is set, so a
+    failing merge does not wait for a 5 GB shard to finish hashing before it reports.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
+            if stop is not None and stop.is_set():
+                return None
             h.update(block)
     return h.hexdigest()

@@ -1,5 +1,5 @@
 """python -m lora_deploy.cli"""
 
-from . import main
+from . import entry_point
 
-main()
+entry_point()
