@@ -436,3 +436,15 @@ def test_merged_and_dynamic_write_manifests_for_what_they_do(example, tmp_path):
         "containers"][0]["args"]
     assert args[args.index("--max-lora-rank") + 1] == "16"  # read from the real adapters
     assert [json.loads(a)["name"] for a in args if a.startswith("{")] == ["classify", "reply"]
+
+
+def test_spec_errors_come_all_at_once_with_the_closest_key():
+    """Two misspelt keys and a bad value: one run names all three, with 'did you mean' for the keys."""
+    data = {**BASE, "replica": 2, "gpus": "two", "vllm": {"maxModelLength": 4096}}
+    with pytest.raises(InputError) as err:
+        parse_spec(data)
+    message = err.value.message
+    assert message.startswith("3 problems")
+    assert "replica: unknown key (did you mean replicas?)" in message
+    assert "vllm.maxModelLength: unknown key (did you mean maxModelLen?)" in message
+    assert "gpus: expected a whole number" in message

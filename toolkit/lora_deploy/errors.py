@@ -15,6 +15,10 @@ EXIT_INPUT = 3  # an input (base, adapter, spec) is missing, malformed or incomp
 EXIT_UNSUPPORTED = 4  # the input is valid but uses a feature this path cannot handle
 EXIT_OUTPUT = 5  # the output exists (no --force) or cannot be written
 EXIT_VERIFY = 6  # the work finished but verification failed
+EXIT_SERVER = 7  # vLLM could not start (port in use, bad flag, crash) or died while serving
+EXIT_SMOKE = 8  # the endpoint answered, but the smoke test failed (or the endpoint cannot be reached)
+EXIT_ADMIN = 9  # a runtime adapter change (load/unload) was refused or did not take effect
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGTERM
 
 
 class LoraDeployError(Exception):

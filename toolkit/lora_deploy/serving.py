@@ -95,6 +95,7 @@ class ServeConfig:
     max_lora_rank: int | None = None
     max_model_len: int | None = None
     allow_runtime_adapters: bool = False
+    runtime_slots: int = 1  # LoRA slots reserved for runtime adapters (with allow_runtime_adapters)
     api_key_env: str | None = None
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
@@ -123,8 +124,12 @@ class LoraFlags:
 
 def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | None = None,
                       max_cpu_loras: int | None = None, max_lora_rank: int | None = None,
-                      cpu_build: bool = False) -> LoraFlags:
-    """--max-lora-rank, --max-loras, --max-cpu-loras from the adapters; user values win when valid."""
+                      cpu_build: bool = False, runtime_slots: int = 0) -> LoraFlags:
+    """--max-lora-rank, --max-loras, --max-cpu-loras from the adapters; user values win when valid.
+
+    ``runtime_slots`` LoRA slots are added for adapters loaded at run time, on top of the CPU build's
+    empty slot, so runtime loads never use up the slot the mixed-batch workaround depends on.
+    """
     notes = []
     largest = max((a.rank for a in adapters), default=1)
     derived_rank = smallest_allowed_rank(largest)
@@ -139,7 +144,7 @@ def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | N
             raise InputError(f"--max-lora-rank {max_lora_rank} is below adapter {worst.name}'s rank {worst.rank}",
                              hint=f"leave it out to use {derived_rank}, the smallest value that fits")
         rank = max_lora_rank
-    count = max(1, len(adapters))
+    count = max(1, len(adapters) + runtime_slots)
     if max_loras is None:
         loras = count + 1 if cpu_build else count
         if cpu_build:
@@ -191,7 +196,8 @@ def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | N
     flags = None
     if cfg.dynamic:
         flags = derive_lora_flags(cfg.adapters, max_loras=cfg.max_loras, max_cpu_loras=cfg.max_cpu_loras,
-                                  max_lora_rank=cfg.max_lora_rank, cpu_build=cpu_build)
+                                  max_lora_rank=cfg.max_lora_rank, cpu_build=cpu_build,
+                                  runtime_slots=cfg.runtime_slots if cfg.allow_runtime_adapters else 0)
         notes.extend(flags.notes)
         args += ["--enable-lora", "--max-lora-rank", str(flags.max_lora_rank), "--max-loras", str(flags.max_loras),
                  "--max-cpu-loras", str(flags.max_cpu_loras)]

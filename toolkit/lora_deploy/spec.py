@@ -6,6 +6,7 @@ refused, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -148,37 +149,51 @@ _NESTED = {"weights": WeightsSpec, "vllm": VllmSpec, "resources": ResourcesSpec,
            "smoke_test": SmokeSpec}
 
 
-def _build(cls, data: Any, where: str):
+def _camel(key: str) -> str:
+    head, *rest = key.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+def _build(cls, data: Any, where: str, problems: list[str]):
+    """The dataclass ``cls`` from a YAML mapping; every problem is appended to ``problems`` (None if any)."""
     if not isinstance(data, dict):
-        raise InputError(f"{where or 'the spec'}: expected a mapping, got {type(data).__name__}")
+        problems.append(f"{where or 'the spec'}: expected a mapping, got {type(data).__name__}")
+        return None
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
+    before = len(problems)
     for raw_key, value in data.items():
         key = _snake(str(raw_key))
         path = f"{where}.{raw_key}" if where else str(raw_key)
         if key not in known:
-            suggestions = ", ".join(sorted(known))
-            raise InputError(f"{path}: unknown key", hint=f"known keys here: {suggestions}")
-        if key in _NESTED:
-            kwargs[key] = _build(_NESTED[key], value, path) if value is not None else None
-        elif key == "adapters":
-            if not isinstance(value, list):
-                raise InputError(f"{path}: expected a list of adapters")
-            kwargs[key] = tuple(_build(AdapterRef, v, f"{path}[{i}]") for i, v in enumerate(value))
-        elif key in ("tolerations",):
-            if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-                raise InputError(f"{path}: expected a list of toleration mappings")
-            kwargs[key] = tuple(value)
-        elif key == "extra_args":
-            if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-                raise InputError(f"{path}: expected a list of strings")
-            kwargs[key] = tuple(value)
-        else:
-            kwargs[key] = _typed(value, known[key].type, path)
-    required = [f.name for f in fields(cls) if f.name not in kwargs and _required(f)]
+            names = [_camel(k) for k in known]
+            close = difflib.get_close_matches(str(raw_key), names, n=1, cutoff=0.6)
+            problems.append(f"{path}: unknown key" + (f" (did you mean {close[0]}?)" if close else
+                                                      f"; known keys here: {', '.join(sorted(names))}"))
+            continue
+        try:
+            if key in _NESTED:
+                kwargs[key] = _build(_NESTED[key], value, path, problems) if value is not None else None
+            elif key == "adapters":
+                if not isinstance(value, list):
+                    raise InputError(f"{path}: expected a list of adapters")
+                kwargs[key] = tuple(_build(AdapterRef, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
+            elif key in ("tolerations",):
+                if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+                    raise InputError(f"{path}: expected a list of toleration mappings")
+                kwargs[key] = tuple(value)
+            elif key == "extra_args":
+                if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+                    raise InputError(f"{path}: expected a list of strings")
+                kwargs[key] = tuple(value)
+            else:
+                kwargs[key] = _typed(value, known[key].type, path)
+        except InputError as e:
+            problems.append(e.message)
+    required = [_camel(f.name) for f in fields(cls) if f.name not in kwargs and _required(f)]
     if required:
-        raise InputError(f"{where or 'the spec'}: missing required key(s): {', '.join(required)}")
-    return cls(**kwargs)
+        problems.append(f"{where or 'the spec'}: missing required key(s): {', '.join(required)}")
+    return cls(**kwargs) if len(problems) == before else None
 
 
 def _required(f) -> bool:
@@ -222,7 +237,12 @@ def _typed(value: Any, annotation: str, path: str) -> Any:
 
 def parse_spec(data: Any, source: str = "spec") -> DeploySpec:
     """Build and validate a DeploySpec from parsed YAML; every error names the YAML path."""
-    spec = _build(DeploySpec, data, "")
+    problems: list[str] = []
+    spec = _build(DeploySpec, data, "", problems)
+    if problems:  # every structural problem at once, not one per run
+        if len(problems) == 1:
+            raise InputError(problems[0])
+        raise InputError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
     _validate(spec)
     return spec
 

@@ -57,7 +57,8 @@ def merged(
     serve: Annotated[bool, typer.Option(help="Then serve the merged checkpoint with vLLM and smoke-test it.")] = False,
     host: sc.HostOpt = "127.0.0.1",
     port: sc.PortOpt = 8000,
-    serve_dtype: Annotated[str, typer.Option(help="vLLM --dtype for --serve.")] = "auto",
+    serve_dtype: Annotated[Optional[str], typer.Option(
+        help="vLLM --dtype for --serve (default: the --dtype the checkpoint was written in).")] = None,
     max_model_len: sc.MaxLenOpt = None,
     served_model_name: sc.ServedNameOpt = None,
     api_key_env: sc.ApiKeyEnvOpt = None,
@@ -127,7 +128,8 @@ def merged(
         from ..serving import ServeConfig
 
         name = served_model_name or Path(report.output).name
-        cfg_serve = ServeConfig(model=report.output, served_model_name=name, host=host, port=port, dtype=serve_dtype,
+        cfg_serve = ServeConfig(model=report.output, served_model_name=name, host=host, port=port,
+                                dtype=serve_dtype or report.dtype,
                                 max_model_len=max_model_len, api_key_env=api_key_env)
         sc.launch(cfg_serve, dry_run=False, no_smoke=no_smoke, exit_after_smoke=exit_after_smoke, timeout=timeout,
                   log=log, prompt=prompt)

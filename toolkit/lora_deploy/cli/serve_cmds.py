@@ -115,6 +115,8 @@ def dynamic(
     served_model_name: ServedNameOpt = None,
     allow_runtime_adapters: Annotated[bool, typer.Option(
         help="Let API clients load/unload adapters at run time (needs --api-key-env).")] = False,
+    runtime_adapter_slots: Annotated[int, typer.Option(
+        min=1, help="LoRA slots reserved for runtime adapters (with --allow-runtime-adapters).")] = 1,
     api_key_env: ApiKeyEnvOpt = None,
     dry_run: DryRunOpt = False,
     manifests: Annotated[Optional[Path], typer.Option(
@@ -131,13 +133,18 @@ def dynamic(
 
     Every LoRA flag is derived from the adapters; pre-flight refuses what vLLM would reject or get
     wrong before anything starts; the endpoint is smoke-tested before "ready". Arguments after -- go
-    to vLLM unchanged. Exit codes: 3 bad input, 4 adapter refused, 7 vLLM failed, 8 smoke test failed.
+    to vLLM unchanged. Exit codes: 3 bad input, 4 adapter refused, 7 vLLM failed or port busy, 8 smoke test
+    failed (the table: README, Exit codes).
     """
     out.set_mode(json_mode=json)
     from ..preflight import check_adapters, require_passed
     from ..serving import ServeConfig
 
     named = parse_named(adapter)
+    if not dry_run:
+        from ..launcher import check_port_free
+
+        check_port_free(host, port)  # before pre-flight: a busy port fails in a moment, not after vLLM loads
     if allow_runtime_adapters:
         out.warn("runtime adapters are on: anyone holding the API key can make the server load any adapter path "
                  "it can read")
@@ -152,7 +159,7 @@ def dynamic(
                       adapters=tuple(a.served() for a in report.accepted), host=host, port=port, dtype=dtype,
                       max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
                       max_model_len=max_model_len, allow_runtime_adapters=allow_runtime_adapters,
-                      api_key_env=api_key_env, extra_args=tuple(ctx.args))
+                      runtime_slots=runtime_adapter_slots, api_key_env=api_key_env, extra_args=tuple(ctx.args))
     if manifests is not None:
         from ..spec import spec_for_local_run
         from .merge_cmds import write_deployment
@@ -239,24 +246,32 @@ def adapters_list(url: Annotated[str, typer.Option(help="Server URL.")], api_key
 def adapters_load(name: Annotated[str, typer.Argument(help="Model name for the adapter.")],
                   path: Annotated[str, typer.Argument(help="Adapter folder as the server sees it.")],
                   url: Annotated[str, typer.Option(help="Server URL.")], api_key_env: ApiKeyEnvOpt = None,
+                  no_preflight: Annotated[bool, typer.Option(
+                      "--no-preflight", help="Skip pre-flight against the served base.")] = False,
                   json: JsonOpt = False) -> None:
-    """Load an adapter at run time (the server must allow it) and confirm it is listed."""
+    """Load an adapter at run time: pre-flight against the served base, then confirm it is listed and applied."""
     out.set_mode(json_mode=json)
     from ..admin import load_runtime_adapter
 
-    m = load_runtime_adapter(url, name, path, _api_key(api_key_env))
-    out.result(m, f"loaded {m.id} (parent {m.parent}) from {m.root}")
+    load = load_runtime_adapter(url, name, path, _api_key(api_key_env), preflight=not no_preflight)
+    if load.preflight != "passed":
+        out.warn(f"pre-flight {load.preflight}")
+    m = load.model
+    out.result(load, f"loaded {m.id} (parent {m.parent}) from {m.root}; answers unlike the base "
+                     f"(distance {load.distance_to_base} nats)")
 
 
 @adapters_app.command("unload")
 def adapters_unload(name: Annotated[str, typer.Argument(help="Adapter model name.")],
                     url: Annotated[str, typer.Option(help="Server URL.")], api_key_env: ApiKeyEnvOpt = None,
+                    force: Annotated[bool, typer.Option("--force", help="Also unload an adapter served from the "
+                                                        "start.")] = False,
                     json: JsonOpt = False) -> None:
     """Unload a runtime adapter and confirm it is gone from /v1/models."""
     out.set_mode(json_mode=json)
     from ..admin import unload_runtime_adapter
 
-    unload_runtime_adapter(url, name, _api_key(api_key_env))
+    unload_runtime_adapter(url, name, _api_key(api_key_env), force=force)
     out.result({"unloaded": name}, f"unloaded {name}")
 
 
