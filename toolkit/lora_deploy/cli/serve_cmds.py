@@ -205,8 +205,10 @@ def smoke(
     timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 60.0,
     json: JsonOpt = False,
 ) -> None:
-    """Smoke-test an OpenAI-compatible endpoint: models listed, every model answers, adapters differ from
-    the base, streaming = non-streaming, concurrent = sequential. Exit 0 only when every check passed."""
+    """Smoke-test an OpenAI-compatible endpoint: models listed, every model answers, streaming = non-streaming,
+    each adapter's output distribution differs from the base's, and every answer in concurrent mixed
+    batches is its own model's (judged by logprobs; text may differ only at near-ties). Exit 0 only when
+    every check passed."""
     out.set_mode(json_mode=json)
     from ..smoke import DEFAULT_PROMPT, EXIT_SMOKE, format_report, run_smoke
 
