@@ -7,12 +7,12 @@ alone: every change is confirmed by reading the model list back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from pathlib import Path
 
 import requests
 
 from .errors import EXIT_ADMIN, EXIT_INPUT, LoraDeployError
+from .smoke import error_text
 
 
 
@@ -32,15 +32,6 @@ def _call(method: str, url: str, path: str, api_key: str | None, **kw) -> reques
     except requests.ConnectionError as e:
         raise LoraDeployError(f"cannot connect to {url}", exit_code=EXIT_ADMIN,
                               hint="is the server running, and is --url right?") from e
-
-
-def _detail(r: requests.Response) -> str:
-    """The server's error message, not its raw JSON body."""
-    try:
-        err = r.json().get("error", r.json())
-        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
-    except ValueError:
-        return r.text[:300]
 
 
 def list_models(url: str, api_key: str | None = None) -> list[ServedModel]:
@@ -111,7 +102,7 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
         raise LoraDeployError(f"the server already serves an adapter named {name!r}", exit_code=EXIT_ADMIN,
                               hint=f"unload it first (lora-deploy adapters unload {name}) or pick another name")
     if r.status_code >= 400:
-        raise LoraDeployError(f"loading {name!r} from {path} failed: HTTP {r.status_code} {_detail(r)}",
+        raise LoraDeployError(f"loading {name!r} from {path} failed: HTTP {r.status_code} {error_text(r)}",
                               exit_code=EXIT_ADMIN)
     listed = {m.id: m for m in list_models(url, api_key)}
     if name not in listed:
@@ -140,7 +131,7 @@ def unload_runtime_adapter(url: str, name: str, api_key: str | None = None, *, f
                               exit_code=EXIT_ADMIN, hint="pass --force to unload it anyway")
     r = _call("POST", url, "/v1/unload_lora_adapter", api_key, json={"lora_name": name})
     if r.status_code >= 400:
-        raise LoraDeployError(f"unloading {name!r} failed: HTTP {r.status_code} {_detail(r)}",
+        raise LoraDeployError(f"unloading {name!r} failed: HTTP {r.status_code} {error_text(r)}",
                               exit_code=EXIT_ADMIN)
     if any(m.id == name for m in list_models(url, api_key)):
         raise LoraDeployError(f"the server answered {r.status_code} but still lists {name!r}", exit_code=EXIT_ADMIN)

@@ -179,7 +179,7 @@ class _Client:
     def _raise_for_status(self, r: requests.Response, path: str, body: dict | None) -> None:
         if r.status_code < 400:
             return
-        detail = _error_text(r)
+        detail = error_text(r)
         if r.status_code == 401:
             raise LoraDeployError(f"{path}: 401 Unauthorized ({detail})", exit_code=EXIT_INPUT,
                                   hint="the server wants an API key: pass --api-key-env VAR with VAR set to it")
@@ -192,7 +192,8 @@ class _Client:
         raise LoraDeployError(f"{path}: HTTP {r.status_code} ({detail})", exit_code=EXIT_SMOKE)
 
 
-def _error_text(r: requests.Response) -> str:
+def error_text(r: requests.Response) -> str:
+    """The server's error message from an OpenAI-style error body, not the raw JSON."""
     try:
         body = r.json()
         err = body.get("error", body)
