@@ -336,9 +336,10 @@ def test_smoke_job_runs_the_smoke_module_with_images_already_in_use():
     images = {c["image"] for c in files["deployment.yaml"]["spec"]["template"]["spec"]["containers"]}
     assert {c["image"] for c in job["spec"]["template"]["spec"]["containers"]} <= images
     data = files["configmap.yaml"]["data"]
-    from lora_deploy import smoke
+    from lora_deploy import client, errors, smoke
 
-    assert data["lora_deploy_smoke.py"] == Path(smoke.__file__).read_text()
+    for module in (client, errors, smoke):  # the smoke Job runs exactly this code, and all it imports
+        assert data[f"lora_deploy_{Path(module.__file__).name}"] == Path(module.__file__).read_text()
     assert job["spec"]["backoffLimit"] >= 0 and job["spec"]["template"]["spec"]["restartPolicy"] == "Never"
 
 
@@ -413,7 +414,7 @@ def test_manifests_cli_writes_checks_and_refuses_to_overwrite(tmp_path):
     assert run_cli("manifests", str(spec), "--output", str(out), "--check")[0] == 0
     (out / "service.yaml").write_text("changed")
     rc, stdout, _ = run_cli("manifests", str(spec), "--output", str(out), "--check")
-    assert rc == 1 and "service.yaml" in stdout
+    assert rc == 6 and "service.yaml" in stdout  # out of date: a check that failed
     rc, _, stderr = run_cli("manifests", str(spec), "--output", str(out))
     assert rc == 5 and "--force" in stderr
     bad = tmp_path / "bad.yaml"
@@ -448,3 +449,22 @@ def test_spec_errors_come_all_at_once_with_the_closest_key():
     assert "replica: unknown key (did you mean replicas?)" in message
     assert "vllm.maxModelLength: unknown key (did you mean maxModelLen?)" in message
     assert "gpus: expected a whole number" in message
+
+
+def test_cross_field_spec_errors_come_all_at_once():
+    """Rules between keys (DNS names, pinned image, quantities) report every violation in one run too."""
+    with pytest.raises(InputError) as err:
+        parse_spec({**BASE, "name": "Support_Bot", "image": "vllm/vllm-openai:latest", "resources": {"memory": "lots"}})
+    message = err.value.message
+    assert message.startswith("3 problems")
+    assert "not a DNS-1123 name" in message and "is not pinned" in message and "not a Kubernetes quantity" in message
+
+
+def test_dynamic_moe_expert_adapters_are_marked_in_the_manifests():
+    spec = parse_spec({**BASE, "mode": "dynamic", "adapters": [
+        {"name": "experts", "path": "/models/adapters/experts", "rank": 8, "moeExperts": True},
+        {"name": "plain", "path": "/models/adapters/plain", "rank": 8}]})
+    args = render_manifests(spec).files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--enable-mixed-moe-lora-format" in args
+    modules = [json.loads(a) for a in args if a.startswith("{")]
+    assert [m.get("is_3d_lora_weight", False) for m in modules] == [True, False]

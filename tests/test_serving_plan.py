@@ -246,3 +246,48 @@ def test_a_busy_port_is_refused_before_vllm_starts(qwen, tmp_path):
         seconds = time.monotonic() - start
     assert rc == 7 and f"127.0.0.1:{port}" in stderr and "--port" in stderr, stderr
     assert seconds < 2
+
+
+def test_moe_expert_lora_gets_vllms_mixed_format_flag_on_gpu_builds(qwen, tmp_path, monkeypatch):
+    """PEFT saves LoRA on fused MoE experts (target_parameters) as 3-D tensors, which vLLM's 2-D MoE LoRA wrapper
+    refuses unless the engine runs --enable-mixed-moe-lora-format and the adapter is marked is_3d_lora_weight.
+    Pre-flight on a GPU build accepts and marks it; vLLM's own argument parser reads both from our command."""
+    import dataclasses
+
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from lora_deploy import serving
+    from lora_deploy.serving import ServeConfig, build_vllm_args
+
+    gpu = dataclasses.replace(serving.detect_vllm(), cpu=False)
+    monkeypatch.setattr(serving, "detect_vllm", lambda: gpu)
+    experts = make_adapter(qwen, tmp_path / "experts", target_modules=["q_proj"])
+    edit_json(experts / "adapter_config.json", target_parameters=["mlp.experts.gate_up_proj"])
+    attention = make_adapter(qwen, tmp_path / "attention", target_modules=["q_proj"])
+    report = check_adapters(str(qwen), {"experts": str(experts), "attention": str(attention)})
+    assert report.passed and [a.moe_3d for a in report.accepted] == [True, False]
+    cfg = ServeConfig(model=str(qwen), served_model_name="base", adapters=tuple(a.served() for a in report.accepted))
+    args, _, notes = build_vllm_args(cfg, cpu_build=False)
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", str(qwen), *args])
+    assert parsed.enable_mixed_moe_lora_format
+    assert [(m.name, m.is_3d_lora_weight) for m in parsed.lora_modules] == [("experts", True), ("attention", False)]
+    assert any("mixed-moe" in n for n in notes)
+    plain = ServeConfig(model=str(qwen), served_model_name="base", adapters=(report.accepted[1].served(),))
+    assert "--enable-mixed-moe-lora-format" not in build_vllm_args(plain, cpu_build=False)[0]
+
+
+def test_resolver_adapters_for_another_base_are_named_before_start(tmp_path):
+    """vLLM's filesystem resolver loads DIR/<name> only when base_model_name_or_path equals --model exactly,
+    and says nothing at start-up: pre-flight names the adapters that would never load, and only those."""
+    from lora_deploy.preflight import resolver_notes
+
+    for name, base in (("good", "/models/base"), ("stale", "meta-llama/Llama-3.1-8B")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "base_model_name_or_path": base}))
+    env = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path)}
+    notes = resolver_notes("/models/base", env)
+    assert len(notes) == 1 and "stale" in notes[0] and "'/models/base'" in notes[0]
+    assert resolver_notes("/models/base", {**env, "VLLM_PLUGINS": "something_else"}) == []
+    assert resolver_notes("/models/base", {}) == []

@@ -134,6 +134,23 @@ def test_runtime_load_and_unload_are_confirmed(server, client, example, tmp_path
     rc, _, stderr = run_cli("adapters", "load", "reply3", str(example.adapters["reply"]), "--url", url,
                             "--api-key-env", API_KEY_VAR)
     assert rc == 9 and "reserved for runtime adapters are in use (reply2)" in stderr, stderr
+    # --replace swaps the weights behind the name in place (vLLM load_inplace), no slot needed
+    rc, stdout, stderr = run_cli("adapters", "load", "reply2", str(example.adapters["classify"]), "--url", url,
+                                 "--api-key-env", API_KEY_VAR, "--replace", "--json")
+    assert rc == 0, stderr
+    replaced = json.loads(stdout)
+    assert replaced["replaced"] == str(example.adapters["reply"]) and replaced["model"]["root"] == str(
+        example.adapters["classify"])
+    assert complete(client, "reply2", PROMPTS[0]) == complete(client, "classify", PROMPTS[0])
+    # a replacement that answers like the base is refused and the previous weights are put back
+    zero = _scaled_adapter(example.adapters["reply"], tmp_path / "zero", 0.0)
+    rc, _, stderr = run_cli("adapters", "load", "reply2", str(zero), "--url", url, "--api-key-env", API_KEY_VAR,
+                            "--replace")
+    assert rc == 9 and "put back to" in stderr, stderr
+    assert complete(client, "reply2", PROMPTS[0]) == complete(client, "classify", PROMPTS[0])
+    rc, _, stderr = run_cli("adapters", "load", "nobody", str(zero), "--url", url, "--api-key-env", API_KEY_VAR,
+                            "--replace")
+    assert rc == 9 and "serves no adapter named 'nobody'" in stderr, stderr
     rc, stdout, stderr = run_cli("smoke", "--url", url, "--api-key-env", API_KEY_VAR, "--json")
     assert rc == 0, stdout + stderr
     # a startup adapter stays unless forced (the readiness probe requires it)
@@ -162,7 +179,7 @@ def test_a_runtime_adapter_for_another_base_is_refused_before_vllm_sees_it(serve
     assert "stranger" not in {m.id for m in client.models.list().data}
     rc, _, stderr = run_cli("adapters", "load", "classify", str(adapter), "--url", server.plan.url,
                             "--api-key-env", API_KEY_VAR)
-    assert rc == 9 and "already serves" in stderr and "{" not in stderr
+    assert rc == 9 and "already serves" in stderr and "--replace" in stderr and "{" not in stderr
 
 
 def _cli(*args: str, log: Path) -> subprocess.Popen:

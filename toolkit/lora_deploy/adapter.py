@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from ._files import read_json_object
@@ -83,6 +84,80 @@ class TokenRows:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """``adapter_config.json`` parsed once into the facts every rule reads (merge, pre-flight, inspect).
+
+    Missing keys take PEFT's defaults; ``missing`` names the required keys the file lacks (``r``,
+    ``lora_alpha``, ``target_modules``), so each caller decides whether that matters on its path.
+    """
+
+    peft_type: str
+    r: int | None
+    lora_alpha: float | None
+    target_modules: tuple[str, ...] | str | None
+    rank_pattern: dict
+    alpha_pattern: dict
+    use_rslora: bool
+    use_dora: bool
+    use_qalora: bool
+    use_bdlora: bool
+    bias: str
+    lora_bias: bool
+    modules_to_save: tuple[str, ...]
+    init_lora_weights: bool | str
+    layer_replication: bool
+    alora: bool
+    trainable_token_indices: bool
+    target_parameters: tuple[str, ...]
+    layers_to_transform: bool
+    base_model: str | None
+    missing: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config: dict) -> LoraSettings:
+        targets = config.get("target_modules")
+        return cls(
+            peft_type=str(config.get("peft_type", "")).upper(),
+            r=None if config.get("r") is None else int(config["r"]),
+            lora_alpha=None if config.get("lora_alpha") is None else float(config["lora_alpha"]),
+            target_modules=targets if targets is None or isinstance(targets, str) else tuple(targets),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            use_rslora=bool(config.get("use_rslora")),
+            use_dora=bool(config.get("use_dora")),
+            use_qalora=bool(config.get("use_qalora")),
+            use_bdlora=bool(config.get("use_bdlora")),
+            bias=str(config.get("bias") or "none"),
+            lora_bias=bool(config.get("lora_bias")),
+            modules_to_save=tuple(config.get("modules_to_save") or ()),
+            init_lora_weights=config.get("init_lora_weights", True),
+            layer_replication=bool(config.get("layer_replication")),
+            alora=bool(config.get("alora_invocation_tokens")),
+            trainable_token_indices=bool(config.get("trainable_token_indices")),
+            target_parameters=tuple(config.get("target_parameters") or ()),
+            layers_to_transform=config.get("layers_to_transform") is not None,
+            base_model=config.get("base_model_name_or_path"),
+            missing=tuple(k for k in ("r", "lora_alpha", "target_modules") if config.get(k) is None))
+
+    @property
+    def base_changing_init(self) -> str | None:
+        """An initialisation that rewrote the base weights during training (PiSSA, OLoRA...), else None."""
+        init = self.init_lora_weights
+        return init if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS) else None
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The config features beyond plain LoRA, as `inspect` lists them."""
+        found = (("use_rslora", self.use_rslora), ("use_dora", self.use_dora), ("rank_pattern", self.rank_pattern),
+                 ("alpha_pattern", self.alpha_pattern), ("layers_to_transform", self.layers_to_transform),
+                 ("regex target_modules", isinstance(self.target_modules, str)),
+                 ("modules_to_save", self.modules_to_save), ("trainable_token_indices", self.trainable_token_indices),
+                 ("lora_bias", self.lora_bias), ("target_parameters (MoE experts)", self.target_parameters),
+                 (f"bias={self.bias}", self.bias != "none"))
+        return tuple(name for name, present in found if present)
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
     """What an adapter is, as read from its folder: config facts, classified tensors and every problem found.
 
@@ -104,13 +179,18 @@ class AdapterInfo:
     def path(self) -> Path:
         return self.ref.path
 
+    @cached_property
+    def settings(self) -> LoraSettings:
+        """The config, parsed once."""
+        return LoraSettings.from_config(self.config)
+
     @property
     def peft_type(self) -> str:
         return str(self.config.get("peft_type", "LORA"))
 
     @property
     def base_model(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
+        return self.settings.base_model
 
     @property
     def ranks(self) -> list[int]:
@@ -214,36 +294,24 @@ def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: 
     problems: list[str] = []
     features: list[str] = []
 
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
+    settings = LoraSettings.from_config(config)
+    if settings.peft_type != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}; only LoRA adapters can be merged "
                         "(IA3, prefix tuning, prompt tuning and others change the forward pass, not the weights)")
-    missing = [k for k in ("r", "lora_alpha") if config.get(k) is None]
+    missing = [k for k in settings.missing if k != "target_modules"]
     if missing:
         problems.append(f"{CONFIG_FILE} lacks {', '.join(missing)}")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        problems.append(f"init_lora_weights={init!r} rewrites the base weights during training, so merging into "
-                        "the original base is wrong; convert the adapter to a plain LoRA first "
-                        "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
-    if config.get("layer_replication"):
+    if settings.base_changing_init:
+        problems.append(f"init_lora_weights={settings.init_lora_weights!r} rewrites the base weights during "
+                        "training, so merging into the original base is wrong; convert the adapter to a plain LoRA "
+                        "first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    if settings.layer_replication:
         problems.append("layer_replication duplicates base layers; the merged model would need a different "
                         "architecture, which no standard checkpoint can express")
-    if config.get("alora_invocation_tokens"):
+    if settings.alora:
         problems.append("aLoRA (alora_invocation_tokens) activates only after an invocation sequence and "
                         "cannot be folded into the weights")
-    for feature, present in (("use_rslora", config.get("use_rslora")), ("use_dora", config.get("use_dora")),
-                             ("rank_pattern", config.get("rank_pattern")),
-                             ("alpha_pattern", config.get("alpha_pattern")),
-                             ("layers_to_transform", config.get("layers_to_transform") is not None),
-                             ("regex target_modules", isinstance(config.get("target_modules"), str)),
-                             ("modules_to_save", config.get("modules_to_save")),
-                             ("trainable_token_indices", config.get("trainable_token_indices")),
-                             ("lora_bias", config.get("lora_bias")),
-                             ("target_parameters (MoE experts)", config.get("target_parameters")),
-                             (f"bias={config.get('bias')}", config.get("bias") not in (None, "none"))):
-        if present:
-            features.append(feature)
+    features.extend(settings.features)
 
     modules, replacements, token_rows = [], [], []
     if not missing:

@@ -9,39 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import requests
-
-from .errors import EXIT_ADMIN, EXIT_INPUT, LoraDeployError
-from .smoke import error_text
+from .client import Endpoint, ServedModel, error_text
+from .errors import EXIT_ADMIN, LoraDeployError
 
 
-
-@dataclass(frozen=True)
-class ServedModel:
-    """A model the server lists: its id, its parent (None for the base), and where it was loaded from."""
-
-    id: str
-    parent: str | None
-    root: str | None
-
-
-def _call(method: str, url: str, path: str, api_key: str | None, **kw) -> requests.Response:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        return requests.request(method, url.rstrip("/").removesuffix("/v1") + path, headers=headers, timeout=120, **kw)
-    except requests.ConnectionError as e:
-        raise LoraDeployError(f"cannot connect to {url}", exit_code=EXIT_ADMIN,
-                              hint="is the server running, and is --url right?") from e
+def _endpoint(url: str, api_key: str | None) -> Endpoint:
+    # loads can take a while (weights read from disk); one retry only: a change is not idempotent
+    return Endpoint(url, api_key, timeout=120.0, retries=1, failure_exit=EXIT_ADMIN)
 
 
 def list_models(url: str, api_key: str | None = None) -> list[ServedModel]:
-    r = _call("GET", url, "/v1/models", api_key)
-    if r.status_code == 401:
-        raise LoraDeployError("401 Unauthorized: the server wants an API key", exit_code=EXIT_INPUT,
-                              hint="pass --api-key-env VAR with VAR set to the key")
-    if r.status_code != 200:
-        raise LoraDeployError(f"/v1/models answered HTTP {r.status_code}: {r.text[:200]}", exit_code=EXIT_ADMIN)
-    return [ServedModel(m["id"], m.get("parent"), m.get("root")) for m in r.json().get("data", [])]
+    """The models a server lists, with each adapter's parent and root."""
+    return _endpoint(url, api_key).models()
 
 
 @dataclass(frozen=True)
@@ -51,28 +30,43 @@ class RuntimeLoad:
     model: ServedModel
     preflight: str  # "passed", or why it could not run here
     distance_to_base: float | None  # mean |d logprob| of the top-5 tokens on the smoke probe (nats)
+    replaced: str | None = None  # the path the adapter was served from before a --replace
 
 
 def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = None, *,
-                         preflight: bool = True) -> RuntimeLoad:
+                         preflight: bool = True, replace: bool = False) -> RuntimeLoad:
     """Load an adapter into a running vLLM, safely: pre-flight first, then confirm it is listed and applied.
 
     Pre-flight is the same as ``dynamic``'s, against the base the server reports as its root (when that folder
     and the adapter exist on this machine): an adapter for another base is refused before vLLM sees it.
     After the load, the adapter must answer the smoke probe unlike the base (output distributions, as the
-    smoke test judges them); one that answers exactly like the base is unloaded again and reported.
+    smoke test judges them); one that answers exactly like the base is unloaded again (or, after a
+    ``replace``, put back to the adapter it replaced) and reported.
+
+    ``replace`` swaps the weights behind an adapter name already served (vLLM's ``load_inplace``): clients
+    keep the name, the slot count does not change, and a startup adapter may be replaced without ``--force``.
     """
     from .preflight import check_adapters, require_passed
-    from .smoke import APPLIED_MIN_NATS, DEFAULT_PROMPT, _Client, _probe
+    from .smoke import APPLIED_MIN_NATS, DEFAULT_PROMPT, probe_model
 
-    served = list_models(url, api_key)
-    if any(m.id == name for m in served):
-        raise LoraDeployError(f"the server already serves a model named {name!r}", exit_code=EXIT_ADMIN,
-                              hint=f"unload it first (lora-deploy adapters unload {name}) or pick another name")
+    server = _endpoint(url, api_key)
+    served = server.models()
+    previous = next((m for m in served if m.id == name), None)
+    if previous is not None and not previous.parent:
+        raise LoraDeployError(f"{name!r} is the server's base model, not an adapter", exit_code=EXIT_ADMIN,
+                              hint="pick another name for the adapter")
+    if previous is not None and not replace:
+        raise LoraDeployError(f"the server already serves an adapter named {name!r} (from {previous.root})",
+                              exit_code=EXIT_ADMIN,
+                              hint=f"pass --replace to swap its weights in place (clients keep the name), or "
+                                   f"unload it first (lora-deploy adapters unload {name}), or pick another name")
+    if previous is None and replace:
+        raise LoraDeployError(f"--replace: the server serves no adapter named {name!r}", exit_code=EXIT_ADMIN,
+                              hint="drop --replace to load it as a new adapter")
     from .launcher import read_record
 
     record = read_record(url)
-    if record is not None:
+    if record is not None and previous is None:
         runtime = [m.id for m in served if m.parent and m.id not in record.startup_adapters]
         if len(runtime) >= record.runtime_slots:
             raise LoraDeployError(
@@ -82,43 +76,59 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
                      "load beyond them would take the empty slot that keeps base answers correct)")
     base = next((m for m in served if not m.parent), None)
     verdict = "skipped: no base model listed"
+    moe_3d = False
     if preflight and base is not None:
         if base.root and Path(base.root).is_dir() and Path(path).exists():
             report = check_adapters(base.root, {name: path})
             require_passed(report)
-            path = str(report.accepted[0].path)
+            path, moe_3d = str(report.accepted[0].path), report.accepted[0].moe_3d
             verdict = "passed"
         else:
             verdict = f"skipped: the base ({base.root}) or the adapter is not a folder on this machine"
     elif not preflight:
         verdict = "skipped: --no-preflight"
-    r = _call("POST", url, "/v1/load_lora_adapter", api_key, json={"lora_name": name, "lora_path": path})
+    _load(server, name, path, inplace=replace, moe_3d=moe_3d)
+    listed = {m.id: m for m in server.models()}
+    if name not in listed or (replace and listed[name].root != path):
+        raise LoraDeployError(f"the server accepted the load but does not list {name!r} from {path}: the load "
+                              "did not happen", exit_code=EXIT_ADMIN, hint="check that the path exists on the server")
+    distance = None
+    if base is not None:
+        ours, theirs = (probe_model(server, m, DEFAULT_PROMPT, 8) for m in (name, base.id))
+        distance = ours.distance(theirs)
+        if distance <= APPLIED_MIN_NATS:
+            if previous is not None and previous.root:
+                _load(server, name, previous.root, inplace=True, moe_3d=moe_3d)
+                undone = f"put back to {previous.root}"
+            else:
+                unload_runtime_adapter(url, name, api_key, force=True)
+                undone = "unloaded again"
+            raise LoraDeployError(f"{name!r} loaded but answers exactly like the base {base.id!r} (distance "
+                                  f"{distance:.3g} nats): {undone}", exit_code=EXIT_ADMIN,
+                                  hint="the adapter's lora_B is zero, or it does not target this model's modules")
+    return RuntimeLoad(listed[name], verdict, None if distance is None else round(distance, 6),
+                       previous.root if previous is not None else None)
+
+
+def _load(server: Endpoint, name: str, path: str, *, inplace: bool, moe_3d: bool = False) -> None:
+    body: dict = {"lora_name": name, "lora_path": path}
+    if inplace:
+        body["load_inplace"] = True
+    if moe_3d:  # fused MoE expert LoRA: vLLM reads the weight layout from the request
+        body["is_3d_lora_weight"] = True
+    r = server.request("POST", "/v1/load_lora_adapter", json=body, check=False, retries=0)
     if r.status_code == 404 and "load_lora_adapter" in r.text or r.status_code == 405:
         raise LoraDeployError("the server does not allow runtime adapter loading", exit_code=EXIT_ADMIN,
                               hint="start it with lora-deploy dynamic --allow-runtime-adapters")
-    if r.status_code == 401:
-        list_models(url, api_key)  # raises the one 401 message
     if r.status_code >= 400 and "already" in r.text.lower():
         raise LoraDeployError(f"the server already serves an adapter named {name!r}", exit_code=EXIT_ADMIN,
-                              hint=f"unload it first (lora-deploy adapters unload {name}) or pick another name")
+                              hint=f"pass --replace to swap its weights in place, or unload it first "
+                                   f"(lora-deploy adapters unload {name})")
+    if r.status_code == 401:
+        server.raise_for_status(r, "/v1/load_lora_adapter")
     if r.status_code >= 400:
         raise LoraDeployError(f"loading {name!r} from {path} failed: HTTP {r.status_code} {error_text(r)}",
                               exit_code=EXIT_ADMIN)
-    listed = {m.id: m for m in list_models(url, api_key)}
-    if name not in listed:
-        raise LoraDeployError(f"the server answered {r.status_code} but does not list {name!r}: the load did not "
-                              "happen", exit_code=EXIT_ADMIN, hint="check that the path exists on the server")
-    distance = None
-    if base is not None:
-        client = _Client(url, api_key, 60.0, 2)
-        ours, theirs = (_probe(client, m, DEFAULT_PROMPT, 8, [True]) for m in (name, base.id))
-        distance = ours.distance(theirs)
-        if distance <= APPLIED_MIN_NATS:
-            unload_runtime_adapter(url, name, api_key, force=True)
-            raise LoraDeployError(f"{name!r} loaded but answers exactly like the base {base.id!r} (distance "
-                                  f"{distance:.3g} nats): unloaded again", exit_code=EXIT_ADMIN,
-                                  hint="the adapter's lora_B is zero, or it does not target this model's modules")
-    return RuntimeLoad(listed[name], verdict, None if distance is None else round(distance, 6))
 
 
 def unload_runtime_adapter(url: str, name: str, api_key: str | None = None, *, force: bool = False) -> None:
@@ -129,9 +139,12 @@ def unload_runtime_adapter(url: str, name: str, api_key: str | None = None, *, f
     if record is not None and name in record.startup_adapters and not force:
         raise LoraDeployError(f"{name!r} was served from the start: the readiness probe and clients expect it",
                               exit_code=EXIT_ADMIN, hint="pass --force to unload it anyway")
-    r = _call("POST", url, "/v1/unload_lora_adapter", api_key, json={"lora_name": name})
+    server = _endpoint(url, api_key)
+    r = server.request("POST", "/v1/unload_lora_adapter", json={"lora_name": name}, check=False, retries=0)
+    if r.status_code == 401:
+        server.raise_for_status(r, "/v1/unload_lora_adapter")
     if r.status_code >= 400:
         raise LoraDeployError(f"unloading {name!r} failed: HTTP {r.status_code} {error_text(r)}",
                               exit_code=EXIT_ADMIN)
-    if any(m.id == name for m in list_models(url, api_key)):
+    if any(m.id == name for m in server.models()):
         raise LoraDeployError(f"the server answered {r.status_code} but still lists {name!r}", exit_code=EXIT_ADMIN)

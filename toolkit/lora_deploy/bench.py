@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import requests
 
-from .smoke import DEFAULT_PROMPT, iter_sse
+from .client import Endpoint, iter_sse
+from .errors import EXIT_SMOKE, LoraDeployError
+from .smoke import DEFAULT_PROMPT
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,13 @@ def _pct(values: list[float], q: float) -> float:
     return values[k]
 
 
-def _one(url: str, model: str, prompt: str, max_tokens: int, headers: dict, timeout: float):
+def _one(server: Endpoint, model: str, prompt: str, max_tokens: int):
     start = time.monotonic()
     stamps: list[float] = []
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     tokens = 0
-    with requests.post(f"{url}/v1/completions", json=body, headers=headers, stream=True, timeout=timeout) as r:
-        r.raise_for_status()
+    with server.request("POST", "/v1/completions", json=body, stream=True, retries=0) as r:
         for chunk in iter_sse(r):
             if chunk.get("usage"):
                 tokens = chunk["usage"].get("completion_tokens", tokens)
@@ -81,9 +82,9 @@ def run_load(url: str, models: list[str], *, concurrency: int = 8, requests_per_
              max_tokens: int = 32, prompt: str = DEFAULT_PROMPT, api_key: str | None = None,
              timeout: float = 120.0, max_seconds: float = 600.0) -> BenchReport:
     """Send ``requests_per_model`` streamed requests per model, ``concurrency`` at a time."""
-    url = url.rstrip("/").removesuffix("/v1")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    _one(url, models[0], prompt, 4, headers, timeout)  # warm-up: first-request costs are not load
+    server = Endpoint(url, api_key, timeout=timeout, failure_exit=EXIT_SMOKE)
+    url = server.url
+    _one(server, models[0], prompt, 4)  # warm-up: first-request costs are not load
     jobs = [m for _ in range(requests_per_model) for m in models]
     results: dict[str, list] = {m: [] for m in models}
     failures = {m: 0 for m in models}
@@ -94,8 +95,8 @@ def run_load(url: str, models: list[str], *, concurrency: int = 8, requests_per_
         if time.monotonic() > deadline:
             return
         try:
-            res = _one(url, model, prompt, max_tokens, headers, timeout)
-        except requests.RequestException:
+            res = _one(server, model, prompt, max_tokens)
+        except (requests.RequestException, LoraDeployError):
             with lock:
                 failures[model] += 1
             return

@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .client import Endpoint
+from .errors import EXIT_SMOKE
 from .example import PROMPT_TEMPLATE, TICKETS
 from .launcher import ServeOptions, VllmServer, plan_launch
 from .serving import ServeConfig, ServedAdapter
@@ -22,18 +24,8 @@ from .smoke import format_report, run_smoke
 PROMPTS = [PROMPT_TEMPLATE.format(message=ms[1]) for ms in TICKETS.values()]
 
 
-def _answers(url: str, models: list[str]) -> dict[str, list[str]]:
-    import requests
-
-    out: dict[str, list[str]] = {}
-    for m in models:
-        out[m] = []
-        for p in PROMPTS:
-            r = requests.post(f"{url}/v1/completions", json={"model": m, "prompt": p, "max_tokens": 16,
-                                                             "temperature": 0}, timeout=60)
-            r.raise_for_status()
-            out[m].append(r.json()["choices"][0]["text"])
-    return out
+def _answers(server: Endpoint, models: list[str]) -> dict[str, list[str]]:
+    return {m: [server.complete(m, p, 16)["text"] for p in PROMPTS] for m in models}
 
 
 def _run(cfg: ServeConfig, log: Path) -> dict[str, list[str]]:
@@ -44,8 +36,8 @@ def _run(cfg: ServeConfig, log: Path) -> dict[str, list[str]]:
         report = run_smoke(plan.url, models=plan.expected_models, base_model=plan.expected_models[0])
         print(format_report(report), flush=True)
         if not report.passed:
-            raise SystemExit(8)
-        return _answers(plan.url, plan.expected_models)
+            raise SystemExit(EXIT_SMOKE)
+        return _answers(server.endpoint(), plan.expected_models)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import InputError, LoraDeployError
+from .errors import EXIT_INPUT, InputError, LoraDeployError
 from .k8s_validate import KEDA_API, LWS_API, CrdSchema, validate_manifests
 from .serving import ServeConfig, ServedAdapter, build_vllm_args
 from .spec import DeploySpec
@@ -74,18 +74,21 @@ class RenderedManifests:
 
 
 def resolve_ranks(spec: DeploySpec) -> tuple[ServedAdapter, ...]:
-    """Each adapter's rank: from the spec, else read from the adapter folder when it is readable here."""
+    """Each adapter's rank (and whether it is MoE expert LoRA): from the spec, else read from the adapter folder
+    when it is readable here."""
     from .adapter import load_adapter
 
     out = []
     for i, a in enumerate(spec.adapters):
-        rank = a.rank
-        if rank is None:
+        rank, moe = a.rank, a.moe_experts
+        if rank is None or (moe is None and Path(a.path).is_dir()):
             if not Path(a.path).is_dir():
                 raise InputError(f"adapters[{i}] ({a.name}): no rank given and {a.path} is not readable here",
                                  hint="add rank: (the adapter's largest r, rank_pattern included)")
-            rank = load_adapter(a.path).max_rank
-        out.append(ServedAdapter(a.name, a.path, rank))
+            info = load_adapter(a.path)
+            rank = info.max_rank if rank is None else rank
+            moe = bool(info.settings.target_parameters) if moe is None else moe
+        out.append(ServedAdapter(a.name, a.path, rank, bool(moe)))
     return tuple(out)
 
 
@@ -255,6 +258,10 @@ def _download_init(spec: DeploySpec, mounts: list[dict]) -> list[dict]:
     return [init]
 
 
+# The modules the smoke Job mounts from the ConfigMap: the smoke test and all it imports (no torch, only requests)
+SMOKE_MODULES = ("errors", "client", "smoke")
+
+
 def _config_map(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> dict:
     models = [spec.base_name] + [a.name for a in adapters]
     url = f"http://{spec.name}.{spec.namespace}.svc:{spec.service.port}"
@@ -270,8 +277,7 @@ def _config_map(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> dict:
         "smoke_job.py": SMOKE_JOB_SCRIPT,
         # the smoke test's own code, so the Job checks exactly what `lora-deploy smoke` checks
         "lora_deploy__init__.py": '"""lora-deploy smoke test (mounted by the smoke Job)."""\n',
-        "lora_deploy_errors.py": pkg.joinpath("errors.py").read_text(),
-        "lora_deploy_smoke.py": pkg.joinpath("smoke.py").read_text(),
+        **{f"lora_deploy_{m}.py": pkg.joinpath(f"{m}.py").read_text() for m in SMOKE_MODULES},
     }
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(spec, f"{spec.name}-config"), "data": data}
 
@@ -332,8 +338,7 @@ def _smoke_job(spec: DeploySpec) -> dict:
         env.append(_secret_env("VLLM_API_KEY", spec.api_key_secret.name, spec.api_key_secret.key))
     items = [{"key": "smoke_job.py", "path": "smoke_job.py"},
              {"key": "lora_deploy__init__.py", "path": "lora_deploy/__init__.py"},
-             {"key": "lora_deploy_errors.py", "path": "lora_deploy/errors.py"},
-             {"key": "lora_deploy_smoke.py", "path": "lora_deploy/smoke.py"}]
+             *({"key": f"lora_deploy_{m}.py", "path": f"lora_deploy/{m}.py"} for m in SMOKE_MODULES)]
     container = {"name": "smoke-test", "image": spec.image, "imagePullPolicy": "IfNotPresent",
                  "command": ["python3", f"{SMOKE_DIR}/smoke_job.py"], "env": env,
                  "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
@@ -453,7 +458,7 @@ def write_manifests(rendered: RenderedManifests, output: Path, *, force: bool = 
     problems = validate_manifests(rendered.files, crds=crds)
     if problems:
         raise LoraDeployError("refusing to write manifests that fail their schemas:\n"
-                              + "\n".join(f"  - {p}" for p in problems), exit_code=3)
+                              + "\n".join(f"  - {p}" for p in problems), exit_code=EXIT_INPUT)
     output = Path(output)
     if output.exists() and not force and any(output.iterdir()):
         from .errors import OutputError

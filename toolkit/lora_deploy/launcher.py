@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import requests
-
+from .client import Endpoint
 from .errors import EXIT_SERVER, LoraDeployError
 from .serving import ServeConfig, VllmInstall, build_env, build_vllm_args, model_max_len, require_vllm
 
@@ -136,12 +135,14 @@ class VllmServer:
     def pgid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+    def endpoint(self) -> Endpoint:
+        """The client for this server's API (with its key)."""
+        return Endpoint(self.plan.url, self.api_key)
 
     def wait_ready(self, timeout: float = 600.0, poll: float = 1.0) -> None:
         """Block until /health answers 200 and /v1/models lists every expected model; fail fast if vLLM dies."""
         deadline = time.monotonic() + timeout
+        endpoint = self.endpoint()
         missing: list[str] = list(self.plan.expected_models)
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
@@ -149,17 +150,10 @@ class VllmServer:
                 raise LoraDeployError(f"vLLM exited during start-up (exit code {code}); log: {self.log_path}\n"
                                       + self.log_tail(), exit_code=EXIT_SERVER,
                                       hint="the log's last lines above say why; check the flags and the model")
-            try:
-                if requests.get(f"{self.plan.url}/health", timeout=5).status_code == 200:
-                    listed = requests.get(f"{self.plan.url}/v1/models", headers=self._headers(), timeout=5)
-                    if listed.status_code == 200:
-                        ids = {m["id"] for m in listed.json().get("data", [])}
-                        missing = [m for m in self.plan.expected_models if m not in ids]
-                        if not missing:
-                            self._write_record()
-                            return
-            except requests.RequestException:
-                pass
+            missing = endpoint.ready(self.plan.expected_models)
+            if not missing:
+                self._write_record()
+                return
             time.sleep(poll)
         raise LoraDeployError(f"vLLM was not ready within {timeout:.0f} s (still missing: {', '.join(missing)}); "
                               f"log: {self.log_path}\n" + self.log_tail(), exit_code=EXIT_SERVER,
@@ -265,7 +259,8 @@ def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=
     ``on_started(server)`` runs once the process exists (to report the log path); ``on_ready(report)``
     once the smoke test has run (``report`` is None with smoke disabled). vLLM is stopped in every case.
     """
-    from .smoke import DEFAULT_PROMPT, EXIT_SMOKE, run_smoke
+    from .errors import EXIT_SMOKE
+    from .smoke import DEFAULT_PROMPT, run_smoke
 
     server = VllmServer(plan, log_path=options.log_path)
     previous = signal.signal(signal.SIGTERM, _raise_system_exit)

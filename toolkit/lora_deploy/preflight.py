@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import PREFIX, AdapterInfo, load_adapter
+from .adapter import CONFIG_FILE, PREFIX, AdapterInfo, LoraSettings, load_adapter
 from .errors import EXIT_INPUT, InputError, LoraDeployError, UnsupportedError
 from .hub import ResolvedRef, resolve_ref
 from .serving import ALLOWED_LORA_RANKS, ServedAdapter
@@ -43,9 +44,10 @@ class CheckedAdapter:
     path: Path
     rank: int
     normalised: bool = False
+    moe_3d: bool = False  # LoRA on fused MoE expert parameters: served with vLLM's mixed MoE LoRA format
 
     def served(self) -> ServedAdapter:
-        return ServedAdapter(self.name, str(self.path), self.rank)
+        return ServedAdapter(self.name, str(self.path), self.rank, self.moe_3d)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | 
             refusals.extend(found)
             continue
         path = info.path
-        patterned = bool(info.config.get("rank_pattern") or info.config.get("alpha_pattern"))
+        patterned = bool(info.settings.rank_pattern or info.settings.alpha_pattern)
         normalised = False
         if patterned and not (vllm_honours_patterns() if honours_patterns is None else honours_patterns):
             target = (normalise_dir or Path(".lora-deploy")) / "normalised" / name
@@ -123,7 +125,8 @@ def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | 
             normalised = True
             notes.append(f"adapter {name}: this vLLM ignores rank_pattern/alpha_pattern; serving a copy with each "
                          f"module's scale folded into lora_B ({path})")
-        accepted.append(CheckedAdapter(name, source, path, info.max_rank, normalised))
+        accepted.append(CheckedAdapter(name, source, path, info.max_rank, normalised,
+                                       bool(info.settings.target_parameters)))
     return PreflightReport(base, accepted, refusals, notes)
 
 
@@ -162,56 +165,55 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
            max_lora_rank: int | None, base_config: dict | None = None) -> list[Refusal]:
     from .merge import fit_problems
 
-    cfg = info.config
+    st = info.settings
     out: list[Refusal] = []
     merged = _merge_hint(base, info.ref.source)
 
     def refuse(rule: str, message: str, fix: str = merged) -> None:
         out.append(Refusal(name, rule, message, fix))
 
-    if str(cfg.get("peft_type", "")).upper() != "LORA":
-        refuse("LoRA only", f"peft_type is {cfg.get('peft_type')!r}; vLLM serves LoRA adapters only",
+    if st.peft_type != "LORA":
+        refuse("LoRA only", f"peft_type is {info.config.get('peft_type')!r}; vLLM serves LoRA adapters only",
                "retrain as LoRA, or merge it with PEFT's own tools")
         return out
-    missing = [k for k in ("r", "lora_alpha", "target_modules") if cfg.get(k) is None]
-    if missing:
-        refuse("required config fields", f"adapter_config.json lacks {', '.join(missing)}",
+    if st.missing:
+        refuse("required config fields", f"adapter_config.json lacks {', '.join(st.missing)}",
                "add the missing fields (PEFT writes them all on save_pretrained)")
         return out
-    largest = max([int(cfg["r"]), *[int(v) for v in (cfg.get("rank_pattern") or {}).values()], info.max_rank])
+    largest = max([st.r, *[int(v) for v in st.rank_pattern.values()], info.max_rank])
     limit = max_lora_rank if max_lora_rank is not None else ALLOWED_LORA_RANKS[-1]
     if largest > limit:
         refuse("rank limit", f"rank {largest} is above --max-lora-rank {limit}",
                merged if max_lora_rank is None else f"raise --max-lora-rank to at least {largest}, or {merged}")
-    if cfg.get("use_dora"):
+    if st.use_dora:
         refuse("DoRA", "use_dora: vLLM does not serve DoRA adapters")
-    mts = [m for m in (cfg.get("modules_to_save") or []) if m not in ("classifier", "score")]
+    mts = [m for m in st.modules_to_save if m not in ("classifier", "score")]
     if mts:
         refuse("modules_to_save", f"modules_to_save {mts}: vLLM serves no full replacement modules")
-    if cfg.get("bias", "none") != "none":
-        refuse("bias", f"bias={cfg.get('bias')!r}: vLLM does not serve trained biases")
-    if cfg.get("lora_bias"):
+    if st.bias != "none":
+        refuse("bias", f"bias={st.bias!r}: vLLM does not serve trained biases")
+    if st.lora_bias:
         refuse("LoRA bias", "lora_bias=True: vLLM removed LoRA bias support")
-    init = cfg.get("init_lora_weights", True)
+    init = st.init_lora_weights
     if isinstance(init, str) and init.lower() not in _VLLM_OK_INITS:
         refuse("initialisation", f"init_lora_weights={init!r} rewrites the base weights; vLLM serves the original base",
                "convert it to a plain LoRA (PEFT: path_initial_model_for_weight_conversion), then serve or merge it")
-    if cfg.get("alora_invocation_tokens"):
+    if st.alora:
         refuse("aLoRA", "activated LoRA (alora_invocation_tokens) is not served by vLLM", "retrain as plain LoRA")
-    if cfg.get("layer_replication"):
+    if st.layer_replication:
         refuse("layer_replication", "layer_replication is not served by vLLM", "retrain without layer_replication")
-    if cfg.get("trainable_token_indices"):
+    if st.trainable_token_indices:
         refuse("trainable tokens", "trainable_token_indices: vLLM does not load trained token rows")
-    if cfg.get("use_bdlora"):
+    if st.use_bdlora:
         refuse("BD-LoRA", "use_bdlora: vLLM does not serve block-diagonal LoRA")
-    if cfg.get("use_qalora"):
+    if st.use_qalora:
         refuse("QALoRA", "use_qalora: vLLM does not support QALoRA", "retrain as plain LoRA")
-    if cfg.get("target_parameters"):
+    if st.target_parameters:
         from .serving import detect_vllm
 
         install = detect_vllm()
         if install is not None and install.cpu:
-            refuse("MoE expert LoRA", f"target_parameters {cfg['target_parameters']}: LoRA on fused MoE expert "
+            refuse("MoE expert LoRA", f"target_parameters {list(st.target_parameters)}: LoRA on fused MoE expert "
                    "parameters is not served by vLLM's CPU build (it needs the fused-MoE LoRA kernels)")
     quant = (base_config or {}).get("quantization_config") or {}
     if quant:
@@ -307,3 +309,36 @@ def require_passed(report: PreflightReport) -> None:
 
 
 __all__ = ["check_adapters", "normalise_scales", "require_passed", "PreflightReport", "Refusal", "PREFIX"]
+
+
+def resolver_notes(model: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """Adapters vLLM's filesystem LoRA resolver would never load for this server, and why.
+
+    With ``VLLM_LORA_RESOLVER_CACHE_DIR`` set (and the ``lora_filesystem_resolver`` plugin enabled, as it is
+    when ``VLLM_PLUGINS`` is unset), a request naming an unknown model loads ``DIR/<name>`` on the fly, but only
+    when the adapter's ``base_model_name_or_path`` equals the server's ``--model`` string exactly; otherwise
+    clients get "model does not exist". vLLM says nothing at start-up, so this says it before.
+    """
+    import os
+
+    env = os.environ if env is None else env
+    folder = env.get("VLLM_LORA_RESOLVER_CACHE_DIR")
+    plugins = env.get("VLLM_PLUGINS")
+    if not folder or (plugins is not None and "lora_filesystem_resolver" not in plugins.split(",")):
+        return []
+    root = Path(folder)
+    if not root.is_dir():
+        return [f"VLLM_LORA_RESOLVER_CACHE_DIR={folder} is not a folder: vLLM refuses to start with it"]
+
+    notes = []
+    for config in sorted(root.glob(f"*/{CONFIG_FILE}")):
+        try:
+            base = LoraSettings.from_config(json.loads(config.read_text())).base_model
+        except (OSError, ValueError, TypeError):
+            notes.append(f"resolver adapter {config.parent.name}: {config} is not readable JSON")
+            continue
+        if base != model:
+            notes.append(f"resolver adapter {config.parent.name}: base_model_name_or_path is {base!r}, not this "
+                         f"server's --model {model!r}, so vLLM's filesystem resolver will not load it (set it to "
+                         f"{model!r} in {config})")
+    return notes

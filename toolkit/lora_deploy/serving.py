@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from .errors import InputError, LoraDeployError
+from .errors import EXIT_SERVER, InputError, LoraDeployError
 
 # vLLM's accepted --max-lora-rank values (vllm/config/lora.py: MaxLoRARanks)
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -66,7 +66,7 @@ def detect_vllm() -> VllmInstall | None:
 def require_vllm() -> VllmInstall:
     install = detect_vllm()
     if install is None:
-        raise LoraDeployError("vLLM is not installed in this environment", exit_code=1,
+        raise LoraDeployError("vLLM is not installed in this environment", exit_code=EXIT_SERVER,
                               hint="pip install 'lora-deploy[gpu]' (CUDA) or 'lora-deploy[cpu]' (CPU build)")
     return install
 
@@ -78,6 +78,7 @@ class ServedAdapter:
     name: str
     path: str
     rank: int
+    moe_3d: bool = False  # LoRA on fused MoE expert parameters (PEFT target_parameters): 3-D weights
 
 
 @dataclass(frozen=True)
@@ -163,9 +164,12 @@ def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | N
 
 
 def lora_module_arg(adapter: ServedAdapter, base_name: str) -> str:
-    """The JSON --lora-modules entry, with base_model_name so /v1/models reports the parent."""
-    return json.dumps({"name": adapter.name, "path": adapter.path, "base_model_name": base_name},
-                      separators=(",", ":"))
+    """The JSON --lora-modules entry, with base_model_name so /v1/models reports the parent (and
+    ``is_3d_lora_weight`` for fused MoE expert LoRA, which vLLM reads only from the request)."""
+    entry = {"name": adapter.name, "path": adapter.path, "base_model_name": base_name}
+    if adapter.moe_3d:
+        entry["is_3d_lora_weight"] = True
+    return json.dumps(entry, separators=(",", ":"))
 
 
 def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | None = None,
@@ -203,6 +207,12 @@ def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | N
                  "--max-cpu-loras", str(flags.max_cpu_loras)]
         if cfg.tensor_parallel_size > 1:
             args.append("--fully-sharded-loras")
+        if any(a.moe_3d for a in cfg.adapters) and not _has_flag(cfg.extra_args, "--enable-mixed-moe-lora-format"):
+            # PEFT saves expert LoRA as fused 3-D tensors; vLLM's 2-D MoE LoRA wrapper (most MoE models) refuses
+            # them unless the engine takes both formats and the request marks the adapter as 3-D
+            args.append("--enable-mixed-moe-lora-format")
+            notes.append("MoE expert LoRA (target_parameters): --enable-mixed-moe-lora-format, and the adapter is "
+                         "marked is_3d_lora_weight in --lora-modules")
         if cfg.adapters:
             args.append("--lora-modules")
             args += [lora_module_arg(a, cfg.served_model_name) for a in cfg.adapters]

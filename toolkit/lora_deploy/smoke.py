@@ -21,15 +21,13 @@ models can be compared there; later tokens while their answers agree):
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import requests
-
-from .errors import EXIT_INPUT, EXIT_SMOKE, LoraDeployError
+from .client import Endpoint, iter_sse
+from .errors import EXIT_SMOKE, LoraDeployError
 
 DEFAULT_PROMPT = "Customer: I lost my password.\nAgent:"
 # Mean |difference| of top-K log-probabilities (nats) above which two models count as different.
@@ -145,74 +143,16 @@ class SmokeReport:
     passed: bool = field(default=False)
 
 
-class _Client:
-    def __init__(self, url: str, api_key: str | None, timeout: float, retries: int):
-        self.url = url.rstrip("/")
-        if self.url.endswith("/v1"):
-            self.url = self.url[:-3]
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.timeout = timeout
-        self.retries = retries
-
-    def request(self, method: str, path: str, **kw) -> requests.Response:
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            try:
-                r = requests.request(method, self.url + path, headers=self.headers, timeout=self.timeout, **kw)
-            except requests.ConnectionError as e:
-                last = e
-                time.sleep(min(2.0, 0.5 * (attempt + 1)))
-                continue
-            except requests.Timeout as e:
-                raise LoraDeployError(f"{method} {self.url}{path} timed out after {self.timeout:.0f} s",
-                                      exit_code=EXIT_SMOKE,
-                                      hint="the server is overloaded or stuck; raise --timeout") from e
-            if r.status_code >= 500 and attempt < self.retries:
-                time.sleep(0.5 * (attempt + 1))
-                continue
-            self._raise_for_status(r, path, kw.get("json"))
-            return r
-        raise LoraDeployError(f"cannot connect to {self.url} ({last.__class__.__name__}: connection refused or "
-                              "host unreachable)", exit_code=EXIT_SMOKE,
-                              hint="is the server running, and is --url right (scheme, host, port)?")
-
-    def _raise_for_status(self, r: requests.Response, path: str, body: dict | None) -> None:
-        if r.status_code < 400:
-            return
-        detail = error_text(r)
-        if r.status_code == 401:
-            raise LoraDeployError(f"{path}: 401 Unauthorized ({detail})", exit_code=EXIT_INPUT,
-                                  hint="the server wants an API key: pass --api-key-env VAR with VAR set to it")
-        if r.status_code == 404 and body and "model" in body:
-            raise LoraDeployError(f"{path}: 404, model {body['model']!r} is unknown to the server ({detail})",
-                                  exit_code=EXIT_SMOKE, hint="check the names /v1/models lists")
-        if r.status_code >= 500:
-            raise LoraDeployError(f"{path}: server error {r.status_code} ({detail})", exit_code=EXIT_SMOKE,
-                                  hint="read the server's log")
-        raise LoraDeployError(f"{path}: HTTP {r.status_code} ({detail})", exit_code=EXIT_SMOKE)
-
-
-def error_text(r: requests.Response) -> str:
-    """The server's error message from an OpenAI-style error body, not the raw JSON."""
-    try:
-        body = r.json()
-        err = body.get("error", body)
-        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
-    except ValueError:
-        return r.text[:300]
-
-
 def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | None = None,
               api_key: str | None = None, prompt: str = DEFAULT_PROMPT, max_tokens: int = 16,
               timeout: float = 60.0, retries: int = 3, chat: bool = True, rounds: int = 3) -> SmokeReport:
     """Run every check against ``url``; ``models`` are the names that must be served (default: all listed)."""
     start = time.monotonic()
-    client = _Client(url, api_key, timeout, retries)
+    client = Endpoint(url, api_key, timeout=timeout, retries=retries, failure_exit=EXIT_SMOKE)
     checks: list[Check] = []
     health = client.request("GET", "/health")
     checks.append(Check("health", health.status_code == 200, f"HTTP {health.status_code}"))
-    listed = client.request("GET", "/v1/models").json().get("data", [])
-    parents = {m["id"]: m.get("parent") for m in listed}
+    parents = {m.id: m.parent for m in client.models()}
     roots = [m for m, p in parents.items() if not p]
     base = base_model or (roots[0] if len(roots) == 1 else None)
     wanted = list(models) if models else list(parents)
@@ -228,10 +168,13 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
                             "parent is not " + base + ": " + ", ".join(wrong_parent) if wrong_parent
                             else f"all adapters report {base}"))
     present = [m for m in wanted if m in parents]
-    distributions = [True]
+    distributions = [True]  # until the server refuses log-probabilities: then judge by text from there on
 
     def probe(model: str) -> Probe:
-        return _probe(client, model, prompt, max_tokens, distributions)
+        got = probe_model(client, model, prompt, max_tokens, logprobs=distributions[0])
+        if not got.top:
+            distributions[0] = False
+        return got
 
     refs = {m: probe(m) for m in present}  # one at a time: each model's reference
     answers = {m: refs[m].text for m in present}
@@ -254,10 +197,7 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
     if chat and present:
         try:
             for m in present:
-                r = client.request("POST", "/v1/chat/completions", json={
-                    "model": m, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                    "temperature": 0})
-                chat_answers[m] = r.json()["choices"][0]["message"]["content"] or ""
+                chat_answers[m] = client.chat(m, [{"role": "user", "content": prompt}], max_tokens)
             checks.append(Check("chat completion", all(isinstance(v, str) for v in chat_answers.values()),
                                 "every model answered a chat request"))
         except LoraDeployError as e:
@@ -324,20 +264,16 @@ def _burst_check(model: str, ref: Probe, got: list[Probe], refs: dict[str, Probe
                  + (f" (max distance {spread:.3g} nats)" if use_distributions else ""), model)
 
 
-def _probe(client: _Client, model: str, prompt: str, max_tokens: int, distributions: list[bool]) -> Probe:
-    """A greedy completion with prompt and top-2 log-probabilities (plain text if the server refuses them)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
-    if distributions[0]:
+def probe_model(client: Endpoint, model: str, prompt: str, max_tokens: int, *, logprobs: bool = True) -> Probe:
+    """A greedy completion with the top-K log-probabilities of each token; text only (``top`` empty) when
+    ``logprobs`` is off or the server refuses them (not vLLM, or logprobs disabled)."""
+    if logprobs:
         try:
-            r = client.request("POST", "/v1/completions", json={**body, "logprobs": TOP_K})
+            return _parse_probe(client.complete(model, prompt, max_tokens, logprobs=TOP_K))
         except LoraDeployError as e:
             if "HTTP 400" not in e.message or "logprob" not in e.message.lower():
                 raise
-            distributions[0] = False  # not vLLM (or logprobs disabled): judge by text from here on
-        else:
-            return _parse_probe(r.json()["choices"][0])
-    r = client.request("POST", "/v1/completions", json=body)
-    return Probe(r.json()["choices"][0]["text"])
+    return Probe(client.complete(model, prompt, max_tokens)["text"])
 
 
 def _parse_probe(choice: dict) -> Probe:
@@ -346,18 +282,7 @@ def _parse_probe(choice: dict) -> Probe:
     return Probe(choice["text"], tuple(lp.get("tokens") or ()), top)
 
 
-def iter_sse(response: requests.Response):
-    """The JSON chunks of an OpenAI-style server-sent-event stream, up to `data: [DONE]`."""
-    for line in response.iter_lines(decode_unicode=True):
-        if not line or not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        yield json.loads(data)
-
-
-def _stream(client: _Client, model: str, prompt: str, max_tokens: int) -> tuple[str, float, float]:
+def _stream(client: Endpoint, model: str, prompt: str, max_tokens: int) -> tuple[str, float, float]:
     start = time.monotonic()
     ttft = None
     parts = []

@@ -26,6 +26,7 @@ class AdapterRef:
     name: str
     path: str
     rank: int | None = None
+    moe_experts: bool | None = None  # LoRA on fused MoE expert parameters (None: read from the adapter if readable)
 
 
 @dataclass(frozen=True)
@@ -264,59 +265,69 @@ def load_spec(path: str | Path) -> DeploySpec:
 
 
 def _validate(spec: DeploySpec) -> None:
+    """Cross-field rules, every violation reported at once (one InputError listing them all)."""
+    problems: list[tuple[str, str | None]] = []
+
+    def problem(message: str, hint: str | None = None) -> None:
+        problems.append((message, hint))
+
     def dns(value: str, where: str, limit: int = 63) -> None:
         if len(value) > limit or not DNS1123.match(value):
-            raise InputError(f"{where}: {value!r} is not a DNS-1123 name",
-                             hint="lower-case letters, digits and '-', starting and ending with a letter or digit, "
-                                  f"at most {limit} characters")
+            problem(f"{where}: {value!r} is not a DNS-1123 name",
+                    hint="lower-case letters, digits and '-', starting and ending with a letter or digit, "
+                         f"at most {limit} characters")
 
     dns(spec.name, "name", 40)  # room for suffixes such as -smoke-test
     dns(spec.namespace, "namespace")
     if spec.mode not in ("merged", "dynamic"):
-        raise InputError(f"mode: {spec.mode!r} is neither merged nor dynamic")
+        problem(f"mode: {spec.mode!r} is neither merged nor dynamic")
     if spec.mode == "merged" and spec.adapters:
-        raise InputError("adapters: a merged deployment serves one merged checkpoint and takes no adapters",
-                         hint="merge first (lora-deploy merged ... --output DIR) and set model: to the merged "
-                              "folder, or use mode: dynamic")
+        problem("adapters: a merged deployment serves one merged checkpoint and takes no adapters",
+                hint="merge first (lora-deploy merged ... --output DIR) and set model: to the merged "
+                     "folder, or use mode: dynamic")
     if spec.mode == "merged" and spec.runtime_adapters:
-        raise InputError("runtimeAdapters: only a dynamic deployment can load adapters at run time")
+        problem("runtimeAdapters: only a dynamic deployment can load adapters at run time")
     if spec.mode == "dynamic" and not spec.adapters and not spec.runtime_adapters:
-        raise InputError("adapters: a dynamic deployment needs at least one adapter (or runtimeAdapters: true)")
+        problem("adapters: a dynamic deployment needs at least one adapter (or runtimeAdapters: true)")
     seen = set()
     for i, a in enumerate(spec.adapters):
         dns(a.name, f"adapters[{i}].name")
         if a.name in seen or a.name == spec.base_name:
-            raise InputError(f"adapters[{i}].name: {a.name!r} is used twice (adapter names and the base's served "
-                             "name must differ)")
+            problem(f"adapters[{i}].name: {a.name!r} is used twice (adapter names and the base's served "
+                    "name must differ)")
         seen.add(a.name)
         if a.rank is not None and a.rank < 1:
-            raise InputError(f"adapters[{i}].rank: must be at least 1")
+            problem(f"adapters[{i}].rank: must be at least 1")
     if spec.gpus < 1 or spec.replicas < 0 or spec.multi_node.nodes < 1:
-        raise InputError("gpus and multiNode.nodes must be at least 1, replicas at least 0")
+        problem("gpus and multiNode.nodes must be at least 1, replicas at least 0")
     if spec.tensor_parallel_size > spec.gpus:
-        raise InputError(f"vllm.tensorParallelSize {spec.tensor_parallel_size} exceeds gpus {spec.gpus} per node")
+        problem(f"vllm.tensorParallelSize {spec.tensor_parallel_size} exceeds gpus {spec.gpus} per node")
     if spec.weights.source not in ("pvc", "download", "hub"):
-        raise InputError(f"weights.source: {spec.weights.source!r} is not pvc, download or hub")
+        problem(f"weights.source: {spec.weights.source!r} is not pvc, download or hub")
     if spec.service.type not in ("ClusterIP", "NodePort", "LoadBalancer"):
-        raise InputError(f"service.type: {spec.service.type!r} is not ClusterIP, NodePort or LoadBalancer")
+        problem(f"service.type: {spec.service.type!r} is not ClusterIP, NodePort or LoadBalancer")
     if not 1 <= spec.service.port <= 65535:
-        raise InputError(f"service.port: {spec.service.port} is not a port number")
+        problem(f"service.port: {spec.service.port} is not a port number")
     if spec.runtime_adapters and spec.api_key_secret is None:
-        raise InputError("runtimeAdapters: true needs apiKeySecret: anyone who reaches the pod could load any "
-                         "adapter path", hint="add apiKeySecret: {name: vllm-api-key, key: api-key}")
+        problem("runtimeAdapters: true needs apiKeySecret: anyone who reaches the pod could load any adapter path",
+                hint="add apiKeySecret: {name: vllm-api-key, key: api-key}")
     if spec.autoscaling.kind not in ("keda", "hpa"):
-        raise InputError(f"autoscaling.kind: {spec.autoscaling.kind!r} is not keda or hpa")
+        problem(f"autoscaling.kind: {spec.autoscaling.kind!r} is not keda or hpa")
     if spec.autoscaling.enabled and spec.multi_node.nodes > 1:
-        raise InputError("autoscaling: not supported together with multiNode (scale the LeaderWorkerSet instead)")
+        problem("autoscaling: not supported together with multiNode (scale the LeaderWorkerSet instead)")
     if not 0 < spec.vllm.gpu_memory_utilization <= 1:
-        raise InputError("vllm.gpuMemoryUtilization must be in (0, 1]")
+        problem("vllm.gpuMemoryUtilization must be in (0, 1]")
     if ":" not in spec.image.rsplit("/", 1)[-1] and "@sha256:" not in spec.image or spec.image.endswith(":latest"):
-        raise InputError(f"image: {spec.image!r} is not pinned", hint="use a version tag such as "
-                         f"{DEFAULT_IMAGE} or a digest")
+        problem(f"image: {spec.image!r} is not pinned", hint=f"use a version tag such as {DEFAULT_IMAGE} or a digest")
     for label, q in (("resources.cpu", spec.resources.cpu), ("resources.memory", spec.resources.memory),
                      ("weights.size", spec.weights.size)):
         if not QUANTITY.match(q):
-            raise InputError(f"{label}: {q!r} is not a Kubernetes quantity (e.g. 8, 500m, 48Gi)")
+            problem(f"{label}: {q!r} is not a Kubernetes quantity (e.g. 8, 500m, 48Gi)")
+    if len(problems) == 1:
+        raise InputError(problems[0][0], hint=problems[0][1])
+    if problems:
+        raise InputError(f"{len(problems)} problems:\n" + "\n".join(
+            f"  - {m}" + (f" ({h})" if h else "") for m, h in problems))
 
 
 def dns_name(text: str, limit: int = 40) -> str:

@@ -14,7 +14,7 @@ import typer
 from .. import __version__
 from ..errors import EXIT_USAGE, LoraDeployError
 from ..output import out
-from . import example_cmd, k8s_cmds, merge_cmds, serve_cmds
+from . import endpoint_cmds, example_cmd, k8s_cmds, merge_cmds, serve_cmds
 
 app = typer.Typer(
     name="lora-deploy",
@@ -32,9 +32,9 @@ app.command("generate")(example_cmd.generate)
 app.command("dynamic", epilog=serve_cmds.DYNAMIC_EXAMPLES,
             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_cmds.dynamic)
 app.command("check")(serve_cmds.check)
-app.command("smoke")(serve_cmds.smoke)
-app.command("bench")(serve_cmds.bench)
-app.add_typer(serve_cmds.adapters_app, name="adapters")
+app.command("smoke")(endpoint_cmds.smoke)
+app.command("bench")(endpoint_cmds.bench)
+app.add_typer(endpoint_cmds.adapters_app, name="adapters")
 app.command("manifests", epilog=k8s_cmds.EXAMPLES)(k8s_cmds.manifests)
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import EXIT_VERIFY
 from ..output import out
 from ._options import ForceOpt, JsonOpt
 
@@ -26,7 +27,7 @@ def manifests(
     spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="A deploy spec (deploy/NAME.yaml).")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the kustomize base "
                                                    "(default: manifests/NAME for deploy/NAME.yaml).")] = None,
-    check: Annotated[bool, typer.Option(help="Do not write: exit 1 if OUTPUT differs from a fresh render.")] = False,
+    check: Annotated[bool, typer.Option(help="Do not write: exit 6 if OUTPUT differs from a fresh render.")] = False,
     crd: Annotated[Optional[list[Path]], typer.Option(
         "--crd", metavar="FILE", help="Validate custom resources against this CustomResourceDefinition file "
         "instead of the built-in check (repeatable), e.g. from `kubectl get crd NAME -o yaml`.")] = None,
@@ -53,7 +54,7 @@ def manifests(
                    f"{target}: up to date" if not diffs else f"{target}: out of date: {', '.join(diffs)}\n"
                    f"re-render: lora-deploy manifests {spec_file} --output {target} --force")
         if diffs:
-            raise typer.Exit(1)
+            raise typer.Exit(EXIT_VERIFY)
         return
     files = write_manifests(rendered, target, force=force, crds=crds)
     for note in rendered.notes:

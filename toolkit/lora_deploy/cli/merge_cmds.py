@@ -7,10 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import EXIT_VERIFY, InputError, LoraDeployError
+from ..errors import EXIT_VERIFY, InputError
 from ..output import out
-from . import serve_cmds as sc
-from ._options import AllowPickleOpt, ForceOpt, JsonOpt
+from ._launch import launch, report_written
+from ._options import (AllowPickleOpt, ApiKeyEnvOpt, ExitAfterSmokeOpt, ForceOpt, HostOpt, JsonOpt, LogOpt, MaxLenOpt,
+                       NoSmokeOpt, PortOpt, PromptOpt, ServedNameOpt, StartTimeoutOpt)
 
 MERGED_EXAMPLES = """Examples:
 
@@ -55,18 +56,18 @@ def merged(
     manifests: Annotated[Optional[Path], typer.Option(
         help="Also write a deploy spec and Kubernetes manifests for serving the merged checkpoint here.")] = None,
     serve: Annotated[bool, typer.Option(help="Then serve the merged checkpoint with vLLM and smoke-test it.")] = False,
-    host: sc.HostOpt = "127.0.0.1",
-    port: sc.PortOpt = 8000,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
     serve_dtype: Annotated[Optional[str], typer.Option(
         help="vLLM --dtype for --serve (default: the --dtype the checkpoint was written in).")] = None,
-    max_model_len: sc.MaxLenOpt = None,
-    served_model_name: sc.ServedNameOpt = None,
-    api_key_env: sc.ApiKeyEnvOpt = None,
-    no_smoke: sc.NoSmokeOpt = False,
-    exit_after_smoke: sc.ExitAfterSmokeOpt = False,
-    timeout: sc.TimeoutOpt = 600.0,
-    log: sc.LogOpt = None,
-    prompt: sc.PromptOpt = None,
+    max_model_len: MaxLenOpt = None,
+    served_model_name: ServedNameOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    no_smoke: NoSmokeOpt = False,
+    exit_after_smoke: ExitAfterSmokeOpt = False,
+    timeout: StartTimeoutOpt = 600.0,
+    log: LogOpt = None,
+    prompt: PromptOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Fold LoRA adapter(s) into the base and write a standard safetensors checkpoint, streaming and exact.
@@ -119,33 +120,19 @@ def merged(
     if failed:
         raise typer.Exit(EXIT_VERIFY)
     if manifests is not None:
-        from ..spec import spec_for_local_run
+        from ..deploy import merged_spec, write_deployment
 
-        write_deployment(spec_for_local_run(served_name=served_model_name or Path(report.output).name, mode="merged",
-                                            model=report.output, local_model=True, api_key=bool(api_key_env),
-                                            max_model_len=max_model_len), manifests, force=force)
+        spec = merged_spec(report.output, served_model_name=served_model_name, api_key=bool(api_key_env),
+                           max_model_len=max_model_len)
+        report_written(write_deployment(spec, manifests, force=force))
     if serve:
-        from ..serving import ServeConfig
+        from ..deploy import merged_serve_config
 
-        name = served_model_name or Path(report.output).name
-        cfg_serve = ServeConfig(model=report.output, served_model_name=name, host=host, port=port,
-                                dtype=serve_dtype or report.dtype,
-                                max_model_len=max_model_len, api_key_env=api_key_env)
-        sc.launch(cfg_serve, dry_run=False, no_smoke=no_smoke, exit_after_smoke=exit_after_smoke, timeout=timeout,
-                  log=log, prompt=prompt)
-
-
-def write_deployment(spec, folder: Path, *, force: bool) -> None:
-    """Write SPEC.yaml and the rendered manifests into ``folder`` (shared by merged/dynamic --manifests)."""
-    from ..k8s import SPEC_COPY, render_manifests, write_manifests
-    from ..spec import spec_to_yaml
-
-    rendered = render_manifests(spec)
-    write_manifests(rendered, folder, force=force)
-    (folder / SPEC_COPY).write_text(spec_to_yaml(spec))
-    out.info(f"Wrote Kubernetes manifests to {folder} (spec: {folder / SPEC_COPY}); the model is "
-             f"expected at {spec.model} on the volume {spec.weights.claim or '(hub download)'}. "
-             f"Apply: kubectl apply -k {folder}")
+        cfg_serve = merged_serve_config(report.output, report.dtype, served_model_name=served_model_name, host=host,
+                                        port=port, serve_dtype=serve_dtype, max_model_len=max_model_len,
+                                        api_key_env=api_key_env)
+        launch(cfg_serve, dry_run=False, no_smoke=no_smoke, exit_after_smoke=exit_after_smoke, timeout=timeout,
+               log=log, prompt=prompt)
 
 
 def inspect_adapter(
@@ -175,6 +162,3 @@ def inspect_adapter(
     out.result(s, out.table(rows))
     if not info.mergeable:
         raise typer.Exit(EXIT_UNSUPPORTED)
-
-
-__all__ = ["merged", "inspect_adapter", "LoraDeployError"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from ..errors import LoraDeployError
+from ..errors import EXIT_INPUT, LoraDeployError
 
 if TYPE_CHECKING:
     import torch
@@ -71,12 +71,12 @@ def merge_weight(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
 def check_range(name: str, lo: float, hi: float, dtype: str) -> None:
     """Refuse NaN/Inf results, and values that float16 cannot hold (they would silently become Inf)."""
     if any(math.isnan(v) or math.isinf(v) for v in (lo, hi)):
-        raise LoraDeployError(f"merged tensor {name} has NaN or Inf values", exit_code=3,
+        raise LoraDeployError(f"merged tensor {name} has NaN or Inf values", exit_code=EXIT_INPUT,
                               hint="check the base and adapter for corrupt values")
     peak = max(abs(lo), abs(hi))
     if dtype == "float16" and peak > FP16_MAX:
         raise LoraDeployError(f"merged tensor {name} reaches {peak:.6g}, beyond float16's range (65504)",
-                              exit_code=3, hint="write the merge with --dtype bfloat16 or float32")
+                              exit_code=EXIT_INPUT, hint="write the merge with --dtype bfloat16 or float32")
 
 
 def minmax(t: torch.Tensor) -> tuple[float, float]:

@@ -1,0 +1,162 @@
+"""The one HTTP client for OpenAI-compatible servers: smoke test, runtime adapters, load, launcher and demo.
+
+Every conversation with vLLM goes through :class:`Endpoint`: one place that normalises the URL (with or
+without ``/v1``), sends the API key, retries what is worth retrying (connection refused while a server
+starts, 5xx), applies timeouts, and turns HTTP failures into :class:`~lora_deploy.errors.LoraDeployError`
+with the server's own message (not the raw JSON body) and the exit code of the caller's kind of work.
+It needs only ``requests``, so the in-cluster smoke Job mounts it beside ``smoke.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import requests
+
+from .errors import EXIT_INPUT, EXIT_SMOKE, LoraDeployError
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model the server lists: its id, its parent (None for the base), and where it was loaded from."""
+
+    id: str
+    parent: str | None
+    root: str | None
+
+
+def server_root(url: str) -> str:
+    """``http://host:port`` for any spelling of the server URL (trailing slash or ``/v1`` allowed)."""
+    return url.rstrip("/").removesuffix("/v1").rstrip("/")
+
+
+def error_text(r: requests.Response) -> str:
+    """The server's error message from an OpenAI-style error body, not the raw JSON."""
+    try:
+        body = r.json()
+        err = body.get("error", body)
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+    except (ValueError, AttributeError):
+        return r.text[:300]
+
+
+def iter_sse(response: requests.Response) -> Iterator[dict]:
+    """The JSON chunks of an OpenAI-style server-sent-event stream, up to `data: [DONE]`."""
+    for line in response.iter_lines(decode_unicode=True):
+        if not line or not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+class Endpoint:
+    """An OpenAI-compatible server at ``url``.
+
+    ``failure_exit`` is the exit code of errors that mean "the server did not do it" (the smoke test's 8,
+    the admin commands' 9); a 401 is always bad input (3): the caller's key is wrong or missing.
+    """
+
+    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0, retries: int = 3,
+                 failure_exit: int = EXIT_SMOKE):
+        self.url = server_root(url)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = timeout
+        self.retries = retries
+        self.failure_exit = failure_exit
+
+    def request(self, method: str, path: str, *, json: Any = None, stream: bool = False, check: bool = True,
+                retries: int | None = None, timeout: float | None = None) -> requests.Response:
+        """Send one request, retrying refused connections and 5xx; ``check`` raises on any HTTP error."""
+        retries = self.retries if retries is None else retries
+        timeout = self.timeout if timeout is None else timeout
+        last: Exception | None = None
+        for attempt in range(retries + 1):
+            try:
+                r = requests.request(method, self.url + path, headers=self.headers, timeout=timeout, json=json,
+                                     stream=stream)
+            except requests.ConnectionError as e:
+                last = e
+                if attempt < retries:
+                    time.sleep(min(2.0, 0.5 * (attempt + 1)))
+                continue
+            except requests.Timeout as e:
+                raise LoraDeployError(f"{method} {self.url}{path} timed out after {timeout:.0f} s",
+                                      exit_code=self.failure_exit,
+                                      hint="the server is overloaded or stuck; raise --timeout") from e
+            if r.status_code >= 500 and attempt < retries:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            if check:
+                self.raise_for_status(r, path, json)
+            return r
+        raise LoraDeployError(f"cannot connect to {self.url} ({last.__class__.__name__}: connection refused or "
+                              "host unreachable)", exit_code=self.failure_exit,
+                              hint="is the server running, and is --url right (scheme, host, port)?")
+
+    def raise_for_status(self, r: requests.Response, path: str, body: Any = None) -> None:
+        """A LoraDeployError for an HTTP error, with the server's message and what to do about it."""
+        if r.status_code < 400:
+            return
+        detail = error_text(r)
+        if r.status_code == 401:
+            raise LoraDeployError(f"{path}: 401 Unauthorized ({detail})", exit_code=EXIT_INPUT,
+                                  hint="the server wants an API key: pass --api-key-env VAR with VAR set to it")
+        if r.status_code == 404 and isinstance(body, dict) and "model" in body:
+            raise LoraDeployError(f"{path}: 404, model {body['model']!r} is unknown to the server ({detail})",
+                                  exit_code=self.failure_exit, hint="check the names /v1/models lists")
+        if r.status_code >= 500:
+            raise LoraDeployError(f"{path}: server error {r.status_code} ({detail})", exit_code=self.failure_exit,
+                                  hint="read the server's log")
+        raise LoraDeployError(f"{path}: HTTP {r.status_code} ({detail})", exit_code=self.failure_exit)
+
+    def post(self, path: str, body: dict, **kw) -> dict:
+        """POST a JSON body and return the JSON answer (raising on HTTP errors)."""
+        return self.request("POST", path, json=body, **kw).json()
+
+    def models(self, **kw) -> list[ServedModel]:
+        """What ``/v1/models`` lists, with each adapter's parent and root."""
+        data = self.request("GET", "/v1/models", **kw).json().get("data", [])
+        return [ServedModel(m["id"], m.get("parent"), m.get("root")) for m in data]
+
+    def ready(self, expected: list[str] | tuple[str, ...], timeout: float = 5.0) -> list[str]:
+        """One quick look, never raising: the expected models not yet served (all of them while it is down)."""
+        try:
+            if requests.get(self.url + "/health", timeout=timeout).status_code != 200:
+                return list(expected)
+            listed = requests.get(self.url + "/v1/models", headers=self.headers, timeout=timeout)
+            if listed.status_code != 200:
+                return list(expected)
+            ids = {m["id"] for m in listed.json().get("data", [])}
+        except (requests.RequestException, ValueError):
+            return list(expected)
+        return [m for m in expected if m not in ids]
+
+    def complete(self, model: str, prompt: str, max_tokens: int = 16, **extra) -> dict:
+        """A greedy completion's first choice."""
+        return self.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                             "temperature": 0, **extra})["choices"][0]
+
+    def chat(self, model: str, messages: list[dict], max_tokens: int = 16, **extra) -> str:
+        """A greedy chat completion's text."""
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+        return self.post("/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
+
+
+def api_key_from_env(var: str | None) -> str | None:
+    """The API key held in environment variable ``var`` (keys never travel on a command line)."""
+    import os
+
+    if not var:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        from .errors import InputError
+
+        raise InputError(f"--api-key-env {var}: that environment variable is empty or unset",
+                         hint=f"export {var}=<the server's API key>, or drop --api-key-env")
+    return key
