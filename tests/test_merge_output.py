@@ -219,7 +219,7 @@ def test_memory_does_not_grow_with_the_model(tmp_path):
 
 def test_example_and_generate_commands(example, tmp_path):
     """`lora-deploy example` reports that each adapter answers differently from the base."""
-    rc, stdout, stderr = run_cli("example", str(example.root), "--json")
+    rc, stdout, stderr = run_cli("example", str(example.root), "--model", "tiny", "--json")
     assert rc == 0, stderr
     answers = json.loads(stdout)["greedy_answers"]
     assert answers["classify"] == " account"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import (check_against_oracle, file_tensors, load_base, loaded_state, make_adapter, make_base,
+from conftest import (check_against_oracle, file_tensors, loaded_state, make_adapter, make_base,
                       peft_merged_state)
 
 from lora_deploy.merge import MergeConfig, run_merge

