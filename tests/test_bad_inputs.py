@@ -227,3 +227,10 @@ def test_the_process_exits_quickly_without_losing_output(llama_base, llama_adapt
     res = _process("merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output",
                    str(tmp_path / "out"), "--json")
     assert res.returncode == EXIT_OUTPUT and "--force" in res.stderr
+
+
+def test_an_unrecognised_real_model_source_is_refused_not_replaced(tmp_path):
+    """A typo in --model-source must not silently fall back to the PyPI wheel."""
+    rc, _, stderr = run_cli("example", str(tmp_path / "ex"), "--model-source", str(tmp_path / "SmolLM2-typo"))
+    assert rc == 3 and "not a .gguf file, a model folder" in stderr
+    assert not (tmp_path / "ex").exists()

@@ -468,3 +468,15 @@ def test_dynamic_moe_expert_adapters_are_marked_in_the_manifests():
     assert "--enable-mixed-moe-lora-format" in args
     modules = [json.loads(a) for a in args if a.startswith("{")]
     assert [m.get("is_3d_lora_weight", False) for m in modules] == [True, False]
+
+
+def test_dynamic_manifests_for_a_moe_expert_adapter_keep_its_flag():
+    """`dynamic --manifests` writes the spec from pre-flight's verdicts: a MoE expert adapter stays marked even
+    though its cluster path (/models/adapters/NAME) cannot be read where the manifests are rendered."""
+    from lora_deploy.spec import spec_for_local_run
+
+    spec = spec_for_local_run(served_name="base", mode="dynamic", model="/models/base", local_model=True,
+                              adapters=(("experts", 8, True), ("plain", 8, False)))
+    assert [a.moe_experts for a in spec.adapters] == [True, None]
+    args = render_manifests(spec).files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--enable-mixed-moe-lora-format" in args

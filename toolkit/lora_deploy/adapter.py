@@ -8,6 +8,7 @@ tensor (``modules_to_save``, saved embeddings, ``bias="all"|"lora_only"``) or re
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -256,6 +257,16 @@ class AdapterInfo:
             "mergeable": self.mergeable,
             "problems": list(self.problems),
         }
+
+
+def adapter_is_moe_experts(folder: str | Path) -> bool:
+    """Whether a readable adapter folder holds LoRA on fused MoE expert parameters (from its config alone);
+    False when the folder or its config cannot be read here."""
+    try:
+        config = json.loads((Path(folder) / CONFIG_FILE).read_text())
+        return isinstance(config, dict) and bool(LoraSettings.from_config(config).target_parameters)
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def strip_prefix(key: str) -> str:

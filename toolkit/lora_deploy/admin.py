@@ -98,7 +98,9 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
         distance = ours.distance(theirs)
         if distance <= APPLIED_MIN_NATS:
             if previous is not None and previous.root:
-                _load(server, name, previous.root, inplace=True, moe_3d=moe_3d)
+                from .adapter import adapter_is_moe_experts
+
+                _load(server, name, previous.root, inplace=True, moe_3d=adapter_is_moe_experts(previous.root))
                 undone = f"put back to {previous.root}"
             else:
                 unload_runtime_adapter(url, name, api_key, force=True)

@@ -83,7 +83,7 @@ def dynamic_spec(base: str, deployment: DynamicDeployment) -> DeploySpec:
     cfg = deployment.config
     local = Path(base).exists()
     return spec_for_local_run(served_name=cfg.served_model_name, mode="dynamic", model=cfg.model if local else base,
-                              local_model=local, adapters=tuple((a.name, a.rank) for a in deployment.preflight.accepted),
+                              local_model=local, adapters=tuple((a.name, a.rank, a.moe_3d) for a in deployment.preflight.accepted),
                               api_key=bool(cfg.api_key_env), runtime_adapters=cfg.allow_runtime_adapters,
                               max_model_len=cfg.max_model_len)
 

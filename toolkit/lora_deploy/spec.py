@@ -337,7 +337,7 @@ def dns_name(text: str, limit: int = 40) -> str:
 
 
 def spec_for_local_run(*, served_name: str, mode: str, model: str, local_model: bool,
-                       adapters: tuple[tuple[str, int], ...] = (), api_key: bool = False,
+                       adapters: tuple[tuple[str, int, bool], ...] = (), api_key: bool = False,
                        runtime_adapters: bool = False, max_model_len: int | None = None) -> DeploySpec:
     """The deploy spec for what `merged --manifests` just wrote or `dynamic --manifests` would serve.
 
@@ -348,7 +348,8 @@ def spec_for_local_run(*, served_name: str, mode: str, model: str, local_model: 
     model_path = f"/models/{Path(model).name}" if local_model else model
     spec = DeploySpec(
         name=name, model=model_path, mode=mode, served_model_name=served_name,
-        adapters=tuple(AdapterRef(dns_name(a), f"/models/adapters/{a}", r) for a, r in adapters),
+        adapters=tuple(AdapterRef(dns_name(a), f"/models/adapters/{a}", r, True if moe else None)
+                       for a, r, moe in adapters),
         weights=WeightsSpec(source="pvc" if local_model else "hub", claim=f"{name}-models" if local_model else None),
         vllm=VllmSpec(max_model_len=max_model_len),
         api_key_secret=SecretRef(f"{name}-api-key") if api_key or runtime_adapters else None,
