@@ -118,6 +118,10 @@ class CheckpointNames:
             return None
         return parts
 
+    def meta_model(self):
+        """The architecture on the meta device (no weights), or None when transformers cannot build it."""
+        return self._meta()
+
     def _meta(self):
         if self._model is None and self.folder is not None:
             self._model = _meta_model(self.folder) or False

@@ -3,6 +3,11 @@
 This loads whole models (the base with PEFT, and the merged output) in float32, so it is opt-in.
 It proves four things: no LoRA tensors remain, the tensor names and shapes are the base's, every
 targeted weight changed, and the merged model's logits equal the unmerged PEFT model's.
+
+For a QLoRA merge the unmerged model is the QLoRA model itself: the base loaded in 4-bit by
+bitsandbytes, with the adapter on top. Merged into the dequantized weights, the output must compute
+its logits; either way the report gives both choices' distance to it, so the user sees which base the
+adapter wants.
 """
 
 from __future__ import annotations
@@ -10,12 +15,29 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
+from .errors import UnsupportedError
 from .shards import ShardIndex, load_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+    from .merge import MergePlan
+    from .merge.nf4 import Bnb4bit
 
 DEFAULT_PROMPTS = ("Customer: I lost my password.\nAgent:", "The quick brown fox", "Hello, how are you today?")
 # logits tolerance relative to the largest logit, by output dtype (one rounding of each weight)
 RTOL = {"float32": 1e-4, "bfloat16": 6e-2, "float16": 1e-2}
+
+
+@dataclass(frozen=True)
+class QloraChoice:
+    """How far one choice of base (``--merge-into``) lands from the QLoRA model, on the verify prompts."""
+
+    merge_into: str
+    max_logit_diff: float
+    mean_kl: float  # KL(QLoRA model || this choice), nats per token, averaged over every position
 
 
 @dataclass(frozen=True)
@@ -33,15 +55,59 @@ class VerifyReport:
     greedy_match: bool | None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    oracle: str = "unmerged PEFT model"
+    qlora_choices: list[QloraChoice] = field(default_factory=list)
+
+
+def require_qlora_oracle() -> None:
+    """Fail before merging when ``--verify`` of a QLoRA merge cannot load the QLoRA model."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UnsupportedError("--verify of a QLoRA merge loads the QLoRA model (the base in 4-bit with the adapter) "
+                               "and needs bitsandbytes, which is not installed",
+                               hint="pip install 'lora-deploy[qlora]' (bitsandbytes runs on CPU), or drop --verify")
+
+
+def verify_plan(plan: MergePlan, output: Path, *, prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> VerifyReport:
+    """Verify the checkpoint that ``plan`` wrote into ``output`` (what ``merged --verify`` runs)."""
+    from .merge.nf4 import Stored4bit, dequantize_stored, roundtrip_4bit
+    from .shards import TensorReader
+
+    plans = {p.name: p for p in plan.tensors}
+    reader = TensorReader()
+
+    def start_value(name: str) -> torch.Tensor:  # the value the adapter's delta was added to
+        p = plans[name]
+        if isinstance(p.fourbit, Stored4bit):
+            return dequantize_stored(p.fourbit, reader)
+        t = load_tensor(p.source)
+        return roundtrip_4bit(t, p.fourbit) if p.fourbit is not None else t
+
+    try:
+        return verify_merge(output, plan.base.path, [a.path for a in plan.adapters], list(plan.weights),
+                            dtype=plan.dtype, expected_changes=plan.changed_tensors, allowed_new=plan.new_or_reshaped,
+                            prompts=prompts, base_index=plan.base_index, start_value=start_value,
+                            qlora=plan.qlora, merge_into=plan.merge_into,
+                            prequantized=any(isinstance(p.fourbit, Stored4bit) for p in plan.tensors))
+    finally:
+        reader.close()
 
 
 def verify_merge(output: Path, base: Path, adapters: list[Path], weights: list[float], *, dtype: str,
                  expected_changes: list[str], allowed_new: set[str] = frozenset(),
-                 prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> VerifyReport:
-    """Verify ``output`` (a merge of ``adapters`` with ``weights`` into ``base``)."""
+                 prompts: tuple[str, ...] = DEFAULT_PROMPTS, base_index: ShardIndex | None = None,
+                 start_value: Callable[[str], torch.Tensor] | None = None, qlora: Bnb4bit | None = None,
+                 merge_into: str = "original", prequantized: bool = False) -> VerifyReport:
+    """Verify ``output`` (a merge of ``adapters`` with ``weights`` into ``base``).
+
+    ``base_index`` and ``start_value`` describe the base as the merge saw it (a 4-bit checkpoint's packed
+    weights as the model they stand for). ``qlora`` names the 4-bit quantization the adapter was trained on.
+    """
     problems: list[str] = []
     notes: list[str] = []
-    out_index, base_index = ShardIndex.from_folder(output), ShardIndex.from_folder(base)
+    out_index = ShardIndex.from_folder(output)
+    base_index = base_index or ShardIndex.from_folder(base)
     lora_names = [n for n in out_index.tensors if "lora" in n or "base_layer" in n or "modules_to_save" in n]
     if (output / "adapter_config.json").exists():
         lora_names.append("adapter_config.json")
@@ -59,56 +125,181 @@ def verify_merge(output: Path, base: Path, adapters: list[Path], weights: list[f
     unchanged = []
     for name in expected_changes:
         if name in out_index.tensors and name in base_index.tensors:
-            a, b = load_tensor(out_index.tensors[name]).float(), load_tensor(base_index.tensors[name]).float()
+            a = load_tensor(out_index.tensors[name]).float()
+            b = (start_value(name) if start_value else load_tensor(base_index.tensors[name])).float()
             if a.shape == b.shape and bool((a == b).all()):
                 unchanged.append(name)
     if unchanged:
         problems.append(f"{len(unchanged)} targeted tensor(s) did not change: {', '.join(unchanged[:5])}")
-    diff, peak, tol, greedy = _compare_logits(output, base, adapters, weights, dtype, prompts, notes)
-    if diff is not None and diff > tol:
-        problems.append(f"logits differ from the unmerged PEFT model by {diff:.3g} (tolerance {tol:.3g})")
-    if greedy is False:
-        problems.append("the greedy next token differs from the unmerged PEFT model's where its top two logits are "
-                        "clearly apart")
+    quantized_oracle = qlora is not None and merge_into == "dequantized"
+    oracle = "QLoRA model (4-bit base + adapter)" if quantized_oracle else "unmerged PEFT model"
+    models = _Models(output, base, adapters, weights, prompts, notes)
+    merged_logits = models.merged()
+    reference = models.unmerged(qlora if quantized_oracle else None, prequantized)
+    diff = peak = tol = greedy = None
+    if reference is not None:
+        diff, peak, tol, greedy = _compare(merged_logits, reference, dtype)
+        if diff > tol:
+            problems.append(f"logits differ from the {oracle} by {diff:.3g} (tolerance {tol:.3g})")
+        if greedy is False:
+            problems.append(f"the greedy next token differs from the {oracle}'s where its top two logits are "
+                            "clearly apart")
+    choices = models.qlora_choices(qlora, prequantized, reference if quantized_oracle else None) if qlora else []
     return VerifyReport(not problems, not lora_names, not (missing or extra or reshaped),
-                        len(expected_changes) - len(unchanged), unchanged, diff, peak, tol, greedy, problems, notes)
+                        len(expected_changes) - len(unchanged), unchanged, diff, peak, tol, greedy, problems, notes,
+                        oracle, choices)
 
 
-def _compare_logits(output: Path, base: Path, adapters: list[Path], weights: list[float], dtype: str,
-                    prompts: tuple[str, ...], notes: list[str]):
+class _Models:
+    """The models a verification compares, loaded in float32 on demand, and their logits on the prompts."""
+
+    def __init__(self, output: Path, base: Path, adapters: list[Path], weights: list[float],
+                 prompts: tuple[str, ...], notes: list[str]):
+        from transformers import AutoTokenizer
+
+        from .output import quiet_libraries
+
+        quiet_libraries()
+        self.output, self.base, self.adapters, self.weights, self.notes = output, base, adapters, weights, notes
+        self.tok = AutoTokenizer.from_pretrained(output)
+        self.ids = [self.tok(p, return_tensors="pt")["input_ids"] for p in prompts]
+        self.rows: int | None = None
+
+    def logits(self, model) -> list[torch.Tensor]:
+        import torch
+
+        with torch.no_grad():
+            return [model(input_ids=ids).logits.float() for ids in self.ids]
+
+    def merged(self) -> list[torch.Tensor]:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(self.output, dtype=torch.float32).eval()
+        self.rows = model.get_input_embeddings().weight.shape[0]
+        return self.logits(model)
+
+    def _base(self, quantized: Bnb4bit | None = None, prequantized: bool = False):
+        """The base in float32: as stored, or loaded in 4-bit by bitsandbytes (``quantized``, or a 4-bit checkpoint)."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict = {}
+        if quantized is not None and not prequantized:
+            from transformers import BitsAndBytesConfig
+
+            kwargs = {"quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=quantized.quant_type, bnb_4bit_compute_dtype=torch.float32,
+                bnb_4bit_use_double_quant=quantized.double_quant, bnb_4bit_blocksize=quantized.blocksize,
+                llm_int8_skip_modules=None if quantized.skip_modules is None else list(quantized.skip_modules)),
+                "device_map": "cpu"}
+        elif prequantized:
+            kwargs = {"device_map": "cpu"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(self.base, dtype=torch.float32, **kwargs)
+        if quantized is not None and quantized.double_quant and not prequantized:
+            self._reference_nested_statistics(model, quantized)
+        if self.rows and model.get_input_embeddings().weight.shape[0] != self.rows:  # the adapter resized it
+            model.resize_token_embeddings(self.rows)
+        return model
+
+    def _reference_nested_statistics(self, model, s: Bnb4bit) -> None:
+        """Give a model bitsandbytes just quantized on this CPU the double-quantization statistics of its
+        reference kernel: the nearest 8-bit code, as the merge writes them (and as bitsandbytes' CUDA kernel,
+        by its source, picks them, so what a QLoRA run on a GPU trained against).
+
+        bitsandbytes' CPU C kernel rounds a few 8-bit absmax codes to the farther of the two neighbouring code
+        values (measured with bitsandbytes 0.50.2: 7 of 4608 on a tiny Llama, 159 of 100,000 random values);
+        the 4-bit codes, the dequantization and the forward pass stay bitsandbytes' own.
+        """
+        import torch
+
+        from .merge.nf4 import quantize_4bit
+
+        original = dict(self._base().named_parameters())
+        differ = total = 0
+        for name, module in model.named_modules():
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if state is None or not getattr(state, "nested", False):
+                continue
+            q = quantize_4bit(original[f"{name}.weight"].data, s)
+            differ += int((state.absmax != q.absmax).sum())
+            total += q.absmax.numel()
+            state.absmax = q.absmax.to(state.absmax.device)
+            state.state2.absmax = q.absmax2
+            state.offset = torch.tensor(q.offset)
+        if differ:
+            self.notes.append(f"bitsandbytes' CPU kernel rounded {differ} of {total} double-quantization statistics "
+                              "to the farther 8-bit code; the QLoRA model here uses its reference kernel's nearest "
+                              "code, as the merge does")
+
+    def _with_adapters(self, model):
+        from peft import PeftModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(model, self.adapters[0], adapter_name="a0")
+            if len(self.adapters) > 1 or self.weights[0] != 1.0:
+                for i, a in enumerate(self.adapters[1:], start=1):
+                    peft_model.load_adapter(a, adapter_name=f"a{i}")
+                names = [f"a{i}" for i in range(len(self.adapters))]
+                try:
+                    # "cat" stacks the factors, which is exactly sum_i w_i * dW_i ("linear" is not)
+                    peft_model.add_weighted_adapter(names, list(self.weights), "combined", combination_type="cat")
+                except Exception as e:  # noqa: BLE001 - PEFT refuses some combinations; report, don't fail
+                    self.notes.append(f"PEFT cannot combine these adapters for a logit check ({e}); logits not "
+                                      "compared")
+                    return None
+                peft_model.set_adapter("combined")
+        return peft_model.eval()
+
+    def unmerged(self, quantized: Bnb4bit | None = None, prequantized: bool = False) -> list[torch.Tensor] | None:
+        """Logits of the unmerged model: base (4-bit for a QLoRA oracle) with the adapter(s) on top."""
+        model = self._with_adapters(self._base(quantized, prequantized))
+        return None if model is None else self.logits(model)
+
+    def qlora_choices(self, qlora: Bnb4bit, prequantized: bool,
+                      reference: list[torch.Tensor] | None = None) -> list[QloraChoice]:
+        """Each choice of base, unmerged (what its merge computes), against the QLoRA model (``reference``)."""
+        from .merge.nf4 import quantized_linear_modules, roundtrip_4bit
+
+        reference = reference if reference is not None else self.unmerged(qlora, prequantized)
+        if reference is None:
+            return []
+        if prequantized:
+            self.notes.append("the base is a 4-bit checkpoint; the original 16-bit weights are not there to compare")
+            return []
+        choices = []
+        for choice in ("dequantized", "original"):
+            model = self._base()
+            if choice == "dequantized":
+                for name in quantized_linear_modules(model, qlora):
+                    layer = model.get_submodule(name)
+                    layer.weight.data = roundtrip_4bit(layer.weight.data, qlora)
+            peft_model = self._with_adapters(model)
+            if peft_model is None:
+                return []
+            diff, kl = _distance(self.logits(peft_model), reference)
+            choices.append(QloraChoice(choice, diff, kl))
+        return choices
+
+
+def _distance(a: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float]:
+    """(max |logit difference|, mean KL(ref || a) per position in nats)."""
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .output import quiet_libraries
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, ref))
+    kls = [torch.nn.functional.kl_div(x.log_softmax(-1), y.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+           for x, y in zip(a, ref)]
+    return diff, float(torch.cat([k.reshape(-1) for k in kls]).mean())
 
-    quiet_libraries()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = AutoTokenizer.from_pretrained(output)
-        merged = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        rows = merged.get_input_embeddings().weight.shape[0]
-        if model.get_input_embeddings().weight.shape[0] != rows:  # the adapter resized the vocabulary
-            model.resize_token_embeddings(rows)
-        peft_model = PeftModel.from_pretrained(model, adapters[0], adapter_name="a0")
-        if len(adapters) > 1 or weights[0] != 1.0:
-            for i, a in enumerate(adapters[1:], start=1):
-                peft_model.load_adapter(a, adapter_name=f"a{i}")
-            names = [f"a{i}" for i in range(len(adapters))]
-            try:
-                # "cat" stacks the factors, which is exactly sum_i w_i * dW_i ("linear" is not)
-                peft_model.add_weighted_adapter(names, list(weights), "combined", combination_type="cat")
-            except Exception as e:  # noqa: BLE001 - PEFT refuses some combinations; report, don't fail
-                notes.append(f"PEFT cannot combine these adapters for a logit check ({e}); logits not compared")
-                return None, None, None, None
-            peft_model.set_adapter("combined")
-        peft_model.eval()
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tok(prompt, return_tensors="pt")["input_ids"]
-            outputs.append((merged(input_ids=ids).logits, peft_model(input_ids=ids).logits))
+
+def _compare(merged: list[torch.Tensor], reference: list[torch.Tensor], dtype: str):
+    """(max |dlogit|, peak logit, tolerance, greedy agreement where the reference's top two are clearly apart)."""
+    outputs = list(zip(merged, reference))
     diff = max(float((a - b).abs().max()) for a, b in outputs)
     peak = max(float(b.abs().max()) for _, b in outputs)
     tol = RTOL[dtype] * max(peak, 1.0)

@@ -19,6 +19,8 @@ MERGED_EXAMPLES = """Examples:
 lora-deploy merged --base meta-llama/Llama-3.1-8B --adapter ./my-adapter --output ./merged
 lora-deploy merged --base ./base --adapter a --adapter b --weights 0.7,0.3 --output ./mix --dtype bfloat16
 lora-deploy merged --base ./base --adapter ./adapter --output ./merged --verify --json
+lora-deploy merged --base ./base-16bit --adapter ./qlora-adapter --qlora nf4 --output ./merged --verify
+lora-deploy merged --base ./base-bnb-4bit --adapter ./qlora-adapter --output ./merged
 ```
 """
 INSPECT_EXAMPLES = """Examples:
@@ -50,6 +52,15 @@ def merged(
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB or 500MB.")] = "5GB",
     verify: Annotated[bool, typer.Option(
         help="After merging, load base+PEFT and the merged model and compare logits (loads whole models).")] = False,
+    qlora: Annotated[Optional[str], typer.Option(
+        help="The adapter is a QLoRA one: nf4 or fp4, or the folder of the bitsandbytes 4-bit base it was trained "
+        "on (its quantization_config is read). Not needed when --base is that 4-bit checkpoint.")] = None,
+    qlora_blocksize: Annotated[int, typer.Option(help="bitsandbytes 4-bit block size of --qlora nf4|fp4.")] = 64,
+    qlora_double_quant: Annotated[bool, typer.Option(
+        help="The QLoRA base used double quantization (bnb_4bit_use_double_quant).")] = False,
+    merge_into: Annotated[Optional[str], typer.Option(
+        help="QLoRA: merge into the 'dequantized' 4-bit weights the adapter was trained against (reproduces the "
+        "QLoRA model; the default with --qlora) or the 'original' 16-bit weights.")] = None,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of the base model.")] = None,
     force: ForceOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -79,13 +90,21 @@ def merged(
     """
     out.set_mode(json_mode=json)
     from ..merge import MergeConfig, execute_plan, plan_merge
+    from ..merge.nf4 import Bnb4bit
 
     cfg = MergeConfig(base=base, adapters=tuple(adapter), output=output, weights=parse_weights(weights),
                       dtype=dtype, shard_size=shard_size, force=force, allow_pickle=allow_pickle,
-                      base_revision=revision)
+                      base_revision=revision, merge_into=merge_into,
+                      qlora=None if qlora is None else Bnb4bit.from_option(qlora, blocksize=qlora_blocksize,
+                                                                           double_quant=qlora_double_quant))
     plan = plan_merge(cfg)
+    if verify and plan.qlora is not None:
+        from ..verify import require_qlora_oracle
+
+        require_qlora_oracle()
+    into = f", into the {plan.merge_into} {plan.qlora.describe()} weights" if plan.qlora else ""
     out.info(f"Merging {len(plan.adapters)} adapter(s) into {plan.base.source} "
-             f"({len(plan.modules)} LoRA modules, {len(plan.tensors)} tensors) -> {output} [{plan.dtype}]")
+             f"({len(plan.modules)} LoRA modules, {len(plan.tensors)} tensors{into}) -> {output} [{plan.dtype}]")
     for w in plan.warnings:
         out.warn(w)
     report = execute_plan(plan, progress=out.progress)
@@ -103,18 +122,17 @@ def merged(
     failed = False
     if verify:
         out.info("Verifying: loading the base with PEFT and the merged model (whole models, float32)...")
-        from ..verify import verify_merge
+        from ..verify import verify_plan
 
-        changed = plan.changed_tensors
-        allowed = plan.new_or_reshaped
-        vr = verify_merge(Path(report.output), plan.base.path, [a.path for a in plan.adapters], plan.weights,
-                          dtype=plan.dtype, expected_changes=changed, allowed_new=allowed)
+        vr = verify_plan(plan, Path(report.output))
         result["verify"] = vr
         failed = not vr.passed
         diff = "not compared" if vr.max_logit_diff is None else \
             f"max |dlogit| {vr.max_logit_diff:.3g} (tolerance {vr.tolerance:.3g})"
-        rows += [("verify", "PASSED" if vr.passed else "FAILED"), ("logits vs PEFT", diff),
-                 ("targeted tensors changed", f"{vr.changed_modules} of {len(changed)}")]
+        rows += [("verify", "PASSED" if vr.passed else "FAILED"), (f"logits vs {vr.oracle}", diff),
+                 ("targeted tensors changed", f"{vr.changed_modules} of {len(plan.changed_tensors)}")]
+        rows += [(f"merge into {c.merge_into}", f"vs QLoRA model: max |dlogit| {c.max_logit_diff:.3g}, "
+                  f"mean KL {c.mean_kl:.3g} nats/token") for c in vr.qlora_choices]
         rows += [("problem", p) for p in vr.problems] + [("note", n) for n in vr.notes]
     out.result(result, out.table(rows))
     if failed:

@@ -23,6 +23,7 @@ from ..errors import InputError
 from ..hub import sha256_file
 from ..shards import SAFETENSORS_INDEX, ShardWriter, TensorReader, plan_shards, torch_dtype
 from .compute import Workspace, add_low_rank_blocked, apply_dora, check_range, expert_delta, lora_delta, minmax
+from .nf4 import Stored4bit, dequantize_stored, roundtrip_4bit
 from .plan import LowRankUpdate, MergeConfig, MergePlan, TensorPlan, plan_merge
 
 if TYPE_CHECKING:
@@ -174,7 +175,7 @@ def _check_finite(plan: MergePlan, tensors: list[dict]) -> None:
 def _streamable(p: TensorPlan) -> bool:
     """Plain 2-D deltas (or a dtype change) on a floating base tensor: the blocked fast path applies."""
     return (p.source is not None and p.replacement is None and not p.rows and p.dora is None and not p.biases
-            and p.is_float and (not p.deltas or (len(p.shape) == 2
+            and p.fourbit is None and p.is_float and (not p.deltas or (len(p.shape) == 2
                                                  and all(d.kind != "experts" and d.part is None for d in p.deltas))))
 
 
@@ -214,10 +215,13 @@ def _compute(p: TensorPlan, reader: TensorReader, adapter_tensors: list[dict]) -
         i, key = p.replacement
         t = adapter_tensors[i][key].float().clone()
     else:
-        t = reader.read(p.source)
-        if not t.is_floating_point():
-            return t
-        t = t.float()
+        if isinstance(p.fourbit, Stored4bit):
+            t = dequantize_stored(p.fourbit, reader)
+        else:
+            t = reader.read(p.source)
+            if not t.is_floating_point():
+                return t
+            t = roundtrip_4bit(t, p.fourbit) if p.fourbit is not None else t.float()
     for rows in p.rows:
         idx = torch.tensor(rows.indices, dtype=torch.long)
         t.index_copy_(0, idx, adapter_tensors[rows.adapter][rows.key].float())
@@ -277,6 +281,8 @@ def _provenance(plan: MergePlan, hashes: dict[Path, Future]) -> dict:
                  "architecture": plan.layout.architecture,
                  "files": files_of(list(plan.base_index.files) + [plan.base.path / "config.json"])},
         "adapters": adapters,
+        "merge_into": plan.merge_into,
+        **({"qlora": plan.qlora.as_dict()} if plan.qlora is not None else {}),
         "peft_merge_differs": list(plan.peft_differs),
         "warnings": list(plan.warnings),
     }

@@ -21,11 +21,13 @@ from ..hub import ResolvedRef, resolve_ref
 from ..layout import CheckpointNames, CheckpointPart, ModelLayout, expected_tensors, read_config, read_layout
 from ..shards import DTYPE_SIZES, ShardIndex, TensorEntry, parse_size
 from .._files import check_output_free
+from .nf4 import Bnb4bit, Stored4bit, quantized_linear_modules, split_stored_4bit
 
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
                "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
 _ST_DTYPE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+MERGE_INTO = ("original", "dequantized")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,10 @@ class MergeConfig:
     allow_pickle: bool = False
     base_revision: str | None = None
     hash_inputs: bool = True
+    # QLoRA: how the base was quantized in training, and which weights to merge into: the ``original``
+    # 16-bit ones, or the ``dequantized`` 4-bit ones the adapter was trained against (see merge/nf4.py)
+    qlora: Bnb4bit | None = None
+    merge_into: str | None = None  # default: dequantized for a QLoRA merge, else original
 
 
 @dataclass(frozen=True)
@@ -117,10 +123,11 @@ class TensorPlan:
     deltas: tuple[LowRankUpdate, ...] = ()
     biases: tuple[BiasUpdate, ...] = ()
     dora: tuple[LowRankUpdate, str] | None = None  # (the update, the magnitude key)
+    fourbit: Bnb4bit | Stored4bit | None = None
 
     @property
     def touched(self) -> bool:
-        return bool(self.replacement or self.rows or self.deltas or self.biases or self.dora)
+        return bool(self.replacement or self.rows or self.deltas or self.biases or self.dora or self.fourbit)
 
     @property
     def is_float(self) -> bool:
@@ -136,7 +143,7 @@ class TensorPlan:
     def value_key(self) -> tuple:
         """Two plans with equal keys compute identical values (used to keep tied embeddings tied)."""
         start = self.replacement if self.replacement is not None else (self.source.name if self.source else None)
-        return (start, self.shape, self.rows, self.deltas, self.biases, self.dora)
+        return (start, self.shape, self.rows, self.deltas, self.biases, self.dora, self.fourbit)
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,8 @@ class MergePlan:
     hash_inputs: bool = True
     warnings: tuple[str, ...] = ()
     peft_differs: tuple[str, ...] = ()  # where PEFT's merge_and_unload() disagrees with its unmerged model
+    qlora: Bnb4bit | None = None
+    merge_into: str = "original"
 
     @property
     def output_bytes(self) -> int:
@@ -194,15 +203,33 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
                          hint="give one weight per --adapter, in the same order, e.g. --weights 0.7,0.3")
     if any(w != w or w in (float("inf"), float("-inf")) for w in weights):
         raise InputError("--weights must be finite numbers")
+    if cfg.merge_into not in (None, *MERGE_INTO):
+        raise InputError(f"--merge-into {cfg.merge_into!r} is not one of {', '.join(MERGE_INTO)}")
     check_output_free(cfg.output, cfg.force)
 
     base = resolve_ref(cfg.base, kind="base model", revision=cfg.base_revision)
     config = read_config(base.path)
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "quantized")
-        raise UnsupportedError(f"base {cfg.base} is {method}-quantized; merging into quantized weights loses the "
-                               "adapter's precision", hint="merge into the original fp16/bf16 base instead")
     index = ShardIndex.from_folder(base.path)
+    qlora, stored = cfg.qlora, {}
+    if config.get("quantization_config"):
+        qc = config["quantization_config"]
+        method = str(qc.get("quant_method", "quantized"))
+        if method.lower() != "bitsandbytes" or not qc.get("load_in_4bit"):
+            raise UnsupportedError(f"base {cfg.base} is {method}-quantized; lora-deploy merges into 16-bit weights "
+                                   "or bitsandbytes 4-bit ones", hint="merge into the original fp16/bf16 base instead")
+        if cfg.merge_into == "original":
+            raise UnsupportedError(f"base {cfg.base} is a bitsandbytes 4-bit checkpoint: its original 16-bit weights "
+                                   "are not in it", hint=f"pass the original 16-bit base as --base, with --qlora "
+                                   f"{base.path} for the 4-bit settings")
+        # the QLoRA base itself: merge into exactly the weights the adapter was trained against
+        qlora = Bnb4bit.from_quantization_config(qc)
+        index, stored = split_stored_4bit(index)
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
+    merge_into = cfg.merge_into or ("dequantized" if qlora is not None else "original")
+    if merge_into == "dequantized" and qlora is None:
+        raise InputError("--merge-into dequantized needs to know how the base was quantized in training",
+                         hint="add --qlora nf4 (or fp4, or the folder of the bitsandbytes 4-bit base the adapter "
+                         "was trained on)")
     layout = read_layout(base.path, index.tensors)
     adapters = tuple(load_adapter(a, allow_pickle=cfg.allow_pickle) for a in cfg.adapters)
     for info in adapters:
@@ -213,11 +240,13 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
         listing = "\n".join(f"  - {p}" for p in planner.problems[:40])
         more = f"\n  ... and {len(planner.problems) - 40} more" if len(planner.problems) > 40 else ""
         raise InputError(f"the adapter(s) do not fit base {base.source}:\n{listing}{more}")
+    if merge_into == "dequantized":
+        planner.dequantize(qlora, stored)
     tensors, out_config = planner.finish(config)
     _check_complete(index, config, tensors, out_config)
     return MergePlan(base, index, layout, adapters, weights, dtype, tensors, out_config, tuple(planner.modules),
                      max_shard, Path(cfg.output), cfg.force, cfg.hash_inputs, tuple(planner.warnings),
-                     tuple(planner.peft_differs))
+                     tuple(planner.peft_differs), qlora, merge_into)
 
 
 def _check_complete(index: ShardIndex, base_config: dict, tensors: tuple[TensorPlan, ...], out_config: dict) -> None:
@@ -267,12 +296,13 @@ class _Draft:
     deltas: list[LowRankUpdate] = field(default_factory=list)
     biases: list[BiasUpdate] = field(default_factory=list)
     dora: tuple[LowRankUpdate, str] | None = None
+    fourbit: Bnb4bit | Stored4bit | None = None
 
     def freeze(self, dtype: str) -> TensorPlan:
         src_dtype = self.source.dtype if self.source is not None else "F32"
         out = _ST_DTYPE[dtype] if src_dtype in _FLOAT_DTYPES else src_dtype
         return TensorPlan(self.name, self.source, tuple(self.shape), out, self.replacement, tuple(self.rows),
-                          tuple(self.deltas), tuple(self.biases), self.dora)
+                          tuple(self.deltas), tuple(self.biases), self.dora, self.fourbit)
 
 
 class _Planner:
@@ -496,6 +526,37 @@ class _Planner:
         if not self.layout.known and info.config.get("fan_in_fan_out"):
             return "conv1d"
         return "linear"
+
+    def dequantize(self, s: Bnb4bit, stored: dict[str, Stored4bit]) -> None:
+        """Start every weight bitsandbytes quantized in training from its dequantized 4-bit value (QLoRA merge).
+
+        All of them, not only the adapter's targets: the QLoRA model computed every quantized layer with the
+        dequantized weight, so reproducing its function means writing those values everywhere. A 4-bit
+        checkpoint says which weights it holds packed; for a 16-bit base, transformers' rules say (nf4.py).
+        """
+        if stored:
+            for name, packed in stored.items():
+                self.drafts[name].fourbit = packed
+            self.warnings.append(f"dequantizing the 4-bit base ({s.describe()}): {len(stored)} linear weights are "
+                                 "written as the QLoRA model computed with them")
+            return
+        model = self.names.meta_model()
+        if model is None:
+            raise UnsupportedError(f"transformers cannot build {self.layout.architecture}, so which of its layers "
+                                   "bitsandbytes quantized is unknown", hint="use --merge-into original")
+        found = 0
+        for module in quantized_linear_modules(model, s):
+            name = self.names.single(f"{module}.weight")
+            draft = self.drafts.get(name) if name else None
+            if draft is None or draft.replacement is not None or draft.source is None:
+                continue  # a saved full tensor (modules_to_save) was trained unquantized
+            draft.fourbit = s
+            found += 1
+        if not found:
+            raise UnsupportedError(f"no layer of {self.base.source} is one bitsandbytes quantizes",
+                                   hint="use --merge-into original")
+        self.warnings.append(f"merging into the dequantized 4-bit base ({s.describe()}): {found} linear weights "
+                             "are written as the QLoRA model computed with them, not as the original base holds them")
 
     # ------------------------------------------------------------ the result
     def finish(self, config: dict) -> tuple[tuple[TensorPlan, ...], dict]:

@@ -1,0 +1,196 @@
+"""QLoRA merges: the oracle is the QLoRA model itself, the base loaded in 4-bit by bitsandbytes with the adapter.
+
+bitsandbytes (CPU build, installed by `make test`) is the oracle for the 4-bit arithmetic too: lora-deploy
+re-implements NF4/FP4 quantization in plain PyTorch (merge/nf4.py), and these tests hold it to
+bitsandbytes' own codes, statistics and dequantized values.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import pytest
+
+from conftest import loaded_model, logits_of, make_adapter, make_base, run_cli
+
+torch = pytest.importorskip("torch")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+
+def _unpack(packed, n):
+    u = packed.view(torch.uint8).reshape(-1)
+    idx = torch.empty(u.numel() * 2, dtype=torch.uint8)
+    idx[::2], idx[1::2] = u >> 4, u & 0xF
+    return idx[:n]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("dtype,shape", [("float32", (96, 80)), ("bfloat16", (130, 77)), ("float16", (64, 33))])
+def test_4bit_codes_statistics_and_values_are_bitsandbytes_own(quant_type, blocksize, dtype, shape):
+    """Every 4-bit code, every absmax and every dequantized value equals bitsandbytes' (odd sizes, last partial
+    block, an outlier), in the weight's own dtype and in float32."""
+    from lora_deploy.merge.nf4 import Bnb4bit, dequantize_4bit, quantize_4bit, roundtrip_4bit
+
+    torch.manual_seed(blocksize)
+    t = (torch.randn(*shape) * 0.05).to(getattr(torch, dtype))
+    t.view(-1)[3] = 0.4
+    packed, state = bnb_functional.quantize_4bit(t, blocksize=blocksize, quant_type=quant_type)
+    ours = quantize_4bit(t, Bnb4bit(quant_type, blocksize))
+    assert torch.equal(ours.indices, _unpack(packed, t.numel()))
+    assert torch.equal(ours.absmax, state.absmax)
+    assert torch.equal(roundtrip_4bit(t, Bnb4bit(quant_type, blocksize)).to(t.dtype),
+                       bnb_functional.dequantize_4bit(packed, state))
+    state.dtype = torch.float32  # bitsandbytes' float32 product, before any cast
+    assert torch.equal(dequantize_4bit(ours, quant_type, blocksize), bnb_functional.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_double_quantization_follows_the_reference_kernel(quant_type):
+    """Double quantization: the 4-bit codes, absmax offset and second-level scales are bitsandbytes'; the 8-bit
+    absmax codes are the nearest dynamic-map value (bitsandbytes' reference kernel), which bitsandbytes' CPU C
+    kernel agrees with except for a few it rounds to the farther neighbour; and our dequantizer turns
+    bitsandbytes' own double-quantized state into exactly bitsandbytes' values."""
+    from lora_deploy.merge.nf4 import Bnb4bit, Quantized4bit, dequantize_4bit, dynamic_code, quantize_4bit
+
+    torch.manual_seed(7)
+    t = torch.randn(256, 640) * 0.03
+    packed, state = bnb_functional.quantize_4bit(t, blocksize=64, quant_type=quant_type, compress_statistics=True)
+    ours = quantize_4bit(t, Bnb4bit(quant_type, 64, double_quant=True))
+    assert torch.equal(ours.indices, _unpack(packed, t.numel()))
+    assert torch.equal(ours.absmax2, state.state2.absmax) and ours.offset == float(state.offset)
+    code = dynamic_code()
+    assert torch.equal(code, bnb_functional.create_dynamic_map())
+    agree = (ours.absmax == state.absmax).float().mean()
+    assert agree > 0.98, f"only {agree:.1%} of the 8-bit absmax codes agree with bitsandbytes"
+    # ours is the nearest code to every scaled absmax (bitsandbytes' CPU kernel is not, for a few)
+    absmax = t.reshape(-1, 64).abs().max(dim=-1)[0] - float(state.offset)
+    scaled = (absmax.reshape(-1, 256) * (1.0 / ours.absmax2.view(-1, 1))).reshape(-1, 1)
+    dist = (scaled - code.view(1, -1)).abs()
+    assert torch.all(dist.gather(1, ours.absmax.long().view(-1, 1)).squeeze(1) <= dist.min(1).values + 1e-7)
+    theirs = Quantized4bit(_unpack(packed, t.numel()), state.absmax, tuple(t.shape), state.state2.absmax,
+                           float(state.offset))
+    state.dtype = torch.float32
+    assert torch.equal(dequantize_4bit(theirs, quant_type, 64), bnb_functional.dequantize_4bit(packed, state))
+
+
+# ---------------------------------------------------------------- whole-model merges against the QLoRA model
+
+@pytest.fixture(scope="module")
+def qlora_case(tmp_path_factory):
+    """A tiny Llama, an adapter on attention and MLP, and the same base saved in 4-bit (NF4, double quant)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    root = tmp_path_factory.mktemp("qlora")
+    base = make_base(root / "base", "llama", tokenizer=True, hidden_size=128, intermediate_size=256)
+    adapter = make_adapter(base, root / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=torch.float32,
+                                             device_map="cpu").save_pretrained(root / "base-4bit")
+    for f in base.glob("tokenizer*"):
+        shutil.copy2(f, root / "base-4bit" / f.name)
+    return base, adapter, root / "base-4bit"
+
+
+def qlora_model(base, adapter, *, double_quant=False, prequantized=False):
+    """The QLoRA model: the base loaded in 4-bit by bitsandbytes (float32 compute), the adapter unmerged on top."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs = {} if prequantized else {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map="cpu", **kwargs)
+        return PeftModel.from_pretrained(model, adapter).eval()
+
+
+def test_merge_into_dequantized_computes_the_qlora_model(qlora_case, tmp_path):
+    """Merged into the dequantized NF4 weights (float32), the checkpoint computes the QLoRA model's logits; merged
+    into the original weights it does not. Every quantized layer is rewritten, not only the adapter's targets."""
+    from lora_deploy.merge import MergeConfig, run_merge
+    from lora_deploy.merge.nf4 import Bnb4bit
+
+    base, adapter, _ = qlora_case
+    reference = logits_of(qlora_model(base, adapter))
+    peak = float(reference.abs().max())
+    diffs = {}
+    for into in ("dequantized", "original"):
+        report = run_merge(MergeConfig(str(base), (str(adapter),), tmp_path / into, dtype="float32",
+                                       qlora=Bnb4bit("nf4"), merge_into=into))
+        diffs[into] = float((logits_of(loaded_model(tmp_path / into)) - reference).abs().max())
+        provenance = json.loads((tmp_path / into / "lora_deploy_merge.json").read_text())
+        assert provenance["merge_into"] == into and provenance["qlora"]["quant_type"] == "nf4"
+        if into == "dequantized":  # 2 layers x 7 linear layers, of which the adapter targets 3 per layer
+            assert report.tensors_changed == 14
+    assert diffs["dequantized"] < 1e-5 * max(peak, 1.0), diffs
+    assert diffs["original"] > 1e3 * diffs["dequantized"], diffs
+
+
+def test_a_4bit_checkpoint_base_is_dequantized_exactly(qlora_case, tmp_path):
+    """A bitsandbytes 4-bit checkpoint (NF4, double quant) as --base: the merge reads its packed weights and
+    statistics and writes a plain checkpoint that loads without bitsandbytes and computes the QLoRA model's
+    logits. Its original 16-bit weights are not in it, so --merge-into original is refused."""
+    _, adapter, base4 = qlora_case
+    reference = logits_of(qlora_model(base4, adapter, prequantized=True))
+    code, out, err = run_cli("merged", "--base", str(base4), "--adapter", str(adapter), "--output",
+                             str(tmp_path / "m"), "--dtype", "float32", "--json")
+    assert code == 0, err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = loaded_model(tmp_path / "m")
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    assert float((logits_of(merged) - reference).abs().max()) < 1e-5 * max(float(reference.abs().max()), 1.0)
+    code, _, err = run_cli("merged", "--base", str(base4), "--adapter", str(adapter), "--output",
+                           str(tmp_path / "o"), "--merge-into", "original")
+    assert code == 4 and "--qlora" in err and not (tmp_path / "o").exists()
+
+
+def test_verify_reports_both_choices_and_passes_double_quant(qlora_case, tmp_path):
+    """`--verify` of a QLoRA merge (double quantization, settings read from the 4-bit base's config) compares with
+    the QLoRA model, passes, and reports both choices: the dequantized merge is the closer one."""
+    base, adapter, base4 = qlora_case
+    code, out, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--qlora", str(base4),
+                             "--output", str(tmp_path / "m"), "--dtype", "float32", "--verify", "--json")
+    assert code == 0, err
+    verify = json.loads(out)["verify"]
+    assert verify["passed"] and verify["oracle"].startswith("QLoRA model")
+    choices = {c["merge_into"]: c for c in verify["qlora_choices"]}
+    assert choices["dequantized"]["max_logit_diff"] < 1e-5 < choices["original"]["max_logit_diff"]
+    assert choices["dequantized"]["mean_kl"] < choices["original"]["mean_kl"]
+
+
+def test_verify_catches_a_merge_into_the_wrong_base(qlora_case, tmp_path):
+    """The broken direction: a checkpoint merged into the original weights, verified as a merge into the
+    dequantized ones, fails against the QLoRA model."""
+    from lora_deploy.merge import MergeConfig, run_merge
+    from lora_deploy.merge.nf4 import Bnb4bit
+    from lora_deploy.verify import verify_merge
+
+    base, adapter, _ = qlora_case
+    plan_report = run_merge(MergeConfig(str(base), (str(adapter),), tmp_path / "m", dtype="float32",
+                                        qlora=Bnb4bit("nf4"), merge_into="original"))
+    report = verify_merge(tmp_path / "m", base, [adapter], [1.0], dtype="float32", expected_changes=[],
+                          qlora=Bnb4bit("nf4"), merge_into="dequantized")
+    assert plan_report.tensors_changed and not report.passed
+    assert any("QLoRA model" in p for p in report.problems)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--merge-into", "dequantized"], "--qlora nf4"),
+    (["--qlora", "nf3"], "neither nf4, fp4"),
+    (["--qlora", "nf4", "--qlora-blocksize", "100"], "block size 100"),
+    (["--qlora", "nf4", "--merge-into", "both"], "not one of original, dequantized"),
+])
+def test_bad_qlora_options_are_input_errors(qlora_case, tmp_path, args, needle):
+    base, adapter, _ = qlora_case
+    code, _, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--output",
+                           str(tmp_path / "m"), *args)
+    assert code == 3 and needle in err, err
+    assert not (tmp_path / "m").exists()
