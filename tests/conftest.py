@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import warnings
 from pathlib import Path
 
@@ -230,6 +231,32 @@ def wait_for_log(pattern: str, log: Path, proc, timeout: float = 600):
     raise AssertionError(f"timed out waiting for {pattern!r}: {log.read_text()[-3000:]}")
 
 
+def ask_tickets(port: int, model: str, task: str) -> list[str]:
+    """The official OpenAI client asks ``model`` the demo tickets through the chat template, greedily."""
+    from openai import OpenAI
+
+    from lora_deploy.smollm2 import DEMO_TICKETS, messages
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    return [client.chat.completions.create(model=model, messages=messages(task, t), max_tokens=12, temperature=0)
+            .choices[0].message.content for t in DEMO_TICKETS]
+
+
+def serve_then(args: list[str], log, ask):
+    """Start the CLI, wait until it serves (its smoke test passed), ask, then SIGTERM it."""
+    proc = start_cli(*args, log=log)
+    try:
+        wait_for_log(r"Serving at ", log, proc)  # printed only once every smoke check passed
+        return ask()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except Exception:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def llama_base(tmp_path_factory) -> Path:
     return make_base(tmp_path_factory.mktemp("llama") / "base", "llama", tokenizer=True)
@@ -247,6 +274,14 @@ def example(tmp_path_factory):
 
     _quiet_transformers()
     return build_example(tmp_path_factory.mktemp("example"))
+
+
+@pytest.fixture(scope="session")
+def real(tmp_path_factory):
+    """The real example: SmolLM2-135M-Instruct (bf16) and its classify/reply adapters, from the user cache."""
+    from lora_deploy.smollm2 import build_real_example
+
+    return build_real_example(tmp_path_factory.mktemp("smollm2") / "example")
 
 
 def edit_json(path: Path, **changes) -> None:

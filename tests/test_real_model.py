@@ -9,19 +9,11 @@ real weight magnitudes, through the merge, vLLM's dynamic serving and the smoke 
 from __future__ import annotations
 
 import json
-import os
-import signal
 
-import pytest
 import torch
-from conftest import file_tensors, free_port, run_cli, scaled_adapter, start_cli, wait_for_log
+from conftest import ask_tickets, file_tensors, free_port, run_cli, scaled_adapter, serve_then
 
-from lora_deploy.smollm2 import DEMO_TICKETS, build_real_example, messages
-
-
-@pytest.fixture(scope="module")
-def real(tmp_path_factory):
-    return build_real_example(tmp_path_factory.mktemp("smollm2") / "example")
+from lora_deploy.smollm2 import messages
 
 
 def test_the_converted_model_is_an_ordinary_tied_gqa_checkpoint(real):
@@ -63,46 +55,23 @@ def test_bf16_merge_is_peft_float32_merge_rounded_once_and_keeps_tie_and_tokeniz
         assert (out / name).read_bytes() == (real.base / name).read_bytes(), name
 
 
-def _chat(port: int, model: str, task: str) -> list[str]:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    return [client.chat.completions.create(model=model, messages=messages(task, t), max_tokens=12, temperature=0)
-            .choices[0].message.content for t in DEMO_TICKETS]
-
-
-def _serve(args: list[str], log, ask):
-    """Start the CLI, wait until it serves (its smoke test passed), ask, then SIGTERM it."""
-    proc = start_cli(*args, log=log)
-    try:
-        wait_for_log(r"Serving at ", log, proc)  # printed only once every smoke check passed
-        return ask()
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except Exception:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
 def test_merged_and_dynamic_deployments_answer_the_same_chats(real, tmp_path):
     """`dynamic` on the real model passes its smoke test; the classify adapter answers every unseen ticket
     differently from the base; the float32 merge served by `merged --serve` gives the same chat answers."""
     port = free_port()
-    dynamic = _serve(["dynamic", "--base", str(real.base), "--adapter", f"classify={real.adapters['classify']}",
+    dynamic = serve_then(["dynamic", "--base", str(real.base), "--adapter", f"classify={real.adapters['classify']}",
                       "--adapter", f"reply={real.adapters['reply']}", "--dtype", "float32", "--port", str(port),
                       "--served-model-name", "smollm2"], tmp_path / "dynamic.log",
-                     lambda: {"base": _chat(port, "smollm2", "classify"), "classify": _chat(port, "classify",
+                     lambda: {"base": ask_tickets(port, "smollm2", "classify"), "classify": ask_tickets(port, "classify",
                                                                                         "classify")})
     assert all(b != c for b, c in zip(dynamic["base"], dynamic["classify"])), dynamic
     right = sum(a == want for a, want in zip(dynamic["classify"], ["account", "billing", "shipping", "technical"]))
     assert right >= 3, dynamic["classify"]  # unseen paraphrases (measured: 4 of 4; 3 leaves room for BLAS drift)
     port = free_port()
-    merged = _serve(["merged", "--base", str(real.base), "--adapter", str(real.adapters["classify"]), "--output",
+    merged = serve_then(["merged", "--base", str(real.base), "--adapter", str(real.adapters["classify"]), "--output",
                      str(tmp_path / "merged"), "--dtype", "float32", "--serve", "--port", str(port),
                      "--served-model-name", "merged"], tmp_path / "merged.log",
-                    lambda: _chat(port, "merged", "classify"))
+                    lambda: ask_tickets(port, "merged", "classify"))
     assert merged == dynamic["classify"]
 
 

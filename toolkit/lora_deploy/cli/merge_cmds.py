@@ -58,6 +58,12 @@ def merged(
     qlora_blocksize: Annotated[int, typer.Option(help="bitsandbytes 4-bit block size of --qlora nf4|fp4.")] = 64,
     qlora_double_quant: Annotated[bool, typer.Option(
         help="The QLoRA base used double quantization (bnb_4bit_use_double_quant).")] = False,
+    quantize: Annotated[Optional[str], typer.Option(
+        help="Write a compressed-tensors checkpoint vLLM serves: fp8-dynamic or w8a8-int8 (8-bit Linear weights "
+        "with per-channel scales, activations quantized per token at run time; embeddings, head and norms stay "
+        "in --dtype).")] = None,
+    quality: Annotated[bool, typer.Option(
+        help="With --quantize, measure logit KL divergence against the 16-bit merge (loads the whole model).")] = True,
     merge_into: Annotated[Optional[str], typer.Option(
         help="QLoRA: merge into the 'dequantized' 4-bit weights the adapter was trained against (reproduces the "
         "QLoRA model; the default with --qlora) or the 'original' 16-bit weights.")] = None,
@@ -92,9 +98,12 @@ def merged(
     from ..merge import MergeConfig, execute_plan, plan_merge
     from ..merge.nf4 import Bnb4bit
 
+    if verify and quantize:
+        raise InputError("--verify compares a 16-bit merge with the unmerged model; --quantize reports its own "
+                         "quality against the 16-bit merge", hint="drop --verify (or verify a 16-bit merge first)")
     cfg = MergeConfig(base=base, adapters=tuple(adapter), output=output, weights=parse_weights(weights),
                       dtype=dtype, shard_size=shard_size, force=force, allow_pickle=allow_pickle,
-                      base_revision=revision, merge_into=merge_into,
+                      base_revision=revision, merge_into=merge_into, quantize=quantize,
                       qlora=None if qlora is None else Bnb4bit.from_option(qlora, blocksize=qlora_blocksize,
                                                                            double_quant=qlora_double_quant))
     plan = plan_merge(cfg)
@@ -107,7 +116,9 @@ def merged(
              f"({len(plan.modules)} LoRA modules, {len(plan.tensors)} tensors{into}) -> {output} [{plan.dtype}]")
     for w in plan.warnings:
         out.warn(w)
-    report = execute_plan(plan, progress=out.progress)
+    if plan.quantization is not None and quality:
+        out.info(f"Then measuring {quantize} against the 16-bit merge (loads the whole model; --no-quality skips)")
+    report = execute_plan(plan, progress=out.progress, quality=quality)
     for stale in report.stale_partials_removed:
         out.warn(f"removed {stale.path} ({stale.bytes / 1e6:.1f} MB), left by an earlier merge into the same "
                  f"output whose process (pid {stale.owner_pid}) is gone")
@@ -119,6 +130,14 @@ def merged(
             ("tensors changed", f"{report.tensors_changed} of {report.tensors}"),
             ("written", f"{report.bytes_written / 1e6:.1f} MB in {report.seconds:.2f} s"),
             ("provenance", f"{report.output}/{report.provenance}")]
+    q = report.quantization
+    if q is not None:
+        rows += [("quantized", f"{q.scheme}: {q.weights_quantized} Linear weights in 8 bits, "
+                  f"{q.bytes_written / 1e6:.1f} MB vs {q.bytes_16bit / 1e6:.1f} MB in 16 bits "
+                  f"({q.bytes_written / q.bytes_16bit:.0%})")]
+        if q.quality is not None:
+            rows += [("quality vs 16-bit", f"mean KL {q.quality.mean_kl:.3g} nats/token (max {q.quality.max_kl:.3g}), "
+                      f"top-1 agreement {q.quality.top1_agreement:.1%} over {q.quality.positions} positions")]
     failed = False
     if verify:
         out.info("Verifying: loading the base with PEFT and the merged model (whole models, float32)...")

@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -24,6 +24,8 @@ from ..hub import sha256_file
 from ..shards import SAFETENSORS_INDEX, ShardWriter, TensorReader, plan_shards, torch_dtype
 from .compute import Workspace, add_low_rank_blocked, apply_dora, check_range, expert_delta, lora_delta, minmax
 from .nf4 import Stored4bit, dequantize_stored, roundtrip_4bit
+from .quality import QuantizationReport, measure_quality
+from .quantize import quantize_weight
 from .plan import LowRankUpdate, MergeConfig, MergePlan, TensorPlan, plan_merge
 
 if TYPE_CHECKING:
@@ -54,19 +56,24 @@ class MergeReport:
     peft_differs: list[str]
     stale_partials_removed: list[StalePartial]
     provenance: str
+    quantization: QuantizationReport | None = None
 
 
-def run_merge(cfg: MergeConfig, *, progress: bool = False,
+def run_merge(cfg: MergeConfig, *, progress: bool = False, quality: bool = True,
               on_plan: Callable[[MergePlan], None] | None = None) -> MergeReport:
     """Plan (validating everything), then stream the merged checkpoint into ``cfg.output``."""
     plan = plan_merge(cfg)
     if on_plan:
         on_plan(plan)
-    return execute_plan(plan, progress=progress)
+    return execute_plan(plan, progress=progress, quality=quality)
 
 
-def execute_plan(plan: MergePlan, *, progress: bool = False) -> MergeReport:
-    """Write the merged checkpoint that ``plan`` describes into ``plan.output``."""
+def execute_plan(plan: MergePlan, *, progress: bool = False, quality: bool = True) -> MergeReport:
+    """Write the merged checkpoint that ``plan`` describes into ``plan.output``.
+
+    A quantized merge (``plan.quantization``) also measures its quality against the 16-bit merge before the
+    checkpoint is committed (``quality=False`` skips that whole-model load); the numbers go into the provenance.
+    """
     start = time.monotonic()
     # Hashing starts first: hashlib releases the GIL, so it runs on another core while torch imports (seconds).
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-deploy-hash") if plan.hash_inputs else None
@@ -89,7 +96,14 @@ def execute_plan(plan: MergePlan, *, progress: bool = False) -> MergeReport:
                            what="the merged checkpoint") as staged:
             writer, changed = _stream(plan, staged.path, adapter_tensors, out_dtype, progress)
             _write_side_files(plan, staged.path)
-            provenance = _provenance(plan, hashes)
+            torch.set_num_threads(threads)
+            quantization = None
+            if plan.quantization is not None:
+                quantization = QuantizationReport(
+                    plan.quantization.scheme, len(plan.quantization.weights), writer.bytes_written,
+                    sum(t.nbytes for t in _unquantized(plan.tensors, plan.dtype)),
+                    measure_quality(plan, staged.path, adapter_tensors) if quality else None)
+            provenance = _provenance(plan, hashes, quantization)
             (staged.path / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     finally:
         torch.set_num_threads(threads)
@@ -101,7 +115,13 @@ def execute_plan(plan: MergePlan, *, progress: bool = False) -> MergeReport:
         tensors_changed=changed, bytes_written=writer.bytes_written, seconds=round(time.monotonic() - start, 3),
         adapters=provenance["adapters"], tie_word_embeddings=plan.config.get("tie_word_embeddings"),
         vocab_size=plan.config.get("vocab_size"), warnings=list(plan.warnings), peft_differs=list(plan.peft_differs),
-        stale_partials_removed=staged.stale_removed, provenance=PROVENANCE_FILE)
+        stale_partials_removed=staged.stale_removed, provenance=PROVENANCE_FILE, quantization=quantization)
+
+
+def _unquantized(tensors: tuple[TensorPlan, ...], dtype: str) -> list[TensorPlan]:
+    """The tensor plans of the same merge written in 16 bits (for the size comparison)."""
+    st = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}[dtype]
+    return [replace(t, dtype=st, quantize=None) if t.quantize else t for t in tensors if t.scale_of is None]
 
 
 def _stream(plan: MergePlan, folder: Path, adapter_tensors: list[dict], out_dtype: torch.dtype,
@@ -118,8 +138,12 @@ def _stream(plan: MergePlan, folder: Path, adapter_tensors: list[dict], out_dtyp
     slot = 0
     bar = _progress(plan.output_bytes, progress)
     changed = 0
+    scales: dict[str, torch.Tensor] = {}  # per-channel scales of quantized weights, written right after them
     try:
         for p in plan.tensors:
+            if p.scale_of is not None:
+                pending.append(io.submit(writer.write, p.name, scales.pop(p.scale_of)))
+                continue
             if not p.touched and p.source is not None and p.source.dtype == p.dtype:
                 pending.append(io.submit(writer.copy_raw, p.name, p.source))
                 bar.update(p.source.nbytes)
@@ -133,10 +157,12 @@ def _stream(plan: MergePlan, folder: Path, adapter_tensors: list[dict], out_dtyp
                 lo, hi = add_low_rank_blocked(src, _factors(p, adapter_tensors), t, workspace)
                 check_range(p.name, lo, hi, plan.dtype)
             else:
-                t = _compute(p, reader, adapter_tensors)
+                t = compute_value(p, reader, adapter_tensors)
                 if t.is_floating_point():
                     check_range(p.name, *minmax(t), plan.dtype)
-                    t = t.to(torch_dtype(p.dtype))
+                    t = t.to(out_dtype if p.quantize else torch_dtype(p.dtype))
+            if p.quantize:  # quantize the 16-bit merged value, as a quantizer of the 16-bit checkpoint would
+                t, scales[p.name] = quantize_weight(t, p.quantize)
             changed += p.touched
             job = io.submit(writer.write, p.name, t)
             pending.append(job)
@@ -175,7 +201,7 @@ def _check_finite(plan: MergePlan, tensors: list[dict]) -> None:
 def _streamable(p: TensorPlan) -> bool:
     """Plain 2-D deltas (or a dtype change) on a floating base tensor: the blocked fast path applies."""
     return (p.source is not None and p.replacement is None and not p.rows and p.dora is None and not p.biases
-            and p.fourbit is None and p.is_float and (not p.deltas or (len(p.shape) == 2
+            and p.fourbit is None and (p.is_float or p.quantize is not None) and (not p.deltas or (len(p.shape) == 2
                                                  and all(d.kind != "experts" and d.part is None for d in p.deltas))))
 
 
@@ -207,7 +233,7 @@ def update_delta(d: LowRankUpdate, adapter_tensors: list[dict]) -> torch.Tensor:
     return delta if part is None else part.take(delta)
 
 
-def _compute(p: TensorPlan, reader: TensorReader, adapter_tensors: list[dict]) -> torch.Tensor:
+def compute_value(p: TensorPlan, reader: TensorReader, adapter_tensors: list[dict]) -> torch.Tensor:
     """The float32 value of one output tensor: base (or replacement), token rows, deltas, DoRA, biases."""
     import torch
 
@@ -256,7 +282,7 @@ def _write_side_files(plan: MergePlan, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
 
 
-def _provenance(plan: MergePlan, hashes: dict[Path, Future]) -> dict:
+def _provenance(plan: MergePlan, hashes: dict[Path, Future], quantization: QuantizationReport | None) -> dict:
     import torch
 
     def files_of(names: list[Path]) -> dict:
@@ -282,6 +308,7 @@ def _provenance(plan: MergePlan, hashes: dict[Path, Future]) -> dict:
                  "files": files_of(list(plan.base_index.files) + [plan.base.path / "config.json"])},
         "adapters": adapters,
         "merge_into": plan.merge_into,
+        **({"quantization": asdict(quantization)} if quantization is not None else {}),
         **({"qlora": plan.qlora.as_dict()} if plan.qlora is not None else {}),
         "peft_merge_differs": list(plan.peft_differs),
         "warnings": list(plan.warnings),

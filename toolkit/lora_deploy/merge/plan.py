@@ -22,6 +22,7 @@ from ..layout import CheckpointNames, CheckpointPart, ModelLayout, expected_tens
 from ..shards import DTYPE_SIZES, ShardIndex, TensorEntry, parse_size
 from .._files import check_output_free
 from .nf4 import Bnb4bit, Stored4bit, quantized_linear_modules, split_stored_4bit
+from .quantize import OutputQuantization, plan_quantization
 
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
                "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -48,6 +49,7 @@ class MergeConfig:
     # 16-bit ones, or the ``dequantized`` 4-bit ones the adapter was trained against (see merge/nf4.py)
     qlora: Bnb4bit | None = None
     merge_into: str | None = None  # default: dequantized for a QLoRA merge, else original
+    quantize: str | None = None  # write a compressed-tensors checkpoint: fp8-dynamic | w8a8-int8
 
 
 @dataclass(frozen=True)
@@ -124,10 +126,13 @@ class TensorPlan:
     biases: tuple[BiasUpdate, ...] = ()
     dora: tuple[LowRankUpdate, str] | None = None  # (the update, the magnitude key)
     fourbit: Bnb4bit | Stored4bit | None = None
+    quantize: str | None = None  # written in 8 bits with this scheme (merge/quantize.py); dtype is the 8-bit one
+    scale_of: str | None = None  # this tensor is the per-channel scale of that quantized weight
 
     @property
     def touched(self) -> bool:
-        return bool(self.replacement or self.rows or self.deltas or self.biases or self.dora or self.fourbit)
+        return bool(self.replacement or self.rows or self.deltas or self.biases or self.dora or self.fourbit
+                    or self.quantize or self.scale_of)
 
     @property
     def is_float(self) -> bool:
@@ -167,6 +172,7 @@ class MergePlan:
     peft_differs: tuple[str, ...] = ()  # where PEFT's merge_and_unload() disagrees with its unmerged model
     qlora: Bnb4bit | None = None
     merge_into: str = "original"
+    quantization: OutputQuantization | None = None
 
     @property
     def output_bytes(self) -> int:
@@ -244,9 +250,26 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
         planner.dequantize(qlora, stored)
     tensors, out_config = planner.finish(config)
     _check_complete(index, config, tensors, out_config)
+    quantization = None
+    if cfg.quantize:
+        quantization = plan_quantization(cfg.quantize, planner.names, dtype)
+        tensors = _quantized_tensors(tensors, quantization, _ST_DTYPE[dtype])
+        out_config["quantization_config"] = quantization.config()
     return MergePlan(base, index, layout, adapters, weights, dtype, tensors, out_config, tuple(planner.modules),
                      max_shard, Path(cfg.output), cfg.force, cfg.hash_inputs, tuple(planner.warnings),
-                     tuple(planner.peft_differs), qlora, merge_into)
+                     tuple(planner.peft_differs), qlora, merge_into, quantization)
+
+
+def _quantized_tensors(tensors: tuple[TensorPlan, ...], q: OutputQuantization, scale_dtype: str) -> tuple[TensorPlan, ...]:
+    """Each quantized weight in its 8-bit dtype, followed by its per-channel scale ``<name>_scale`` [out, 1]."""
+    out = []
+    for p in tensors:
+        if p.name not in q.weights:
+            out.append(p)
+            continue
+        out.append(replace(p, dtype=q.weight_dtype, quantize=q.scheme))
+        out.append(TensorPlan(p.name + "_scale", None, (p.shape[0], 1), scale_dtype, scale_of=p.name))
+    return tuple(out)
 
 
 def _check_complete(index: ShardIndex, base_config: dict, tensors: tuple[TensorPlan, ...], out_config: dict) -> None:
