@@ -17,7 +17,7 @@ SHELL := /bin/bash
 QUIET_PIP := 2>&1 | sed -e '/is ignored: it is neither a file nor a directory/d'
 
 
-.PHONY: help venv demo demo-tiny test clean bench-merge bench-serve
+.PHONY: help venv demo demo-tiny test clean bench-merge bench-serve bench-qlora
 
 help:
 	@echo "make demo   - set up .venv, build the SmolLM2 example, merge it (verified), serve merged and dynamic"
@@ -25,6 +25,7 @@ help:
 	@echo "make test   - set up .venv with test extras and run the whole test suite"
 	@echo "make bench-merge - copy vs lora-deploy merged vs PEFT on a 1.1B-parameter checkpoint"
 	@echo "make bench-serve - merged vs dynamic LoRA serving on real vLLM, with a PNG plot in docs/"
+	@echo "make bench-qlora - a QLoRA adapter on SmolLM2: merge into dequantized vs original; FP8/INT8 quality"
 
 venv: $(STAMP)
 
@@ -60,6 +61,9 @@ test: $(STAMP)
 
 bench-merge: $(STAMP)
 	$(PY) benchmarks/merge_bench.py --repeat 2
+
+bench-qlora: $(STAMP)
+	$(PY) benchmarks/qlora_merge.py
 
 bench-serve: $(STAMP)
 	$(PIP) install -q -e ".[bench]" $(QUIET_PIP)

@@ -194,3 +194,33 @@ def test_bad_qlora_options_are_input_errors(qlora_case, tmp_path, args, needle):
                            str(tmp_path / "m"), *args)
     assert code == 3 and needle in err, err
     assert not (tmp_path / "m").exists()
+
+
+def test_inspect_says_what_base_an_adapter_was_trained_on(qlora_case, tmp_path):
+    """From the base's own quantization_config (a readable 4-bit folder), from PEFT's model-card block, as a
+    guess from the base's name, and nothing for a plain adapter; with the merge options that reproduce it."""
+    base, adapter, base4 = qlora_case
+
+    def inspect(base_ref, card=None):
+        copy = tmp_path / f"a{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(adapter, copy)
+        config = json.loads((copy / "adapter_config.json").read_text())
+        (copy / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_ref}))
+        if card:
+            (copy / "README.md").write_text(card)
+        code, out, err = run_cli("inspect", str(copy), "--json")
+        assert code == 0, err
+        return json.loads(out)["trained_on_quantized_base"]
+
+    got = inspect(str(base4))
+    assert got["certain"] and "NF4" in got["method"] and "double quant" in got["method"]
+    assert got["merge_options"] == f"--qlora {base4}"
+    card = ("## Training procedure\n\n\nThe following `bitsandbytes` quantization config was used during training:\n"
+            "- quant_method: bitsandbytes\n- load_in_8bit: False\n- load_in_4bit: True\n"
+            "- llm_int8_skip_modules: None\n- bnb_4bit_quant_type: fp4\n- bnb_4bit_use_double_quant: False\n"
+            "- bnb_4bit_compute_dtype: bfloat16\n\n### Framework versions\n")
+    got = inspect("someorg/never-downloaded", card)
+    assert got["certain"] and got["merge_options"] == "--qlora fp4 --qlora-blocksize 64"
+    got = inspect("unsloth/llama-3-8b-bnb-4bit")
+    assert not got["certain"] and not got["merge_options"]
+    assert inspect(str(base)) is None

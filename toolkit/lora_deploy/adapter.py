@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ._files import read_json_object
 from .errors import InputError, UnsupportedError
-from .hub import ResolvedRef, resolve_ref
+from .hub import ResolvedRef, local_config, resolve_ref
 from .shards import TensorEntry, read_header
 
 CONFIG_FILE = "adapter_config.json"
@@ -256,7 +256,72 @@ class AdapterInfo:
             "features": list(self.features),
             "mergeable": self.mergeable,
             "problems": list(self.problems),
+            "trained_on_quantized_base": trained_quantization(self),
         }
+
+
+@dataclass(frozen=True)
+class TrainedQuantization:
+    """What is known about the base being quantized while the adapter trained (QLoRA), and where it was read.
+
+    ``merge_options`` are the ``lora-deploy merged`` options that reproduce the trained function (empty when
+    lora-deploy cannot: a method other than bitsandbytes 4-bit, or a guess from the base's name).
+    """
+
+    method: str
+    evidence: str
+    certain: bool
+    merge_options: str = ""
+
+
+_CARD_BLOCK = re.compile(r"bitsandbytes` quantization config was used during training:\s*\n((?:\s*- [^\n]*\n?)+)")
+_QUANTIZED_NAME = re.compile(r"bnb|4bit|4-bit|nf4|gptq|awq|int4|int8|fp8", re.IGNORECASE)
+
+
+def trained_quantization(info: AdapterInfo) -> TrainedQuantization | None:
+    """Whether ``info`` was trained on a quantized base: from the base's own ``quantization_config`` (when the base
+    is readable here without a download), else the bitsandbytes block PEFT's model card records, else a hint in
+    the base's name. None when nothing says so."""
+    config_file = local_config(info.base_model)
+    if config_file is not None:
+        try:
+            qc = json.loads(config_file.read_text()).get("quantization_config")
+        except (OSError, ValueError, AttributeError):
+            qc = None
+        if isinstance(qc, dict):
+            return _from_quantization_config(qc, f"quantization_config of the base ({config_file})",
+                                             f"--qlora {config_file.parent}")
+    card = info.path / "README.md"
+    text = card.read_text(errors="replace") if card.is_file() else ""
+    block = _CARD_BLOCK.search(text)
+    if block:
+        qc = {}
+        for line in block.group(1).splitlines():
+            key, _, value = line.strip()[2:].partition(":")
+            value = value.strip()
+            qc[key.strip()] = {"True": True, "False": False, "None": None}.get(value, value)
+        return _from_quantization_config(qc, f"the bitsandbytes block of the model card ({card.name})", None)
+    if info.base_model and _QUANTIZED_NAME.search(info.base_model):
+        return TrainedQuantization(f"probably quantized (the base's name {info.base_model!r})", "the base model's name",
+                                   False)
+    return None
+
+
+def _from_quantization_config(qc: dict, evidence: str, folder_option: str | None) -> TrainedQuantization:
+    method = str(qc.get("quant_method", "unknown"))
+    if method == "bitsandbytes" and qc.get("load_in_4bit"):
+        from .merge.nf4 import Bnb4bit
+
+        try:
+            s = Bnb4bit.from_quantization_config(qc)
+        except InputError:
+            return TrainedQuantization(f"bitsandbytes 4-bit ({qc.get('bnb_4bit_quant_type')})", evidence, True)
+        options = folder_option or (f"--qlora {s.quant_type} --qlora-blocksize {s.blocksize}"
+                                    + (" --qlora-double-quant" if s.double_quant else ""))
+        return TrainedQuantization(f"bitsandbytes 4-bit {s.describe()}", evidence, True, options)
+    if method == "bitsandbytes":
+        return TrainedQuantization("bitsandbytes 8-bit", evidence, True)
+    return TrainedQuantization(method, evidence, True)
 
 
 def adapter_is_moe_experts(folder: str | Path) -> bool:

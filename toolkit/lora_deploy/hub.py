@@ -88,3 +88,22 @@ def sha256_file(path: Path, *, chunk: int = 16 << 20, stop: threading.Event | No
                 return None
             h.update(block)
     return h.hexdigest()
+
+
+def local_config(ref: str | None) -> Path | None:
+    """``config.json`` of a model named ``ref`` when it is readable here without a download: a local folder, or
+    a hub id already in the Hugging Face cache. None otherwise."""
+    if not ref:
+        return None
+    path = Path(str(ref)).expanduser()
+    if path.is_dir():
+        return path / "config.json" if (path / "config.json").is_file() else None
+    if not _HUB_ID.match(str(ref)):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(str(ref), "config.json")
+    except Exception:  # noqa: BLE001 - an unusable cache is the same as no cache here
+        return None
+    return Path(found) if isinstance(found, str) else None

@@ -220,8 +220,13 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def train_adapter(base: Path, target: Path, task: str, *, steps: int, seed: int, progress: bool = False) -> Path:
-    """Train one LoRA adapter with PEFT through the chat template; loss on the assistant's answer only."""
+def train_adapter(base: Path, target: Path, task: str, *, steps: int, seed: int, progress: bool = False,
+                  quantization_config=None) -> Path:
+    """Train one LoRA adapter with PEFT through the chat template; loss on the assistant's answer only.
+
+    ``quantization_config`` (a transformers ``BitsAndBytesConfig``) trains QLoRA-style, on the base loaded
+    in 4 bits (benchmarks/qlora_merge.py).
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -232,7 +237,9 @@ def train_adapter(base: Path, target: Path, task: str, *, steps: int, seed: int,
     quiet_libraries()
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32,
+        **({"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}))
     spec = ADAPTERS[task]
     model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=2 * spec["r"], target_modules=spec["targets"],
                                              lora_dropout=0.0, task_type="CAUSAL_LM"))

@@ -195,6 +195,14 @@ def inspect_adapter(
             ("targets", ", ".join(s["targets"]) or "-"), ("LoRA modules", str(s["lora_modules"])),
             ("features", ", ".join(s["features"]) or "plain LoRA"),
             ("mergeable", "yes" if s["mergeable"] else "no")]
+    q = s["trained_on_quantized_base"]
+    if q is None:
+        rows += [("trained on", "a 16-bit base, as far as its base and model card tell")]
+    else:
+        rows += [("trained on", f"{q.method} (from {q.evidence})")]
+        if q.merge_options:
+            rows += [("QLoRA merge", f"lora-deploy merged {q.merge_options} reproduces the trained model "
+                      "(--merge-into original merges into the 16-bit weights instead)")]
     rows += [("problem", p) for p in s["problems"]]
     out.result(s, out.table(rows))
     if not info.mergeable:
