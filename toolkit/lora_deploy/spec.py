@@ -248,6 +248,21 @@ def parse_spec(data: Any, source: str = "spec") -> DeploySpec:
     return spec
 
 
+def given_keys(path: str | Path) -> set[str]:
+    """Every key a spec file sets, as dotted camelCase paths (``vllm.maxModelLen``), to tell them from defaults."""
+    import yaml
+
+    def walk(data, prefix: str) -> set[str]:
+        keys = set()
+        if isinstance(data, dict):
+            for k, v in data.items():
+                path_ = f"{prefix}{_camel(_snake(str(k)))}"
+                keys |= {path_} | walk(v, path_ + ".")
+        return keys
+
+    return walk(yaml.safe_load(Path(path).read_text()), "")
+
+
 def load_spec(path: str | Path) -> DeploySpec:
     import yaml
 

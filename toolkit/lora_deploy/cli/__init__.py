@@ -14,7 +14,7 @@ import typer
 from .. import __version__
 from ..errors import EXIT_USAGE, LoraDeployError
 from ..output import out
-from . import endpoint_cmds, example_cmd, k8s_cmds, merge_cmds, serve_cmds
+from . import endpoint_cmds, example_cmd, k8s_cmds, merge_cmds, plan_cmd, serve_cmds
 
 app = typer.Typer(
     name="lora-deploy",
@@ -36,6 +36,7 @@ app.command("smoke")(endpoint_cmds.smoke)
 app.command("bench")(endpoint_cmds.bench)
 app.add_typer(endpoint_cmds.adapters_app, name="adapters")
 app.command("manifests", epilog=k8s_cmds.EXAMPLES)(k8s_cmds.manifests)
+app.command("plan", epilog=plan_cmd.EXAMPLES)(plan_cmd.plan)
 
 
 def _version(value: bool) -> None:

@@ -19,6 +19,7 @@ lora-deploy manifests deploy/support-adapters-dynamic.yaml --output manifests/su
 kubectl get crd leaderworkersets.leaderworkerset.x-k8s.io -o yaml > lws-crd.yaml
 lora-deploy manifests deploy/llama-70b-multinode.yaml --crd lws-crd.yaml --force
 kubectl apply -k manifests/support-bot-merged
+lora-deploy manifests deploy/big.yaml --size-for H100-80GB --base ./local-copy-of-the-model
 ```
 """
 
@@ -31,6 +32,11 @@ def manifests(
     crd: Annotated[Optional[list[Path]], typer.Option(
         "--crd", metavar="FILE", help="Validate custom resources against this CustomResourceDefinition file "
         "instead of the built-in check (repeatable), e.g. from `kubectl get crd NAME -o yaml`.")] = None,
+    size_for: Annotated[Optional[str], typer.Option(
+        help="Size what the spec does not say (GPUs, tensor parallelism, max model len, pod memory) from "
+        "`lora-deploy plan` for this GPU type, e.g. H100-80GB.")] = None,
+    base: Annotated[Optional[str], typer.Option(
+        help="With --size-for: a readable copy (folder or hub id) of the spec's model, when its path is a pod path.")] = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -46,6 +52,14 @@ def manifests(
 
     crds = load_crds(crd or ())
     spec = load_spec(spec_file)
+    if size_for is not None:
+        from ..plan import plan_capacity, request_for_spec, sized_spec
+        from ..spec import given_keys
+
+        spec, sized = sized_spec(spec, plan_capacity(request_for_spec(spec, base=base, gpu=size_for)),
+                                 given_keys(spec_file))
+        for note in sized:
+            out.info(f"Sized: {note}")
     rendered = render_manifests(spec)
     target = output or Path("manifests") / spec_file.stem
     if check:

