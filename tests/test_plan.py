@@ -68,19 +68,16 @@ def sparse_checkpoint(folder: Path, config: dict, shapes: dict[str, tuple[int, .
     return folder
 
 
-def llama_shapes(c: dict) -> dict[str, tuple[int, ...]]:
-    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * (c["hidden_size"] //
-                                                                                    c["num_attention_heads"])
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,),
-              "lm_head.weight": (c["vocab_size"], h)}
-    for n in range(c["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-    return shapes
+def meta_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The tensors transformers' own model of ``config`` holds (meta device: shapes only, tied copies once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[config["model_type"]].from_dict(config))
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
 
 
 def plan_json(*args: str) -> dict:
@@ -95,9 +92,13 @@ def plan_json(*args: str) -> dict:
     (LLAMA_8B, 8_030_261_248, 32 * 2 * 8 * 128 * 2),
     # Llama-3.1-70B: 80 x (8192*8192*2 + 1024*8192*2 + 3*8192*28672 + 2*8192) + 2*128256*8192 + 8192 = 70.55B
     (LLAMA_70B, 70_553_706_496, 80 * 2 * 8 * 128 * 2),
+    # Qwen2.5-7B: 28 x (3584*3584*2 + 512*3584*2 + 3584 + 2*512 + 3*3584*18944 + 2*3584) + 2*152064*3584 + 3584
+    (QWEN25_7B, 7_615_616_512, 28 * 2 * 4 * 128 * 2),
+    # Mixtral-8x7B: 32 x (4096*4096*2 + 1024*4096*2 + 8*3*4096*14336 + 8*4096 + 2*4096) + 2*32000*4096 + 4096
+    (MIXTRAL_8X7B, 46_702_792_704, 32 * 2 * 8 * 128 * 2),
 ])
-def test_llama_plans_from_headers_match_hand_arithmetic(tmp_path, config, params, kv_per_token):
-    folder = sparse_checkpoint(tmp_path / "m", config, llama_shapes(config))
+def test_plans_from_headers_match_published_parameter_counts(tmp_path, config, params, kv_per_token):
+    folder = sparse_checkpoint(tmp_path / "m", config, meta_shapes(config))
     plan = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192")
     assert plan["weights_bytes"] == 2 * params and plan["weights_by_dtype"] == {"BF16": 2 * params}
     assert plan["kv_cache_bytes_per_token"] == kv_per_token
@@ -106,7 +107,7 @@ def test_llama_plans_from_headers_match_hand_arithmetic(tmp_path, config, params
 def test_70b_needs_two_h100s_for_one_long_sequence_and_four_for_many(tmp_path):
     """Llama-3.1-70B bf16 (131.4 GiB) on H100-80GB at 90%: 71.6 GiB per GPU. TP 2 leaves ~3.8 GiB of KV cache
     (163,840 bytes per token per GPU with 4 KV heads each) = 3 sequences of 8192; 16 need TP 4."""
-    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, llama_shapes(LLAMA_70B))
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, meta_shapes(LLAMA_70B))
     one = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192")["gpus"][0]
     assert one["tensor_parallel_size"] == 2 and 1 <= one["max_concurrent_sequences"] <= 4
     many = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192", "--concurrency",
@@ -114,7 +115,7 @@ def test_70b_needs_two_h100s_for_one_long_sequence_and_four_for_many(tmp_path):
     assert many["tensor_parallel_size"] == 4 and many["max_concurrent_sequences"] >= 16
     assert "--tensor-parallel-size 4" in many["vllm_flags"]
     # an 8B model fits one L4 (22.5 GiB): 14.96 GiB of weights
-    folder8 = sparse_checkpoint(tmp_path / "m8", LLAMA_8B, llama_shapes(LLAMA_8B))
+    folder8 = sparse_checkpoint(tmp_path / "m8", LLAMA_8B, meta_shapes(LLAMA_8B))
     l4 = plan_json("--base", str(folder8), "--gpu", "L4-24GB", "--max-model-len", "8192")["gpus"][0]
     assert l4["tensor_parallel_size"] == 1 and l4["max_concurrent_sequences"] >= 1
 
@@ -160,7 +161,7 @@ def test_spec_check_catches_too_few_gpus_and_passes_a_fitting_spec(tmp_path):
     """`plan --spec`: a 70B spec on one H100 exits 6 naming the tensor parallelism it needs; with 4 GPUs it passes."""
     import yaml
 
-    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, llama_shapes(LLAMA_70B))
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, meta_shapes(LLAMA_70B))
     spec = {"name": "big", "model": "/models/llama-70b", "mode": "merged", "gpus": 1,
             "vllm": {"maxModelLen": 8192}, "resources": {"memory": "200Gi"}}
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(spec))
@@ -238,7 +239,7 @@ def test_manifests_size_what_the_spec_does_not_say_from_the_plan(tmp_path):
     output still passes the Kubernetes schema validation that every render goes through."""
     import yaml
 
-    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, llama_shapes(LLAMA_70B))
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, meta_shapes(LLAMA_70B))
     spec = {"name": "big", "model": "/models/llama-70b", "mode": "merged", "vllm": {"maxModelLen": 8192}}
     (tmp_path / "big.yaml").write_text(yaml.safe_dump(spec))
     code, _, err = run_cli("manifests", str(tmp_path / "big.yaml"), "--output", str(tmp_path / "out"), "--size-for",
