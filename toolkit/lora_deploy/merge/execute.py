@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 from .. import __version__
 from .._files import StalePartial, staged_folder
 from ..adapter import load_adapter_tensors
-from ..errors import InputError
+from ..errors import InputError, LoraDeployError
 from ..hub import sha256_file
 from ..shards import SAFETENSORS_INDEX, ShardWriter, TensorReader, plan_shards, torch_dtype
 from .compute import Workspace, add_low_rank_blocked, apply_dora, check_range, expert_delta, lora_delta, minmax
@@ -85,6 +85,7 @@ def execute_plan(plan: MergePlan, *, progress: bool = False, quality: bool = Tru
     import torch
 
     threads = torch.get_num_threads()
+    warnings = list(plan.warnings)
     try:
         adapter_tensors = [load_adapter_tensors(a) for a in plan.adapters]
         _check_finite(plan, adapter_tensors)
@@ -96,15 +97,17 @@ def execute_plan(plan: MergePlan, *, progress: bool = False, quality: bool = Tru
                            what="the merged checkpoint") as staged:
             writer, changed = _stream(plan, staged.path, adapter_tensors, out_dtype, progress)
             _write_side_files(plan, staged.path)
-            torch.set_num_threads(threads)
             quantization = None
             if plan.quantization is not None:
                 quantization = QuantizationReport(
                     plan.quantization.scheme, len(plan.quantization.weights), writer.bytes_written,
-                    sum(t.nbytes for t in _unquantized(plan.tensors, plan.dtype)),
-                    measure_quality(plan, staged.path, adapter_tensors) if quality else None)
+                    sum(t.nbytes for t in _unquantized(plan.tensors, plan.dtype)), None)
             provenance = _provenance(plan, hashes, quantization)
             (staged.path / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        torch.set_num_threads(threads)
+        if quantization is not None and quality:
+            quantization, note = _measure(plan, staged.output, adapter_tensors, quantization, provenance)
+            warnings.extend([note] if note else [])
     finally:
         torch.set_num_threads(threads)
         if hasher:
@@ -114,8 +117,21 @@ def execute_plan(plan: MergePlan, *, progress: bool = False, quality: bool = Tru
         output=str(staged.output), dtype=plan.dtype, shards=writer.names, tensors=len(plan.tensors),
         tensors_changed=changed, bytes_written=writer.bytes_written, seconds=round(time.monotonic() - start, 3),
         adapters=provenance["adapters"], tie_word_embeddings=plan.config.get("tie_word_embeddings"),
-        vocab_size=plan.config.get("vocab_size"), warnings=list(plan.warnings), peft_differs=list(plan.peft_differs),
+        vocab_size=plan.config.get("vocab_size"), warnings=warnings, peft_differs=list(plan.peft_differs),
         stale_partials_removed=staged.stale_removed, provenance=PROVENANCE_FILE, quantization=quantization)
+
+
+def _measure(plan: MergePlan, output: Path, adapter_tensors: list[dict], q: QuantizationReport,
+             provenance: dict) -> tuple[QuantizationReport, str | None]:
+    """Measure a committed quantized checkpoint's quality and record it in its provenance; a failure (memory,
+    an architecture whose names transformers maps differently) is a warning, never a lost checkpoint."""
+    try:
+        q = replace(q, quality=measure_quality(plan, output, adapter_tensors))
+    except (LoraDeployError, MemoryError, RuntimeError) as e:
+        return q, f"the quantized checkpoint is written, but its quality could not be measured: {e}"
+    provenance["quantization"] = asdict(q)
+    (output / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    return q, None
 
 
 def _unquantized(tensors: tuple[TensorPlan, ...], dtype: str) -> list[TensorPlan]:

@@ -72,19 +72,22 @@ class Bnb4bit:
                    else tuple(qc["llm_int8_skip_modules"]))
 
     @classmethod
-    def from_option(cls, value: str, *, blocksize: int = 64, double_quant: bool = False) -> Bnb4bit:
-        """``--qlora nf4|fp4`` with the block options, or ``--qlora PATH``: a bitsandbytes 4-bit model folder
-        (or its config.json) whose ``quantization_config`` the adapter was trained with."""
+    def from_option(cls, value: str, *, double_quant: bool = False) -> Bnb4bit:
+        """``--qlora nf4|fp4`` (with ``--qlora-double-quant``), or ``--qlora MODEL``: a bitsandbytes 4-bit model (a
+        folder, its config.json, or a hub id already in the local cache) whose ``quantization_config`` the adapter
+        was trained with. The block size is 64: transformers' BitsAndBytesConfig has no other."""
         from pathlib import Path
 
+        from ..hub import local_config
+
         if value.lower() in ("nf4", "fp4"):
-            return cls(value.lower(), blocksize, double_quant)
+            return cls(value.lower(), 64, double_quant)
         path = Path(value)
-        config = path / "config.json" if path.is_dir() else path
-        if not config.is_file():
-            raise InputError(f"--qlora {value!r} is neither nf4, fp4 nor a model folder with a config.json",
-                             hint="--qlora nf4 [--qlora-blocksize 64] [--qlora-double-quant], or the quantized "
-                             "base's folder")
+        config = path if path.is_file() else local_config(value)
+        if config is None:
+            raise InputError(f"--qlora {value!r} is neither nf4, fp4, a model folder with a config.json, nor a hub "
+                             "id in the local cache", hint="--qlora nf4 [--qlora-double-quant], or the quantized "
+                             "base's folder (hf download ID config.json first for a hub id)")
         qc = read_json_object(config, missing="no config.json", hint="give the 4-bit settings: --qlora nf4 ...").get(
             "quantization_config")
         if not isinstance(qc, dict):

@@ -22,7 +22,7 @@ from ..layout import CheckpointNames, CheckpointPart, ModelLayout, expected_tens
 from ..shards import DTYPE_SIZES, ShardIndex, TensorEntry, parse_size
 from .._files import check_output_free
 from .nf4 import Bnb4bit, Stored4bit, quantized_linear_modules, split_stored_4bit
-from .quantize import OutputQuantization, plan_quantization
+from .quantize import SCALE_SUFFIX, OutputQuantization, plan_quantization
 
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
                "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
@@ -268,7 +268,7 @@ def _quantized_tensors(tensors: tuple[TensorPlan, ...], q: OutputQuantization, s
             out.append(p)
             continue
         out.append(replace(p, dtype=q.weight_dtype, quantize=q.scheme))
-        out.append(TensorPlan(p.name + "_scale", None, (p.shape[0], 1), scale_dtype, scale_of=p.name))
+        out.append(TensorPlan(p.name + SCALE_SUFFIX, None, (p.shape[0], 1), scale_dtype, scale_of=p.name))
     return tuple(out)
 
 

@@ -8,7 +8,8 @@ Measured on a few prompts, in float32, with two models of the written architectu
   the merge engine, so no 16-bit copy is ever written).
 
 Everything else (embeddings, norms, the head) is read from the written checkpoint and is the same in both.
-This loads the whole model once, which is why ``--no-quality`` skips it.
+This holds the whole model in float32 (4 bytes per parameter, one tensor more at a time), which is why it runs
+after the checkpoint is committed, reports a failure as a warning, and ``--no-quality`` skips it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ class QuantizationReport:
 
 def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
                     prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> QuantQuality:
-    """Compare the quantized checkpoint in ``folder`` (written from ``plan``) with the 16-bit merge."""
+    """Compare the quantized checkpoint in ``folder`` (written from ``plan``) with the 16-bit merge.
+
+    Memory: one float32 model and one tensor at a time (each tensor is copied into the model as it is read).
+    """
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -57,7 +61,7 @@ def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
     from ..output import quiet_libraries
     from ..shards import TensorReader
     from .execute import compute_value
-    from .quantize import dequantize_weight, fake_quantize_activations
+    from .quantize import SCALE_SUFFIX, dequantize_weight, fake_quantize_activations
 
     quiet_libraries()
     config = {k: v for k, v in plan.config.items() if k != "quantization_config"}
@@ -65,42 +69,47 @@ def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
         warnings.simplefilter("ignore")
         hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
-    quantized, merged16 = {}, {}
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            for key in st.keys():
-                state[key] = st.get_tensor(key)
-    reader = TensorReader()
-    out_dtype = getattr(torch, plan.dtype)
-    try:
-        for p in plan.tensors:
-            if p.quantize:
-                quantized[p.name] = dequantize_weight(state.pop(p.name), state.pop(p.name + "_scale"))
-                merged16[p.name] = compute_value(p, reader, adapter_tensors).to(out_dtype).float()
-    finally:
-        reader.close()
-    loaded = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = set(loaded.missing_keys) - tied - set(quantized)
-    if loaded.unexpected_keys or missing:
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    quantized = {p.name: p for p in plan.tensors if p.quantize}
+    files = sorted(folder.glob("*.safetensors"))
+    handles = [safe_open(f, "pt") for f in files]
+    where = {key: h for h in handles for key in h.keys()}
+    missing = [k for k in where if not k.endswith(SCALE_SUFFIX) and k not in params]
+    if missing:
         raise UnsupportedError(f"cannot measure the quantized model's quality: the checkpoint's tensor names are not "
-                               f"the model's ({', '.join(sorted(missing | set(loaded.unexpected_keys))[:3])})",
-                               hint="add --no-quality")
-    modules = {n[: -len(".weight")] for n in plan.quantization.weights}
+                               f"the model's ({', '.join(missing[:3])})", hint="add --no-quality")
+
+    def put(name: str, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            params[name].copy_(value.float())
+
+    for key, handle in where.items():
+        if not key.endswith(SCALE_SUFFIX) and key not in quantized:
+            put(key, handle.get_tensor(key))
     tok = _tokenizer(folder)
     ids = [tok(p, return_tensors="pt")["input_ids"] for p in prompts] if tok else \
         [torch.tensor([[1, 5, 17, 99, 250, 3, 42, 7]])]
 
-    def logits(weights: dict) -> list:
-        model.load_state_dict(weights, strict=False)
+    def logits() -> list:
         with torch.no_grad():
             return [model(input_ids=i).logits.float() for i in ids]
 
-    reference = logits(merged16)
-    hooks = fake_quantize_activations(model, plan.quantization.scheme, modules)
+    reader = TensorReader()
+    out_dtype = getattr(torch, plan.dtype)
     try:
-        test = logits(quantized)
+        for name, p in quantized.items():  # the 16-bit merge: recomputed by the merge engine, one tensor at a time
+            put(name, compute_value(p, reader, adapter_tensors).to(out_dtype))
+    finally:
+        reader.close()
+    reference = logits()
+    for name in quantized:
+        put(name, dequantize_weight(where[name].get_tensor(name), where[name + SCALE_SUFFIX].get_tensor(
+            name + SCALE_SUFFIX)))
+    hooks = fake_quantize_activations(model, plan.quantization.scheme,
+                                      {n[: -len(".weight")] for n in plan.quantization.weights})
+    try:
+        test = logits()
     finally:
         for h in hooks:
             h.remove()

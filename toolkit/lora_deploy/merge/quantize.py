@@ -81,14 +81,19 @@ def plan_quantization(scheme: str, names: CheckpointNames, dtype: str) -> Output
     if dtype == "float32":
         raise InputError("--quantize writes 8-bit weights with 16-bit scales and activations",
                          hint="use --dtype bfloat16 (or float16) with --quantize")
+    require_compressed_tensors()
     model = names.meta_model()
     if model is None:
         raise UnsupportedError("transformers cannot build this architecture, so its Linear layers are unknown",
                                hint="write a 16-bit merge and quantize it with llm-compressor")
     from torch import nn
 
-    if any(p.dim() == 3 for p in model.parameters()):
-        raise UnsupportedError("--quantize does not handle fused MoE expert weights yet",
+    config = model.config.to_dict()
+    if any(p.dim() == 3 for p in model.parameters()) or any(
+            config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        # fused experts are not Linear layers, and vLLM builds routers unquantized: either way the checkpoint
+        # would not match what vLLM's MoE layers expect
+        raise UnsupportedError("--quantize does not handle MoE models (experts and routers) yet",
                                hint="write a 16-bit merge (and quantize it with llm-compressor if needed)")
     head = model.get_output_embeddings()
     weights, ignore = set(), []
@@ -107,6 +112,16 @@ def plan_quantization(scheme: str, names: CheckpointNames, dtype: str) -> Output
         raise UnsupportedError("this architecture has no nn.Linear layers to quantize (Conv1D models such as GPT-2)",
                                hint="write a 16-bit merge")
     return OutputQuantization(scheme, frozenset(weights), tuple(sorted(ignore)))
+
+
+def require_compressed_tensors() -> None:
+    """Fail before planning when the compressed-tensors package (a vLLM dependency) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise UnsupportedError("--quantize writes the compressed-tensors format and needs the compressed-tensors "
+                               "package, which is not installed", hint="pip install 'lora-deploy[quantize]' (vLLM "
+                               "installs it too)")
 
 
 def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:
