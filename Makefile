@@ -57,7 +57,7 @@ demo-tiny: $(STAMP)
 	$(PY) -m lora_deploy.demo --example tiny-example --merged demo-out/tiny-merged-classify
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench-merge: $(STAMP)
 	$(PY) benchmarks/merge_bench.py --repeat 2
