@@ -52,6 +52,10 @@ def manifests(
 
     crds = load_crds(crd or ())
     spec = load_spec(spec_file)
+    if base is not None and size_for is None:
+        from ..errors import InputError
+
+        raise InputError("--base is only read to size the manifests", hint="add --size-for GPU-TYPE, or drop --base")
     if size_for is not None:
         from ..plan import plan_capacity, request_for_spec, sized_spec
         from ..spec import given_keys
