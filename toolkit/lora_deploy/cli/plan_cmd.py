@@ -121,7 +121,7 @@ def _print(p, *, extra=(), payload) -> None:
         rows += [("", n) for n in g.notes]
     a = p.advice
     if a.recommendation != "none":
-        rows.append(("deploy", f"{a.recommendation.upper()}: " + " ".join(a.reasons)))
+        rows.append(("deploy", f"{a.recommendation.upper()}: " + "; ".join(a.reasons)))
         rows.append(("LoRA overhead", f"{a.lora_overhead:.0%} per token ({a.lora_overhead_source})"))
     rows += list(extra)
     out.result(payload, out.table(rows))
