@@ -335,6 +335,7 @@ class CapacityPlan:
     lora_cpu_cache_bytes: int
     gpus: tuple[GpuPlan, ...]
     advice: Advice
+    shape: ModelShape
     kv_cache_tokens: int | None = None
     estimates: tuple[str, ...] = ()
 
@@ -390,7 +391,7 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
         by_dtype[dt] = by_dtype.get(dt, 0) + n
     return CapacityPlan(req.base, shape.model_type, shape.dtype, sum(by_dtype.values()), by_dtype,
                         kv_bytes_per_token(shape, kv_bytes), max_len, tuple(ranks), max_loras, max_rank, max_cpu,
-                        slots, cpu_cache, gpu_plans, advice, tokens, estimates)
+                        slots, cpu_cache, gpu_plans, advice, shape, tokens, estimates)
 
 
 def _vllm_rank(rank: int) -> int:
@@ -571,8 +572,7 @@ def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
     g = plan.gpus[0]
     problems, warnings = [], []
     tp = spec.tensor_parallel_size
-    config, _ = _read_base(plan.base)
-    shape = read_shape(config)
+    shape = plan.shape
     if not _tp_ok(shape, tp):
         problems.append(f"tensorParallelSize {tp} does not divide the model's {shape.heads} attention heads "
                         f"({shape.kv_heads} KV heads): vLLM refuses to start")
