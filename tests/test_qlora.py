@@ -228,3 +228,21 @@ def test_inspect_says_what_base_an_adapter_was_trained_on(qlora_case, tmp_path):
     got = inspect("unsloth/llama-3-8b-bnb-4bit")
     assert not got["certain"] and not got["merge_options"]
     assert inspect(str(base)) is None
+
+
+def test_dequantized_merge_computes_the_qlora_model_on_the_real_model(real, tmp_path):
+    """On SmolLM2-135M (tied embeddings, grouped-query attention, 49k vocabulary, real weight magnitudes): the
+    classify adapter merged into the dequantized NF4 weights computes the logits of bitsandbytes' 4-bit SmolLM2
+    with the adapter; merged into the original weights it does not."""
+    from lora_deploy.merge import MergeConfig, run_merge
+    from lora_deploy.merge.nf4 import Bnb4bit
+
+    adapter = real.adapters["classify"]
+    reference = logits_of(qlora_model(real.base, adapter), vocab=49152)
+    got = {}
+    for into in ("dequantized", "original"):
+        run_merge(MergeConfig(str(real.base), (str(adapter),), tmp_path / into, dtype="float32", qlora=Bnb4bit("nf4"),
+                              merge_into=into))
+        got[into] = float((logits_of(loaded_model(tmp_path / into), vocab=49152) - reference).abs().max())
+    peak = float(reference.abs().max())
+    assert got["dequantized"] < 1e-4 * peak < got["original"], (got, peak)
