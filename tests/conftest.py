@@ -184,6 +184,29 @@ def run_cli(*args: str):
     return code, stdout.getvalue(), stderr.getvalue()
 
 
+def run_console(*args: str, env: dict | None = None, timeout: float = 300):
+    """Run the installed ``lora-deploy`` console script as a user does (its own process: an uncaught exception
+    shows up as a traceback on stderr, and the exit code is the process's); returns a CompletedProcess."""
+    import shutil
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "lora-deploy"
+    command = [str(script)] if script.exists() else [shutil.which("lora-deploy") or "lora-deploy"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env}, stdin=subprocess.DEVNULL)
+
+
+def assert_user_error(res, code: int, *needles: str) -> None:
+    """A user's mistake, as the console script reports it: the documented exit code, an ``Error:`` line naming
+    what was wrong, no traceback, and no invitation to debug an expected failure."""
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "Error: " in res.stderr and "LORA_DEPLOY_DEBUG" not in res.stderr, res.stderr
+    for n in needles:
+        assert n in res.stderr, (n, res.stderr)
+
+
 def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
     """A copy of an adapter with lora_B scaled: small factors keep it applied but greedy-identical to the base;
     0 makes it a no-op that must be caught."""

@@ -30,6 +30,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "vocab.txt", "spiece.model", "tokenizer.tiktoken")
 
+# Any one of these makes a folder's tokenizer loadable by AutoTokenizer (the configs alone do not).
+_TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken",
+                     "vocab.txt")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a tokenizer's vocabulary (what ``AutoTokenizer.from_pretrained`` needs)."""
+    return any((Path(folder) / name).is_file() for name in _TOKENIZER_VOCABS)
+
+
 _LORA_SUFFIXES = {
     ".lora_A.weight": "A",
     ".lora_B.weight": "B",
@@ -84,6 +94,61 @@ class TokenRows:
     indices: tuple[int, ...]
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_str_list(v: object) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_pattern(check) -> callable:
+    return lambda v: isinstance(v, dict) and all(isinstance(k, str) and check(x) for k, x in v.items())
+
+
+# adapter_config.json keys that lora-deploy reads -> (does a value have PEFT's type, that type in words). None is
+# PEFT's "not set" for every key and is always accepted.
+_CONFIG_TYPES: dict[str, tuple] = {
+    "peft_type": (lambda v: isinstance(v, str), "a string such as \"LORA\""),
+    "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "lora_alpha": (_is_number, "a number"),
+    "target_modules": (lambda v: isinstance(v, str) or _is_str_list(v), "a list of module names or a regex string"),
+    "rank_pattern": (_is_pattern(lambda x: _is_int(x) and x > 0), "a mapping of module patterns to positive "
+                     "integer ranks"),
+    "alpha_pattern": (_is_pattern(_is_number), "a mapping of module patterns to numbers"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_qalora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_bdlora": (lambda v: isinstance(v, (bool, dict)), "true, false or a mapping"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), "one of \"none\", \"all\", \"lora_only\""),
+    "modules_to_save": (_is_str_list, "a list of module names"),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an initialisation name"),
+    "target_parameters": (_is_str_list, "a list of parameter names"),
+    "layers_to_transform": (lambda v: _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)),
+                            "a layer index or a list of them"),
+    "trainable_token_indices": (lambda v: (isinstance(v, list) and all(_is_int(x) for x in v))
+                                or _is_pattern(lambda x: isinstance(x, list) and all(_is_int(i) for i in x))(v),
+                                "a list of token ids or a mapping of module names to lists of token ids"),
+    "base_model_name_or_path": (lambda v: isinstance(v, str), "a model path or hub id"),
+}
+
+
+def check_config_types(config: dict, source: str = CONFIG_FILE) -> None:
+    """Raise an :class:`InputError` naming every key of ``config`` whose value does not have PEFT's type."""
+    bad = [f"{key}: {config[key]!r} is not {words}" for key, (ok, words) in _CONFIG_TYPES.items()
+           if config.get(key) is not None and not ok(config[key])]
+    if bad:
+        listing = "\n".join(f"  - {b}" for b in bad)
+        raise InputError(f"{source} has values of the wrong type:\n{listing}",
+                         hint="fix those keys (PEFT's LoraConfig writes them), or save the adapter again with "
+                              "PeftModel.save_pretrained()")
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """``adapter_config.json`` parsed once into the facts every rule reads (merge, pre-flight, inspect).
@@ -115,7 +180,10 @@ class LoraSettings:
     missing: tuple[str, ...]
 
     @classmethod
-    def from_config(cls, config: dict) -> LoraSettings:
+    def from_config(cls, config: dict, source: str = CONFIG_FILE) -> LoraSettings:
+        """Parse a config; a value of the wrong type (``"r": "four"``) is an :class:`InputError` (exit 3) that
+        names every such key and the type PEFT expects, raised here so every reader of adapters inherits it."""
+        check_config_types(config, source)
         targets = config.get("target_modules")
         return cls(
             peft_type=str(config.get("peft_type", "")).upper(),
@@ -327,14 +395,16 @@ def _from_quantization_config(qc: dict, evidence: str, folder_option: str | None
     return TrainedQuantization(method, evidence, True)
 
 
-def adapter_is_moe_experts(folder: str | Path) -> bool:
-    """Whether a readable adapter folder holds LoRA on fused MoE expert parameters (from its config alone);
-    False when the folder or its config cannot be read here."""
+def adapter_is_moe_experts(folder: str | Path) -> bool | None:
+    """Whether an adapter folder holds LoRA on fused MoE expert parameters (from its config alone); None when the
+    folder or its config cannot be read here, so callers say they could not tell instead of guessing."""
+    from .errors import LoraDeployError
+
     try:
         config = json.loads((Path(folder) / CONFIG_FILE).read_text())
         return isinstance(config, dict) and bool(LoraSettings.from_config(config).target_parameters)
-    except (OSError, ValueError, TypeError):
-        return False
+    except (OSError, ValueError, TypeError, LoraDeployError):
+        return None
 
 
 def strip_prefix(key: str) -> str:
@@ -373,7 +443,7 @@ def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: 
     problems: list[str] = []
     features: list[str] = []
 
-    settings = LoraSettings.from_config(config)
+    settings = LoraSettings.from_config(config, str(folder / CONFIG_FILE))
     if settings.peft_type != "LORA":
         problems.append(f"peft_type is {config.get('peft_type')!r}; only LoRA adapters can be merged "
                         "(IA3, prefix tuning, prompt tuning and others change the forward pass, not the weights)")

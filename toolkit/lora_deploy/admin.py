@@ -100,7 +100,7 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
             if previous is not None and previous.root:
                 from .adapter import adapter_is_moe_experts
 
-                _load(server, name, previous.root, inplace=True, moe_3d=adapter_is_moe_experts(previous.root))
+                _load(server, name, previous.root, inplace=True, moe_3d=bool(adapter_is_moe_experts(previous.root)))
                 undone = f"put back to {previous.root}"
             else:
                 unload_runtime_adapter(url, name, api_key, force=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,8 +26,9 @@ class ModelStats:
     """Latency and throughput of one model under the shared load."""
 
     model: str
-    requests: int
-    failures: int
+    requests: int  # answered in full
+    failures: int  # sent and failed (HTTP error, refused connection, broken stream, timeout)
+    not_sent: int  # never sent: the run's time limit (``max_seconds``) came first
     output_tokens: int
     ttft_p50_ms: float
     ttft_p90_ms: float
@@ -34,6 +36,7 @@ class ModelStats:
     itl_p90_ms: float
     e2e_p50_ms: float
     tokens_per_s: float
+    failure_reasons: dict[str, int]  # error message -> how many requests failed with it
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,21 @@ class BenchReport:
     models: list[ModelStats]
     total_tokens_per_s: float
     requests_per_s: float
+    passed: bool  # at least one answer, and no request failed
+
+    @property
+    def failures(self) -> int:
+        return sum(m.failures for m in self.models)
+
+    @property
+    def not_sent(self) -> int:
+        return sum(m.not_sent for m in self.models)
 
 
-def _pct(values: list[float], q: float) -> float:
+def _pct(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank), or None when nothing was measured (never NaN: ``--json`` stays JSON)."""
     if not values:
-        return float("nan")
+        return None
     values = sorted(values)
     k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
     return values[k]
@@ -64,7 +77,7 @@ def _one(server: Endpoint, model: str, prompt: str, max_tokens: int):
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     tokens = 0
     with server.request("POST", "/v1/completions", json=body, stream=True, retries=0) as r:
-        for chunk in iter_sse(r):
+        for chunk in iter_sse(r, failure_exit=server.failure_exit):
             if chunk.get("usage"):
                 tokens = chunk["usage"].get("completion_tokens", tokens)
             if chunk.get("choices"):  # one chunk per decoding step (ignored EOS steps may carry empty text)
@@ -87,18 +100,21 @@ def run_load(url: str, models: list[str], *, concurrency: int = 8, requests_per_
     _one(server, models[0], prompt, 4)  # warm-up: first-request costs are not load
     jobs = [m for _ in range(requests_per_model) for m in models]
     results: dict[str, list] = {m: [] for m in models}
-    failures = {m: 0 for m in models}
+    reasons: dict[str, Counter] = {m: Counter() for m in models}
+    not_sent = {m: 0 for m in models}
     lock = threading.Lock()
     deadline = time.monotonic() + max_seconds
 
     def work(model: str) -> None:
         if time.monotonic() > deadline:
+            with lock:
+                not_sent[model] += 1
             return
         try:
             res = _one(server, model, prompt, max_tokens)
-        except (requests.RequestException, LoraDeployError):
+        except (requests.RequestException, LoraDeployError) as e:
             with lock:
-                failures[model] += 1
+                reasons[model][str(getattr(e, "message", e)).split("\n")[0][:200]] += 1
             return
         with lock:
             results[model].append(res)
@@ -114,23 +130,40 @@ def run_load(url: str, models: list[str], *, concurrency: int = 8, requests_per_
         itls = [r[1] * 1000 for r in rs if r[1] == r[1]]
         e2e = [r[2] * 1000 for r in rs]
         toks = sum(r[3] for r in rs)
-        stats.append(ModelStats(m, len(rs), failures[m], toks, round(_pct(ttfts, .5), 2), round(_pct(ttfts, .9), 2),
-                                round(_pct(itls, .5), 2), round(_pct(itls, .9), 2), round(_pct(e2e, .5), 2),
-                                round(toks / wall, 2)))
+        stats.append(ModelStats(m, len(rs), sum(reasons[m].values()), not_sent[m], toks, _ms(_pct(ttfts, .5)),
+                                _ms(_pct(ttfts, .9)), _ms(_pct(itls, .5)), _ms(_pct(itls, .9)), _ms(_pct(e2e, .5)),
+                                round(toks / wall, 2), dict(reasons[m])))
     total = sum(s.output_tokens for s in stats)
     done = sum(s.requests for s in stats)
+    passed = done > 0 and not any(s.failures for s in stats)
     return BenchReport(url, concurrency, max_tokens, round(wall, 3), stats, round(total / wall, 2),
-                       round(done / wall, 3))
+                       round(done / wall, 3), passed)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _fmt_ms(value: float | None, width: int, digits: int = 0) -> str:
+    return f"{'-':>{width}}  " if value is None else f"{value:>{width}.{digits}f}ms"
 
 
 def format_bench(report: BenchReport) -> str:
     lines = [f"Load on {report.url}: {report.concurrency} concurrent, {report.max_tokens} tokens each, "
              f"{report.seconds:.1f} s", "",
-             f"{'model':<18}{'req':>5}{'fail':>5}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}{'ITL p50':>9}"
-             f"{'ITL p90':>9}{'E2E p50':>9}"]
+             f"{'model':<18}{'ok':>5}{'fail':>5}{'unsent':>7}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}"
+             f"{'ITL p50':>9}{'ITL p90':>9}{'E2E p50':>9}"]
     for s in report.models:
-        lines.append(f"{s.model:<18}{s.requests:>5}{s.failures:>5}{s.tokens_per_s:>9.1f}{s.ttft_p50_ms:>8.0f}ms"
-                     f"{s.ttft_p90_ms:>8.0f}ms{s.itl_p50_ms:>7.1f}ms{s.itl_p90_ms:>7.1f}ms{s.e2e_p50_ms:>7.0f}ms")
+        lines.append(f"{s.model:<18}{s.requests:>5}{s.failures:>5}{s.not_sent:>7}{s.tokens_per_s:>9.1f}"
+                     f"{_fmt_ms(s.ttft_p50_ms, 8)}{_fmt_ms(s.ttft_p90_ms, 8)}{_fmt_ms(s.itl_p50_ms, 7, 1)}"
+                     f"{_fmt_ms(s.itl_p90_ms, 7, 1)}{_fmt_ms(s.e2e_p50_ms, 7)}")
     lines.append(f"\ntotal: {report.total_tokens_per_s:.1f} output tokens/s, {report.requests_per_s:.2f} requests/s")
+    for s in report.models:
+        for reason, n in s.failure_reasons.items():
+            lines.append(f"  {s.model}: {n} failed: {reason}")
+    if report.not_sent:
+        lines.append(f"  {report.not_sent} request(s) not sent: the run reached its time limit first")
+    lines.append("PASSED: every request answered" if report.passed else
+                 f"FAILED: {report.failures} request(s) failed" if report.failures else "FAILED: no request answered")
     return "\n".join(lines)
 

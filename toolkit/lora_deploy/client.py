@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import requests
 
-from .errors import EXIT_INPUT, EXIT_SMOKE, LoraDeployError
+from .errors import EXIT_INPUT, EXIT_SMOKE, InputError, LoraDeployError
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,32 @@ class ServedModel:
 
 
 def server_root(url: str) -> str:
-    """``http://host:port`` for any spelling of the server URL (trailing slash or ``/v1`` allowed)."""
-    return url.rstrip("/").removesuffix("/v1").rstrip("/")
+    """``http://host:port`` for any spelling of the server URL: a trailing slash or ``/v1`` is dropped, and a bare
+    ``host:port`` (what the launcher prints and accepts) means ``http://host:port``.
+
+    Anything else that is not an http(s) URL with a host and a valid port is an input error (exit 3) naming
+    what is wrong, raised here so that every command that talks to a server inherits it.
+    """
+    from urllib.parse import urlsplit
+
+    raw = url.strip()
+    given = raw if "://" in raw else f"http://{raw}"
+    try:
+        parts = urlsplit(given)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError as e:
+        raise InputError(f"--url {url!r} is not a valid URL ({e})",
+                         hint="give the server as http://HOST:PORT (or HOST:PORT), e.g. http://localhost:8000") from e
+    if parts.scheme not in ("http", "https"):
+        raise InputError(f"--url {url!r}: scheme {parts.scheme!r} is not http or https",
+                         hint="give the server as http://HOST:PORT, e.g. http://localhost:8000")
+    if not parts.hostname:
+        raise InputError(f"--url {url!r} names no host", hint="give the server as http://HOST:PORT, e.g. "
+                         "http://localhost:8000")
+    if parts.query or parts.fragment:
+        raise InputError(f"--url {url!r} has a query or fragment; it should be the server's address only",
+                         hint="e.g. http://localhost:8000 (a trailing /v1 is fine)")
+    return given.rstrip("/").removesuffix("/v1").rstrip("/")
 
 
 def error_text(r: requests.Response) -> str:
@@ -43,15 +67,47 @@ def error_text(r: requests.Response) -> str:
         return r.text[:300]
 
 
-def iter_sse(response: requests.Response) -> Iterator[dict]:
-    """The JSON chunks of an OpenAI-style server-sent-event stream, up to `data: [DONE]`."""
-    for line in response.iter_lines(decode_unicode=True):
-        if not line or not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        yield json.loads(data)
+def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> Iterator[dict]:
+    """The JSON chunks of an OpenAI-style server-sent-event stream, up to `data: [DONE]`.
+
+    A chunk that is not a JSON object (a proxy's page, a cut connection) is a :class:`LoraDeployError` that
+    says what came back, never a ``JSONDecodeError``.
+    """
+    where = f"{response.request.method} {response.url}" if response.request is not None else response.url
+    kind = response.headers.get("content-type", "")
+    if not kind.startswith("text/event-stream"):  # a proxy's page answered instead of the server's stream
+        raise LoraDeployError(f"{where} answered HTTP {response.status_code} with something that is not a JSON "
+                              f"object or event stream ({_describe_body(response)})", exit_code=failure_exit,
+                              hint=_NOT_VLLM_HINT)
+    try:
+        for line in response.iter_lines(decode_unicode=True):
+            if not line or not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                chunk = None
+            if not isinstance(chunk, dict):
+                raise LoraDeployError(f"{where} streamed a chunk that is not a JSON object: {data[:200]!r}",
+                                      exit_code=failure_exit, hint=_NOT_VLLM_HINT)
+            yield chunk
+    except requests.RequestException as e:  # the stream broke off mid-answer
+        raise LoraDeployError(f"{where}: the stream broke off ({e.__class__.__name__}: {e})",
+                              exit_code=failure_exit, hint="read the server's log") from e
+
+
+_NOT_VLLM_HINT = ("is --url the OpenAI-compatible server itself (not a proxy, gateway or web page in front of it)? "
+                  "try: curl URL/v1/models")
+
+
+def _describe_body(r: requests.Response) -> str:
+    """What a response carried, for an error message: its content type and the start of its text."""
+    kind = r.headers.get("content-type", "no content type")
+    text = " ".join(r.text.split())[:200] if r.content else "an empty body"
+    return f"{kind}: {text!r}" if r.content else f"{kind}, {text}"
 
 
 class Endpoint:
@@ -88,6 +144,10 @@ class Endpoint:
                 raise LoraDeployError(f"{method} {self.url}{path} timed out after {timeout:.0f} s",
                                       exit_code=self.failure_exit,
                                       hint="the server is overloaded or stuck; raise --timeout") from e
+            except requests.RequestException as e:  # an invalid URL, a TLS failure, a broken answer
+                raise LoraDeployError(f"{method} {self.url}{path} failed: {e.__class__.__name__}: {e}",
+                                      exit_code=self.failure_exit,
+                                      hint="check --url (scheme, host, port) and that the server speaks HTTP") from e
             if r.status_code >= 500 and attempt < retries:
                 time.sleep(0.5 * (attempt + 1))
                 continue
@@ -114,13 +174,34 @@ class Endpoint:
                                   hint="read the server's log")
         raise LoraDeployError(f"{path}: HTTP {r.status_code} ({detail})", exit_code=self.failure_exit)
 
+    def json_of(self, r: requests.Response, path: str) -> dict:
+        """The JSON object a response carries; anything else (an HTML error page from a proxy that answered
+        200, an empty body) is an error that says what came back and from where."""
+        try:
+            body = r.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise LoraDeployError(f"{r.request.method if r.request else 'GET'} {self.url}{path} answered HTTP "
+                                  f"{r.status_code} with something that is not a JSON object ({_describe_body(r)})",
+                                  exit_code=self.failure_exit, hint=_NOT_VLLM_HINT)
+        return body
+
+    def unexpected(self, path: str, body: object, wanted: str) -> LoraDeployError:
+        """The error for a JSON answer without the fields an OpenAI-compatible server sends."""
+        return LoraDeployError(f"{self.url}{path} answered JSON without {wanted}: {str(body)[:200]}",
+                               exit_code=self.failure_exit, hint=_NOT_VLLM_HINT)
+
     def post(self, path: str, body: dict, **kw) -> dict:
-        """POST a JSON body and return the JSON answer (raising on HTTP errors)."""
-        return self.request("POST", path, json=body, **kw).json()
+        """POST a JSON body and return the JSON answer (raising on HTTP errors and on non-JSON answers)."""
+        return self.json_of(self.request("POST", path, json=body, **kw), path)
 
     def models(self, **kw) -> list[ServedModel]:
         """What ``/v1/models`` lists, with each adapter's parent and root."""
-        data = self.request("GET", "/v1/models", **kw).json().get("data", [])
+        body = self.json_of(self.request("GET", "/v1/models", **kw), "/v1/models")
+        data = body.get("data")
+        if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in data):
+            raise self.unexpected("/v1/models", body, "a 'data' list of models with ids")
         return [ServedModel(m["id"], m.get("parent"), m.get("root")) for m in data]
 
     def ready(self, expected: list[str] | tuple[str, ...], timeout: float = 5.0) -> list[str]:
@@ -132,19 +213,30 @@ class Endpoint:
             if listed.status_code != 200:
                 return list(expected)
             ids = {m["id"] for m in listed.json().get("data", [])}
-        except (requests.RequestException, ValueError):
+        except (requests.RequestException, ValueError, KeyError, TypeError, AttributeError):
             return list(expected)
         return [m for m in expected if m not in ids]
 
     def complete(self, model: str, prompt: str, max_tokens: int = 16, **extra) -> dict:
         """A greedy completion's first choice."""
-        return self.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                             "temperature": 0, **extra})["choices"][0]
+        answer = self.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                               "temperature": 0, **extra})
+        try:
+            choice = answer["choices"][0]
+            if isinstance(choice, dict) and isinstance(choice["text"], str):
+                return choice
+        except (KeyError, IndexError, TypeError):
+            pass
+        raise self.unexpected("/v1/completions", answer, "choices[0].text")
 
     def chat(self, model: str, messages: list[dict], max_tokens: int = 16, **extra) -> str:
         """A greedy chat completion's text."""
         body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
-        return self.post("/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
+        answer = self.post("/v1/chat/completions", body)
+        try:
+            return answer["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError):
+            raise self.unexpected("/v1/chat/completions", answer, "choices[0].message.content") from None
 
 
 def api_key_from_env(var: str | None) -> str | None:

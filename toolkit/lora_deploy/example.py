@@ -216,14 +216,29 @@ def point_adapter_at_base(adapter: Path, base: Path) -> None:
 
 def greedy_answer(model_dir: Path, prompt: str = PROBE_PROMPT, *, adapter: Path | None = None,
                   max_new_tokens: int = 16) -> str:
-    """The greedy continuation of ``prompt`` by a model folder (optionally with a PEFT adapter on top)."""
+    """The greedy continuation of ``prompt`` by a model folder (optionally with a PEFT adapter on top).
+
+    What it needs (a model folder, an adapter folder, a tokenizer in one of them) is checked first, so a wrong
+    path is an :class:`InputError` naming it, not a loader's traceback."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .adapter import CONFIG_FILE, has_tokenizer
+    from .errors import InputError
     from .output import quiet_libraries
 
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise InputError(f"{model_dir} is not a model folder (no config.json)" if model_dir.is_dir()
+                         else f"{model_dir} does not exist", hint="pass a base or merged checkpoint folder")
+    if adapter is not None and not (Path(adapter) / CONFIG_FILE).is_file():
+        raise InputError(f"--adapter {adapter} is not a PEFT adapter folder (no {CONFIG_FILE})",
+                         hint="pass the folder written by PeftModel.save_pretrained()")
+    has_own = adapter is not None and has_tokenizer(adapter)
+    if not has_own and not has_tokenizer(model_dir):
+        raise InputError(f"{model_dir} has no tokenizer files, so text cannot be turned into tokens",
+                         hint="copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json) into it")
     quiet_libraries()
-    has_own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
     tok = AutoTokenizer.from_pretrained(adapter if has_own else model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:

@@ -73,9 +73,10 @@ class RenderedManifests:
     notes: tuple[str, ...] = ()
 
 
-def resolve_ranks(spec: DeploySpec) -> tuple[ServedAdapter, ...]:
+def resolve_ranks(spec: DeploySpec, notes: list[str] | None = None) -> tuple[ServedAdapter, ...]:
     """Each adapter's rank (and whether it is MoE expert LoRA): from the spec, else read from the adapter folder
-    when it is readable here."""
+    when it is readable here. An adapter whose MoE kind cannot be read is served as plain LoRA, and ``notes``
+    says so (the spec's ``moeExperts`` settles it)."""
     from .adapter import adapter_is_moe_experts, load_adapter
 
     out = []
@@ -88,6 +89,10 @@ def resolve_ranks(spec: DeploySpec) -> tuple[ServedAdapter, ...]:
             rank = load_adapter(a.path).max_rank
         if moe is None:
             moe = adapter_is_moe_experts(a.path)
+            if moe is None and notes is not None:
+                notes.append(f"adapters[{i}] ({a.name}): {a.path} is not readable here, so whether it holds MoE expert "
+                             "LoRA (target_parameters) is unknown; rendered as plain LoRA. Set moeExperts: true or "
+                             "false on the adapter to decide it")
         out.append(ServedAdapter(a.name, a.path, rank, bool(moe)))
     return tuple(out)
 
@@ -402,9 +407,9 @@ def _autoscaler(spec: DeploySpec) -> tuple[str, dict]:
 
 def render_manifests(spec: DeploySpec) -> RenderedManifests:
     """Every object of the rollout, keyed by file name, plus the kustomization that lists them."""
-    adapters = resolve_ranks(spec) if spec.mode == "dynamic" else ()
+    notes: list[str] = []
+    adapters = resolve_ranks(spec, notes) if spec.mode == "dynamic" else ()
     args = vllm_args(spec, adapters)
-    notes = []
     files: dict[str, dict] = {}
     files["configmap.yaml"] = _config_map(spec, adapters)
     if spec.multi_node.nodes > 1:

@@ -111,6 +111,8 @@ class VllmServer:
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-", suffix=".log")[1])
         self.api_key = api_key if api_key is not None else plan.env.get("VLLM_API_KEY")
         self.proc: subprocess.Popen | None = None
+        # why the record of startup adapters and runtime slots could not be written (None: written)
+        self.record_problem: str | None = None
 
     def __enter__(self) -> VllmServer:
         self.start()
@@ -168,8 +170,11 @@ class VllmServer:
             path.write_text(json.dumps({"pid": self.proc.pid, "url": self.plan.url,
                                         "startup_adapters": list(self.plan.startup_adapters),
                                         "runtime_slots": self.plan.runtime_slots}) + "\n")
-        except OSError:
-            pass  # best effort: without it, `adapters` commands cannot protect slots and startup adapters
+        except OSError as e:  # serving goes on; the caller is told what is lost
+            self.record_problem = (f"cannot write {path} ({e.strerror or e}): `lora-deploy adapters` commands will not "
+                                   "know this server's startup adapters and runtime slots, so they cannot stop an "
+                                   "unload of a startup adapter or a load into the last slot; set XDG_RUNTIME_DIR "
+                                   "to a writable folder to keep those guards")
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -253,11 +258,12 @@ class ServeOptions:
     grace: float = 20.0
 
 
-def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=None) -> int:
+def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=None, on_warning=None) -> int:
     """Start vLLM, wait for every model, smoke-test it, then serve until SIGINT/SIGTERM; returns an exit code.
 
     ``on_started(server)`` runs once the process exists (to report the log path); ``on_ready(report)``
-    once the smoke test has run (``report`` is None with smoke disabled). vLLM is stopped in every case.
+    once the smoke test has run (``report`` is None with smoke disabled); ``on_warning(text)`` for what the user
+    should know but does not stop serving. vLLM is stopped in every case.
     """
     from .errors import EXIT_SMOKE
     from .smoke import DEFAULT_PROMPT, run_smoke
@@ -269,6 +275,8 @@ def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=
         if on_started:
             on_started(server)
         server.wait_ready(options.timeout)
+        if server.record_problem and on_warning:
+            on_warning(server.record_problem)
         report = None
         if options.smoke:
             report = run_smoke(plan.url, models=plan.expected_models, base_model=plan.expected_models[0],

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from typing import Any
 
 
 def to_jsonable(obj: Any) -> Any:
+    """Plain JSON data for ``obj``; a float that is not finite (NaN, infinity) becomes ``null``, because strict
+    JSON parsers (``jq``, JavaScript, Go) reject the ``NaN`` that Python's json module would write."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: to_jsonable(v) for k, v in dataclasses.asdict(obj).items()}
     if isinstance(obj, dict):
@@ -53,7 +58,7 @@ class Output:
     def result(self, data: Any, text: str) -> None:
         """Emit the command's result: ``data`` as JSON in JSON mode, else the human ``text``."""
         if self.json:
-            print(json.dumps(to_jsonable(data), indent=2, sort_keys=False))
+            print(json.dumps(to_jsonable(data), indent=2, sort_keys=False, allow_nan=False))
         else:
             print(text)
 

@@ -591,9 +591,14 @@ def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
         if spec.vllm.max_lora_rank is not None and ranks and max(ranks) > spec.vllm.max_lora_rank:
             problems.append(f"vllm.maxLoraRank {spec.vllm.max_lora_rank} is below an adapter's rank {max(ranks)}: "
                             "vLLM refuses to load it")
-    pod_memory = _quantity_bytes(spec.resources.memory)
+    from .spec import quantity_value
+
+    pod_memory = quantity_value(spec.resources.memory)
     need = g.weights_bytes_per_gpu * (g.tensor_parallel_size or tp)
-    if pod_memory is not None and pod_memory < need:
+    if pod_memory is None:
+        warnings.append(f"resources.memory {spec.resources.memory!r} is not a Kubernetes quantity, so whether a pod "
+                        f"can load its {need / GIB:.1f} GiB of weights was not checked")
+    elif pod_memory < need:
         warnings.append(f"resources.memory {spec.resources.memory} is below the weights one pod loads "
                         f"({need / GIB:.1f} GiB): loading may be OOM-killed")
     return SpecCheck(source, g.gpu, tuple(problems), tuple(warnings), plan)
@@ -623,12 +628,3 @@ def sized_spec(spec, plan: CapacityPlan, given: set[str]) -> tuple[object, list[
     return spec, notes
 
 
-def _quantity_bytes(q: str | None) -> int | None:
-    import re
-
-    m = re.fullmatch(r"([0-9.]+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(q or ""))
-    if not m:
-        return None
-    mult = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9,
-            "T": 10**12, None: 1}[m.group(2)]
-    return int(float(m.group(1)) * mult)

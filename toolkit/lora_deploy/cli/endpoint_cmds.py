@@ -108,11 +108,17 @@ def bench(
     api_key_env: ApiKeyEnvOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Concurrent load against an endpoint: time to first token, inter-token latency, throughput per model."""
+    """Concurrent load against an endpoint: time to first token, inter-token latency, throughput per model.
+
+    Exit 0 only when every request was answered; 8 when any failed (the reasons are listed, and in --json).
+    Requests the time limit kept from being sent are counted as not sent."""
     out.set_mode(json_mode=json)
     from ..bench import format_bench, run_load
+    from ..errors import EXIT_SMOKE
     from ..smoke import DEFAULT_PROMPT
 
     report = run_load(url, list(model), concurrency=concurrency, requests_per_model=requests_per_model,
                       max_tokens=max_tokens, prompt=prompt or DEFAULT_PROMPT, api_key=_api_key(api_key_env))
     out.result(report, format_bench(report))
+    if not report.passed:
+        raise typer.Exit(EXIT_SMOKE)

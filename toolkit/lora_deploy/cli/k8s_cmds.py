@@ -79,6 +79,6 @@ def manifests(
         out.info(f"Note: {note}")
     versions = schema_versions(crds)
     out.result({"output": str(target), "files": [f.name for f in files], "validated_against": versions,
-                "kubernetes": versions["kubernetes"]},
+                "kubernetes": versions["kubernetes"], "notes": list(rendered.notes)},
                f"Wrote {len(files)} files to {target} (valid for Kubernetes {versions['kubernetes']}):\n  "
                + "\n  ".join(f.name for f in files) + f"\nApply: kubectl apply -k {target}")

@@ -141,7 +141,8 @@ def merged(
                   f"({q.bytes_written / q.bytes_16bit:.0%})")]
         if q.quality is not None:
             rows += [("quality vs 16-bit", f"mean KL {q.quality.mean_kl:.3g} nats/token (max {q.quality.max_kl:.3g}), "
-                      f"top-1 agreement {q.quality.top1_agreement:.1%} over {q.quality.positions} positions")]
+                      f"top-1 agreement {q.quality.top1_agreement:.1%} over {q.quality.positions} positions of "
+                      f"{q.quality.measured_on}")]
     failed = False
     if verify:
         out.info("Verifying: loading the base with PEFT and the merged model (whole models, float32)...")
@@ -152,7 +153,7 @@ def merged(
         failed = not vr.passed
         diff = "not compared" if vr.max_logit_diff is None else \
             f"max |dlogit| {vr.max_logit_diff:.3g} (tolerance {vr.tolerance:.3g})"
-        rows += [("verify", "PASSED" if vr.passed else "FAILED"), (f"logits vs {vr.oracle}", diff),
+        rows += [("verify", vr.verdict), (f"logits vs {vr.oracle}", diff),
                  ("targeted tensors changed", f"{vr.changed_modules} of {len(plan.changed_tensors)}")]
         rows += [(f"merge into {c.merge_into}", f"vs QLoRA model: max |dlogit| {c.max_logit_diff:.3g}, "
                   f"mean KL {c.mean_kl:.3g} nats/token") for c in vr.qlora_choices]

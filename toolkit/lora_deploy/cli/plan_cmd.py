@@ -49,7 +49,8 @@ def plan(
     max_loras: Annotated[Optional[int], typer.Option(help="LoRA slots (default: adapters + 1).")] = None,
     max_lora_rank: Annotated[Optional[int], typer.Option(help="LoRA slot rank (default: smallest that fits).")] = None,
     max_cpu_loras: Annotated[Optional[int], typer.Option(help="Adapters cached in CPU memory.")] = None,
-    gpu_memory_utilization: Annotated[float, typer.Option(help="vLLM's share of each GPU.")] = 0.9,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(
+        help="vLLM's share of each GPU (default 0.9; with --spec, the spec's vllm.gpuMemoryUtilization).")] = None,
     dtype: Annotated[str, typer.Option(help="vLLM --dtype (auto: the checkpoint's; float32 is served in bfloat16).")
                      ] = "auto",
     kv_cache_dtype: Annotated[Optional[str], typer.Option(help="KV cache dtype, e.g. fp8 (default: model's).")] = None,
@@ -81,7 +82,11 @@ def plan(
         deploy = load_spec(spec)
         if gpu and len(gpu) > 1:
             raise InputError("--spec checks one GPU type", hint="give one --gpu")
-        req = request_for_spec(deploy, base=base, gpu=gpu[0] if gpu else "H100-80GB", gpu_memory_gib=gpu_memory,
+        if not gpu and gpu_memory is None:
+            raise InputError("--spec needs the GPU its pods get: the spec names a GPU count, not a type",
+                             hint="add --gpu TYPE (e.g. --gpu H100-80GB) or --gpu-memory GiB")
+        req = request_for_spec(deploy, base=base, gpu=gpu[0] if gpu else None, gpu_memory_gib=gpu_memory,
+                               gpu_memory_utilization=gpu_memory_utilization,
                                **{k: v for k, v in options.items() if v not in ({}, None)})
         result = check_spec(deploy, plan_capacity(req), str(spec))
         _print(result.plan, extra=[("spec", str(spec))] + [("problem", p) for p in result.problems]
@@ -91,9 +96,10 @@ def plan(
         return
     if base is None:
         raise InputError("plan needs --base (or --spec)", hint="lora-deploy plan --base ./model --gpu H100-80GB")
+    if gpu_memory_utilization is not None:
+        options["gpu_memory_utilization"] = gpu_memory_utilization
     req = PlanRequest(base=base, gpus=tuple(gpu or ()), gpu_memory_gib=gpu_memory,
-                      gpu_memory_utilization=gpu_memory_utilization, **{k: v for k, v in options.items()
-                                                                        if v is not None})
+                      **{k: v for k, v in options.items() if v is not None})
     result = plan_capacity(req)
     _print(result, payload=result)
 

@@ -87,15 +87,19 @@ def check(
     max_lora_rank: MaxRankOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Pre-flight only: would vLLM serve these adapters on this base, and correctly? Exit 0 yes, 4 no."""
+    """Pre-flight only: would vLLM serve these adapters on this base, and correctly? Exit 0 yes; 3 when an adapter is
+    unreadable or does not fit the base; 4 when it uses what vLLM cannot serve."""
     out.set_mode(json_mode=json)
-    from ..errors import EXIT_UNSUPPORTED
     from ..deploy import parse_named_adapters
-    from ..preflight import check_adapters
+    from ..errors import EXIT_INPUT, EXIT_UNSUPPORTED
+    from ..preflight import INPUT_RULES, check_adapters
 
     report = check_adapters(base, parse_named_adapters(adapter), max_lora_rank=max_lora_rank)
     rows = [(a.name, f"OK  rank {a.rank}" + ("  (normalised copy)" if a.normalised else "")) for a in report.accepted]
     rows += [(r.adapter, f"REFUSED [{r.rule}] {r.message}\n{' ' * 4}fix: {r.fix}") for r in report.refusals]
     out.result(report, out.table(rows) + "\n" + ("\n".join(report.notes)))
     if not report.passed:
-        raise typer.Exit(EXIT_UNSUPPORTED)
+        broken = any(r.rule in INPUT_RULES for r in report.refusals)
+        out.error(f"pre-flight refused {len({r.adapter for r in report.refusals})} adapter(s)"
+                  + (" (a broken or mismatched input)" if broken else ""))
+        raise typer.Exit(EXIT_INPUT if broken else EXIT_UNSUPPORTED)

@@ -33,6 +33,7 @@ class QuantQuality:
     max_kl: float
     top1_agreement: float  # share of positions whose most likely next token is the same
     positions: int
+    measured_on: str  # what the logits were computed on: the prompts, or fixed token ids (no tokenizer)
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,12 @@ def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
         if not key.endswith(SCALE_SUFFIX) and key not in quantized:
             put(key, handle.get_tensor(key))
     tok = _tokenizer(folder)
-    ids = [tok(p, return_tensors="pt")["input_ids"] for p in prompts] if tok else \
-        [torch.tensor([[1, 5, 17, 99, 250, 3, 42, 7]])]
+    if tok is not None:
+        ids = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
+        measured_on = f"{len(prompts)} generic text prompts"
+    else:
+        ids = fixed_token_ids(model.get_input_embeddings().weight.shape[0], len(prompts))
+        measured_on = f"{len(ids)} fixed sequences of token ids (the checkpoint has no usable tokenizer)"
 
     def logits() -> list:
         with torch.no_grad():
@@ -116,13 +121,25 @@ def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
     kl = torch.cat([torch.nn.functional.kl_div(t.log_softmax(-1), r.log_softmax(-1), log_target=True,
                                                reduction="none").sum(-1).reshape(-1) for t, r in zip(test, reference)])
     top1 = torch.cat([(t.argmax(-1) == r.argmax(-1)).reshape(-1) for t, r in zip(test, reference)])
-    return QuantQuality(float(kl.mean()), float(kl.max()), float(top1.float().mean()), int(kl.numel()))
+    return QuantQuality(float(kl.mean()), float(kl.max()), float(top1.float().mean()), int(kl.numel()), measured_on)
+
+
+def fixed_token_ids(vocab_size: int, count: int = 3, length: int = 12) -> list:
+    """``count`` reproducible sequences of token ids spread over the vocabulary, for models without a tokenizer."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (1, length), generator=g) for _ in range(count)]
 
 
 def _tokenizer(folder: Path):
+    from ..adapter import has_tokenizer
+
+    if not has_tokenizer(folder):
+        return None
     try:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(folder)
-    except Exception:  # noqa: BLE001 - no usable tokenizer: fixed token ids instead
+    except Exception:  # noqa: BLE001 - no usable tokenizer: fixed token ids instead, and the report says so
         return None
