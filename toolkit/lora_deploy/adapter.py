@@ -24,8 +24,14 @@ CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 PREFIX = "base_model.model."
-# Initialisations that rewrite the base weights, so W + dW on the original base is wrong.
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "eva")
+# The one list of PEFT initialisations that rewrite the base weights when the adapter is created, so that the saved
+# adapter reproduces the fine-tune only on that rewritten base: W + dW on the original base (a merge, or vLLM serving
+# it dynamically) is wrong until the adapter is converted (save_pretrained(path_initial_model_for_weight_conversion)).
+# PEFT 0.21, peft/tuners/lora/layer.py: olora_init, pissa_init (and "pissa_niter_N"), corda_init and lora_ga_init
+# subtract scale * B0 @ A0 from the base weight; loftq_init replaces it with its quantised copy. The others leave the
+# base untouched: True/False, "gaussian", "orthogonal", "mica", and "eva" (EVA initialises lora_A from activations
+# and sets lora_B to zero). tests/test_peft_inits.py holds this list to adapters PEFT itself builds with each one.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "vocab.txt", "spiece.model", "tokenizer.tiktoken")

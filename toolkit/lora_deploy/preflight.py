@@ -22,7 +22,6 @@ from .serving import ALLOWED_LORA_RANKS, ServedAdapter
 # tensor suffixes vLLM's LoRA loader accepts (vllm/lora/utils.py: parse_fine_tuned_lora_name)
 _VLLM_TENSOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
 _VLLM_SKIPPED = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
-_VLLM_OK_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 
 
 @dataclass(frozen=True)
@@ -198,9 +197,9 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
         refuse("bias", f"bias={st.bias!r}: vLLM does not serve trained biases")
     if st.lora_bias:
         refuse("LoRA bias", "lora_bias=True: vLLM removed LoRA bias support")
-    init = st.init_lora_weights
-    if isinstance(init, str) and init.lower() not in _VLLM_OK_INITS:
-        refuse("initialisation", f"init_lora_weights={init!r} rewrites the base weights; vLLM serves the original base",
+    if st.base_changing_init:
+        refuse("initialisation", f"init_lora_weights={st.init_lora_weights!r} rewrote the base weights during training; "
+               "vLLM serves the original base",
                "convert it to a plain LoRA (PEFT: path_initial_model_for_weight_conversion), then serve or merge it")
     if st.alora:
         refuse("aLoRA", "activated LoRA (alora_invocation_tokens) is not served by vLLM", "retrain as plain LoRA")
