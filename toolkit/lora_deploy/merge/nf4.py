@@ -295,19 +295,55 @@ def split_stored_4bit(index: ShardIndex) -> tuple[ShardIndex, dict[str, Stored4b
     return ShardIndex(index.folder, index.files, tensors), stored
 
 
+def unpack_4bit(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """bitsandbytes' packed 4-bit codes (two per byte, high nibble first) as one uint8 per value."""
+    import torch
+
+    u = packed.reshape(-1).view(torch.uint8)
+    indices = torch.empty(u.numel() * 2, dtype=torch.uint8)
+    indices[::2], indices[1::2] = u >> 4, u & 0xF
+    return indices[:n]
+
+
+def dequantize_bnb_layer(weight) -> tuple[torch.Tensor, bool]:
+    """The float32 weight of a loaded bitsandbytes ``Linear4bit`` (its ``Params4bit`` and ``quant_state``), and
+    whether bitsandbytes' own ``dequantize_4bit`` agreed with code x absmax on it.
+
+    The codes and statistics are bitsandbytes' own; the value they stand for is the code book entry times its
+    block's absmax. bitsandbytes 0.50's CPU kernel on AVX512/AMX CPUs returns other values where a row is not a
+    multiple of the block size; then code x absmax is returned and the flag says bitsandbytes was wrong here.
+    """
+    import torch
+    from bitsandbytes.functional import dequantize_4bit as bnb_dequantize
+
+    state = weight.quant_state
+    n = 1
+    for d in state.shape:
+        n *= d
+    nested = getattr(state, "nested", False)
+    q = Quantized4bit(unpack_4bit(weight.data, n), state.absmax, tuple(state.shape),
+                      state.state2.absmax.float() if nested else None, float(state.offset) if nested else 0.0)
+    expected = dequantize_4bit(q, state.quant_type, state.blocksize)
+    dtype, state.dtype = state.dtype, torch.float32  # bitsandbytes' float32 product, before any cast
+    try:
+        theirs = bnb_dequantize(weight.data, state).float().reshape(expected.shape)
+    finally:
+        state.dtype = dtype
+    agrees = bool(torch.equal(theirs, expected))
+    return (theirs if agrees else expected), agrees
+
+
 def dequantize_stored(s: Stored4bit, reader: TensorReader) -> torch.Tensor:
     """The float32 weight a bitsandbytes 4-bit layer computes with, from the checkpoint's own tensors."""
     import torch
 
-    packed = reader.read(s.packed).reshape(-1).view(torch.uint8)
     n = 1
     for d in s.shape:
         n *= d
-    indices = torch.empty(packed.numel() * 2, dtype=torch.uint8)
-    indices[::2], indices[1::2] = packed >> 4, packed & 0xF
+    indices = unpack_4bit(reader.read(s.packed), n)
     absmax = reader.read(s.absmax)
     if s.nested_absmax is not None:
         nested_map = reader.read(s.nested_quant_map).float()
         absmax = _expand(nested_map[absmax.long()], reader.read(s.nested_absmax).float(), s.nested_blocksize) + s.offset
-    values = reader.read(s.quant_map).float()[indices[:n].long()]
+    values = reader.read(s.quant_map).float()[indices.long()]
     return _expand(values, absmax.float(), s.blocksize).reshape(s.shape)
