@@ -89,6 +89,7 @@ def execute_plan(plan: MergePlan, *, progress: bool = False, quality: bool = Tru
     try:
         adapter_tensors = [load_adapter_tensors(a) for a in plan.adapters]
         _check_finite(plan, adapter_tensors)
+        _check_same_values(plan, adapter_tensors)
         out_dtype = getattr(torch, plan.dtype)
         # The math is memory-bound and runs beside a writer and a hashing thread: one intra-op thread avoids
         # oversubscribing small machines (measured: 1.5x faster than torch's default on 2 cores).
@@ -212,6 +213,24 @@ def _check_finite(plan: MergePlan, tensors: list[dict]) -> None:
     if bad:
         raise InputError("adapter holds NaN or Inf values:\n" + "\n".join(f"  - {b}" for b in bad[:20]),
                          hint="the training run diverged; use an earlier checkpoint")
+
+
+def _check_same_values(plan: MergePlan, tensors: list[dict]) -> None:
+    """Refuse an adapter whose tied copies differ (a hand-edited file): PEFT holds them in one storage, so which
+    value its unmerged model uses would depend on load order, and the merge reads only one of them."""
+    import torch
+
+    bad = []
+    for same in plan.same_values:
+        ts = tensors[same.adapter]
+        ref = ts[same.key].T if same.transposed else ts[same.key]
+        if ref.shape != ts[same.copy].shape or not torch.equal(ref, ts[same.copy]):
+            bad.append(f"{same.copy} != {same.key}" + (" transposed" if same.transposed else ""))
+    if bad:
+        raise InputError(f"adapter {plan.adapters[plan.same_values[0].adapter].ref.source} holds different values "
+                         "for the two sides of tied embeddings, which PEFT keeps in one storage:\n"
+                         + "\n".join(f"  - {b}" for b in bad[:20]),
+                         hint="re-save the adapter with PEFT's save_pretrained(); the file was changed after saving")
 
 
 def _streamable(p: TensorPlan) -> bool:

@@ -8,6 +8,11 @@ The oracle is the unmerged PEFT model. Each operation is assigned to the tensor 
 applies it to, which matters where PEFT's own ``merge_and_unload()`` is wrong: a LoRA on one side of
 tied input/output embeddings changes only that side in the unmerged model, while PEFT's merge writes
 it into the shared storage and so changes both. We write both sides (untied) and say so.
+
+``ensure_weight_tying`` (LoraConfig) makes the unmerged model keep the tie: one ``modules_to_save`` copy serves
+both sides, and the head's LoRA factors are the input embedding's, transposed. Those merges stay tied, except
+for DoRA, whose magnitudes rescale the shared matrix per column for the input and per row for the head, so
+the two sides differ and are written untied.
 """
 
 from __future__ import annotations
@@ -109,6 +114,21 @@ class RowReplacement:
 
 
 @dataclass(frozen=True)
+class SameValues:
+    """Two adapter tensors PEFT keeps in one storage (tied embeddings), so a consistent file holds them equal.
+
+    The merge reads only one of them (``key``) for both sides of the tie; :mod:`.execute` refuses a file whose
+    copy (``copy``, transposed when ``transposed``) differs, since the unmerged model would then depend on
+    which of the two PEFT happens to load last.
+    """
+
+    adapter: int
+    key: str
+    copy: str
+    transposed: bool = False
+
+
+@dataclass(frozen=True)
 class TensorPlan:
     """What one output tensor becomes: its starting value, then the adapters' operations in order.
 
@@ -173,6 +193,7 @@ class MergePlan:
     qlora: Bnb4bit | None = None
     merge_into: str = "original"
     quantization: OutputQuantization | None = None
+    same_values: tuple[SameValues, ...] = ()  # tied copies the adapter file must hold equal
 
     @property
     def output_bytes(self) -> int:
@@ -257,7 +278,7 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
         out_config["quantization_config"] = quantization.config()
     return MergePlan(base, index, layout, adapters, weights, dtype, tensors, out_config, tuple(planner.modules),
                      max_shard, Path(cfg.output), cfg.force, cfg.hash_inputs, tuple(planner.warnings),
-                     tuple(planner.peft_differs), qlora, merge_into, quantization)
+                     tuple(planner.peft_differs), qlora, merge_into, quantization, tuple(planner.same_values))
 
 
 def _quantized_tensors(tensors: tuple[TensorPlan, ...], q: OutputQuantization, scale_dtype: str) -> tuple[TensorPlan, ...]:
@@ -296,6 +317,11 @@ def _check_complete(index: ShardIndex, base_config: dict, tensors: tuple[TensorP
             f"the merged checkpoint would not load completely in transformers ({len(problems)} problem(s)):\n"
             f"{listing}", hint="this adapter changes the model's tensor set in a way lora-deploy cannot write; "
             "please report it with the adapter_config.json, and serve the adapter unmerged (lora-deploy dynamic)")
+
+
+def _ties_weights(info: AdapterInfo) -> bool:
+    """Whether the adapter was trained with ``ensure_weight_tying`` (PEFT then keeps tied embeddings tied)."""
+    return bool(info.config.get("ensure_weight_tying"))
 
 
 def fit_problems(base: ResolvedRef, info: AdapterInfo) -> list[str]:
@@ -341,6 +367,7 @@ class _Planner:
         self.warnings: list[str] = []
         self.peft_differs: list[str] = []
         self.modules: list[ModuleMerge] = []
+        self.same_values: list[SameValues] = []
         # tied outputs, in checkpoint names: {output weight: input weight}. Both sides are planned separately
         # (a checkpoint usually stores only the input side); equal plans are written once, tied, at the end.
         self.tied: dict[str, str] = {}
@@ -393,15 +420,24 @@ class _Planner:
         """Full tensors saved by the adapter: they define the starting value (and possibly a new shape).
 
         Shared values first, each tie's input side last among them (a tied model computes its head from the
-        input embedding), then the separate ``modules_to_save`` copies of single modules.
+        input embedding), then the separate ``modules_to_save`` copies of single modules. Under
+        ``ensure_weight_tying`` a ``modules_to_save`` copy of either side of a tie is the shared value: PEFT
+        points the head's copy at the input embedding's, and saves that one storage under both names.
         """
         heads = set(self.tied)
+        tie_sides = heads | set(self.tied.values())
+        ties = _ties_weights(info)
+
+        def shared(r) -> bool:
+            """Whether ``r`` is the value of both sides of a tie (a saved embedding, or ensure_weight_tying's copy)."""
+            return r.reason != "modules_to_save" or (ties and (self.names.single(r.target) or r.target) in tie_sides)
 
         def order(r) -> int:
-            if r.reason == "modules_to_save":
+            if not shared(r):
                 return 2
             return 0 if (self.names.single(r.target) or r.target) in heads else 1
 
+        holds: dict[str, str] = {}  # tensor -> the adapter key of the shared value it holds so far
         for r in sorted(info.replacements, key=order):
             draft = self._draft(r.target, info, r.reason)
             if draft is None:
@@ -412,12 +448,18 @@ class _Planner:
                 self._problem(info, f"{r.key} has shape {list(new)} but base tensor {draft.name} has {list(old)}")
                 continue
             # a saved embedding (resized vocabulary) is the tied pair's shared value; modules_to_save is a
-            # separate copy of one side, exactly as the unmerged PEFT model holds it
-            for side in self._sides(draft, shared=r.reason != "modules_to_save"):
+            # separate copy of one side, exactly as the unmerged PEFT model holds it (unless ensure_weight_tying)
+            for side in self._sides(draft, shared=shared(r)):
                 if side.replacement is not None and side.replacement[0] != i:
                     self._problem(info, f"{side.name} is also replaced by adapter "
                                   f"{self.adapters[side.replacement[0]].ref.source}; merge them separately")
                     continue
+                if shared(r):
+                    earlier = holds.get(side.name)
+                    same = SameValues(i, r.key, earlier) if earlier not in (None, r.key) else None
+                    if same is not None and same not in self.same_values:
+                        self.same_values.append(same)  # two names for one storage: the input side's is used
+                    holds[side.name] = r.key
                 side.replacement, side.shape = (i, r.key), new
 
     def _token_rows(self, i: int, info: AdapterInfo) -> None:
@@ -500,15 +542,10 @@ class _Planner:
             return
         update = LowRankUpdate(i, m.name, kind, m.a_key, m.b_key, m.scale, w)
         partner = self._tie_partner(draft)
-        shared = bool(info.config.get("ensure_weight_tying")) and partner is not None
-        if shared and draft.name in self.tied and any(
-                self.names.single(o.weight_name) == partner.name for o in info.modules):
-            # ensure_weight_tying saves the input side's LoRA again, transposed, for the head: apply it once
-            self.peft_differs.append(
-                f"{m.name}: ensure_weight_tying ties this LoRA to {partner.name}'s; PEFT's merge_and_unload() "
-                "adds the delta to the shared weight twice, the unmerged model once. Written once, tied")
+        shared = _ties_weights(info) and partner is not None
+        sides = self._tied_module(i, info, m, draft, partner) if shared else [draft]
+        if not sides:
             return
-        sides = self._sides(draft, shared)
         if partner is not None and not shared:
             self.peft_differs.append(
                 f"{m.name}: LoRA on one side of tied embeddings; the unmerged PEFT model applies it to "
@@ -540,6 +577,47 @@ class _Planner:
             else:
                 bias.biases.append(BiasUpdate(i, m.bias_key, m.scale, w))
         self.modules.append(ModuleMerge(i, m.name, kind, m.rank, m.alpha, m.scale, w, m.magnitude_key is not None))
+
+    def _tied_module(self, i: int, info: AdapterInfo, m: LoraModule, draft: _Draft, partner: _Draft) -> list[_Draft]:
+        """The tensors a LoRA on one side of a tie changes under ``ensure_weight_tying`` (empty: nothing more to do).
+
+        PEFT injects the input embedding's LoRA into the head as well, the head's factors being the embedding's,
+        transposed (one storage, saved under both names). A plain LoRA is thus one delta on the shared weight,
+        applied once, from the input side, to both sides; PEFT's merge adds it twice. DoRA keeps a magnitude per
+        side, which rescales the input embedding per column and the head per row: each side takes its own
+        module's DoRA, and the two sides differ (written untied).
+        """
+        head = draft.name in self.tied
+        other = next((o for o in info.modules if o is not m and not o.parameters
+                      and (o.weight_name if o.weight_name in self.drafts else self.names.single(o.weight_name))
+                      == partner.name), None)
+        emb_m, head_m = (other, m) if head else (m, other)
+        if other is not None and emb_m.embedding:  # the head's factors are the embedding's, transposed: must agree
+            for same in (SameValues(i, emb_m.b_key, head_m.a_key, True),
+                         SameValues(i, emb_m.a_key, head_m.b_key, True)):
+                if same not in self.same_values:
+                    self.same_values.append(same)
+        if m.magnitude_key is None:
+            if head and other is not None:
+                self.peft_differs.append(
+                    f"{m.name}: ensure_weight_tying ties this LoRA to {partner.name}'s; PEFT's merge_and_unload() "
+                    "adds the delta to the shared weight twice, the unmerged model once. Written once, tied")
+                return []
+            return [draft, partner]
+        if other is None or other.magnitude_key is None:
+            self._problem(info, f"{m.name} uses DoRA with ensure_weight_tying, but the adapter holds no DoRA "
+                          f"magnitude for the tied {partner.name} (PEFT saves one per side), so what the unmerged "
+                          f"model computes for {partner.name} is undefined; re-save the adapter with PEFT's "
+                          "save_pretrained()")
+            return []
+        if head:
+            self.peft_differs.append(
+                f"{m.name}: DoRA with ensure_weight_tying; the unmerged PEFT model shares the LoRA factors with "
+                f"{partner.name} but rescales the input embedding per column and the head per row, each with its "
+                "own magnitude, so the two sides differ. PEFT's merge_and_unload() merges the head's DoRA on top of "
+                "the embedding's into the one shared weight and keeps the tie (wrong for both sides). Written as the "
+                "unmerged model computes: both sides, untied")
+        return [draft]
 
     def _kind(self, m: LoraModule, info: AdapterInfo) -> str:
         if m.embedding:
