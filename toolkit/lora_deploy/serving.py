@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -25,6 +26,64 @@ MIXED_BATCH_NOTE = (
     "LoRA ops index slot -1 for requests without an adapter (Python's last slot), which silently applies an "
     "adapter to base-model requests batched with adapter requests (vllm-project/vllm PRs #48421, #49656); "
     "an empty last slot contributes zero.")
+
+
+# vLLM's --dtype names (vllm/config/model.py) -> the torch dtype each one means
+VLLM_DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
+               "float32": "float32"}
+DEFAULT_MAX_LORA_RANK = 16  # vLLM's own default, for servers whose adapters are all loaded at run time
+
+
+def vllm_dtype(name: str) -> str:
+    """The dtype a vLLM ``--dtype`` value means (``float`` is float32, ``half`` float16); an InputError otherwise."""
+    try:
+        return VLLM_DTYPES[name]
+    except KeyError:
+        raise InputError(f"--dtype {name!r} is not one vLLM serves in",
+                         hint=", ".join(VLLM_DTYPES)) from None
+
+
+# The one rule for names clients send as `model` (local servers and the cluster alike): an adapter name is also a
+# folder name (vLLM's filesystem resolver looks it up as DIR/<name>), so letters, digits, '.', '_' and '-'; a base's
+# served name may also hold the '/' of a hub id. Case is kept: the same name everywhere.
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
+
+
+def model_name_problem(name: str, *, adapter: bool) -> str | None:
+    """Why ``name`` cannot be used as given as an API model name (None when it can)."""
+    rule = _ADAPTER_NAME if adapter else _SERVED_NAME
+    if rule.match(name) and ".." not in name:
+        return None
+    allowed = "letters, digits, '.', '_' and '-'" + ("" if adapter else " (and the '/' of a hub id)")
+    return f"{name!r} cannot be a model name as given: use {allowed}, starting with a letter or digit, at most 128"
+
+
+def default_served_name(model: str) -> str:
+    """The API name a base is served under when none is given, locally and in the cluster alike: a folder's (or pod
+    path's) last component as written, a hub id as it is (what vLLM itself would call it)."""
+    text = model.rstrip("/")
+    if text.startswith(("/", "./", "../", "~")) or text in (".", "..") or Path(text).exists():
+        return Path(text).expanduser().resolve().name if Path(text).exists() else text.rsplit("/", 1)[-1]
+    return text
+
+
+def cpu_has_amx() -> bool:
+    """Whether vLLM's CPU build takes its AMX paths on this machine (x86 with AMX tiles, as vllm/platforms/cpu.py and
+    its kernels ask torch): its MLA backend, INT8 kernel and KV blocks differ there."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        import torch
+
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:  # noqa: BLE001 - a torch without the probe: read the CPU flags
+        try:
+            return "amx_tile" in Path("/proc/cpuinfo").read_text(errors="ignore")
+        except OSError:
+            return False
 
 
 def smallest_allowed_rank(rank: int) -> int:
@@ -133,7 +192,7 @@ def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | N
     """
     notes = []
     largest = max((a.rank for a in adapters), default=1)
-    derived_rank = smallest_allowed_rank(largest)
+    derived_rank = smallest_allowed_rank(largest) if adapters else DEFAULT_MAX_LORA_RANK
     if max_lora_rank is None:
         rank = derived_rank
     else:
@@ -218,6 +277,18 @@ def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | N
             args += [lora_module_arg(a, cfg.served_model_name) for a in cfg.adapters]
     args += list(cfg.extra_args)
     return args, flags, notes
+
+
+def flag_pairs(args: list[str], *, drop: tuple[str, ...] = ()) -> list[str]:
+    """vLLM arguments as one ``--flag value`` string per flag (a flag with no value stands alone), leaving out the
+    flags in ``drop`` and their values: how `plan` prints the arguments the builder above chose."""
+    pairs: list[str] = []
+    for a in args:
+        if a.startswith("--") or not pairs:
+            pairs.append(a)
+        else:
+            pairs[-1] += f" {a}"
+    return [p for p in pairs if p.split(" ", 1)[0] not in drop]
 
 
 def _has_flag(args: tuple[str, ...], flag: str) -> bool:

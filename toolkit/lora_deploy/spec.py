@@ -147,7 +147,9 @@ class DeploySpec:
 
     @property
     def base_name(self) -> str:
-        return self.served_model_name or self.model.rstrip("/").rsplit("/", 1)[-1].lower()
+        from .serving import default_served_name
+
+        return self.served_model_name or default_served_name(self.model)
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -318,9 +320,16 @@ def _validate(spec: DeploySpec) -> None:
         problem("runtimeAdapters: only a dynamic deployment can load adapters at run time")
     if spec.mode == "dynamic" and not spec.adapters and not spec.runtime_adapters:
         problem("adapters: a dynamic deployment needs at least one adapter (or runtimeAdapters: true)")
+    from .serving import model_name_problem
+
+    served_problem = model_name_problem(spec.base_name, adapter=False)
+    if served_problem:
+        problem(f"servedModelName: {served_problem}", hint="set servedModelName: to the name clients send")
     seen = set()
     for i, a in enumerate(spec.adapters):
-        dns(a.name, f"adapters[{i}].name")
+        name_problem = model_name_problem(a.name, adapter=True)
+        if name_problem:
+            problem(f"adapters[{i}].name: {name_problem}")
         if a.name in seen or a.name == spec.base_name:
             problem(f"adapters[{i}].name: {a.name!r} is used twice (adapter names and the base's served "
                     "name must differ)")
@@ -377,7 +386,7 @@ def spec_for_local_run(*, served_name: str, mode: str, model: str, local_model: 
     model_path = f"/models/{Path(model).name}" if local_model else model
     spec = DeploySpec(
         name=name, model=model_path, mode=mode, served_model_name=served_name,
-        adapters=tuple(AdapterRef(dns_name(a), f"/models/adapters/{a}", r, True if moe else None)
+        adapters=tuple(AdapterRef(a, f"/models/adapters/{a}", r, True if moe else None)
                        for a, r, moe in adapters),
         weights=WeightsSpec(source="pvc" if local_model else "hub", claim=f"{name}-models" if local_model else None),
         vllm=VllmSpec(max_model_len=max_model_len),
