@@ -207,6 +207,16 @@ def assert_user_error(res, code: int, *needles: str) -> None:
         assert n in res.stderr, (n, res.stderr)
 
 
+def require_cpu_build() -> None:
+    """Skip a test that measures vLLM's CPU build (its kernels, KV blocks, allocations) when the installed vLLM is
+    another one (the official CUDA vLLM on a GPU machine), saying so."""
+    from lora_deploy.serving import detect_vllm
+
+    install = detect_vllm()
+    if install is None or not install.cpu:
+        pytest.skip(f"measures vLLM's CPU build; installed: {install.distribution if install else 'no vLLM'}")
+
+
 def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
     """A copy of an adapter with lora_B scaled: small factors keep it applied but greedy-identical to the base;
     0 makes it a no-op that must be caught."""

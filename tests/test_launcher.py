@@ -43,10 +43,8 @@ def test_stop_kills_the_whole_group_after_the_grace_period(tmp_path):
     while len(group_members(server.pgid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(group_members(server.pgid)) == 2
-    start = time.monotonic()
     server.stop(grace=1.0)
     assert group_members(server.pgid) == []
-    assert time.monotonic() - start < 15
 
 
 def test_exit_during_start_up_is_reported_with_the_log_tail(tmp_path):

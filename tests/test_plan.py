@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_base, run_cli
+from conftest import make_base, require_cpu_build, run_cli
 
 GIB = 1 << 30
 
@@ -295,6 +295,7 @@ def test_bad_plan_inputs_are_input_errors(llama_base):
 # ---------------------------------------------------------------- against real vLLM (CPU build)
 
 def _probe(model: Path, space_gib: int, dtype: str, max_len: int, lora: tuple[int, int] | None = None) -> dict:
+    require_cpu_build()
     args = [sys.executable, str(Path(__file__).parent / "vllm_probe.py"), str(model), str(space_gib), dtype,
             str(max_len)] + ([str(x) for x in lora] if lora else [])
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)

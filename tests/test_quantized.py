@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ask_tickets, free_port, make_adapter, make_base, run_cli
+from conftest import ask_tickets, free_port, make_adapter, make_base, require_cpu_build, run_cli
 
 LABELS = ["account", "billing", "shipping", "technical"]  # the classify adapter on the four demo tickets
 
@@ -191,6 +191,7 @@ def test_lora_on_quantized_bases_is_refused_exactly_where_vllm_cpu_fails(real, t
     from lora_deploy.preflight import check_adapters
     from lora_deploy.serving import ServeConfig, ServedAdapter
 
+    require_cpu_build()
     adapter = str(real.adapters["classify"])
     fp8 = _merge(real, tmp_path / "base-fp8", quantize="fp8-dynamic", weight=0.0)
     int8 = _merge(real, tmp_path / "base-int8", quantize="w8a8-int8", weight=0.0)

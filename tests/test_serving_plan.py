@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import edit_json, file_tensors, make_adapter, make_base, run_cli
+from conftest import edit_json, file_tensors, make_adapter, make_base, require_cpu_build, run_cli
 
 from lora_deploy.errors import EXIT_INPUT, EXIT_UNSUPPORTED, InputError
 from lora_deploy.merge import MergeConfig, run_merge
@@ -199,9 +199,7 @@ def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, t
     import torch
     import shutil
 
-    from lora_deploy.serving import detect_vllm
-
-    assert detect_vllm() is not None and detect_vllm().cpu
+    require_cpu_build()
     adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj"])
     edit_json(adapter / "adapter_config.json", use_qalora=True)
     assert "QALoRA" in [r.rule for r in check_adapters(str(qwen), {"x": str(adapter)}).refusals]
@@ -242,21 +240,18 @@ def test_a_wrong_adapter_path_is_the_same_failure_in_merged_and_dynamic(qwen, tm
 
 
 def test_a_busy_port_is_refused_before_vllm_starts(qwen, tmp_path):
-    """vLLM itself notices only after loading the model (30 s and more); `dynamic` refuses in under 2 s."""
+    """vLLM itself notices only after loading the model (30 s and more); `dynamic` refuses before starting it."""
     import socket
-    import time
 
     adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj"])
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        start = time.monotonic()
         rc, _, stderr = run_cli("dynamic", "--base", str(qwen), "--adapter", f"x={adapter}", "--port", str(port),
                                 "--exit-after-smoke")
-        seconds = time.monotonic() - start
     assert rc == 7 and f"127.0.0.1:{port}" in stderr and "--port" in stderr, stderr
-    assert seconds < 2
+    assert "Started " not in stderr  # refused before any vLLM process existed
 
 
 def test_moe_expert_lora_gets_vllms_mixed_format_flag_on_gpu_builds(qwen, tmp_path, monkeypatch):
