@@ -297,3 +297,58 @@ def test_resolver_adapters_for_another_base_are_named_before_start(tmp_path):
     assert len(notes) == 1 and "stale" in notes[0] and "'/models/base'" in notes[0]
     assert resolver_notes("/models/base", {**env, "VLLM_PLUGINS": "something_else"}) == []
     assert resolver_notes("/models/base", {}) == []
+
+
+def test_check_and_dry_run_on_a_hub_base_read_configs_and_headers_only(qwen, tmp_path, monkeypatch):
+    """`check` and `dynamic --dry-run` on a hub id fetch the small files and the safetensors headers (what
+    `get_safetensors_metadata` returns), never a weight: the hub is stood in for by a local copy of the base (no
+    network here), every file the check asks `snapshot_download` for is recorded, and the verdict equals the
+    verdict on the local folder. The dry-run command names the hub id, which vLLM downloads when it starts."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+
+    from lora_deploy.shards import ShardIndex
+
+    repo = tmp_path / "hub-repo"
+    shutil.copytree(qwen, repo)
+    fetched: list[str] = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        import fnmatch
+
+        out = tmp_path / "snapshots" / "0123abcd"
+        for f in repo.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, out / f.name)
+                fetched.append(f.name)
+        return str(out)
+
+    def get_safetensors_metadata(repo_id, revision=None, **kw):
+        index = ShardIndex.from_folder(repo)
+        files: dict = {}
+        for name, e in index.tensors.items():
+            start = e.start - (8 + int.from_bytes(e.file.read_bytes()[:8], "little"))
+            files.setdefault(e.file.name, {})[name] = TensorInfo(e.dtype, list(e.shape), (start, start + e.end - e.start))
+        return SafetensorsRepoMetadata(None, False, {n: e.file.name for n, e in index.tensors.items()},
+                                       {f: SafetensorsFileMetadata({"format": "pt"}, t) for f, t in files.items()})
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    monkeypatch.setenv("LORA_DEPLOY_CACHE", str(tmp_path / "cache"))
+    good = make_adapter(qwen, tmp_path / "good", target_modules=["q_proj", "v_proj"])
+    other = make_base(tmp_path / "other", "qwen2", hidden_size=128, num_attention_heads=2, intermediate_size=256)
+    wrong = make_adapter(other, tmp_path / "wrong", target_modules=["q_proj"])
+    for adapter, code in ((good, 0), (wrong, EXIT_INPUT)):
+        verdicts = []
+        for base in ("someorg/qwen-tiny", str(qwen)):
+            rc, out, err = run_cli("check", "--base", base, "--adapter", f"a={adapter}", "--json")
+            verdicts.append((rc, [r["rule"] for r in json.loads(out)["refusals"]] if out else err))
+        assert verdicts[0] == verdicts[1] and verdicts[0][0] == code, verdicts
+    assert fetched and not [f for f in fetched if f.endswith((".safetensors", ".bin"))], fetched
+    rc, out, err = run_cli("dynamic", "--base", "someorg/qwen-tiny", "--adapter", f"a={good}", "--dry-run", "--json")
+    assert rc == 0, err
+    argv = json.loads(out)["argv"]
+    assert "someorg/qwen-tiny" in argv and not [f for f in fetched if f.endswith(".safetensors")]

@@ -52,11 +52,12 @@ def parse_named_adapters(values: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str | None = None,
-                 check_port: bool = True, **serve: object) -> DynamicDeployment:
+                 check_port: bool = True, download: bool = True, **serve: object) -> DynamicDeployment:
     """Pre-flight every adapter against ``base`` and build the vLLM configuration that serves them.
 
     ``serve`` holds :class:`ServeConfig` fields (host, port, dtype, max_loras, ...). With ``check_port`` a busy
-    port is refused first (a moment, where vLLM finds out only after loading the model). Raises the pre-flight
+    port is refused first (a moment, where vLLM finds out only after loading the model). Without ``download`` a hub
+    base is read as configs and headers only and named by its id in the command. Raises the pre-flight
     refusals (exit 3 for broken inputs, 4 for unsupported features) before anything starts.
     """
     from .hub import resolve_ref
@@ -68,7 +69,8 @@ def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str 
         check_port_free(str(serve.get("host", "127.0.0.1")), int(serve.get("port", 8000)))
     report = check_adapters(base, adapters, max_lora_rank=serve.get("max_lora_rank"))
     require_passed(report)
-    model = str(resolve_ref(base, kind="base model").path)
+    # a launch serves the weights (a hub base is fetched into the cache once); a dry run only names them
+    model = str(resolve_ref(base, kind="base model").path) if download or Path(base).exists() else base
     served = served_model_name or default_served_name(base)
     problem = model_name_problem(served, adapter=False)
     if problem:

@@ -53,6 +53,63 @@ def resolve_ref(ref: str | os.PathLike, *, kind: str, revision: str | None = Non
     return _download(text, kind=kind, revision=revision, allow_pickle=allow_pickle)
 
 
+# What a check reads from a hub repo besides the weights' headers: configs and tokenizer files, never weights.
+_METADATA_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
+
+
+def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None = None) -> ResolvedRef:
+    """A folder with ``ref``'s configs and its safetensors *headers*, for checks that never read a weight (pre-flight,
+    ``dynamic --dry-run``): a local folder as is; for a hub id, the small files from the hub and, for each
+    safetensors file, a sparse stand-in written from ``get_safetensors_metadata`` (its header, with the data
+    region a hole on disk), so a 70B base costs a few megabytes instead of 140 GB.
+    """
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.exists() or not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        return resolve_ref(ref, kind=kind, revision=revision)
+    import json
+    import shutil
+
+    from huggingface_hub import get_safetensors_metadata, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        local = Path(snapshot_download(text, revision=revision, allow_patterns=_METADATA_PATTERNS))
+        meta = get_safetensors_metadata(text, revision=revision)
+    except LocalEntryNotFoundError as e:
+        raise InputError(f"{kind} {text!r} is not in the local Hugging Face cache and the hub cannot be reached",
+                         hint="download it first (hf download ...) or unset HF_HUB_OFFLINE") from e
+    except RepositoryNotFoundError as e:
+        raise InputError(f"{kind} {text!r} is neither a local folder nor a hub repository you can access",
+                         hint="check the spelling, or log in with `hf auth login` for a gated repo") from e
+    except (HfHubHTTPError, OSError, ValueError) as e:  # NotASafetensorsRepoError is a ValueError-like hub error
+        raise InputError(f"could not read {kind} {text!r}'s config and safetensors headers from the hub: {e}") from e
+    root = Path(os.environ.get("LORA_DEPLOY_CACHE") or Path.home() / ".cache" / "lora-deploy")
+    target = root / "hub-headers" / text.replace("/", "--") / local.name
+    if not (target / ".complete").exists():
+        staging = target.with_name(target.name + f".partial-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(local, staging, symlinks=False)
+        for name, file_meta in meta.files_metadata.items():
+            header = {t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
+                      for t, i in file_meta.tensors.items()}
+            if file_meta.metadata:
+                header["__metadata__"] = file_meta.metadata
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            end = max((i.data_offsets[1] for i in file_meta.tensors.values()), default=0)
+            stub = staging / name
+            stub.parent.mkdir(parents=True, exist_ok=True)
+            with open(stub, "wb") as f:
+                f.write(len(raw).to_bytes(8, "little") + raw)
+                f.truncate(8 + len(raw) + end)  # a hole: the data is never read here
+        (staging / ".complete").write_text(text + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return ResolvedRef(source=text, path=target, revision=local.name)
+
+
 def _download(repo_id: str, *, kind: str, revision: str | None, allow_pickle: bool) -> ResolvedRef:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError

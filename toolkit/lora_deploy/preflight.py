@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .adapter import CONFIG_FILE, PREFIX, AdapterInfo, LoraSettings, load_adapter
 from .errors import EXIT_INPUT, InputError, LoraDeployError, UnsupportedError
-from .hub import ResolvedRef, resolve_ref
+from .hub import ResolvedRef, resolve_headers
 from .serving import ALLOWED_LORA_RANKS, ServedAdapter
 
 # tensor suffixes vLLM's LoRA loader accepts (vllm/lora/utils.py: parse_fine_tuned_lora_name)
@@ -96,7 +96,7 @@ def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | 
     """
     from .layout import read_config
 
-    base_ref = resolve_ref(base, kind="base model")
+    base_ref = resolve_headers(base, kind="base model")  # configs and headers: a hub base is never downloaded here
     base_config = read_config(base_ref.path)
     vocab = base_config.get("vocab_size")
     accepted, refusals, notes = [], [], []
