@@ -6,6 +6,7 @@ downloaded before; nothing here talks to the network for a local path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -71,19 +72,10 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
     import shutil
 
     from huggingface_hub import get_safetensors_metadata, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    try:
+    with _hub_errors(kind, text, "read its config and safetensors headers"):
         local = Path(snapshot_download(text, revision=revision, allow_patterns=_METADATA_PATTERNS))
         meta = get_safetensors_metadata(text, revision=revision)
-    except LocalEntryNotFoundError as e:
-        raise InputError(f"{kind} {text!r} is not in the local Hugging Face cache and the hub cannot be reached",
-                         hint="download it first (hf download ...) or unset HF_HUB_OFFLINE") from e
-    except RepositoryNotFoundError as e:
-        raise InputError(f"{kind} {text!r} is neither a local folder nor a hub repository you can access",
-                         hint="check the spelling, or log in with `hf auth login` for a gated repo") from e
-    except (HfHubHTTPError, OSError, ValueError) as e:  # NotASafetensorsRepoError is a ValueError-like hub error
-        raise InputError(f"could not read {kind} {text!r}'s config and safetensors headers from the hub: {e}") from e
     root = Path(os.environ.get("LORA_DEPLOY_CACHE") or Path.home() / ".cache" / "lora-deploy")
     target = root / "hub-headers" / text.replace("/", "--") / local.name
     if not (target / ".complete").exists():
@@ -110,23 +102,31 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
     return ResolvedRef(source=text, path=target, revision=local.name)
 
 
-def _download(repo_id: str, *, kind: str, revision: str | None, allow_pickle: bool) -> ResolvedRef:
-    from huggingface_hub import snapshot_download
+@contextlib.contextmanager
+def _hub_errors(kind: str, repo_id: str, doing: str):
+    """Hub failures as InputErrors that say what was asked and what to do (offline cache miss, no such repo...)."""
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = list(_PATTERNS)
-    if allow_pickle:
-        patterns.append("*.bin")
     try:
-        local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+        yield
     except LocalEntryNotFoundError as e:
         raise InputError(f"{kind} {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached",
                          hint="download it first (hf download ...) or unset HF_HUB_OFFLINE") from e
     except RepositoryNotFoundError as e:
         raise InputError(f"{kind} {repo_id!r} is neither a local folder nor a hub repository you can access",
                          hint="check the spelling, or log in with `hf auth login` for a gated repo") from e
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise InputError(f"could not fetch {kind} {repo_id!r} from the hub: {e}") from e
+    except (HfHubHTTPError, OSError, ValueError) as e:  # NotASafetensorsRepoError included
+        raise InputError(f"could not {doing} for {kind} {repo_id!r} from the hub: {e}") from e
+
+
+def _download(repo_id: str, *, kind: str, revision: str | None, allow_pickle: bool) -> ResolvedRef:
+    from huggingface_hub import snapshot_download
+
+    patterns = list(_PATTERNS)
+    if allow_pickle:
+        patterns.append("*.bin")
+    with _hub_errors(kind, repo_id, "fetch its files"):
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     local_path = Path(local)
     # snapshot folders are named by commit hash: .../snapshots/<sha>
     return ResolvedRef(source=repo_id, path=local_path, revision=local_path.name)
