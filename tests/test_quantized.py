@@ -199,6 +199,8 @@ def test_lora_on_quantized_bases_is_refused_exactly_where_vllm_cpu_fails(real, t
     code, out, err = run_cli("check", "--base", str(fp8), "--adapter", f"classify={adapter}", "--json")
     assert code == 0, err
     assert any("fp8-dynamic" in n and "emulated" in n for n in json.loads(out)["notes"])
+    code, out, err = run_cli("dynamic", "--base", str(fp8), "--adapter", f"classify={adapter}", "--dry-run", "--json")
+    assert code == 0 and any("emulates FP8" in n for n in json.loads(out)["notes"]), (out, err)  # told at launch
     code, out, err = run_cli("check", "--base", str(asym), "--adapter", f"classify={adapter}", "--json")
     assert code == 4, (out, err)
     refusal = json.loads(out)["refusals"][0]
