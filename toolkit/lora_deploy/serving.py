@@ -56,7 +56,8 @@ def model_name_problem(name: str, *, adapter: bool) -> str | None:
     if rule.match(name) and ".." not in name:
         return None
     allowed = "letters, digits, '.', '_' and '-'" + ("" if adapter else " (and the '/' of a hub id)")
-    return f"{name!r} cannot be a model name as given: use {allowed}, starting with a letter or digit, at most 128 characters"
+    return (f"{name!r} cannot be a model name as given: use {allowed}, starting with a letter or digit, at most 128 "
+            "characters")
 
 
 def default_served_name(model: str) -> str:
