@@ -200,8 +200,8 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
     if st.lora_bias:
         refuse("LoRA bias", "lora_bias=True: vLLM removed LoRA bias support")
     if st.base_changing_init:
-        refuse("initialisation", f"init_lora_weights={st.init_lora_weights!r} rewrote the base weights during training; "
-               "vLLM serves the original base",
+        refuse("initialisation", f"init_lora_weights={st.init_lora_weights!r} rewrote the base weights during "
+               "training; vLLM serves the original base",
                "convert it to a plain LoRA (PEFT: path_initial_model_for_weight_conversion), then serve or merge it")
     if st.alora:
         refuse("aLoRA", "activated LoRA (alora_invocation_tokens) is not served by vLLM", "retrain as plain LoRA")

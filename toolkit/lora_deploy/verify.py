@@ -5,9 +5,9 @@ It proves four things: no LoRA tensors remain, the tensor names and shapes are t
 targeted weight changed, and the merged model's logits equal the unmerged PEFT model's.
 
 For a QLoRA merge the unmerged model is the QLoRA model itself: the base loaded in 4-bit by
-bitsandbytes (its codes and statistics, computed in float32), with the adapter on top. Merged into the dequantized weights, the output must compute
-its logits; either way the report gives both choices' distance to it, so the user sees which base the
-adapter wants.
+bitsandbytes (its codes and statistics, computed in float32), with the adapter on top. Merged into the
+dequantized weights, the output must compute its logits; either way the report gives both choices' distance
+to it, so the user sees which base the adapter wants. A verification that could not compare logits never passes.
 """
 
 from __future__ import annotations

@@ -67,7 +67,8 @@ def dynamic(
         out.warn("runtime adapters are on: anyone holding the API key can make the server load any adapter path "
                  "it can read")
     deployment = plan_dynamic(base, parse_named_adapters(adapter), served_model_name=served_model_name,
-                              check_port=not dry_run, download=not dry_run, host=host, port=port, dtype=dtype, max_loras=max_loras,
+                              check_port=not dry_run, download=not dry_run, host=host, port=port, dtype=dtype,
+                              max_loras=max_loras,
                               max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
                               allow_runtime_adapters=allow_runtime_adapters, runtime_slots=runtime_adapter_slots,
                               api_key_env=api_key_env, extra_args=tuple(ctx.args))
