@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import ask_tickets, file_tensors, free_port, run_cli, scaled_adapter, serve_then
 
@@ -55,42 +56,52 @@ def test_bf16_merge_is_peft_float32_merge_rounded_once_and_keeps_tie_and_tokeniz
         assert (out / name).read_bytes() == (real.base / name).read_bytes(), name
 
 
-def test_merged_and_dynamic_deployments_answer_the_same_chats(real, tmp_path):
-    """`dynamic` on the real model passes its smoke test; the classify adapter answers every unseen ticket
-    differently from the base; the float32 merge served by `merged --serve` gives the same chat answers."""
-    port = free_port()
-    dynamic = serve_then(["dynamic", "--base", str(real.base), "--adapter", f"classify={real.adapters['classify']}",
-                      "--adapter", f"reply={real.adapters['reply']}", "--dtype", "float32", "--port", str(port),
-                      "--served-model-name", "smollm2"], tmp_path / "dynamic.log",
-                     lambda: {"base": ask_tickets(port, "smollm2", "classify"), "classify": ask_tickets(port, "classify",
-                                                                                        "classify")})
+@pytest.fixture(scope="module")
+def real_server(real, tmp_path_factory):
+    """One vLLM (float32) shared by the real model's serving tests, started by lora-deploy's launcher: the base as
+    "smollm2", both trained adapters, and two made from classify: "faint" (lora_B x 1e-4: applied, but it answers
+    greedily like the base) and "zero" (lora_B = 0: not applied at all)."""
+    from lora_deploy.launcher import VllmServer, plan_launch
+    from lora_deploy.serving import ServeConfig, ServedAdapter
+
+    root = tmp_path_factory.mktemp("real-server")
+    faint = scaled_adapter(real.adapters["classify"], root / "faint", 1e-4)
+    zero = scaled_adapter(real.adapters["classify"], root / "zero", 0.0)
+    adapters = (ServedAdapter("classify", str(real.adapters["classify"]), 8),
+                ServedAdapter("reply", str(real.adapters["reply"]), 16), ServedAdapter("faint", str(faint), 8),
+                ServedAdapter("zero", str(zero), 8))
+    cfg = ServeConfig(model=str(real.base), served_model_name="smollm2", adapters=adapters, port=free_port(),
+                      dtype="float32")
+    with VllmServer(plan_launch(cfg), log_path=root / "vllm.log") as server:
+        server.wait_ready(600)
+        yield server
+
+
+def test_merged_and_dynamic_deployments_answer_the_same_chats(real_server, real, tmp_path):
+    """The real model served dynamically passes `lora-deploy smoke` for its trained adapters; the classify adapter
+    answers every unseen ticket differently from the base; the float32 merge served by `merged --serve` gives the
+    same chat answers."""
+    rc, out, err = run_cli("smoke", "--url", real_server.plan.url, "--model", "classify", "--model", "reply")
+    assert rc == 0, out + err
+    port = real_server.plan.port
+    dynamic = {"base": ask_tickets(port, "smollm2", "classify"), "classify": ask_tickets(port, "classify", "classify")}
     assert all(b != c for b, c in zip(dynamic["base"], dynamic["classify"])), dynamic
     right = sum(a == want for a, want in zip(dynamic["classify"], ["account", "billing", "shipping", "technical"]))
     assert right >= 3, dynamic["classify"]  # unseen paraphrases (measured: 4 of 4; 3 leaves room for BLAS drift)
     port = free_port()
     merged = serve_then(["merged", "--base", str(real.base), "--adapter", str(real.adapters["classify"]), "--output",
-                     str(tmp_path / "merged"), "--dtype", "float32", "--serve", "--port", str(port),
-                     "--served-model-name", "merged"], tmp_path / "merged.log",
-                    lambda: ask_tickets(port, "merged", "classify"))
+                         str(tmp_path / "merged"), "--dtype", "float32", "--serve", "--port", str(port),
+                         "--served-model-name", "merged"], tmp_path / "merged.log",
+                        lambda: ask_tickets(port, "merged", "classify"))
     assert merged == dynamic["classify"]
 
 
-def test_smoke_verdicts_on_the_real_model_in_both_directions(real, tmp_path):
+def test_smoke_verdicts_on_the_real_model_in_both_directions(real_server):
     """On SmolLM2 (not a fixture of ours): an adapter scaled so faint that it answers greedily like the base
     still counts as applied, while the same adapter with zero lora_B is refused; nothing else fails."""
-    from lora_deploy.launcher import VllmServer, plan_launch
-    from lora_deploy.serving import ServeConfig, ServedAdapter
     from lora_deploy.smoke import APPLIED_MIN_NATS, run_smoke
 
-    faint = scaled_adapter(real.adapters["classify"], tmp_path / "faint", 1e-4)
-    zero = scaled_adapter(real.adapters["classify"], tmp_path / "zero", 0.0)
-    adapters = (ServedAdapter("classify", str(real.adapters["classify"]), 8), ServedAdapter("faint", str(faint), 8),
-                ServedAdapter("zero", str(zero), 8))
-    cfg = ServeConfig(model=str(real.base), served_model_name="smollm2", adapters=adapters, port=free_port(),
-                      dtype="float32")
-    with VllmServer(plan_launch(cfg), log_path=tmp_path / "vllm.log") as server:
-        server.wait_ready(600)
-        report = run_smoke(server.plan.url)
+    report = run_smoke(real_server.plan.url)
     failed = [(c.name, c.model) for c in report.checks if not c.passed]
     assert failed == [("adapter applied", "zero")], failed
     by_model = {m.model: m for m in report.models}
