@@ -496,3 +496,36 @@ def test_dynamic_manifests_for_a_moe_expert_adapter_keep_its_flag():
     assert [a.moe_experts for a in spec.adapters] == [True, None]
     args = render_manifests(spec).files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--enable-mixed-moe-lora-format" in args
+
+
+def test_an_unreadable_adapter_is_rendered_as_plain_lora_and_the_output_says_so(tmp_path):
+    """Whether an adapter holds MoE expert LoRA is read from its folder; where the folder is not on this machine
+    (the usual case: it is on the cluster's volume) the render says it could not tell, instead of assuming."""
+    rendered = render_manifests(parse_spec(copy.deepcopy(DYNAMIC)))
+    assert any("a1" in n and "not readable here" in n and "moeExperts" in n for n in rendered.notes), rendered.notes
+    told = copy.deepcopy(DYNAMIC)
+    for a in told["adapters"]:
+        a["moeExperts"] = False
+    assert not any("not readable here" in n for n in render_manifests(parse_spec(told)).notes)
+
+
+def test_api_names_are_the_same_locally_and_in_the_cluster(tmp_path):
+    """One naming rule: a base folder `Llama-3` and an adapter `Support_A` keep those names in `dynamic`'s own command
+    and in the Deployment rendered for the same deployment (no lower-casing, no DNS mangling); a spec without
+    servedModelName serves its model under the same name a local run would; a name outside the rule is refused."""
+    from conftest import make_adapter, make_base
+
+    base = make_base(tmp_path / "Llama-3", "llama", tokenizer=True)
+    adapter = make_adapter(base, tmp_path / "a", target_modules=["q_proj"])
+    code, out, err = run_cli("dynamic", "--base", str(base), "--adapter", f"Support_A={adapter}", "--dry-run",
+                             "--json", "--manifests", str(tmp_path / "out"))
+    assert code == 0, err
+    argv = json.loads(out)["argv"]
+    local = {argv[argv.index("--served-model-name") + 1]} | {json.loads(a)["name"] for a in argv if a.startswith("{")}
+    args = yaml.safe_load((tmp_path / "out" / "deployment.yaml").read_text())["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    cluster = {args[args.index("--served-model-name") + 1]} | {json.loads(a)["name"] for a in args if a.startswith("{")}
+    assert local == cluster == {"Llama-3", "Support_A"}, (local, cluster)
+    assert parse_spec({**BASE, "model": "/models/Llama-3", "mode": "merged"}).base_name == "Llama-3"
+    with pytest.raises(InputError, match="cannot be a model name"):
+        parse_spec({**DYNAMIC, "adapters": [{"name": "support a", "path": "/a", "rank": 8}]})

@@ -83,3 +83,19 @@ def test_vllm_dies_with_a_killed_parent(tmp_path):
     os.kill(parent.pid, signal.SIGKILL)
     parent.wait(timeout=10)
     assert _wait_gone(pgid) == []
+
+
+def test_a_record_that_cannot_be_written_is_reported_not_swallowed(tmp_path, monkeypatch):
+    """The launcher's record of startup adapters and runtime slots backs the `adapters` guards; when it cannot be
+    written (XDG_RUNTIME_DIR is not a folder), serving goes on and the problem is reported, naming the fix."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(blocker))
+    server = VllmServer(_plan("import time; time.sleep(60)"), log_path=tmp_path / "log")
+    server.start()
+    try:
+        server._write_record()
+        assert server.record_problem and str(blocker) in server.record_problem
+        assert "XDG_RUNTIME_DIR" in server.record_problem and "startup adapters" in server.record_problem
+    finally:
+        server.stop(grace=1.0)

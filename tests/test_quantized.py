@@ -225,3 +225,15 @@ def test_lora_on_quantized_bases_is_refused_exactly_where_vllm_cpu_fails(real, t
         assert "'NoneType' object has no attribute 'device'" in (tmp_path / "asym.log").read_text()
     got = _serve_and_ask({"q": good}, tmp_path)["q"]
     assert sum(a == b for a, b in zip(got, LABELS)) >= 3, got  # the smoke test already saw it differ from the base
+
+
+def test_quality_says_what_it_was_measured_on(tmp_path):
+    """Without a tokenizer the KL is measured on fixed token ids, and the report says that (not 'generic prompts')."""
+    from lora_deploy.merge import MergeConfig, run_merge
+
+    base = make_base(tmp_path / "base", "llama", tokenizer=False, hidden_size=128, intermediate_size=256)
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
+    report = run_merge(MergeConfig(str(base), (str(adapter),), tmp_path / "q", dtype="bfloat16",
+                                   quantize="w8a8-int8"))
+    quality = report.quantization.quality
+    assert "fixed sequences of token ids" in quality.measured_on and quality.positions > 0

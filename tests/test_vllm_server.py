@@ -289,3 +289,22 @@ def test_smoke_judges_distributions_not_text(example, tmp_path):
     assert failed == [("adapter applied", "zero")], report.checks
     assert answers["zero"].distance_to_base == 0.0
     assert 0 < 1e-3 < answers["faint"].distance_to_base < 0.1 < answers["classify"].distance_to_base
+
+
+def test_bench_reports_strict_json_and_fails_when_requests_fail(server):
+    """`bench` through the console script: a healthy run exits 0 with strict JSON (no NaN: a parser that refuses
+    NaN reads it); every request to an unknown model failing is exit 8 with the server's reason, not a quiet 0."""
+    from conftest import run_console
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in --json"))
+
+    env = {API_KEY_VAR: API_KEY}
+    res = run_console("bench", "--url", server.plan.url, "--model", "classify", "--requests-per-model", "2",
+                      "--max-tokens", "4", "--concurrency", "2", "--api-key-env", API_KEY_VAR, "--json", env=env)
+    assert res.returncode == 0, res.stderr
+    report = strict(res.stdout)
+    assert report["passed"] and report["models"][0]["requests"] == 2 and report["models"][0]["failures"] == 0
+    res = run_console("bench", "--url", server.plan.url, "--model", "nope", "--requests-per-model", "2",
+                      "--max-tokens", "4", "--api-key-env", API_KEY_VAR, "--json", env=env)
+    assert res.returncode == 8 and "nope" in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -207,7 +207,11 @@ class VllmServer:
         """SIGTERM the process group, wait ``grace`` seconds, then SIGKILL whatever remains."""
         if self.proc is None:
             return None
-        record_path(self.plan.url).unlink(missing_ok=True)
+        if self.record_problem is None:  # never stop short of stopping vLLM because of the record
+            try:
+                record_path(self.plan.url).unlink(missing_ok=True)
+            except OSError:
+                pass
         pgid = self.proc.pid
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace
