@@ -54,6 +54,12 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 def main(argv: list[str] | None = None) -> None:
     """Run the app in-process, turning expected errors into a message and an exit code (via SystemExit)."""
+    import logging
+
+    # bitsandbytes (imported by transformers/PEFT when installed) warns on every AVX512-BF16 CPU that it could not
+    # fetch an optional kernel from the Hugging Face Hub: nothing here wants a kernel from the Hub, and the line
+    # reads like a failure of the command
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         rc = app(args=argv, standalone_mode=False)  # a typer.Exit inside a command comes back as its code
         if isinstance(rc, int) and rc:
