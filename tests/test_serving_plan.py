@@ -300,7 +300,7 @@ def test_resolver_adapters_for_another_base_are_named_before_start(tmp_path):
 
 
 def test_check_and_dry_run_on_a_hub_base_read_configs_and_headers_only(qwen, tmp_path, monkeypatch):
-    """`check` and `dynamic --dry-run` on a hub id fetch the small files and the safetensors headers (what
+    """`check`, `dynamic --dry-run` and `plan` on a hub id fetch the small files and the safetensors headers (what
     `get_safetensors_metadata` returns), never a weight: the hub is stood in for by a local copy of the base (no
     network here), every file the check asks `snapshot_download` for is recorded, and the verdict equals the
     verdict on the local folder. The dry-run command names the hub id, which vLLM downloads when it starts."""
@@ -352,3 +352,7 @@ def test_check_and_dry_run_on_a_hub_base_read_configs_and_headers_only(qwen, tmp
     assert rc == 0, err
     argv = json.loads(out)["argv"]
     assert "someorg/qwen-tiny" in argv and not [f for f in fetched if f.endswith(".safetensors")]
+    plans = [json.loads(run_cli("plan", "--base", b, "--gpu", "L4-24GB", "--json")[1]) for b in ("someorg/qwen-tiny",
+                                                                                                 str(qwen))]
+    assert {**plans[0], "base": None} == {**plans[1], "base": None}  # `plan` reads a hub base the same way
+    assert not [f for f in fetched if f.endswith(".safetensors")]

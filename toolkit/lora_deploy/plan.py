@@ -531,31 +531,15 @@ def _advise(req: PlanRequest, infos: tuple[str, ...], dynamic: tuple[GpuPlan, ..
 
 
 def _read_base(base: str) -> tuple[dict, list[tuple[str, int]]]:
-    """(config.json, [(safetensors dtype, bytes)...]) from a local folder, or a hub id's metadata (no weights)."""
-    import json
-
+    """(config.json, [(safetensors dtype, bytes)...]) from a local folder, or a hub id's configs and safetensors
+    headers (``hub.resolve_headers``, the same reader as pre-flight: no weights are downloaded)."""
+    from .hub import resolve_headers
+    from .layout import read_config
     from .shards import ShardIndex
 
-    path = Path(base).expanduser()
-    if path.is_dir():
-        from .layout import read_config
-
-        index = ShardIndex.from_folder(path)
-        return read_config(path), [(e.dtype, e.nbytes) for e in index.tensors.values()]
-    try:
-        from huggingface_hub import get_safetensors_metadata, hf_hub_download
-
-        config = json.loads(Path(hf_hub_download(base, "config.json")).read_text())
-        meta = get_safetensors_metadata(base)
-    except Exception as e:  # noqa: BLE001 - any hub failure is "cannot read this base"
-        raise InputError(f"cannot read {base!r}: neither a local folder nor a hub id whose config and safetensors "
-                         f"metadata can be fetched ({type(e).__name__})",
-                         hint="pass a local folder, or check the hub id / HF_TOKEN / network") from e
-    from .shards import DTYPE_SIZES
-
-    weights = [(dt, n * DTYPE_SIZES.get(dt, 2)) for f in meta.files_metadata.values()
-               for dt, n in f.parameter_count.items()]
-    return config, weights
+    ref = resolve_headers(base, kind="base model")
+    index = ShardIndex.from_folder(ref.path)
+    return read_config(ref.path), [(e.dtype, e.nbytes) for e in index.tensors.values()]
 
 
 # ---------------------------------------------------------------- a deploy spec's choices against the plan
