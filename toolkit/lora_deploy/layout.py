@@ -134,20 +134,31 @@ class CheckpointNames:
         return self._memory_shapes
 
 
+def meta_model(source: dict | Path):
+    """The architecture of a ``config.json`` (a dict) or a model folder on PyTorch's meta device: every parameter's
+    name and shape, no memory, no weights. The one place lora-deploy builds such a model (layout, expected tensors,
+    LoRA slots, quantization). Raises whatever transformers raises for an architecture it cannot build."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from .output import quiet_libraries
+
+    quiet_libraries()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if isinstance(source, dict):
+            hf_config = CONFIG_MAPPING[source["model_type"]].from_dict(source)
+        else:
+            hf_config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config)
+
+
 def _meta_model(folder: Path):
-    """The architecture on PyTorch's meta device (no memory, no weights), or None if transformers can't build it."""
+    """:func:`meta_model` of a folder, or None if transformers can't build it."""
     try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from .output import quiet_libraries
-
-        quiet_libraries()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config)
+        return meta_model(folder)
     except Exception:  # noqa: BLE001 - any failure means "transformers does not know this architecture"
         return None
 
@@ -232,15 +243,10 @@ def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:
     if fast is not None:
         return fast
     try:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.pytorch_utils import Conv1D
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(hf_config)
+        model = meta_model(folder)
+        hf_config = model.config
     except Exception:  # noqa: BLE001 - any failure here means "unknown architecture", handled below
         tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.get("tie_word_embeddings") else {}
         return ModelLayout(arch, tied=tied, known=False, folder=folder)
@@ -323,19 +329,11 @@ class ExpectedTensors:
 def expected_tensors(config: dict) -> ExpectedTensors | None:
     """The tensors a checkpoint with this ``config.json`` must hold, from a meta-device model (None if unknown)."""
     try:
-        import torch
-        from transformers import AutoModelForCausalLM
         from transformers.core_model_loading import revert_weight_conversion
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        from .output import quiet_libraries
-
-        quiet_libraries()
+        model = meta_model(config)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(hf_config)
             state = model.state_dict()
             for name in model._keys_to_ignore_on_save or ():
                 state.pop(name, None)

@@ -236,22 +236,12 @@ def lora_modules(config: dict) -> list[WrappedModule]:
     Linear layers (fused ``qkv``/``gate_up`` count their 3/2 slices: each slice has its own A), the input
     embedding (A is vocab x r) and the head; fused MoE expert parameters count once per expert.
     """
-    import warnings
-
-    import torch
     from torch import nn
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .output import quiet_libraries
+    from .layout import meta_model
 
-    quiet_libraries()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hf_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(hf_config)
+        model = meta_model(config)
     except Exception as e:  # noqa: BLE001 - an architecture transformers cannot build
         raise InputError(f"transformers cannot build {config.get('model_type')!r}, so its LoRA modules are unknown",
                          hint="plan without --max-loras, or upgrade transformers") from e
