@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .serving import ServeConfig, ServedAdapter, build_vllm_args, derive_lora_flags, flag_pairs
+from .serving import ServeConfig, ServedAdapter, build_vllm_args, config_max_len, derive_lora_flags, flag_pairs
 
 GIB = 1 << 30
 # vLLM defaults (0.32): block size and batched tokens per step. The CPU build logs its own
@@ -115,7 +115,7 @@ def read_shape(config: dict) -> ModelShape:
         intermediate=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
         layer_kinds=layer_kinds, sliding_window=int(window) if window and "sliding" in layer_kinds else None,
         mla_latent=mla + int(first("qk_rope_head_dim", default=0) or 0) if mla else 0,
-        max_position_embeddings=first("max_position_embeddings", "n_positions"),
+        max_position_embeddings=config_max_len(config),
         dtype=dtype.replace("torch.", ""),
         experts=int(first("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0))
 

@@ -321,13 +321,21 @@ def build_env(cfg: ServeConfig, *, cpu_build: bool) -> dict[str, str]:
     return env
 
 
+def config_max_len(config: dict) -> int | None:
+    """The longest sequence a ``config.json`` allows (a multimodal model's ``text_config`` is its language model):
+    what vLLM takes as the default ``--max-model-len``, for the launcher and the plan alike."""
+    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def model_max_len(model_dir: Path) -> int | None:
+    """:func:`config_max_len` of a model folder (None when its config cannot be read)."""
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
-    return int(value) if isinstance(value, int) else None
+    return config_max_len(cfg) if isinstance(cfg, dict) else None
 
 
 def redact_env(env: dict[str, str]) -> dict[str, str]:
