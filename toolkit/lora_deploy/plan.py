@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .serving import ServeConfig, ServedAdapter, build_vllm_args, config_max_len, derive_lora_flags, flag_pairs
+from .shards import DTYPE_BYTES, DTYPE_SIZES, FLOAT_CODES  # the one table of dtype names and sizes
 
 GIB = 1 << 30
 # vLLM defaults (0.32): block size and batched tokens per step. The CPU build logs its own
@@ -43,7 +44,6 @@ DEFAULT_UTILIZATION = 0.90
 # "non-torch" and "CUDA graph" memory (typically a few hundred MiB each)
 FIXED_RESERVE_BYTES = GIB
 VOCAB_PADDING = 64  # vLLM pads the LoRA logits' vocabulary to this multiple
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "float8_e4m3fn": 1, "int8": 1}
 
 # total memory as nvidia-smi / rocm-smi report it, in GiB
 GPU_CATALOG = {"L4-24GB": 22.5, "A10G-24GB": 22.5, "A100-40GB": 40.0, "A100-80GB": 80.0, "H100-80GB": 79.6,
@@ -364,8 +364,7 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
                          hint=", ".join(KV_CACHE_DTYPES))
     kv_bytes = KV_CACHE_DTYPES.get(req.kv_cache_dtype or "auto") or dtype_bytes
     # floating-point weights are loaded in the serving dtype (a float32 checkpoint in bf16 under --dtype auto)
-    sizes = {"F32": 4, "F16": 2, "BF16": 2}
-    served_weights = [(dt, n // sizes[dt] * dtype_bytes if dt in sizes else n) for dt, n in weights]
+    served_weights = [(dt, n // DTYPE_SIZES[dt] * dtype_bytes if dt in FLOAT_CODES else n) for dt, n in weights]
     from dataclasses import replace
 
     shape = replace(shape, dtype=served)

@@ -25,6 +25,12 @@ SINGLE_FILE = "model.safetensors"
 # safetensors dtype names and their sizes in bytes
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+# the floating-point safetensors dtypes, and the torch dtype name of each one a checkpoint can be written in
+FLOAT_CODES = ("F16", "BF16", "F32", "F64")
+TORCH_TO_CODE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+# bytes per value of every dtype name vLLM and lora-deploy use (torch names, vLLM's fp8/int8)
+DTYPE_BYTES = {**{name: DTYPE_SIZES[code] for name, code in TORCH_TO_CODE.items()}, "fp8": 1, "float8_e4m3fn": 1,
+               "int8": 1}
 _MAX_HEADER = 100 << 20
 
 

@@ -24,15 +24,15 @@ from ..adapter import AdapterInfo, LoraModule, load_adapter, lora_scale, require
 from ..errors import InputError, UnsupportedError
 from ..hub import ResolvedRef, resolve_ref
 from ..layout import CheckpointNames, CheckpointPart, ModelLayout, expected_tensors, read_config, read_layout
-from ..shards import DTYPE_SIZES, ShardIndex, TensorEntry, parse_size
+from ..shards import DTYPE_SIZES, FLOAT_CODES, TORCH_TO_CODE, ShardIndex, TensorEntry, parse_size
 from .._files import check_output_free
 from .nf4 import Bnb4bit, Stored4bit, quantized_linear_modules, split_stored_4bit
 from .quantize import SCALE_SUFFIX, OutputQuantization, plan_quantization
 
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
                "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
-_ST_DTYPE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
-_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_ST_DTYPE = TORCH_TO_CODE
+_FLOAT_DTYPES = FLOAT_CODES
 MERGE_INTO = ("original", "dequantized")
 
 
