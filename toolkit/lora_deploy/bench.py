@@ -30,11 +30,11 @@ class ModelStats:
     failures: int  # sent and failed (HTTP error, refused connection, broken stream, timeout)
     not_sent: int  # never sent: the run's time limit (``max_seconds``) came first
     output_tokens: int
-    ttft_p50_ms: float
-    ttft_p90_ms: float
-    itl_p50_ms: float
-    itl_p90_ms: float
-    e2e_p50_ms: float
+    ttft_p50_ms: float | None  # None: no request of this model was answered
+    ttft_p90_ms: float | None
+    itl_p50_ms: float | None
+    itl_p90_ms: float | None
+    e2e_p50_ms: float | None
     tokens_per_s: float
     failure_reasons: dict[str, int]  # error message -> how many requests failed with it
 

