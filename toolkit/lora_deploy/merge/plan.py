@@ -31,8 +31,6 @@ from .quantize import SCALE_SUFFIX, OutputQuantization, plan_quantization
 
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
                "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
-_ST_DTYPE = TORCH_TO_CODE
-_FLOAT_DTYPES = FLOAT_CODES
 MERGE_INTO = ("original", "dequantized")
 
 
@@ -156,7 +154,7 @@ class TensorPlan:
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in _FLOAT_DTYPES
+        return self.dtype in FLOAT_CODES
 
     @property
     def nbytes(self) -> int:
@@ -274,7 +272,7 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
     quantization = None
     if cfg.quantize:
         quantization = plan_quantization(cfg.quantize, planner.names, dtype)
-        tensors = _quantized_tensors(tensors, quantization, _ST_DTYPE[dtype])
+        tensors = _quantized_tensors(tensors, quantization, TORCH_TO_CODE[dtype])
         out_config["quantization_config"] = quantization.config()
     return MergePlan(base, index, layout, adapters, weights, dtype, tensors, out_config, tuple(planner.modules),
                      max_shard, Path(cfg.output), cfg.force, cfg.hash_inputs, tuple(planner.warnings),
@@ -349,7 +347,7 @@ class _Draft:
 
     def freeze(self, dtype: str) -> TensorPlan:
         src_dtype = self.source.dtype if self.source is not None else "F32"
-        out = _ST_DTYPE[dtype] if src_dtype in _FLOAT_DTYPES else src_dtype
+        out = TORCH_TO_CODE[dtype] if src_dtype in FLOAT_CODES else src_dtype
         return TensorPlan(self.name, self.source, tuple(self.shape), out, self.replacement, tuple(self.rows),
                           tuple(self.deltas), tuple(self.biases), self.dora, self.fourbit)
 
