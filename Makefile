@@ -48,13 +48,13 @@ demo: $(STAMP)
 		--output demo-out/merged-classify --dtype float32 --verify --force
 	@echo
 	@echo "== Serving with real vLLM: the merged checkpoint, then the base with both adapters (--enable-lora)"
-	$(PY) -m lora_deploy.demo --example example --merged demo-out/merged-classify
+	$(PY) -m lora_deploy.examples.demo --example example --merged demo-out/merged-classify
 
 demo-tiny: $(STAMP)
 	$(VENV)/bin/lora-deploy example tiny-example --model tiny
 	$(VENV)/bin/lora-deploy merged --base tiny-example/base --adapter tiny-example/adapters/classify \
 		--output demo-out/tiny-merged-classify --verify --force
-	$(PY) -m lora_deploy.demo --example tiny-example --merged demo-out/tiny-merged-classify
+	$(PY) -m lora_deploy.examples.demo --example tiny-example --merged demo-out/tiny-merged-classify
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15

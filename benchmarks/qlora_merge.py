@@ -33,7 +33,7 @@ def main() -> None:
     import torch
     from transformers import BitsAndBytesConfig
 
-    from lora_deploy.smollm2 import build_real_example, train_adapter
+    from lora_deploy.examples.smollm2 import build_real_example, train_adapter
 
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/lora-deploy-qlora-bench")
     work.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,7 @@ def main() -> None:
 def _generate(model, tok, tickets) -> tuple[str, ...]:
     import torch
 
-    from lora_deploy.smollm2 import messages
+    from lora_deploy.examples.smollm2 import messages
 
     got = []
     for ticket in tickets:
@@ -94,7 +94,7 @@ def _qlora_answers(base: Path, adapter: Path, bnb) -> tuple[str, ...]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_deploy.smollm2 import DEMO_TICKETS
+    from lora_deploy.examples.smollm2 import DEMO_TICKETS
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb, device_map="cpu")
     return _generate(PeftModel.from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(base),
@@ -105,7 +105,7 @@ def _plain_answers(folder: Path) -> tuple[str, ...]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_deploy.smollm2 import DEMO_TICKETS
+    from lora_deploy.examples.smollm2 import DEMO_TICKETS
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return _generate(model, AutoTokenizer.from_pretrained(folder), DEMO_TICKETS)

@@ -2,7 +2,7 @@
 
 On the built-in example (built if missing), this starts real vLLM three times in a row on this
 machine, each with lora-deploy's launcher, and drives the same concurrent load through
-`lora_deploy.bench.run_load`:
+`lora_deploy.serve.bench.run_load`:
 
   merged          the merged `classify` checkpoint, no LoRA
   dynamic         the base with --enable-lora, all requests to the `classify` adapter
@@ -21,11 +21,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from lora_deploy.bench import format_bench, run_load
-from lora_deploy.example import build_example
-from lora_deploy.launcher import VllmServer, plan_launch
+from lora_deploy.serve.bench import format_bench, run_load
+from lora_deploy.examples.tiny import build_example
+from lora_deploy.serve.launcher import VllmServer, plan_launch
 from lora_deploy.merge import MergeConfig, run_merge
-from lora_deploy.serving import ServeConfig, ServedAdapter
+from lora_deploy.serve.flags import ServeConfig, ServedAdapter
 
 
 def measure(cfg: ServeConfig, models: list[str], args, log: Path):

@@ -18,15 +18,17 @@ warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def _quiet_transformers() -> None:
-    from lora_deploy.output import quiet_libraries
+    """Tests load many small models: transformers' per-load progress bars and advisories only hide our output."""
+    from transformers.utils import logging as hf_logging
 
-    quiet_libraries()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def make_base(folder: Path, arch: str = "llama", *, dtype: str = "float32", seed: int = 0,
               tokenizer: bool = False, **overrides) -> Path:
     """A random tiny model of ``arch`` saved to ``folder``."""
-    from lora_deploy.example import build_random_base
+    from lora_deploy.examples.tiny import build_random_base
 
     _quiet_transformers()
     build_random_base(folder, arch, dtype=dtype, seed=seed, tokenizer=tokenizer, **overrides)
@@ -143,7 +145,7 @@ def check_against_oracle(base, adapters, out, report, *, weights=None, resize=No
     # the files hold base names only, never LoRA leftovers, and never adapter_config.json
     names = file_tensors(out)
     # the pre-rename completeness check agrees with transformers on a checkpoint that loads cleanly
-    from lora_deploy.layout import expected_tensors
+    from lora_deploy.model.layout import expected_tensors
 
     assert expected_tensors(json.loads((out / "config.json").read_text())).problems(names) == []
     assert not [n for n in names if "lora" in n or "base_layer" in n or "modules_to_save" in n]
@@ -210,7 +212,7 @@ def assert_user_error(res, code: int, *needles: str) -> None:
 def require_cpu_build() -> None:
     """Skip a test that measures vLLM's CPU build (its kernels, KV blocks, allocations) when the installed vLLM is
     another one (the official CUDA vLLM on a GPU machine), saying so."""
-    from lora_deploy.serving import detect_vllm
+    from lora_deploy.serve.flags import detect_vllm
 
     install = detect_vllm()
     if install is None or not install.cpu:
@@ -268,7 +270,7 @@ def ask_tickets(port: int, model: str, task: str) -> list[str]:
     """The official OpenAI client asks ``model`` the demo tickets through the chat template, greedily."""
     from openai import OpenAI
 
-    from lora_deploy.smollm2 import DEMO_TICKETS, messages
+    from lora_deploy.examples.smollm2 import DEMO_TICKETS, messages
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     return [client.chat.completions.create(model=model, messages=messages(task, t), max_tokens=12, temperature=0)
@@ -303,7 +305,7 @@ def llama_adapter(llama_base, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def example(tmp_path_factory):
-    from lora_deploy.example import build_example
+    from lora_deploy.examples.tiny import build_example
 
     _quiet_transformers()
     return build_example(tmp_path_factory.mktemp("example"))
@@ -312,7 +314,7 @@ def example(tmp_path_factory):
 @pytest.fixture(scope="session")
 def real(tmp_path_factory):
     """The real example: SmolLM2-135M-Instruct (bf16) and its classify/reply adapters, from the user cache."""
-    from lora_deploy.smollm2 import build_real_example
+    from lora_deploy.examples.smollm2 import build_real_example
 
     return build_real_example(tmp_path_factory.mktemp("smollm2") / "example")
 

@@ -27,7 +27,7 @@ def test_a_killed_merge_leaves_a_partial_that_the_next_merge_removes(llama_base,
     script = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        import lora_deploy.shards as shards
+        import lora_deploy.model.shards as shards
         from lora_deploy.merge import MergeConfig, run_merge
         write = shards.ShardWriter.write
         def write_then_die(self, name, tensor):

@@ -13,10 +13,10 @@ import yaml
 from conftest import run_cli
 
 from lora_deploy.errors import InputError
-from lora_deploy.k8s import compare_with, lws_name, render_manifests
-from lora_deploy.k8s_validate import KUBERNETES_VERSION, load_crds, validate_object
-from lora_deploy.serving import ServeConfig, ServedAdapter, build_vllm_args
-from lora_deploy.spec import load_spec, parse_spec
+from lora_deploy.k8s.render import compare_with, lws_name, render_manifests
+from lora_deploy.k8s.validate import KUBERNETES_VERSION, load_crds, validate_object
+from lora_deploy.serve.flags import ServeConfig, ServedAdapter, build_vllm_args
+from lora_deploy.k8s.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "deploy").glob("*.yaml"))
@@ -353,8 +353,8 @@ def test_the_smoke_jobs_mounted_code_imports_alone_without_torch(tmp_path):
         (tmp_path / item["path"]).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / item["path"]).write_text(data[item["key"]])
     code = ("import sys; sys.modules.update(torch=None, transformers=None, peft=None, safetensors=None); "
-            f"sys.path.insert(0, {str(tmp_path)!r}); import lora_deploy.smoke, lora_deploy.client; "
-            f"assert lora_deploy.smoke.__file__.startswith({str(tmp_path)!r}), lora_deploy.smoke.__file__")
+            f"sys.path.insert(0, {str(tmp_path)!r}); import lora_deploy.serve.smoke, lora_deploy.serve.client; "
+            f"assert lora_deploy.serve.smoke.__file__.startswith({str(tmp_path)!r}), lora_deploy.serve.smoke.__file__")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
@@ -489,7 +489,7 @@ def test_dynamic_moe_expert_adapters_are_marked_in_the_manifests():
 def test_dynamic_manifests_for_a_moe_expert_adapter_keep_its_flag():
     """`dynamic --manifests` writes the spec from pre-flight's verdicts: a MoE expert adapter stays marked even
     though its cluster path (/models/adapters/NAME) cannot be read where the manifests are rendered."""
-    from lora_deploy.spec import spec_for_local_run
+    from lora_deploy.k8s.spec import spec_for_local_run
 
     spec = spec_for_local_run(served_name="base", mode="dynamic", model="/models/base", local_model=True,
                               adapters=(("experts", 8, True), ("plain", 8, False)))

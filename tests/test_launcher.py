@@ -13,7 +13,7 @@ import time
 import pytest
 
 from lora_deploy.errors import LoraDeployError
-from lora_deploy.launcher import LaunchPlan, VllmServer, group_members
+from lora_deploy.serve.launcher import LaunchPlan, VllmServer, group_members
 
 # a child that ignores SIGTERM and has a grandchild: only SIGKILL of the whole group ends both
 STUBBORN = textwrap.dedent("""
@@ -69,7 +69,7 @@ def test_vllm_dies_with_a_killed_parent(tmp_path):
     """Even kill -9 of the process that started vLLM leaves nothing behind (PR_SET_PDEATHSIG)."""
     script = textwrap.dedent(f"""
         import json, sys, time
-        from lora_deploy.launcher import LaunchPlan, VllmServer
+        from lora_deploy.serve.launcher import LaunchPlan, VllmServer
         plan = LaunchPlan(argv=[sys.executable, "-c", "import time; time.sleep(300)"], env={{}},
                           url="http://127.0.0.1:9", expected_models=["m"])
         server = VllmServer(plan, log_path={str(tmp_path / 'log')!r})

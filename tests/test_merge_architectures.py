@@ -148,7 +148,7 @@ def test_configurations_the_survey_found_broken(model_type, overrides, lora, tmp
 @pytest.mark.parametrize("model_type", DENSE + MOE + ["gpt2"])
 def test_expected_tensors_match_what_transformers_saves(model_type, arch_base):
     """The completeness check accepts every checkpoint transformers itself wrote (fused or per-expert layout)."""
-    from lora_deploy.layout import expected_tensors
+    from lora_deploy.model.layout import expected_tensors
 
     base = arch_base(model_type)
     expected = expected_tensors(json.loads((base / "config.json").read_text()))

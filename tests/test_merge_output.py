@@ -122,7 +122,7 @@ def test_verify_passes_and_reports_the_logit_difference(example, tmp_path):
 
 def test_verify_catches_a_wrong_merge(example, tmp_path):
     """Verification is not a rubber stamp: a checkpoint that lost the adapter fails it."""
-    from lora_deploy.verify import verify_merge
+    from lora_deploy.merge.verify import verify_merge
 
     wrong = tmp_path / "wrong"
     rc, _, stderr = run_cli("merged", "--base", str(example.base), "--adapter", str(example.adapters["reply"]),
@@ -134,7 +134,7 @@ def test_verify_catches_a_wrong_merge(example, tmp_path):
 
 
 def test_merged_model_answers_like_the_adapter(example, tmp_path):
-    from lora_deploy.example import greedy_answer
+    from lora_deploy.examples.tiny import greedy_answer
 
     out = tmp_path / "merged"
     assert run_cli("merged", "--base", str(example.base), "--adapter", str(example.adapters["classify"]),

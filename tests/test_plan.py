@@ -127,7 +127,7 @@ def test_70b_needs_two_h100s_for_one_long_sequence_and_four_for_many(tmp_path):
     (DEEPSEEK_V3, 61 * (512 + 64) * 2, {"mla"}),  # one latent of kv_lora_rank + qk_rope_head_dim per layer
 ])
 def test_kv_bytes_per_token_of_published_configs(config, kv_per_token, kinds):
-    from lora_deploy.plan import kv_bytes_per_token, read_shape
+    from lora_deploy.plan.shape import kv_bytes_per_token, read_shape
 
     shape = read_shape(config)
     assert kv_bytes_per_token(shape, 2) == kv_per_token and set(shape.layer_kinds) == kinds
@@ -137,7 +137,7 @@ def test_lora_slots_of_llama_8b_by_hand():
     """4 slots x rank 16, bf16. Per slot and rank: each layer's q, k, v, o, gate, up, down give in + out
     (4096+4096, 4096+1024, 4096+1024, 4096+4096, 4096+14336, 4096+14336, 14336+4096 = 81,920), 32 layers;
     the embedding 128,256 + 4,096 and the head 4,096 + 128,256."""
-    from lora_deploy.plan import lora_modules, lora_slot_bytes
+    from lora_deploy.plan.slots import lora_modules, lora_slot_bytes
 
     per_rank = 32 * 81_920 + (128_256 + 4_096) + (4_096 + 128_256)
     assert lora_slot_bytes(lora_modules(LLAMA_8B), 4, 16, 2) == 4 * 16 * per_rank * 2 == 369_426_432
@@ -253,7 +253,7 @@ def test_plan_spec_names_its_gpu_and_reads_memory_quantities(tmp_path):
 def test_layer_types_come_from_transformers_when_the_config_predates_them():
     """A Gemma-2 hub config without `layer_types` alternates sliding and full layers (transformers' own rule), and
     a Gemma-3 one slides 5 layers of 6; neither is "every layer sliding"."""
-    from lora_deploy.plan import read_shape
+    from lora_deploy.plan.shape import read_shape
 
     gemma2 = {"model_type": "gemma2", "num_hidden_layers": 42, "hidden_size": 3584, "num_attention_heads": 16,
               "num_key_value_heads": 8, "head_dim": 256, "sliding_window": 4096, "vocab_size": 256000}
@@ -322,8 +322,8 @@ def test_kv_cache_tokens_reproduce_vllm_cpu_exactly(real, tiny_archs):
     sliding window on every layer, Gemma-2-style alternating sliding/full layers, and DeepSeek-V2's MLA latent
     cache (128-token blocks and bf16 only on AMX CPUs, where vllm-cpu picks AMX_MLA; 16-token blocks elsewhere, in the
     float32 that ran there before), equals the plan's `kv_cache_tokens` for this CPU."""
-    from lora_deploy.plan import kv_cache_tokens, read_shape
-    from lora_deploy.serving import cpu_has_amx
+    from lora_deploy.plan.shape import kv_cache_tokens, read_shape
+    from lora_deploy.serve.flags import cpu_has_amx
 
     mla_dtype = "bfloat16" if cpu_has_amx() else "float32"
     cases = [(real.base, 2, "bfloat16", 1000), (tiny_archs["mistral"], 1, "float32", 100),
@@ -345,7 +345,7 @@ def test_kv_cache_tokens_reproduce_vllm_cpu_exactly(real, tiny_archs):
 def test_a_qwen2_config_with_sliding_layer_types_is_planned_as_vllm_serves_it():
     """vLLM's Qwen2 gives no layer its own window: a config whose layer_types alternate is served (and planned) with
     full attention on every layer (measured on vllm-cpu 0.32: 524,288 tokens, the all-full count)."""
-    from lora_deploy.plan import read_shape
+    from lora_deploy.plan.shape import read_shape
 
     config = {"model_type": "qwen2", "num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
               "num_key_value_heads": 2, "sliding_window": 64, "use_sliding_window": True,

@@ -246,7 +246,7 @@ def test_verify_catches_a_merge_into_the_wrong_base(qlora_case, tmp_path):
     dequantized ones, fails against the QLoRA model."""
     from lora_deploy.merge import MergeConfig, run_merge
     from lora_deploy.merge.nf4 import Bnb4bit
-    from lora_deploy.verify import verify_merge
+    from lora_deploy.merge.verify import verify_merge
 
     base, adapter, _ = qlora_case
     plan_report = run_merge(MergeConfig(str(base), (str(adapter),), tmp_path / "m", dtype="float32",

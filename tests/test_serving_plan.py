@@ -10,8 +10,8 @@ from conftest import edit_json, file_tensors, make_adapter, make_base, require_c
 
 from lora_deploy.errors import EXIT_INPUT, EXIT_UNSUPPORTED, InputError
 from lora_deploy.merge import MergeConfig, run_merge
-from lora_deploy.preflight import check_adapters, normalise_scales
-from lora_deploy.serving import ServedAdapter, derive_lora_flags, smallest_allowed_rank
+from lora_deploy.serve.preflight import check_adapters, normalise_scales
+from lora_deploy.serve.flags import ServedAdapter, derive_lora_flags, smallest_allowed_rank
 
 
 @pytest.mark.parametrize("rank,expected", [(1, 1), (4, 8), (8, 8), (9, 16), (16, 16), (17, 32), (300, 320),
@@ -137,7 +137,7 @@ def test_plain_adapters_pass(example):
 
 def test_normalised_copy_has_the_same_effect(qwen, tmp_path):
     """Folding per-module scales into lora_B (for a vLLM that ignores the patterns) changes nothing merged."""
-    from lora_deploy.adapter import load_adapter
+    from lora_deploy.model.adapter import load_adapter
 
     adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
                            rank_pattern={"v_proj": 8}, alpha_pattern={"q_proj": 32})
@@ -168,7 +168,7 @@ VLLM_TABLE = [
 @pytest.mark.parametrize("changes,servable", VLLM_TABLE, ids=[json.dumps(c) or "plain" for c, _ in VLLM_TABLE])
 def test_our_rules_and_vllms_own_validation_never_disagree(qwen, tmp_path, changes, servable):
     """vLLM's PEFTHelper.validate_legal and lora-deploy's rules (without vLLM's) give the same verdict."""
-    from lora_deploy.preflight import vllm_verdict
+    from lora_deploy.serve.preflight import vllm_verdict
 
     adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
     edit_json(adapter / "adapter_config.json", **changes)
@@ -183,7 +183,7 @@ def test_our_rules_and_vllms_own_validation_never_disagree(qwen, tmp_path, chang
 
 def test_what_vllm_refuses_is_never_reported_ok(qwen, tmp_path, monkeypatch):
     """A feature our rules do not know yet (simulated): vLLM's own refusal still fails pre-flight."""
-    from lora_deploy import preflight
+    from lora_deploy.serve import preflight
 
     adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj"])
     monkeypatch.setattr(preflight, "vllm_verdict", lambda config, rank=None: "vLLM does not support X.")
@@ -223,7 +223,7 @@ def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, t
     assert report.passed == amx
     if amx:  # said, not silently passed: the verdict names the kernel path it rests on
         assert any("AMX kernel path" in n for n in report.notes), report.notes
-    import lora_deploy.serving as serving
+    import lora_deploy.serve.flags as serving
 
     monkeypatch.setattr(serving, "cpu_has_amx", lambda: False)  # the other CPU kind: vLLM's oneDNN path
     refusals = check_adapters(str(int8), {"x": str(adapter)}).refusals
@@ -272,8 +272,8 @@ def test_moe_expert_lora_gets_vllms_mixed_format_flag_on_gpu_builds(qwen, tmp_pa
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from lora_deploy import serving
-    from lora_deploy.serving import ServeConfig, build_vllm_args
+    from lora_deploy.serve import flags as serving
+    from lora_deploy.serve.flags import ServeConfig, build_vllm_args
 
     gpu = dataclasses.replace(serving.detect_vllm(), cpu=False)
     monkeypatch.setattr(serving, "detect_vllm", lambda: gpu)
@@ -295,7 +295,7 @@ def test_moe_expert_lora_gets_vllms_mixed_format_flag_on_gpu_builds(qwen, tmp_pa
 def test_resolver_adapters_for_another_base_are_named_before_start(tmp_path):
     """vLLM's filesystem resolver loads DIR/<name> only when base_model_name_or_path equals --model exactly,
     and says nothing at start-up: pre-flight names the adapters that would never load, and only those."""
-    from lora_deploy.preflight import resolver_notes
+    from lora_deploy.serve.preflight import resolver_notes
 
     for name, base in (("good", "/models/base"), ("stale", "meta-llama/Llama-3.1-8B")):
         (tmp_path / name).mkdir()
@@ -318,7 +318,7 @@ def test_check_and_dry_run_on_a_hub_base_read_configs_and_headers_only(qwen, tmp
     import huggingface_hub
     from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
-    from lora_deploy.shards import ShardIndex
+    from lora_deploy.model.shards import ShardIndex
 
     repo = tmp_path / "hub-repo"
     shutil.copytree(qwen, repo)

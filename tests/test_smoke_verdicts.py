@@ -6,7 +6,7 @@ near-ties); tests/test_vllm_server.py runs the same code against real vLLM.
 
 from __future__ import annotations
 
-from lora_deploy.smoke import NEAR_TIE_NATS, Probe, _applied_check, _burst_check
+from lora_deploy.serve.smoke import NEAR_TIE_NATS, Probe, _applied_check, _burst_check
 
 BASE = Probe(" Thank you", (" Thank", " you"), ({" Thank": -0.1, " Please": -2.5}, {" you": -0.01, " u": -5.0}))
 ADAPTER = Probe(" account", (" account",), ({" account": -0.01, " Thank": -6.0},))

@@ -16,9 +16,9 @@ import requests
 from conftest import free_port, run_cli, scaled_adapter, start_cli as _cli, wait_for_log as _wait_for
 
 from lora_deploy.errors import EXIT_INPUT
-from lora_deploy.example import PROMPT_TEMPLATE, TICKETS, greedy_answer
-from lora_deploy.launcher import VllmServer, group_members, plan_launch
-from lora_deploy.serving import ServeConfig, ServedAdapter
+from lora_deploy.examples.tiny import PROMPT_TEMPLATE, TICKETS, greedy_answer
+from lora_deploy.serve.launcher import VllmServer, group_members, plan_launch
+from lora_deploy.serve.flags import ServeConfig, ServedAdapter
 
 API_KEY_VAR = "LORA_DEPLOY_TEST_KEY"
 API_KEY = "test-key-not-secret"
@@ -231,8 +231,8 @@ def test_smoke_catches_mixed_batch_corruption_without_the_workaround(example, tm
 
 def test_kubernetes_probe_and_smoke_job_scripts_against_real_vllm(server, example, tmp_path):
     """The readiness probe and the smoke-test Job that the manifests ship run for real against vLLM."""
-    from lora_deploy.k8s import render_manifests
-    from lora_deploy.spec import parse_spec
+    from lora_deploy.k8s.render import render_manifests
+    from lora_deploy.k8s.spec import parse_spec
 
     spec = parse_spec({"name": "support", "mode": "dynamic", "model": str(example.base), "servedModelName": "support",
                        "adapters": [{"name": "classify", "path": str(example.adapters["classify"])},
@@ -269,7 +269,7 @@ def test_kubernetes_probe_and_smoke_job_scripts_against_real_vllm(server, exampl
 def test_smoke_judges_distributions_not_text(example, tmp_path):
     """An applied adapter whose greedy text equals the base's passes (the old text check failed it); an adapter
     with zero lora_B fails; nothing else fails, and the distances are reported."""
-    from lora_deploy.smoke import run_smoke
+    from lora_deploy.serve.smoke import run_smoke
 
     faint = scaled_adapter(example.adapters["classify"], tmp_path / "faint", 1e-3)
     zero = scaled_adapter(example.adapters["classify"], tmp_path / "zero", 0.0)

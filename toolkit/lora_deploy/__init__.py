@@ -10,6 +10,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-from .errors import LoraDeployError  # noqa: E402
+from lora_deploy.errors import LoraDeployError  # noqa: E402
 
 __all__ = ["LoraDeployError", "__version__"]

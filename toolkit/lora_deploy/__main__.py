@@ -1,5 +1,5 @@
 """python -m lora_deploy"""
 
-from .cli import entry_point
+from lora_deploy.cli import entry_point
 
 entry_point()

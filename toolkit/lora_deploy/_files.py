@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from .errors import InputError, OutputError
+from lora_deploy.errors import InputError, OutputError
 
 _OWNER_FILE = ".lora-deploy-owner"
 

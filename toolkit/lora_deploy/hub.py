@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from lora_deploy.errors import InputError
 
 # What we need from a hub repo (model or adapter): weights, configs, tokenizer files. Never pickles by default.
 _PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]

@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -71,14 +73,22 @@ class Output:
 out = Output()
 
 
-def quiet_libraries() -> None:
-    """Silence transformers' per-load progress bars and advisory logs; our own output says what happens."""
-    import os
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Within the block (or the decorated function): transformers logs errors only and shows no per-load progress
+    bars; our own output says what happens. The previous verbosity and progress-bar state come back afterwards, so
+    calling the library never changes a caller's logging."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
+        yield
         return
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -12,10 +12,10 @@ import sys
 
 import typer
 
-from .. import __version__
-from ..errors import EXIT_USAGE, LoraDeployError
-from ..output import out
-from . import endpoint_cmds, example_cmd, k8s_cmds, merge_cmds, plan_cmd, serve_cmds
+from lora_deploy import __version__
+from lora_deploy.cli import endpoint_cmds, example_cmd, k8s_cmds, merge_cmds, plan_cmd, serve_cmds
+from lora_deploy.errors import EXIT_INTERRUPTED, LoraDeployError
+from lora_deploy.output import out
 
 app = typer.Typer(
     name="lora-deploy",
@@ -53,34 +53,39 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the app in-process, turning expected errors into a message and an exit code (via SystemExit)."""
+    """Run the app in-process, turning expected errors into a message and an exit code (via SystemExit).
+
+    typer runs in its standalone mode, so usage errors (no such command or option, a bad value) print themselves
+    with the usage line and exit 2, and ``typer.Exit`` carries a command's code, through typer's public behaviour
+    only. Ctrl-C, which typer reports as "Aborted!" with exit 1, leaves with 130 (the exit-code table's value).
+    """
     import logging
+    import signal
 
     # bitsandbytes (imported by transformers/PEFT when installed) warns on every AVX512-BF16 CPU that it could not
     # fetch an optional kernel from the Hugging Face Hub: nothing here wants a kernel from the Hub, and the line
     # reads like a failure of the command
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    interrupted = []
+
+    def on_sigint(signum, frame):  # noqa: ARG001 - signal handler signature
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        rc = app(args=argv, standalone_mode=False)  # a typer.Exit inside a command comes back as its code
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
+        app(args=argv, prog_name="lora-deploy")  # standalone: always leaves through SystemExit
     except LoraDeployError as e:
         if os.environ.get("LORA_DEPLOY_DEBUG"):
             raise
         out.error(e.message, e.hint)  # an expected failure: its message says it all, no traceback hint
         sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        print("Aborted.", file=sys.stderr)
-        sys.exit(130)
-    except typer.TyperException as e:
-        # usage errors (no such command or option, bad value): typer 0.29 raises its vendored click's
-        # ClickException, a TyperException; it prints itself with the usage line and carries exit code 2
-        if not hasattr(e, "show"):
-            raise
-        e.show()
-        sys.exit(getattr(e, "exit_code", EXIT_USAGE))
+    except SystemExit as e:
+        if interrupted and e.code not in (0, None, EXIT_INTERRUPTED):
+            sys.exit(EXIT_INTERRUPTED)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def entry_point() -> None:

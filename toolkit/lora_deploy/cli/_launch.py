@@ -8,15 +8,15 @@ from typing import Optional
 
 import typer
 
-from ..output import out
+from lora_deploy.output import out
 
 
 def launch(cfg, *, dry_run: bool, no_smoke: bool, exit_after_smoke: bool, timeout: float, log: Optional[Path],
            prompt: Optional[str], preflight=None) -> None:
     """Print the exact vLLM command (``dry_run``), or serve: report start-up, the smoke test, and exit with its code."""
-    from ..launcher import ServeOptions, plan_launch, serve
-    from ..serving import redact_env
-    from ..smoke import format_report
+    from lora_deploy.serve.flags import redact_env
+    from lora_deploy.serve.launcher import ServeOptions, plan_launch, serve
+    from lora_deploy.serve.smoke import format_report
 
     plan = plan_launch(cfg)
     for note in plan.notes:

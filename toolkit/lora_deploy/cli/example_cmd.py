@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..output import out
-from ._options import ForceOpt, JsonOpt
+from lora_deploy.cli._options import ForceOpt, JsonOpt
+from lora_deploy.output import out
 
 EXAMPLES = """Examples:
 
@@ -44,7 +44,7 @@ def example(
     if model is ExampleModel.tiny:
         _tiny(folder, force)
         return
-    from ..smollm2 import DEMO_TICKETS, build_real_example, cache_root, chat_answers
+    from lora_deploy.examples.smollm2 import DEMO_TICKETS, build_real_example, cache_root, chat_answers
 
     out.info(f"Building the SmolLM2 example in {folder} (cache: {cache_root()})...")
     ex = build_real_example(folder, source=model_source, force=force, progress=out.progress, log=out.info)
@@ -60,7 +60,7 @@ def example(
 
 
 def _tiny(folder: Path, force: bool) -> None:
-    from ..example import PROBE_PROMPT, build_example, greedy_answer
+    from lora_deploy.examples.tiny import PROBE_PROMPT, build_example, greedy_answer
 
     out.info(f"Building the tiny example in {folder} (a few seconds on a CPU)...")
     paths = build_example(folder, force=force)
@@ -83,7 +83,7 @@ def generate(
 ) -> None:
     """Print a model's greedy answer with transformers (float32), to compare base, adapter and merged."""
     out.set_mode(json_mode=json)
-    from ..example import PROBE_PROMPT, greedy_answer
+    from lora_deploy.examples.tiny import PROBE_PROMPT, greedy_answer
 
     text = prompt if prompt is not None else PROBE_PROMPT
     answer = greedy_answer(model, text, adapter=adapter, max_new_tokens=max_new_tokens)

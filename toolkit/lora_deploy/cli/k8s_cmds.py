@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import EXIT_VERIFY
-from ..output import out
-from ._options import ForceOpt, JsonOpt
+from lora_deploy.cli._options import ForceOpt, JsonOpt
+from lora_deploy.errors import EXIT_VERIFY
+from lora_deploy.output import out
 
 EXAMPLES = """Examples:
 
@@ -46,19 +46,20 @@ def manifests(
     ScaledObject against KEDA's CRD, a LeaderWorkerSet against its v1 API; invalid output is never written.
     """
     out.set_mode(json_mode=json)
-    from ..k8s import compare_with, render_manifests, write_manifests
-    from ..k8s_validate import load_crds, schema_versions
-    from ..spec import load_spec
+    from lora_deploy.k8s.render import compare_with, render_manifests, write_manifests
+    from lora_deploy.k8s.spec import load_spec
+    from lora_deploy.k8s.validate import load_crds, schema_versions
 
     crds = load_crds(crd or ())
     spec = load_spec(spec_file)
     if base is not None and size_for is None:
-        from ..errors import InputError
+        from lora_deploy.errors import InputError
 
         raise InputError("--base is only read to size the manifests", hint="add --size-for GPU-TYPE, or drop --base")
     if size_for is not None:
-        from ..plan import plan_capacity, request_for_spec, sized_spec
-        from ..spec import given_keys
+        from lora_deploy.k8s.sizing import request_for_spec, sized_spec
+        from lora_deploy.k8s.spec import given_keys
+        from lora_deploy.plan.capacity import plan_capacity
 
         spec, sized = sized_spec(spec, plan_capacity(request_for_spec(spec, base=base, gpu=size_for)),
                                  given_keys(spec_file))

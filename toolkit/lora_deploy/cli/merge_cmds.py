@@ -7,11 +7,24 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import EXIT_VERIFY, InputError
-from ..output import out
-from ._launch import launch, report_written
-from ._options import (AllowPickleOpt, ApiKeyEnvOpt, ExitAfterSmokeOpt, ForceOpt, HostOpt, JsonOpt, LogOpt, MaxLenOpt,
-                       NoSmokeOpt, PortOpt, PromptOpt, ServedNameOpt, StartTimeoutOpt)
+from lora_deploy.cli._launch import launch, report_written
+from lora_deploy.cli._options import (
+    AllowPickleOpt,
+    ApiKeyEnvOpt,
+    ExitAfterSmokeOpt,
+    ForceOpt,
+    HostOpt,
+    JsonOpt,
+    LogOpt,
+    MaxLenOpt,
+    NoSmokeOpt,
+    PortOpt,
+    PromptOpt,
+    ServedNameOpt,
+    StartTimeoutOpt,
+)
+from lora_deploy.errors import EXIT_VERIFY, InputError
+from lora_deploy.output import out
 
 MERGED_EXAMPLES = """Examples:
 
@@ -95,8 +108,8 @@ def merged(
     6 verification failed.
     """
     out.set_mode(json_mode=json)
-    from ..merge import MergeConfig, execute_plan, plan_merge
-    from ..merge.nf4 import Bnb4bit
+    from lora_deploy.merge import MergeConfig, execute_plan, plan_merge
+    from lora_deploy.merge.nf4 import Bnb4bit
 
     if qlora_double_quant and qlora is None:
         raise InputError("--qlora-double-quant describes a QLoRA base, but --qlora is not given",
@@ -110,7 +123,7 @@ def merged(
                       qlora=None if qlora is None else Bnb4bit.from_option(qlora, double_quant=qlora_double_quant))
     plan = plan_merge(cfg)
     if verify and plan.qlora is not None:
-        from ..verify import require_qlora_oracle
+        from lora_deploy.merge.verify import require_qlora_oracle
 
         require_qlora_oracle()
     into = f", into the {plan.merge_into} {plan.qlora.describe()} weights" if plan.qlora else ""
@@ -146,7 +159,7 @@ def merged(
     failed = False
     if verify:
         out.info("Verifying: loading the base with PEFT and the merged model (whole models, float32)...")
-        from ..verify import verify_plan
+        from lora_deploy.merge.verify import verify_plan
 
         vr = verify_plan(plan, Path(report.output))
         result["verify"] = vr
@@ -162,13 +175,13 @@ def merged(
     if failed:
         raise typer.Exit(EXIT_VERIFY)
     if manifests is not None:
-        from ..deploy import merged_spec, write_deployment
+        from lora_deploy.k8s.local import merged_spec, write_deployment
 
         spec = merged_spec(report.output, served_model_name=served_model_name, api_key=bool(api_key_env),
                            max_model_len=max_model_len)
         report_written(write_deployment(spec, manifests, force=force))
     if serve:
-        from ..deploy import merged_serve_config
+        from lora_deploy.serve.flows import merged_serve_config
 
         cfg_serve = merged_serve_config(report.output, report.dtype, served_model_name=served_model_name, host=host,
                                         port=port, serve_dtype=serve_dtype, max_model_len=max_model_len,
@@ -187,8 +200,8 @@ def inspect_adapter(
     Exits 0 when the adapter can be merged, 4 when it uses a feature that cannot be merged.
     """
     out.set_mode(json_mode=json)
-    from ..adapter import load_adapter
-    from ..errors import EXIT_UNSUPPORTED
+    from lora_deploy.errors import EXIT_UNSUPPORTED
+    from lora_deploy.model.adapter import load_adapter
 
     info = load_adapter(adapter, allow_pickle=allow_pickle)
     s = info.summary()

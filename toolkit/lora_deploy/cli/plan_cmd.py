@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import EXIT_VERIFY, InputError
-from ..output import out
-from ._options import JsonOpt
+from lora_deploy.cli._options import JsonOpt
+from lora_deploy.errors import EXIT_VERIFY, InputError
+from lora_deploy.output import out
 
 EXAMPLES = """Examples:
 
@@ -69,7 +69,8 @@ def plan(
     Exit codes: 0 ok, 3 bad input, 6 the --spec would fail.
     """
     out.set_mode(json_mode=json)
-    from ..plan import PlanRequest, check_spec, plan_capacity, request_for_spec
+    from lora_deploy.k8s.sizing import check_spec, request_for_spec
+    from lora_deploy.plan.capacity import PlanRequest, plan_capacity
 
     options = dict(adapters=_pairs(adapter or [], "adapter"), max_model_len=max_model_len, concurrency=concurrency,
                    dtype=None if dtype == "auto" else dtype,
@@ -77,7 +78,7 @@ def plan(
                    kv_cache_dtype=kv_cache_dtype, kv_cache_gib=kv_cache_gib, lora_overhead=lora_overhead,
                    traffic=_pairs(traffic or [], "traffic", float))
     if spec is not None:
-        from ..spec import load_spec
+        from lora_deploy.k8s.spec import load_spec
 
         deploy = load_spec(spec)
         if gpu and len(gpu) > 1:

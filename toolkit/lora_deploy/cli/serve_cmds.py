@@ -7,16 +7,30 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..output import out
-from ._launch import launch, report_written
-from ._options import (ApiKeyEnvOpt, ExitAfterSmokeOpt, ForceOpt, HostOpt, JsonOpt, LogOpt, MaxLenOpt, MaxRankOpt,
-                       NoSmokeOpt, PortOpt, PromptOpt, ServedNameOpt, StartTimeoutOpt)
+from lora_deploy.cli._launch import launch, report_written
+from lora_deploy.cli._options import (
+    ApiKeyEnvOpt,
+    ExitAfterSmokeOpt,
+    ForceOpt,
+    HostOpt,
+    JsonOpt,
+    LogOpt,
+    MaxLenOpt,
+    MaxRankOpt,
+    NoSmokeOpt,
+    PortOpt,
+    PromptOpt,
+    ServedNameOpt,
+    StartTimeoutOpt,
+)
+from lora_deploy.output import out
 
 DYNAMIC_EXAMPLES = """Examples:
 
 ```
 lora-deploy dynamic --base ./base --adapter classify=./adapters/classify --adapter reply=./adapters/reply
 lora-deploy dynamic --base meta-llama/Llama-3.1-8B --adapter sql=org/sql-lora --dry-run
+lora-deploy dynamic --base ./base --adapter-store ./store --max-lora-rank 16   # then: adapters publish
 LORA_DEPLOY_API_KEY=... lora-deploy dynamic --base ./base --adapter a=./a --allow-runtime-adapters \\
     --api-key-env LORA_DEPLOY_API_KEY -- --gpu-memory-utilization 0.85
 ```
@@ -26,7 +40,11 @@ LORA_DEPLOY_API_KEY=... lora-deploy dynamic --base ./base --adapter a=./a --allo
 def dynamic(
     ctx: typer.Context,
     base: Annotated[str, typer.Option(help="Base model: local folder or hub id (served untouched).")],
-    adapter: Annotated[list[str], typer.Option(help="NAME=PATH (folder or hub id); repeat for several.")],
+    adapter: Annotated[Optional[list[str]], typer.Option(
+        help="NAME=PATH (folder or hub id); repeat for several.")] = None,
+    adapter_store: Annotated[Optional[str], typer.Option(
+        help="Also serve every adapter published into this folder, now or later, with no restart (vLLM's "
+             "filesystem resolver; created if missing; see `adapters publish`).")] = None,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
     dtype: Annotated[str, typer.Option("--serve-dtype", "--dtype", help="vLLM --dtype: auto, float16, "
@@ -61,13 +79,15 @@ def dynamic(
     failed (the table: README, Exit codes).
     """
     out.set_mode(json_mode=json)
-    from ..deploy import dynamic_spec, parse_named_adapters, plan_dynamic, write_deployment
+    from lora_deploy.k8s.local import dynamic_spec, write_deployment
+    from lora_deploy.serve.flows import parse_named_adapters, plan_dynamic
 
     if allow_runtime_adapters:
         out.warn("runtime adapters are on: anyone holding the API key can make the server load any adapter path "
                  "it can read")
-    deployment = plan_dynamic(base, parse_named_adapters(adapter), served_model_name=served_model_name,
-                              check_port=not dry_run, download=not dry_run, host=host, port=port, dtype=dtype,
+    deployment = plan_dynamic(base, parse_named_adapters(adapter or []), served_model_name=served_model_name,
+                              check_port=not dry_run, download=not dry_run, adapter_store=adapter_store,
+                              host=host, port=port, dtype=dtype,
                               max_loras=max_loras,
                               max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
                               allow_runtime_adapters=allow_runtime_adapters, runtime_slots=runtime_adapter_slots,
@@ -91,9 +111,9 @@ def check(
     """Pre-flight only: would vLLM serve these adapters on this base, and correctly? Exit 0 yes; 3 when an adapter is
     unreadable or does not fit the base; 4 when it uses what vLLM cannot serve."""
     out.set_mode(json_mode=json)
-    from ..deploy import parse_named_adapters
-    from ..errors import EXIT_INPUT, EXIT_UNSUPPORTED
-    from ..preflight import INPUT_RULES, check_adapters
+    from lora_deploy.errors import EXIT_INPUT, EXIT_UNSUPPORTED
+    from lora_deploy.serve.flows import parse_named_adapters
+    from lora_deploy.serve.preflight import INPUT_RULES, check_adapters
 
     report = check_adapters(base, parse_named_adapters(adapter), max_lora_rank=max_lora_rank)
     rows = [(a.name, f"OK  rank {a.rank}" + ("  (normalised copy)" if a.normalised else "")) for a in report.accepted]

@@ -8,9 +8,17 @@ dtype, one tensor at a time; untouched tensors are copied byte for byte. Three s
 - :mod:`.execute` streams the base, writes shards into a staged folder, hashes inputs and commits.
 """
 
-from .compute import apply_dora, expert_delta, lora_delta, merge_weight
-from .execute import PROVENANCE_FILE, MergeReport, execute_plan, run_merge
-from .plan import MergeConfig, MergePlan, ModuleMerge, TensorPlan, fit_problems, normalize_dtype, plan_merge
+from lora_deploy.merge.compute import apply_dora, expert_delta, lora_delta, merge_weight
+from lora_deploy.merge.execute import PROVENANCE_FILE, MergeReport, execute_plan, run_merge
+from lora_deploy.merge.plan import (
+           MergeConfig,
+           MergePlan,
+           ModuleMerge,
+           TensorPlan,
+           fit_problems,
+           normalize_dtype,
+           plan_merge,
+)
 
 __all__ = ["MergeConfig", "MergePlan", "MergeReport", "ModuleMerge", "TensorPlan", "PROVENANCE_FILE", "apply_dora",
            "execute_plan", "expert_delta", "fit_problems", "lora_delta", "merge_weight", "normalize_dtype",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from ..errors import EXIT_INPUT, LoraDeployError
+from lora_deploy.errors import EXIT_INPUT, LoraDeployError
 
 if TYPE_CHECKING:
     import torch

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from .._files import read_json_object
-from ..errors import InputError
-from ..shards import ShardIndex, TensorEntry, TensorReader, st_dtype
+from lora_deploy.errors import InputError
+from lora_deploy.model.quantization import BLOCKSIZES, Bnb4bit  # noqa: F401  (re-exported: the 4-bit settings)
+from lora_deploy.model.shards import ShardIndex, TensorEntry, TensorReader, st_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -34,72 +34,7 @@ _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0
         0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 # FP4 (1 sign, 2 exponent, 1 mantissa bits, bias 2) in bit-pattern order, normalised by 12 below
 _FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
-
-
-@dataclass(frozen=True)
-class Bnb4bit:
-    """How a QLoRA base was quantized: bitsandbytes' ``BitsAndBytesConfig`` 4-bit fields.
-
-    ``skip_modules`` is ``llm_int8_skip_modules``: None leaves transformers' defaults (the output head,
-    tied weights) unquantized; a list replaces those defaults, exactly as transformers reads it.
-    """
-
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = False
-    skip_modules: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.quant_type not in ("nf4", "fp4"):
-            raise InputError(f"4-bit quant type {self.quant_type!r} is not bitsandbytes' nf4 or fp4",
-                             hint="use --qlora nf4 (QLoRA's default) or --qlora fp4")
-        if self.blocksize not in BLOCKSIZES:
-            raise InputError(f"4-bit block size {self.blocksize} is not one bitsandbytes supports",
-                             hint=f"use one of {', '.join(map(str, BLOCKSIZES))} (64 is the default)")
-
-    @classmethod
-    def from_quantization_config(cls, qc: dict) -> Bnb4bit:
-        """Read a ``quantization_config`` (config.json of a bitsandbytes 4-bit checkpoint)."""
-        if str(qc.get("quant_method", "")).lower() != "bitsandbytes" or not qc.get("load_in_4bit", True):
-            raise InputError(f"quantization_config {qc.get('quant_method')!r} is not bitsandbytes 4-bit",
-                             hint="QLoRA merges read bitsandbytes 4-bit (NF4/FP4) configs")
-        return cls(quant_type=str(qc.get("bnb_4bit_quant_type", "fp4")),
-                   blocksize=int(qc.get("bnb_4bit_blocksize") or 64),
-                   double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
-                   skip_modules=None if qc.get("llm_int8_skip_modules") is None
-                   else tuple(qc["llm_int8_skip_modules"]))
-
-    @classmethod
-    def from_option(cls, value: str, *, double_quant: bool = False) -> Bnb4bit:
-        """``--qlora nf4|fp4`` (with ``--qlora-double-quant``), or ``--qlora MODEL``: a bitsandbytes 4-bit model (a
-        folder, its config.json, or a hub id already in the local cache) whose ``quantization_config`` the adapter
-        was trained with. The block size is 64: transformers' BitsAndBytesConfig has no other."""
-        from pathlib import Path
-
-        from ..hub import local_config
-
-        if value.lower() in ("nf4", "fp4"):
-            return cls(value.lower(), 64, double_quant)
-        path = Path(value)
-        config = path if path.is_file() else local_config(value)
-        if config is None:
-            raise InputError(f"--qlora {value!r} is neither nf4, fp4, a model folder with a config.json, nor a hub "
-                             "id in the local cache", hint="--qlora nf4 [--qlora-double-quant], or the quantized "
-                             "base's folder (hf download ID config.json first for a hub id)")
-        qc = read_json_object(config, missing="no config.json", hint="give the 4-bit settings: --qlora nf4 ...").get(
-            "quantization_config")
-        if not isinstance(qc, dict):
-            raise InputError(f"{config} has no quantization_config", hint="give the 4-bit settings: --qlora nf4 ...")
-        return cls.from_quantization_config(qc)
-
-    def describe(self) -> str:
-        return f"{self.quant_type.upper()} blocks of {self.blocksize}" + (", double quant" if self.double_quant else "")
-
-    def as_dict(self) -> dict:
-        return {"quant_type": self.quant_type, "blocksize": self.blocksize, "double_quant": self.double_quant,
-                "skip_modules": None if self.skip_modules is None else list(self.skip_modules)}
 
 
 @lru_cache(maxsize=None)
@@ -335,7 +270,6 @@ def dequantize_bnb_layer(weight) -> tuple[torch.Tensor, bool]:
 
 def dequantize_stored(s: Stored4bit, reader: TensorReader) -> torch.Tensor:
     """The float32 weight a bitsandbytes 4-bit layer computes with, from the checkpoint's own tensors."""
-    import torch
 
     n = 1
     for d in s.shape:

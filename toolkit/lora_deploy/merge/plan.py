@@ -20,14 +20,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..adapter import AdapterInfo, LoraModule, load_adapter, lora_scale, require_mergeable
-from ..errors import InputError, UnsupportedError
-from ..hub import ResolvedRef, resolve_ref
-from ..layout import CheckpointNames, CheckpointPart, ModelLayout, expected_tensors, read_config, read_layout
-from ..shards import DTYPE_SIZES, FLOAT_CODES, TORCH_TO_CODE, ShardIndex, TensorEntry, parse_size
-from .._files import check_output_free
-from .nf4 import Bnb4bit, Stored4bit, quantized_linear_modules, split_stored_4bit
-from .quantize import SCALE_SUFFIX, OutputQuantization, plan_quantization
+from lora_deploy._files import check_output_free
+from lora_deploy.errors import InputError, UnsupportedError
+from lora_deploy.hub import ResolvedRef, resolve_ref
+from lora_deploy.merge.nf4 import Bnb4bit, Stored4bit, quantized_linear_modules, split_stored_4bit
+from lora_deploy.merge.quantize import SCALE_SUFFIX, OutputQuantization, plan_quantization
+from lora_deploy.model.adapter import AdapterInfo, LoraModule, load_adapter, lora_scale, require_mergeable
+from lora_deploy.model.layout import (
+    CheckpointNames,
+    CheckpointPart,
+    ModelLayout,
+    expected_tensors,
+    read_config,
+    read_layout,
+)
+from lora_deploy.model.shards import DTYPE_SIZES, FLOAT_CODES, TORCH_TO_CODE, ShardIndex, TensorEntry, parse_size
 
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
                "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}

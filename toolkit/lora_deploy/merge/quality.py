@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..smoke import DEFAULT_PROMPT  # the one default prompt (torch-free)
+from lora_deploy.output import quiet_libraries
+from lora_deploy.prompts import CHECK_PROMPTS
 
 if TYPE_CHECKING:
-    from .plan import MergePlan
+    from lora_deploy.merge.plan import MergePlan
 
 # the prompts quality and verify measure on: the smoke test's own prompt and two generic ones
-DEFAULT_PROMPTS = (DEFAULT_PROMPT, "The quick brown fox", "Hello, how are you today?")
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,9 @@ class QuantizationReport:
     quality: QuantQuality | None  # None with --no-quality
 
 
+@quiet_libraries()
 def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
-                    prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> QuantQuality:
+                    prompts: tuple[str, ...] = CHECK_PROMPTS) -> QuantQuality:
     """Compare the quantized checkpoint in ``folder`` (written from ``plan``) with the 16-bit merge.
 
     Memory: one float32 model and one tensor at a time (each tensor is copied into the model as it is read).
@@ -61,13 +62,11 @@ def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from ..errors import UnsupportedError
-    from ..output import quiet_libraries
-    from ..shards import TensorReader
-    from .execute import compute_value
-    from .quantize import SCALE_SUFFIX, dequantize_weight, fake_quantize_activations
+    from lora_deploy.errors import UnsupportedError
+    from lora_deploy.merge.quantize import SCALE_SUFFIX, dequantize_weight, fake_quantize_activations
+    from lora_deploy.merge.values import compute_value
+    from lora_deploy.model.shards import TensorReader
 
-    quiet_libraries()
     config = {k: v for k, v in plan.config.items() if k != "quantization_config"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -143,7 +142,7 @@ def fixed_token_ids(vocab_size: int, count: int = 3, length: int = 12) -> list:
 
 
 def _tokenizer(folder: Path):
-    from ..adapter import has_tokenizer
+    from lora_deploy.model.adapter import has_tokenizer
 
     if not has_tokenizer(folder):
         return None

@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import InputError, UnsupportedError
+from lora_deploy.errors import InputError, UnsupportedError
 
 if TYPE_CHECKING:
     import torch
 
-    from ..layout import CheckpointNames
+    from lora_deploy.model.layout import CheckpointNames
 
 # our option name -> (compressed-tensors preset, storage format, safetensors dtype of the weight)
 SCHEMES = {"fp8-dynamic": ("FP8_DYNAMIC", "float-quantized", "F8_E4M3"),
@@ -49,22 +49,6 @@ class OutputQuantization:
         preset, fmt, _ = SCHEMES[self.scheme]
         return QuantizationConfig(config_groups={"group_0": _scheme(preset)}, ignore=list(self.ignore), format=fmt,
                                   quantization_status=QuantizationStatus.COMPRESSED).to_dict()
-
-
-def scheme_of(quantization_config: dict) -> str | None:
-    """Which of our schemes a compressed-tensors ``quantization_config`` is (None for anything else)."""
-    if str(quantization_config.get("quant_method", "")).lower() != "compressed-tensors":
-        return None
-    for group in (quantization_config.get("config_groups") or {}).values():
-        if not isinstance(group, dict):
-            continue
-        weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
-        if weights.get("num_bits") == 8 and acts.get("num_bits") == 8 and acts.get("dynamic"):
-            if weights.get("type") == "float" and acts.get("type") == "float":
-                return "fp8-dynamic"
-            if weights.get("type") == "int" and acts.get("type") == "int":
-                return "w8a8-int8"
-    return None
 
 
 def _scheme(preset: str):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from .errors import EXIT_SERVER, InputError, LoraDeployError
+from lora_deploy.errors import EXIT_SERVER, InputError, LoraDeployError
 
 # vLLM's accepted --max-lora-rank values (vllm/config/lora.py: MaxLoRARanks)
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -156,7 +156,8 @@ class ServeConfig:
     max_lora_rank: int | None = None
     max_model_len: int | None = None
     allow_runtime_adapters: bool = False
-    runtime_slots: int = 1  # LoRA slots reserved for runtime adapters (with allow_runtime_adapters)
+    runtime_slots: int = 1  # LoRA slots reserved for runtime adapters (with allow_runtime_adapters or a store)
+    adapter_store: str | None = None  # a folder every adapter published into is served from (vLLM's resolver)
     api_key_env: str | None = None
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float | None = None
@@ -170,7 +171,12 @@ class ServeConfig:
 
     @property
     def dynamic(self) -> bool:
-        return bool(self.adapters) or self.allow_runtime_adapters
+        return bool(self.adapters) or self.allow_runtime_adapters or self.adapter_store is not None
+
+    @property
+    def loads_at_run_time(self) -> bool:
+        """Whether adapters arrive after start (runtime loading or an adapter store): they need LoRA slots too."""
+        return self.allow_runtime_adapters or self.adapter_store is not None
 
 
 @dataclass(frozen=True)
@@ -263,7 +269,7 @@ def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | N
     if cfg.dynamic:
         flags = derive_lora_flags(cfg.adapters, max_loras=cfg.max_loras, max_cpu_loras=cfg.max_cpu_loras,
                                   max_lora_rank=cfg.max_lora_rank, cpu_build=cpu_build,
-                                  runtime_slots=cfg.runtime_slots if cfg.allow_runtime_adapters else 0)
+                                  runtime_slots=cfg.runtime_slots if cfg.loads_at_run_time else 0)
         notes.extend(flags.notes)
         args += ["--enable-lora", "--max-lora-rank", str(flags.max_lora_rank), "--max-loras", str(flags.max_loras),
                  "--max-cpu-loras", str(flags.max_cpu_loras)]
@@ -318,7 +324,25 @@ def build_env(cfg: ServeConfig, *, cpu_build: bool) -> dict[str, str]:
                              "any adapter path it can read",
                              hint="export LORA_DEPLOY_API_KEY=<secret> and pass --api-key-env LORA_DEPLOY_API_KEY")
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if cfg.adapter_store is not None:
+        if not cfg.api_key_env and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+            raise InputError(f"--adapter-store on {cfg.host} needs an API key: serving a store turns on vLLM's "
+                             "runtime LoRA API, which loads any adapter path the server can read",
+                             hint="export LORA_DEPLOY_API_KEY=<secret> and pass --api-key-env LORA_DEPLOY_API_KEY")
+        env.update(resolver_env(cfg.adapter_store))
     return env
+
+
+# vLLM's filesystem LoRA resolver (vllm/plugins/lora_resolvers/filesystem_resolver.py), consulted only with runtime
+# LoRA updating on; VLLM_PLUGINS names it alone, so no other installed plugin loads by surprise
+RESOLVER_PLUGIN = "lora_filesystem_resolver"
+
+
+def resolver_env(folder: str) -> dict[str, str]:
+    """vLLM's environment for serving an adapter store through its filesystem resolver: the one definition, for the
+    launcher and the Kubernetes servers alike. The folder must exist when vLLM starts."""
+    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": RESOLVER_PLUGIN,
+            "VLLM_LORA_RESOLVER_CACHE_DIR": folder}
 
 
 def config_max_len(config: dict) -> int | None:

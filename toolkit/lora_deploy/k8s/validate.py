@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from lora_deploy.errors import InputError
 
 KUBERNETES_VERSION = "1.33.0"  # the schema version manifests are validated against
 LWS_API = "leaderworkerset.x-k8s.io/v1"

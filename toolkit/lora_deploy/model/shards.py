@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .errors import InputError
+from lora_deploy.errors import InputError
 
 if TYPE_CHECKING:  # torch is imported lazily: `lora-deploy --help` must not pay for it
     import torch

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .client import Endpoint, ServedModel, error_text
-from .errors import EXIT_ADMIN, LoraDeployError
+from lora_deploy.errors import EXIT_ADMIN, LoraDeployError
+from lora_deploy.serve.client import Endpoint, ServedModel, error_text
 
 
 def _endpoint(url: str, api_key: str | None) -> Endpoint:
@@ -46,8 +46,9 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
     ``replace`` swaps the weights behind an adapter name already served (vLLM's ``load_inplace``): clients
     keep the name, the slot count does not change, and a startup adapter may be replaced without ``--force``.
     """
-    from .preflight import check_adapters, require_passed
-    from .smoke import APPLIED_MIN_NATS, DEFAULT_PROMPT, probe_model
+    from lora_deploy.prompts import DEFAULT_PROMPT
+    from lora_deploy.serve.preflight import check_adapters, require_passed
+    from lora_deploy.serve.smoke import APPLIED_MIN_NATS, probe_model
 
     server = _endpoint(url, api_key)
     served = server.models()
@@ -63,7 +64,7 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
     if previous is None and replace:
         raise LoraDeployError(f"--replace: the server serves no adapter named {name!r}", exit_code=EXIT_ADMIN,
                               hint="drop --replace to load it as a new adapter")
-    from .launcher import read_record
+    from lora_deploy.serve.launcher import read_record
 
     record = read_record(url)
     if record is not None and previous is None:
@@ -98,7 +99,7 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
         distance = ours.distance(theirs)
         if distance <= APPLIED_MIN_NATS:
             if previous is not None and previous.root:
-                from .adapter import adapter_is_moe_experts
+                from lora_deploy.model.adapter import adapter_is_moe_experts
 
                 _load(server, name, previous.root, inplace=True, moe_3d=bool(adapter_is_moe_experts(previous.root)))
                 undone = f"put back to {previous.root}"
@@ -135,7 +136,7 @@ def _load(server: Endpoint, name: str, path: str, *, inplace: bool, moe_3d: bool
 
 def unload_runtime_adapter(url: str, name: str, api_key: str | None = None, *, force: bool = False) -> None:
     """Unload an adapter and confirm it is gone; a startup adapter (the readiness probe requires it) needs force."""
-    from .launcher import read_record
+    from lora_deploy.serve.launcher import read_record
 
     record = read_record(url)
     if record is not None and name in record.startup_adapters and not force:
@@ -150,3 +151,32 @@ def unload_runtime_adapter(url: str, name: str, api_key: str | None = None, *, f
                               exit_code=EXIT_ADMIN)
     if any(m.id == name for m in server.models()):
         raise LoraDeployError(f"the server answered {r.status_code} but still lists {name!r}", exit_code=EXIT_ADMIN)
+
+
+def reload_from(url: str, name: str, path: str, api_key: str | None = None) -> bool:
+    """Make a replica that serves ``name`` load it from ``path`` in place (a new version in an adapter store);
+    False when it had not loaded ``name``, so its next request loads the store's current version anyway.
+
+    Confirmed through /v1/models (the listed root must be ``path``). A new path, not the old one: vLLM keys
+    prefix-cache blocks by adapter name and path.
+    """
+    server = _endpoint(url, api_key)
+    if not any(m.id == name for m in server.models()):
+        return False
+    from lora_deploy.model.adapter import adapter_is_moe_experts
+
+    _load(server, name, path, inplace=True, moe_3d=bool(adapter_is_moe_experts(path)))
+    listed = {m.id: m for m in server.models()}
+    if name not in listed or listed[name].root != path:
+        raise LoraDeployError(f"the replica accepted the reload but does not list {name!r} from {path}",
+                              exit_code=EXIT_ADMIN, hint="check that the store is mounted at the same path there")
+    return True
+
+
+def forget(url: str, name: str, api_key: str | None = None) -> bool:
+    """Unload ``name`` from a replica if it loaded it (False when it had not); confirmed through /v1/models."""
+    server = _endpoint(url, api_key)
+    if not any(m.id == name for m in server.models()):
+        return False
+    unload_runtime_adapter(url, name, api_key, force=True)
+    return True

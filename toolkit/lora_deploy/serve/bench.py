@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import requests
 
-from .client import Endpoint, iter_sse
-from .errors import EXIT_SMOKE, LoraDeployError
-from .smoke import DEFAULT_PROMPT
+from lora_deploy.errors import EXIT_SMOKE, LoraDeployError
+from lora_deploy.prompts import DEFAULT_PROMPT
+from lora_deploy.serve.client import Endpoint, iter_sse
 
 
 @dataclass(frozen=True)

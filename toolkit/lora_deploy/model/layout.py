@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from ._files import read_json_object
+from lora_deploy._files import read_json_object
+from lora_deploy.output import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class CheckpointNames:
         return self._memory_shapes
 
 
+@quiet_libraries()
 def meta_model(source: dict | Path):
     """The architecture of a ``config.json`` (a dict) or a model folder on PyTorch's meta device: every parameter's
     name and shape, no memory, no weights. The one place lora-deploy builds such a model (layout, expected tensors,
@@ -142,9 +144,7 @@ def meta_model(source: dict | Path):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from .output import quiet_libraries
 
-    quiet_libraries()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if isinstance(source, dict):

@@ -17,6 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_deploy.output import quiet_libraries
+
 PROMPT_TEMPLATE = "Customer: {message}\nAgent:"
 PROBE_MESSAGE = "I lost my password."
 PROBE_PROMPT = PROMPT_TEMPLATE.format(message=PROBE_MESSAGE)
@@ -96,15 +98,14 @@ def _corpus() -> list[str]:
     return texts
 
 
+@quiet_libraries()
 def build_random_base(folder: Path, arch: str = "llama", *, dtype: str = "float32", seed: int = 0,
                       tokenizer: bool = True, **overrides):
     """Save a randomly initialised tiny model (and a tokenizer) to ``folder``; returns the model."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from .output import quiet_libraries
 
-    quiet_libraries()
     torch.manual_seed(seed)
     config = tiny_config(arch, **overrides)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
@@ -161,15 +162,14 @@ class ExamplePaths:
     adapters: dict[str, Path]
 
 
+@quiet_libraries()
 def build_example(root: Path, *, steps: int = 150, force: bool = False) -> ExamplePaths:
     """Build the tiny customer-support base and its two adapters under ``root`` (base/, adapters/NAME)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .output import quiet_libraries
 
-    quiet_libraries()
     root = Path(root)
     paths = ExamplePaths(root, root / "base", {n: root / "adapters" / n for n in ADAPTERS})
     marker = root / "example.json"
@@ -214,6 +214,7 @@ def point_adapter_at_base(adapter: Path, base: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+@quiet_libraries()
 def greedy_answer(model_dir: Path, prompt: str = PROBE_PROMPT, *, adapter: Path | None = None,
                   max_new_tokens: int = 16) -> str:
     """The greedy continuation of ``prompt`` by a model folder (optionally with a PEFT adapter on top).
@@ -223,9 +224,8 @@ def greedy_answer(model_dir: Path, prompt: str = PROBE_PROMPT, *, adapter: Path 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .adapter import CONFIG_FILE, has_tokenizer
-    from .errors import InputError
-    from .output import quiet_libraries
+    from lora_deploy.errors import InputError
+    from lora_deploy.model.adapter import CONFIG_FILE, has_tokenizer
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -238,7 +238,6 @@ def greedy_answer(model_dir: Path, prompt: str = PROBE_PROMPT, *, adapter: Path 
     if not has_own and not has_tokenizer(model_dir):
         raise InputError(f"{model_dir} has no tokenizer files, so text cannot be turned into tokens",
                          hint="copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json) into it")
-    quiet_libraries()
     tok = AutoTokenizer.from_pretrained(adapter if has_own else model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:

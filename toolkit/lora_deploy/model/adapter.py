@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from ._files import read_json_object
-from .errors import InputError, UnsupportedError
-from .hub import ResolvedRef, local_config, resolve_ref
-from .shards import TensorEntry, read_header
+from lora_deploy._files import read_json_object
+from lora_deploy.errors import InputError, UnsupportedError
+from lora_deploy.hub import ResolvedRef, local_config, resolve_ref
+from lora_deploy.model.shards import TensorEntry, read_header
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -389,7 +389,7 @@ def trained_quantization(info: AdapterInfo) -> TrainedQuantization | None:
 def _from_quantization_config(qc: dict, evidence: str, folder_option: str | None) -> TrainedQuantization:
     method = str(qc.get("quant_method", "unknown"))
     if method == "bitsandbytes" and qc.get("load_in_4bit"):
-        from .merge.nf4 import Bnb4bit
+        from lora_deploy.model.quantization import Bnb4bit
 
         try:
             s = Bnb4bit.from_quantization_config(qc)
@@ -405,7 +405,7 @@ def _from_quantization_config(qc: dict, evidence: str, folder_option: str | None
 def adapter_is_moe_experts(folder: str | Path) -> bool | None:
     """Whether an adapter folder holds LoRA on fused MoE expert parameters (from its config alone); None when the
     folder or its config cannot be read here, so callers say they could not tell instead of guessing."""
-    from .errors import LoraDeployError
+    from lora_deploy.errors import LoraDeployError
 
     try:
         config = json.loads((Path(folder) / CONFIG_FILE).read_text())
@@ -519,7 +519,7 @@ def _pickle_entries(path: Path) -> dict[str, TensorEntry]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
         raise InputError(f"{path}: cannot be loaded ({e})") from e
-    from .shards import st_dtype
+    from lora_deploy.model.shards import st_dtype
 
     return {k: TensorEntry(k, path, st_dtype(v.dtype), tuple(v.shape), 0, v.numel() * v.element_size())
             for k, v in state.items()}
@@ -673,7 +673,7 @@ def load_adapter_tensors(info: AdapterInfo) -> dict:
     """Load every adapter tensor as float32 (adapters are small; the base is what must stream)."""
     import torch
 
-    from .shards import load_tensor
+    from lora_deploy.model.shards import load_tensor
 
     if info.weights_file.suffix == ".bin":
         state = torch.load(info.weights_file, map_location="cpu", weights_only=True)

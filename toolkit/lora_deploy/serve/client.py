@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import requests
 
-from .errors import EXIT_INPUT, EXIT_SMOKE, InputError, LoraDeployError
+from lora_deploy.errors import EXIT_INPUT, EXIT_SMOKE, InputError, LoraDeployError
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def api_key_from_env(var: str | None) -> str | None:
         return None
     key = os.environ.get(var)
     if not key:
-        from .errors import InputError
+        from lora_deploy.errors import InputError
 
         raise InputError(f"--api-key-env {var}: that environment variable is empty or unset",
                          hint=f"export {var}=<the server's API key>, or drop --api-key-env")

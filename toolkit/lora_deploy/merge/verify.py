@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from .errors import UnsupportedError
-from .merge.quality import DEFAULT_PROMPTS  # the same prompts as the quantization quality
-from .shards import ShardIndex, load_tensor
+from lora_deploy.errors import UnsupportedError
+from lora_deploy.model.shards import ShardIndex, load_tensor
+from lora_deploy.output import quiet_libraries
+from lora_deploy.prompts import CHECK_PROMPTS  # the same prompts as the quantization quality
 
 if TYPE_CHECKING:
     import torch
 
-    from .merge import MergePlan
-    from .merge.nf4 import Bnb4bit
+    from lora_deploy.merge import MergePlan
+    from lora_deploy.merge.nf4 import Bnb4bit
 
 # logits tolerance relative to the largest logit, by output dtype (one rounding of each weight)
 RTOL = {"float32": 1e-4, "bfloat16": 6e-2, "float16": 1e-2}
@@ -76,10 +77,10 @@ def require_qlora_oracle() -> None:
                                hint="pip install 'lora-deploy[qlora]' (bitsandbytes runs on CPU), or drop --verify")
 
 
-def verify_plan(plan: MergePlan, output: Path, *, prompts: tuple[str, ...] = DEFAULT_PROMPTS) -> VerifyReport:
+def verify_plan(plan: MergePlan, output: Path, *, prompts: tuple[str, ...] = CHECK_PROMPTS) -> VerifyReport:
     """Verify the checkpoint that ``plan`` wrote into ``output`` (what ``merged --verify`` runs)."""
-    from .merge.nf4 import Stored4bit, dequantize_stored, roundtrip_4bit
-    from .shards import TensorReader
+    from lora_deploy.merge.nf4 import Stored4bit, dequantize_stored, roundtrip_4bit
+    from lora_deploy.model.shards import TensorReader
 
     plans = {p.name: p for p in plan.tensors}
     reader = TensorReader()
@@ -101,9 +102,10 @@ def verify_plan(plan: MergePlan, output: Path, *, prompts: tuple[str, ...] = DEF
         reader.close()
 
 
+@quiet_libraries()
 def verify_merge(output: Path, base: Path, adapters: list[Path], weights: list[float], *, dtype: str,
                  expected_changes: list[str], allowed_new: set[str] = frozenset(),
-                 prompts: tuple[str, ...] = DEFAULT_PROMPTS, base_index: ShardIndex | None = None,
+                 prompts: tuple[str, ...] = CHECK_PROMPTS, base_index: ShardIndex | None = None,
                  start_value: Callable[[str], torch.Tensor] | None = None, qlora: Bnb4bit | None = None,
                  merge_into: str = "original", prequantized: bool = False) -> VerifyReport:
     """Verify ``output`` (a merge of ``adapters`` with ``weights`` into ``base``).
@@ -165,11 +167,9 @@ class _Models:
 
     def __init__(self, output: Path, base: Path, adapters: list[Path], weights: list[float],
                  prompts: tuple[str, ...], notes: list[str]):
-        from .adapter import has_tokenizer
-        from .merge.quality import fixed_token_ids
-        from .output import quiet_libraries
+        from lora_deploy.merge.quality import fixed_token_ids
+        from lora_deploy.model.adapter import has_tokenizer
 
-        quiet_libraries()
         self.output, self.base, self.adapters, self.weights, self.notes = output, base, adapters, weights, notes
         if has_tokenizer(output):
             from transformers import AutoTokenizer
@@ -236,7 +236,7 @@ class _Models:
         """
         import torch
 
-        from .merge.nf4 import dequantize_bnb_layer
+        from lora_deploy.merge.nf4 import dequantize_bnb_layer
 
         wrong = total = 0
         for name, module in list(model.named_modules()):
@@ -268,7 +268,7 @@ class _Models:
         """
         import torch
 
-        from .merge.nf4 import quantize_4bit
+        from lora_deploy.merge.nf4 import quantize_4bit
 
         original = dict(self._base().named_parameters())
         differ = total = 0
@@ -315,7 +315,7 @@ class _Models:
     def qlora_choices(self, qlora: Bnb4bit, prequantized: bool,
                       reference: list[torch.Tensor] | None = None) -> list[QloraChoice]:
         """Each choice of base, unmerged (what its merge computes), against the QLoRA model (``reference``)."""
-        from .merge.nf4 import quantized_linear_modules, roundtrip_4bit
+        from lora_deploy.merge.nf4 import quantized_linear_modules, roundtrip_4bit
 
         reference = reference if reference is not None else self.unmerged(qlora, prequantized)
         if reference is None:
@@ -348,7 +348,7 @@ def _vocab_size(folder: Path) -> int:
 
 def _distance(a: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float]:
     """(max |logit difference|, mean KL(ref || a) per position in nats)."""
-    from .merge.quality import kl_per_position
+    from lora_deploy.merge.quality import kl_per_position
 
     diff = max(float((x - y).abs().max()) for x, y in zip(a, ref))
     return diff, float(kl_per_position(a, ref).mean())

@@ -1,0 +1,97 @@
+"""A deploy spec's choices against a capacity plan: what it gets wrong (``plan --spec``), or what it leaves
+unsaid filled in from the plan (``manifests --size-from-plan``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from lora_deploy.errors import InputError
+from lora_deploy.k8s.spec import quantity_value
+from lora_deploy.plan.capacity import CapacityPlan, PlanRequest, tp_ok
+from lora_deploy.plan.shape import GIB
+
+
+@dataclass(frozen=True)
+class SpecCheck:
+    """What a deploy spec gets wrong for its model and GPU: problems (vLLM would fail) and warnings."""
+
+    spec: str
+    gpu: str
+    problems: tuple[str, ...]
+    warnings: tuple[str, ...]
+    plan: CapacityPlan
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def request_for_spec(spec, base: str | None = None, gpu: str | None = None, gpu_memory_gib: float | None = None,
+                     **overrides) -> PlanRequest:
+    """The plan a deploy spec implies: its model (or ``base``, a readable copy), adapters by rank, its vLLM flags."""
+    ranks = {a.name: a.rank or 16 for a in spec.adapters} if spec.mode == "dynamic" else {}
+    fields = dict(base=base or spec.model, adapter_ranks=ranks, gpus=(gpu,) if gpu else (),
+                  gpu_memory_gib=gpu_memory_gib, max_model_len=spec.vllm.max_model_len,
+                  max_loras=spec.vllm.max_loras, max_lora_rank=spec.vllm.max_lora_rank,
+                  max_cpu_loras=spec.vllm.max_cpu_loras, gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
+                  dtype=spec.vllm.dtype, pipeline_parallel=spec.multi_node.nodes)
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return PlanRequest(**fields)
+
+
+def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
+    """Compare the spec's GPUs, tensor parallelism, LoRA limits and pod memory with ``plan`` (its first GPU)."""
+    g = plan.gpus[0]
+    problems, warnings = [], []
+    tp = spec.tensor_parallel_size
+    shape = plan.shape
+    if not tp_ok(shape, tp):
+        problems.append(f"tensorParallelSize {tp} does not divide the model's {shape.heads} attention heads "
+                        f"({shape.kv_heads} KV heads): vLLM refuses to start")
+    if g.tensor_parallel_size is None:
+        problems.append(f"{plan.base} does not fit on 8 x {g.gpu} with max_model_len {plan.max_model_len}")
+    elif tp < g.tensor_parallel_size:
+        problems.append(f"vllm.tensorParallelSize {tp} (gpus {spec.gpus}) is too small: on {g.gpu} the model needs "
+                        f"{g.tensor_parallel_size} ({plan.weights_bytes / GIB:.1f} GiB of weights)")
+    elif tp > g.tensor_parallel_size:
+        warnings.append(f"tensorParallelSize {tp} where {g.tensor_parallel_size} fits: more KV cache, more GPUs")
+    if spec.mode == "dynamic" and plan.adapters:
+        if spec.vllm.max_loras is not None and spec.vllm.max_loras < len(plan.adapters):
+            warnings.append(f"vllm.maxLoras {spec.vllm.max_loras} is below the {len(plan.adapters)} adapters: vLLM "
+                            "swaps adapters in and out of the slots, and requests wait for one")
+        ranks = [a.rank for a in spec.adapters if a.rank]
+        if spec.vllm.max_lora_rank is not None and ranks and max(ranks) > spec.vllm.max_lora_rank:
+            problems.append(f"vllm.maxLoraRank {spec.vllm.max_lora_rank} is below an adapter's rank {max(ranks)}: "
+                            "vLLM refuses to load it")
+    pod_memory = quantity_value(spec.resources.memory)
+    need = g.weights_bytes_per_gpu * (g.tensor_parallel_size or tp)
+    if pod_memory is None:
+        warnings.append(f"resources.memory {spec.resources.memory!r} is not a Kubernetes quantity, so whether a pod "
+                        f"can load its {need / GIB:.1f} GiB of weights was not checked")
+    elif pod_memory < need:
+        warnings.append(f"resources.memory {spec.resources.memory} is below the weights one pod loads "
+                        f"({need / GIB:.1f} GiB): loading may be OOM-killed")
+    return SpecCheck(source, g.gpu, tuple(problems), tuple(warnings), plan)
+
+
+def sized_spec(spec, plan: CapacityPlan, given: set[str]) -> tuple[object, list[str]]:
+    """``spec`` with what it does not say sized from ``plan``'s first GPU: ``gpus`` and ``vllm.tensorParallelSize``
+    (the tensor parallelism needed), ``vllm.maxModelLen`` and ``resources.memory`` (the weights one pod reads, plus
+    a quarter and 8 GiB of headroom; at least 16Gi). Keys in ``given`` (the spec's own, dotted camelCase) stay."""
+    g = plan.gpus[0]
+    if g.tensor_parallel_size is None:
+        raise InputError(f"{plan.base} does not fit on 8 x {g.gpu}: nothing to size", hint=" ".join(g.notes))
+    notes = []
+    tp = g.tensor_parallel_size
+    if "gpus" not in given and "vllm.tensorParallelSize" not in given:
+        spec = replace(spec, gpus=tp, vllm=replace(spec.vllm, tensor_parallel_size=tp))
+        notes.append(f"gpus and tensorParallelSize {tp} (the plan for {g.gpu})")
+    if "vllm.maxModelLen" not in given:
+        spec = replace(spec, vllm=replace(spec.vllm, max_model_len=plan.max_model_len))
+        notes.append(f"maxModelLen {plan.max_model_len}")
+    if "resources.memory" not in given:
+        memory_gib = max(16, math.ceil(g.weights_bytes_per_gpu * spec.tensor_parallel_size * 1.25 / GIB) + 8)
+        spec = replace(spec, resources=replace(spec.resources, memory=f"{memory_gib}Gi"))
+        notes.append(f"memory {memory_gib}Gi (the weights a pod reads, +25% and 8Gi)")
+    return spec, notes

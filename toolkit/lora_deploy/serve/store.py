@@ -1,0 +1,458 @@
+"""The adapter store: one folder that every replica serves adapters from, through vLLM's filesystem resolver.
+
+vLLM 0.32's ``lora_filesystem_resolver`` loads ``DIR/<model>`` on the first request that names an unknown model,
+when ``DIR/<model>/adapter_config.json`` says ``peft_type: LORA`` and its ``base_model_name_or_path`` equals the
+server's ``--model`` string exactly. A folder shared by every replica (a ReadWriteMany volume in Kubernetes) thus
+serves every adapter published into it, on every replica, before and after restarts, with no restart.
+
+What this module adds to a bare folder, so that what the servers see is always whole and always servable:
+
+- a **record** (``DIR/.lora-deploy/store.json``): the ``--model`` string vLLM compares against, the base's shape
+  and the largest rank the servers accept. A server of another base, or with a smaller rank limit, is refused
+  (exit 3) instead of silently never loading anything;
+- **publish**: pre-flight against the store's base and rank limit (the same as ``dynamic``'s), the adapter's
+  ``base_model_name_or_path`` rewritten to the ``--model`` string (the user's value kept in the adapter's publish
+  record), and an atomic switch: each version is written whole under ``.lora-deploy/versions/NAME/`` and
+  ``DIR/NAME`` is a relative symlink swapped in one ``rename``. A killed publish leaves nothing at ``DIR/NAME``;
+- **replace**: a new version under a new path, and each replica named with ``--endpoint`` that already loaded the
+  adapter is told to load the new path in place. A new *path* matters: vLLM keys prefix-cache blocks by adapter
+  name and path, so reloading changed weights from the same path could reuse blocks of the old weights;
+- **retire**: the name and every version leave the volume (vLLM does not refuse ``..`` or ``/`` in model names,
+  so anything left anywhere under DIR stays loadable by a crafted name).
+
+Every change to the links happens under an exclusive lock on ``.lora-deploy/lock``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lora_deploy import __version__
+from lora_deploy._files import remove_stale_partials, staged_folder
+from lora_deploy.errors import EXIT_ADMIN, InputError, LoraDeployError, OutputError
+from lora_deploy.model.adapter import CONFIG_FILE
+from lora_deploy.serve.flags import ALLOWED_LORA_RANKS, model_name_problem
+
+META_DIR = ".lora-deploy"
+RECORD_FILE = "store.json"
+PUBLISH_FILE = "lora-deploy-publish.json"  # inside each version: where it came from, the user's original base
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    """The numbers an adapter's tensors must match: two bases with the same shape take the same adapters."""
+
+    model_type: str
+    hidden_size: int | None
+    num_hidden_layers: int | None
+    vocab_size: int | None
+
+    @classmethod
+    def from_config(cls, config: dict) -> BaseShape:
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        return cls(str(config.get("model_type")), text.get("hidden_size"), text.get("num_hidden_layers"),
+                   text.get("vocab_size", config.get("vocab_size")))
+
+    def describe(self) -> str:
+        return (f"{self.model_type}, hidden {self.hidden_size}, {self.num_hidden_layers} layers, "
+                f"vocabulary {self.vocab_size}")
+
+
+@dataclass(frozen=True)
+class StoreRecord:
+    """What the servers of one store are: the facts a publish must fit and a new server must match."""
+
+    model: str  # the --model string vLLM compares base_model_name_or_path with, exactly
+    served_model_name: str  # the base's API name: no adapter may take it
+    base: str  # where lora-deploy reads the base for pre-flight (a folder or hub id)
+    shape: BaseShape
+    max_lora_rank: int  # the largest rank the servers accept (their --max-lora-rank)
+    served_from: str  # the store's folder as the servers see it (a pod's mount path, or the local folder)
+    created_by: str = f"lora-deploy {__version__}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, data: dict, source: Path) -> StoreRecord:
+        try:
+            return cls(**{**data, "shape": BaseShape(**data["shape"])})
+        except (TypeError, KeyError) as e:
+            raise InputError(f"{source} is not a lora-deploy store record ({e})",
+                             hint="it is written by lora-deploy dynamic --adapter-store or adapters publish; "
+                                  "restore it or start a new store") from e
+
+    def mismatch(self, other: StoreRecord) -> list[str]:
+        """Why a server described by ``other`` cannot serve this store (empty when it can)."""
+        problems = []
+        if other.model != self.model:
+            problems.append(f"the store's adapters name --model {self.model!r} as their base, this server's --model "
+                            f"is {other.model!r} (vLLM's resolver compares the two strings exactly)")
+        if other.shape != self.shape:
+            problems.append(f"the store was made for a base of shape ({self.shape.describe()}), this server's base "
+                            f"is ({other.shape.describe()})")
+        if other.max_lora_rank < self.max_lora_rank:
+            problems.append(f"the store accepts adapters up to rank {self.max_lora_rank}, this server's "
+                            f"--max-lora-rank is {other.max_lora_rank}: it could not load them all")
+        return problems
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    """One adapter the store serves under ``name``."""
+
+    name: str
+    managed: bool  # published by lora-deploy (versioned, atomic); False for a folder copied in by hand
+    rank: int | None = None
+    version: str | None = None
+    source: str | None = None
+    original_base: str | None = None  # the base_model_name_or_path the user's adapter named
+    published_at: str | None = None
+    problem: str | None = None  # why vLLM's resolver would not load it (hand-copied folders only)
+
+
+@dataclass(frozen=True)
+class EndpointResult:
+    """What one replica was told after a replace or retire."""
+
+    url: str
+    action: str  # "reloaded", "unloaded", "had not loaded it", or "failed"
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    """A published adapter, what was changed on the way in, and what the replicas were told."""
+
+    adapter: StoredAdapter
+    store: str
+    path: str  # DIR/NAME
+    replaced_version: str | None = None
+    notes: tuple[str, ...] = ()
+    endpoints: tuple[EndpointResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class RetireReport:
+    name: str
+    store: str
+    removed_version: str | None
+    notes: tuple[str, ...] = ()
+    endpoints: tuple[EndpointResult, ...] = ()
+
+
+def describe_server(base: str, model: str, served_model_name: str, max_lora_rank: int,
+                    served_from: str) -> StoreRecord:
+    """The record a server (or a publish that creates the store) stands for, from its base's config."""
+    from lora_deploy.hub import resolve_headers
+    from lora_deploy.model.layout import read_config
+
+    if max_lora_rank not in ALLOWED_LORA_RANKS:
+        raise InputError(f"--max-lora-rank {max_lora_rank} is not one vLLM accepts",
+                         hint=", ".join(map(str, ALLOWED_LORA_RANKS)))
+    config = read_config(resolve_headers(base, kind="base model").path)
+    return StoreRecord(model, served_model_name, base, BaseShape.from_config(config), max_lora_rank, served_from)
+
+
+def read_record(folder: str | Path) -> StoreRecord | None:
+    """The store's record, or None when ``folder`` holds none (yet)."""
+    path = Path(folder) / META_DIR / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not readable JSON ({e})", hint="restore it, or start a new store") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a JSON object", hint="restore it, or start a new store")
+    return StoreRecord.from_json(data, path)
+
+
+def open_store(folder: str | Path, server: StoreRecord | None = None, *, create: bool = True) -> StoreRecord | None:
+    """The store at ``folder``: created (with ``server``'s record) if missing, else checked against ``server``.
+
+    Raises InputError (exit 3) when ``server`` cannot serve the existing store, or when there is no store and no
+    ``server`` to create it from. Without ``create`` nothing is written: None when there is no store yet.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"adapter store {folder} is a file, not a folder")
+    record = read_record(folder) if folder.is_dir() else None
+    if record is None and not create:
+        return None
+    if record is None:
+        if server is None:
+            raise InputError(f"{folder} is not an adapter store (no {META_DIR}/{RECORD_FILE})",
+                             hint="start a server with lora-deploy dynamic --base BASE --adapter-store DIR "
+                                  "--max-lora-rank R, or pass --base, --max-lora-rank (and --model) to publish "
+                                  "to create it")
+        meta = folder / META_DIR
+        meta.mkdir(parents=True, exist_ok=True)
+        with _locked(folder):
+            if read_record(folder) is None:  # another process may have created it meanwhile
+                tmp = meta / f".{RECORD_FILE}.{os.getpid()}"
+                tmp.write_text(server.to_json())
+                os.replace(tmp, meta / RECORD_FILE)
+        record = read_record(folder)
+        assert record is not None
+    if server is not None:
+        problems = record.mismatch(server)
+        if problems:
+            raise InputError(f"adapter store {folder} was made for another server: " + "; ".join(problems),
+                             hint=f"serve it with --model {record.model} and --max-lora-rank >= "
+                                  f"{record.max_lora_rank} (the store's base: {record.base}), or use another "
+                                  "folder for this base")
+    return record
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the store (flock: per host, and on NFSv4 across hosts)."""
+    meta = folder / META_DIR
+    meta.mkdir(parents=True, exist_ok=True)
+    with open(meta / "lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _versions(folder: Path, name: str) -> Path:
+    return folder / META_DIR / "versions" / name
+
+
+def _current_version(folder: Path, name: str) -> str | None:
+    link = folder / name
+    if not link.is_symlink():
+        return None
+    target = Path(os.readlink(link))
+    return target.name if target.parent == Path(META_DIR, "versions", name) else None
+
+
+def _check_name(name: str, record: StoreRecord) -> None:
+    problem = model_name_problem(name, adapter=True)
+    if problem:
+        raise InputError(f"adapter name {problem}", hint="pass --name NAME, for example --name support-v2")
+    if name == record.served_model_name:
+        raise InputError(f"adapter name {name!r} is the base's served name: requests for it would reach the base",
+                         hint="pass --name with another name")
+    if name.startswith(".") or name == META_DIR:
+        raise InputError(f"adapter name {name!r} is reserved for the store's own files", hint="pass --name")
+
+
+def publish(adapter: str, store: str | Path, *, name: str | None = None, replace: bool = False,
+            endpoints: tuple[str, ...] = (), api_key: str | None = None, create: StoreRecord | None = None,
+            revision: str | None = None) -> PublishReport:
+    """Publish ``adapter`` (a folder or hub id) into the store as ``name`` (default: the folder's name).
+
+    Pre-flight first (exit 3 for broken input, 4 for what the servers could not serve), then the files are written
+    whole into a new version and ``DIR/NAME`` is switched to it atomically. With ``replace`` an existing name gets
+    the new version; each of ``endpoints`` (replica URLs) that already loaded the adapter loads the new version in
+    place. ``create`` is the record to create the store with when it does not exist yet (checked otherwise).
+    """
+    from lora_deploy.hub import resolve_ref
+    from lora_deploy.serve.preflight import check_adapters, require_passed
+
+    folder = Path(store)
+    record = open_store(folder, create)
+    assert record is not None  # created when missing
+    source = resolve_ref(adapter, kind="adapter", revision=revision)
+    name = name or source.path.name
+    _check_name(name, record)
+    link = folder / name
+    if (link.exists() or link.is_symlink()) and not replace:
+        raise OutputError(f"the store already has an adapter named {name!r}",
+                          hint="pass --replace to publish a new version under the same name, or --name NAME")
+    if link.exists() and not link.is_symlink():
+        raise OutputError(f"{link} is a folder copied into the store by hand: it cannot be swapped atomically",
+                          hint=f"retire it first (lora-deploy adapters retire {name} --store {folder}), then publish")
+    staging = folder / META_DIR / "staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    report = check_adapters(record.base, {name: str(source.path)}, max_lora_rank=record.max_lora_rank,
+                            normalise_dir=staging / f"normalised-{os.getpid()}")
+    try:
+        require_passed(report)
+        checked = report.accepted[0]
+        notes = list(report.notes)
+        version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+        versions = _versions(folder, name)
+        versions.mkdir(parents=True, exist_ok=True)
+        for partial in versions.glob(".*.partial-*"):  # litter of killed publishes, if their owner is gone
+            remove_stale_partials(versions / partial.name[1:].split(".partial-")[0])
+        with staged_folder(versions / version, force=False, what=f"adapter {name}") as staged:
+            original = _copy_adapter(Path(checked.path), staged.path, record.model)
+            if original != record.model:
+                notes.append(f"base_model_name_or_path was {original!r}; set to {record.model!r}, the servers' "
+                             "--model, so vLLM's resolver loads it (the original is kept in the publish record)")
+            entry = StoredAdapter(name, True, checked.rank, version, source.source, original,
+                                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            (staged.path / PUBLISH_FILE).write_text(json.dumps({**asdict(entry), "revision": source.revision,
+                                                                "lora_deploy": __version__}, indent=2) + "\n")
+            _fsync_tree(staged.path)
+        with _locked(folder):
+            if (link.exists() or link.is_symlink()) and not replace:  # appeared meanwhile
+                shutil.rmtree(versions / version, ignore_errors=True)
+                raise OutputError(f"an adapter named {name!r} was published while this one was written",
+                                  hint="pass --replace to publish a new version")
+            previous = _current_version(folder, name)
+            tmp = folder / f".{name}.link-{os.getpid()}"
+            if tmp.is_symlink():
+                tmp.unlink()
+            os.symlink(Path(META_DIR, "versions", name, version), tmp)
+            os.replace(tmp, link)  # the switch: a reader sees the old version or the new one, never a mixture
+            _fsync_dir(folder)
+            for old in versions.iterdir():  # older versions leave the volume (a crafted name could reach them)
+                if old.name != version and not old.name.startswith("."):
+                    shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging / f"normalised-{os.getpid()}", ignore_errors=True)
+    results: tuple[EndpointResult, ...] = ()
+    if previous is not None:
+        served_path = f"{record.served_from.rstrip('/')}/{META_DIR}/versions/{name}/{version}"
+        results = tuple(_reload(url, name, served_path, api_key) for url in endpoints)
+        if not endpoints:
+            notes.append(f"replicas that already loaded {name} keep version {previous} until they are told (adapters "
+                         "publish --replace --endpoint URL for each replica) or restarted; the others load the new "
+                         "version on their next request for it")
+    out = PublishReport(entry, str(folder), str(link), previous, tuple(notes), results)
+    _raise_for_endpoints(out.endpoints, f"{name} version {version} is published")
+    return out
+
+
+def _copy_adapter(src: Path, dst: Path, model: str) -> str | None:
+    """Copy an adapter folder's files (not its subfolders, such as training checkpoints) into ``dst``, with
+    ``base_model_name_or_path`` set to ``model``; return the value it had."""
+    for f in src.iterdir():
+        if f.is_file() and f.name not in (CONFIG_FILE, PUBLISH_FILE):
+            shutil.copyfile(f, dst / f.name)
+    config = json.loads((src / CONFIG_FILE).read_text())
+    original = config.get("base_model_name_or_path")
+    config["base_model_name_or_path"] = model
+    (dst / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")  # written last: the resolver's signal
+    return original
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _reload(url: str, name: str, path: str, api_key: str | None) -> EndpointResult:
+    """Make one replica serve the new version: loaded there already -> load the new path in place."""
+    from lora_deploy.serve.admin import reload_from
+
+    try:
+        done = reload_from(url, name, path, api_key)
+    except LoraDeployError as e:
+        return EndpointResult(url, "failed", e.message)
+    return EndpointResult(url, "reloaded" if done else "had not loaded it")
+
+
+def _unload(url: str, name: str, api_key: str | None) -> EndpointResult:
+    from lora_deploy.serve.admin import forget
+
+    try:
+        done = forget(url, name, api_key)
+    except LoraDeployError as e:
+        return EndpointResult(url, "failed", e.message)
+    return EndpointResult(url, "unloaded" if done else "had not loaded it")
+
+
+def _raise_for_endpoints(results: tuple[EndpointResult, ...], done: str) -> None:
+    failed = [r for r in results if r.action == "failed"]
+    if failed:
+        listing = "\n".join(f"  - {r.url}: {r.detail}" for r in failed)
+        raise LoraDeployError(f"{done}, but {len(failed)} replica(s) could not be told:\n{listing}",
+                              exit_code=EXIT_ADMIN, hint="run the command again for those replicas with "
+                                                         "--endpoint, or restart them")
+
+
+def list_store(store: str | Path) -> tuple[StoredAdapter, ...]:
+    """Every adapter the store's servers can be asked for: published ones and folders copied in by hand."""
+    folder = Path(store)
+    record = open_store(folder)
+    assert record is not None
+    found = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or not (entry / CONFIG_FILE).is_file():
+            continue
+        version = _current_version(folder, entry.name)
+        if version is not None:
+            try:
+                meta = json.loads((entry / PUBLISH_FILE).read_text())
+                found.append(StoredAdapter(**{k: meta.get(k) for k in StoredAdapter.__dataclass_fields__}))
+                continue
+            except (OSError, ValueError, TypeError):
+                pass
+        found.append(_hand_copied(entry, record))
+    return tuple(found)
+
+
+def _hand_copied(entry: Path, record: StoreRecord) -> StoredAdapter:
+    try:
+        config = json.loads((entry / CONFIG_FILE).read_text())
+        base, rank = config.get("base_model_name_or_path"), config.get("r")
+    except (OSError, ValueError, AttributeError):
+        return StoredAdapter(entry.name, False, problem=f"{CONFIG_FILE} is not readable JSON")
+    problem = None
+    if config.get("peft_type") != "LORA":
+        problem = f"peft_type is {config.get('peft_type')!r}, not LORA"
+    elif base != record.model:
+        problem = f"base_model_name_or_path is {base!r}, not the servers' --model {record.model!r}"
+    return StoredAdapter(entry.name, False, rank if isinstance(rank, int) else None, original_base=base,
+                         problem=problem)
+
+
+def retire(name: str, store: str | Path, *, endpoints: tuple[str, ...] = (),
+           api_key: str | None = None) -> RetireReport:
+    """Take ``name`` out of the store: its link and every version leave the volume; each of ``endpoints`` that
+    loaded it unloads it (others never will: its folder is gone)."""
+    folder = Path(store)
+    open_store(folder)
+    link = folder / name
+    if model_name_problem(name, adapter=True) or name.startswith("."):
+        raise InputError(f"{name!r} is not an adapter name", hint="see lora-deploy adapters list --store DIR")
+    if not (link.exists() or link.is_symlink()):
+        raise InputError(f"the store has no adapter named {name!r}", hint=f"lora-deploy adapters list --store {folder}")
+    with _locked(folder):
+        version = _current_version(folder, name)
+        gone = folder / META_DIR / f"retired-{name}-{os.getpid()}"
+        os.replace(link, gone)  # the name disappears in one step; then the files go
+        if gone.is_symlink():
+            gone.unlink()
+        else:
+            shutil.rmtree(gone, ignore_errors=True)
+        shutil.rmtree(_versions(folder, name), ignore_errors=True)
+        _fsync_dir(folder)
+    results = tuple(_unload(url, name, api_key) for url in endpoints)
+    notes = () if endpoints else (f"replicas that already loaded {name} keep serving it until they are told "
+                                  "(adapters retire --endpoint URL, or adapters unload) or restarted",)
+    out = RetireReport(name, str(folder), version, notes, results)
+    _raise_for_endpoints(out.endpoints, f"{name} is retired from the store")
+    return out
+
+
+__all__ = ["BaseShape", "EndpointResult", "PublishReport", "RetireReport", "StoreRecord", "StoredAdapter",
+           "describe_server", "list_store", "open_store", "publish", "read_record", "retire"]
