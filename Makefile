@@ -17,7 +17,7 @@ SHELL := /bin/bash
 QUIET_PIP := 2>&1 | sed -e '/is ignored: it is neither a file nor a directory/d'
 
 
-.PHONY: help venv demo demo-tiny test clean bench-merge bench-serve bench-qlora
+.PHONY: help venv demo demo-tiny test clean bench-merge bench-serve bench-qlora bench-fleet
 
 help:
 	@echo "make demo   - set up .venv, build the SmolLM2 example, merge it (verified), serve merged and dynamic"
@@ -26,6 +26,7 @@ help:
 	@echo "make bench-merge - copy vs lora-deploy merged vs PEFT on a 1.1B-parameter checkpoint"
 	@echo "make bench-serve - merged vs dynamic LoRA serving on real vLLM, with a PNG plot in docs/"
 	@echo "make bench-qlora - a QLoRA adapter on SmolLM2: merge into dequantized vs original; FP8/INT8 quality"
+	@echo "make bench-fleet - two replicas + adapter store + vllm-router: publish, SIGKILL mid-burst, restart, replace"
 
 venv: $(STAMP)
 
@@ -64,6 +65,9 @@ bench-merge: $(STAMP)
 
 bench-qlora: $(STAMP)
 	$(PY) benchmarks/qlora_merge.py
+
+bench-fleet: $(STAMP)
+	$(PY) benchmarks/fleet_bench.py
 
 bench-serve: $(STAMP)
 	$(PIP) install -q -e ".[bench]" $(QUIET_PIP)

@@ -233,6 +233,17 @@ def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
     return dst
 
 
+def shared_crds() -> Path:
+    """The published CRDs (LeaderWorkerSet, KEDA, InferencePool, HTTPRoute, PodMonitor, llm-d...), byte-exact copies
+    in ../shared/crds beside the repository (CI has it); read from there, never copied into this repository.
+    ``LORA_DEPLOY_CRDS`` may point at another copy. Missing, the tests that need them fail: they cannot pass unchecked."""
+    folder = Path(os.environ.get("LORA_DEPLOY_CRDS") or Path(__file__).resolve().parents[2] / "shared" / "crds")
+    if not folder.is_dir() or not list(folder.glob("*.yaml")):
+        pytest.fail(f"{folder} holds no CRD files: these tests validate custom resources against the published CRDs "
+                    "in ../shared/crds (set LORA_DEPLOY_CRDS to another copy)")
+    return folder
+
+
 def free_port() -> int:
     import socket
 

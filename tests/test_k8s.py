@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import run_cli, shared_crds
 
 from lora_deploy.errors import InputError
 from lora_deploy.k8s.render import compare_with, lws_name, render_manifests
@@ -36,6 +36,10 @@ VARIANTS = {
     "multinode": {**BASE, "model": "org/big", "mode": "merged", "gpus": 8, "multiNode": {"nodes": 2},
                   "weights": {"source": "hub", "hfTokenSecret": "hf"}},
     "multinode-dynamic": {**DYNAMIC, "gpus": 8, "multiNode": {"nodes": 3}},
+    "fleet": {**DYNAMIC, "replicas": 3, "apiKeySecret": {"name": "key"},
+              "adapterStore": {"claim": "adapters", "maxLoraRank": 64, "publishImage": "example.org/lora-deploy:1",
+                               "sourceClaim": "uploads"},
+              "routing": {"kind": "inference-pool", "gateway": "gw"}, "autoscaling": {"enabled": True}},
 }
 
 
@@ -62,7 +66,8 @@ def test_every_object_passes_the_kubernetes_schemas(name):
     files = _files(name)
     for fname, obj in files.items():
         assert validate_object(obj) == [], fname
-    assert files["kustomization.yaml"]["resources"] == [f for f in files if f != "kustomization.yaml"]
+    templates = {"publish-job.yaml"}  # created per adapter with kubectl create, not applied with the base
+    assert files["kustomization.yaml"]["resources"] == [f for f in files if f not in templates | {"kustomization.yaml"}]
 
 
 def test_the_validator_is_not_a_rubber_stamp():
@@ -126,31 +131,14 @@ def test_custom_resources_are_refused_where_their_api_refuses_them(variant, fnam
     assert any(needle in p for p in problems), problems
 
 
-def _lws_crd(startup_policies=("LeaderCreated", "LeaderReady")) -> dict:
-    """A small hand-written LeaderWorkerSet CRD (not LWS's file) using each OpenAPI extension a CRD may carry."""
-    int_or_string = {"x-kubernetes-int-or-string": True}
-    template = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
-    spec = {"type": "object", "required": ["leaderWorkerTemplate"], "properties": {
-        "replicas": {"type": "integer", "format": "int32"},
-        "startupPolicy": {"type": "string", "enum": list(startup_policies)},
-        "networkConfig": {"type": "object", "nullable": True,
-                          "properties": {"subdomainPolicy": {"type": "string"}}},
-        "rolloutStrategy": {"type": "object", "properties": {
-            "type": {"type": "string", "enum": ["RollingUpdate"]},
-            "rollingUpdateConfiguration": {"type": "object", "properties": {
-                "maxSurge": int_or_string, "maxUnavailable": int_or_string}}}},
-        "leaderWorkerTemplate": {"type": "object", "required": ["workerTemplate"], "properties": {
-            "size": {"type": "integer", "format": "int32", "minimum": 1},
-            "restartPolicy": {"type": "string"},
-            "leaderTemplate": template, "workerTemplate": template}}}}
-    schema = {"type": "object", "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                                               "metadata": {"type": "object"}, "spec": spec}}
-    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": "leaderworkersets.leaderworkerset.x-k8s.io"},
-            "spec": {"group": "leaderworkerset.x-k8s.io", "scope": "Namespaced",
-                     "names": {"kind": "LeaderWorkerSet", "plural": "leaderworkersets"},
-                     "versions": [{"name": "v1", "served": True, "storage": True,
-                                   "schema": {"openAPIV3Schema": schema}}]}}
+def _lws_crd(startup_policies: tuple[str, ...] | None = None) -> dict:
+    """LeaderWorkerSet's published CRD (../shared/crds), optionally with another startupPolicy enum (an older or
+    newer cluster)."""
+    crd = yaml.safe_load((shared_crds() / "leaderworkerset.x-k8s.io_leaderworkersets.yaml").read_text())
+    if startup_policies is not None:
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        spec["startupPolicy"]["enum"] = list(startup_policies)
+    return crd
 
 
 def test_a_supplied_crd_replaces_the_built_in_check(tmp_path):
@@ -168,7 +156,6 @@ def test_a_supplied_crd_replaces_the_built_in_check(tmp_path):
     assert validate_object(lws, crds=crds) == []
     rolling = "spec.rolloutStrategy.rollingUpdateConfiguration"
     assert validate_object(_mutated(lws, f"{rolling}.maxSurge", "25%"), crds=crds) == []  # int-or-string
-    assert validate_object(_mutated(lws, "spec.networkConfig", None), crds=crds) == []  # nullable
     for path, value, needle in [(f"{rolling}.maxSurge", True, "is not valid under any of the given schemas"),
                                 ("spec.leaderWorkerTemplate.sise", 2, "'sise' was unexpected"),
                                 ("spec.replicas", "1", "'1' is not of type 'integer'"),
@@ -203,7 +190,10 @@ def test_hardening_on_every_pod_template(name):
     for obj in _files(name).values():
         for tmpl in _pod_templates(obj):
             pod = tmpl["spec"]
-            assert pod["automountServiceAccountToken"] is False and pod["enableServiceLinks"] is False
+            picker = tmpl["metadata"]["labels"]["app.kubernetes.io/component"] == "endpoint-picker"
+            # only the endpoint picker talks to the API server (it watches pods and its pool), with its own account
+            assert pod.get("automountServiceAccountToken", True) is picker and pod["enableServiceLinks"] is False
+            assert picker == ("serviceAccountName" in pod)
             assert pod["securityContext"]["runAsNonRoot"] is True
             assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
             for c in pod["containers"] + pod.get("initContainers", []):
@@ -211,7 +201,7 @@ def test_hardening_on_every_pod_template(name):
                 assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
                 assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 2000
                 assert ":" in c["image"] and not c["image"].endswith(":latest")
-                assert c["command"][0] not in ("sh", "bash", "/bin/sh", "/bin/bash"), c["command"]
+                assert c.get("command", ["image entrypoint"])[0] not in ("sh", "bash", "/bin/sh", "/bin/bash")
                 for e in c.get("env", []):  # secrets only by reference
                     if e["name"] in ("HF_TOKEN", "VLLM_API_KEY"):
                         assert "value" not in e and "secretKeyRef" in e["valueFrom"]
@@ -220,7 +210,7 @@ def test_hardening_on_every_pod_template(name):
                 for k, v in res["limits"].items():
                     if k.endswith("/gpu"):
                         assert res["requests"][k] == v
-            if tmpl is _pod_templates(obj)[0] and obj["kind"] != "Job":
+            if tmpl is _pod_templates(obj)[0] and obj["kind"] != "Job" and not picker:
                 server = pod["containers"][0]
                 assert server["command"] == ["vllm", "serve"]
                 shm = next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]
@@ -290,7 +280,7 @@ def test_multi_node_leaves_lws_its_headless_service_and_protects_whole_groups(na
     lws = files["leaderworkerset.yaml"]
     assert lws["metadata"]["name"] == lws_name(parse_spec(copy.deepcopy(VARIANTS[name])))
     services = [o["metadata"]["name"] for o in files.values() if o["kind"] == "Service"]
-    assert lws["metadata"]["name"] not in services and services == ["bot"]
+    assert lws["metadata"]["name"] not in services and services == ["bot", "bot-pods"]
     selector = files["pdb.yaml"]["spec"]["selector"]["matchLabels"]
     for role in ("leaderTemplate", "workerTemplate"):
         labels = lws["spec"]["leaderWorkerTemplate"][role]["metadata"]["labels"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import signal
@@ -250,7 +251,8 @@ def test_kubernetes_probe_and_smoke_job_scripts_against_real_vllm(server, exampl
             (code / mounts[key]).parent.mkdir(parents=True, exist_ok=True)
             (code / mounts[key]).write_text(value)
     smoke = json.loads(data["smoke.json"])
-    smoke.update(url=server.plan.url, wait_seconds=30)
+    assert smoke["pods_host"] == "support-pods.default.svc" and smoke["replicas"] == 1
+    smoke.update(pods_host="127.0.0.1", port=server.plan.port, wait_seconds=30)  # the one "pod" here
     (config / "smoke.json").write_text(json.dumps(smoke))
     env = {**os.environ, "LORA_DEPLOY_CONFIG_DIR": str(config), "PYTHONPATH": str(code),
            "LORA_DEPLOY_READY_URL": server.plan.url, "VLLM_API_KEY": API_KEY}
@@ -260,6 +262,15 @@ def test_kubernetes_probe_and_smoke_job_scripts_against_real_vllm(server, exampl
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert job.returncode == 0, job.stdout + job.stderr
     assert "PASSED" in job.stdout and "classify" in job.stdout
+    assert f"== replica http://127.0.0.1:{server.plan.port}" in job.stdout
+    # a store adapter this replica cannot serve (its vLLM resolves no store) fails the Job
+    store = tmp_path / "store"
+    shutil.copytree(example.adapters["reply"], store / "late-adapter")
+    (config / "smoke.json").write_text(json.dumps({**smoke, "store": str(store)}))
+    failing = subprocess.run([sys.executable, str(code / "smoke_job.py")], env=env,
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert failing.returncode == 1, failing.stdout + failing.stderr
+    assert "store adapter late-adapter: HTTP 404" in failing.stdout, failing.stdout
     # the probe is not a rubber stamp: an adapter the server does not list keeps the pod unready
     (config / "models.json").write_text(json.dumps(["support", "classify", "missing-adapter"]))
     unready = subprocess.run([sys.executable, str(config / "ready.py")], env=env, capture_output=True, text=True)

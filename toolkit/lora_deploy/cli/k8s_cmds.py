@@ -43,7 +43,8 @@ def manifests(
     """Render a deploy spec into hardened manifests, validated against the Kubernetes schemas before writing.
 
     Built-in kinds are checked against the Kubernetes OpenAPI schemas (strict: unknown fields fail), a KEDA
-    ScaledObject against KEDA's CRD, a LeaderWorkerSet against its v1 API; invalid output is never written.
+    ScaledObject against KEDA's CRD, a LeaderWorkerSet against its v1 API; InferencePool, HTTPRoute and PodMonitor
+    against the CRDs given with --crd (else for shape only, with a warning); invalid output is never written.
     """
     out.set_mode(json_mode=json)
     from lora_deploy.k8s.render import compare_with, render_manifests, write_manifests
@@ -78,8 +79,14 @@ def manifests(
     files = write_manifests(rendered, target, force=force, crds=crds)
     for note in rendered.notes:
         out.info(f"Note: {note}")
+    from lora_deploy.k8s.validate import unvalidated_files
+
+    unchecked = unvalidated_files(rendered.files, crds)
+    for item in unchecked:
+        out.warn(f"not validated against a schema: {item}")
     versions = schema_versions(crds)
     out.result({"output": str(target), "files": [f.name for f in files], "validated_against": versions,
+                "not_schema_validated": unchecked,
                 "kubernetes": versions["kubernetes"], "notes": list(rendered.notes)},
                f"Wrote {len(files)} files to {target} (valid for Kubernetes {versions['kubernetes']}):\n  "
                + "\n  ".join(f.name for f in files) + f"\nApply: kubectl apply -k {target}")

@@ -10,7 +10,10 @@ from lora_deploy.k8s.validate import KEDA_API
 
 def autoscaler(spec: DeploySpec) -> tuple[str, dict]:
     a = spec.autoscaling
-    query = f'sum(vllm:num_requests_waiting{{namespace="{spec.namespace}",pod=~"{spec.name}-.*"}})'
+    # the labels the PodMonitor's scrape adds (monitoring.py); a Deployment's pods are NAME-<hash>-<hash>, which
+    # leaves out other pods of the rollout (NAME-epp-..., NAME-smoke-test-...)
+    query = (f'sum(vllm:num_requests_waiting{{namespace="{spec.namespace}",'
+             f'pod=~"{spec.name}-[a-z0-9]+-[a-z0-9]+"}})')
     if a.kind == "keda":
         return "scaledobject.yaml", {
             "apiVersion": KEDA_API, "kind": "ScaledObject", "metadata": object_meta(spec, spec.name),

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from lora_deploy.k8s.spec import DeploySpec
+from lora_deploy.k8s.spec import CONFIG_MOUNT, DeploySpec
 
+CONFIG_DIR = CONFIG_MOUNT  # where the pods read the ConfigMap
 PORT = 8000
-
-
 VLLM_UID = 2000  # the official image's `vllm` user
-
-
-CONFIG_DIR = "/etc/lora-deploy"
-
-
 SMOKE_DIR = "/opt/lora-deploy"
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 from lora_deploy.errors import EXIT_INPUT, LoraDeployError
 from lora_deploy.k8s.autoscaling import autoscaler
-from lora_deploy.k8s.jobs import config_map, smoke_job
+from lora_deploy.k8s.jobs import config_map, publish_job, smoke_job
+from lora_deploy.k8s.monitoring import pod_monitors
 from lora_deploy.k8s.objects import lws_name, server_selector
+from lora_deploy.k8s.routing import pool_name, routing_objects
 from lora_deploy.k8s.spec import DeploySpec
 from lora_deploy.k8s.validate import CrdSchema, validate_manifests
 from lora_deploy.k8s.workload import (
@@ -24,6 +26,7 @@ from lora_deploy.k8s.workload import (
     leader_worker_set,
     models_claim,
     network_policy,
+    pods_service,
     resolve_ranks,
     service,
     vllm_args,
@@ -55,6 +58,7 @@ def render_manifests(spec: DeploySpec) -> RenderedManifests:
         files["deployment.yaml"] = deployment(spec, args)
         selector = server_selector(spec)
     files["service.yaml"] = service(spec, selector)
+    files["service-pods.yaml"] = pods_service(spec, selector)
     files["pdb.yaml"] = disruption_budget(spec)
     if spec.weights.source == "download" and not spec.weights.claim:
         files["pvc.yaml"] = models_claim(spec)
@@ -65,10 +69,34 @@ def render_manifests(spec: DeploySpec) -> RenderedManifests:
         name, obj = autoscaler(spec)
         files[name] = obj
         notes.append(f"autoscaling with {spec.autoscaling.kind} on vllm:num_requests_waiting")
+    picker = spec.routing.kind == "inference-pool"
+    if picker:
+        files.update(routing_objects(spec))
+        notes.append(f"routing: InferencePool {pool_name(spec)} with llm-d's endpoint picker (lora-affinity-scorer), "
+                     f"HTTPRoute on Gateway {spec.routing.gateway} (needs the InferencePool CRD and a Gateway "
+                     "implementation with the inference extension)")
+    if spec.pod_monitor:
+        files.update(pod_monitors(spec, picker=picker))
+        notes.append("monitoring: PodMonitor (needs the Prometheus Operator); the autoscaler reads what it scrapes")
+    elif spec.autoscaling.enabled:
+        notes.append("monitoring.podMonitor is off: something else must make Prometheus scrape the servers' /metrics, "
+                     "or the autoscaler reads nothing")
     if spec.smoke_test.enabled:
         files["smoke-test-job.yaml"] = smoke_job(spec)
+    templates = []
+    if spec.adapter_store is not None:
+        notes.append(f"adapter store: claim {spec.adapter_store.claim} (ReadWriteMany) at "
+                     f"{spec.adapter_store.mount_path}; publish with lora-deploy adapters publish")
+        if spec.adapter_store.publish_image:
+            files["publish-job.yaml"] = publish_job(spec)
+            templates.append("publish-job.yaml")
+            notes.append("publish-job.yaml is a template outside the kustomization: set ADAPTER_SOURCE and "
+                         "ADAPTER_NAME, then kubectl create -f publish-job.yaml")
+        else:
+            notes.append("no publish Job: set adapterStore.publishImage to an image with lora-deploy installed to "
+                         "publish from inside the cluster")
     files["kustomization.yaml"] = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-                                   "resources": list(files)}
+                                   "resources": [f for f in files if f not in templates]}
     return RenderedManifests(files, tuple(notes))
 
 

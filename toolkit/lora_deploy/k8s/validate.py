@@ -11,6 +11,10 @@ Each kind is checked against the most authoritative schema that can be installed
   carries, so its ``v1`` API is written down here (:data:`LWS_V1_SCHEMA`: fields, types, enums, required
   keys, unknown keys refused), and its leader and worker pod templates are checked as core PodTemplates.
 
+InferencePool, HTTPRoute and PodMonitor (:data:`CRD_ONLY_KINDS`): no package index carries their schemas, so without
+a CRD file they are checked for shape only (apiVersion, kind, metadata.name, a spec) and reported as not
+schema-validated (:func:`unvalidated_files`); pass their CRDs with ``--crd`` to validate them strictly.
+
 A CRD file you supply (:func:`load_crds`, ``lora-deploy manifests --crd FILE``; for instance the one your
 cluster serves, ``kubectl get crd leaderworkersets.leaderworkerset.x-k8s.io -o yaml``) replaces the built-in
 check for its kinds: the object is validated against that CRD's ``openAPIV3Schema``, strictly.
@@ -29,6 +33,11 @@ from lora_deploy.errors import InputError
 KUBERNETES_VERSION = "1.33.0"  # the schema version manifests are validated against
 LWS_API = "leaderworkerset.x-k8s.io/v1"
 KEDA_API = "keda.sh/v1alpha1"
+
+# custom resources lora-deploy renders with no schema available offline: checked strictly only against a supplied CRD
+CRD_ONLY_KINDS = {("inference.networking.k8s.io/v1", "InferencePool"): "inferencepools.inference.networking.k8s.io",
+                  ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes.gateway.networking.k8s.io",
+                  ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors.monitoring.coreos.com"}
 
 _INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
 _COUNT = {**_INT32, "minimum": 0}
@@ -159,7 +168,8 @@ def schema_versions(crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> 
     from importlib.metadata import version
 
     keda = ".".join(version("cloudcoil.models.keda").split(".")[:3])  # the 4th part is cloudcoil's build
-    out = {"kubernetes": KUBERNETES_VERSION, "keda": keda, "leaderworkerset": "v1 API (typed in lora-deploy)"}
+    out = {"kubernetes": KUBERNETES_VERSION, "keda": keda, "leaderworkerset": "v1 API (typed in lora-deploy)",
+           **{kind: "shape only (pass its CRD with --crd)" for _, kind in CRD_ONLY_KINDS}}
     for (api_version, kind), crd in (crds or {}).items():
         out[{"ScaledObject": "keda", "LeaderWorkerSet": "leaderworkerset"}.get(kind, kind)] = \
             f"{api_version} CRD from {crd.source}"
@@ -177,6 +187,8 @@ def validate_object(obj: dict, version: str = KUBERNETES_VERSION,
         return _validate_lws(obj, version, crd.schema if crd else LWS_V1_SCHEMA)
     if crd is not None:
         return _json_schema_problems(crd.schema, obj, kind)
+    if (obj.get("apiVersion"), kind) in CRD_ONLY_KINDS:
+        return _shape_problems(obj)
     if kind == "ScaledObject":
         return _validate_scaled_object(obj)
     return _validate_core(obj, version)
@@ -186,6 +198,22 @@ def validate_manifests(files: dict[str, dict], version: str = KUBERNETES_VERSION
                        crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> list[str]:
     """Problems across a whole base, each prefixed with its file name."""
     return [f"{name}: {p}" for name, obj in files.items() for p in validate_object(obj, version, crds)]
+
+
+def unvalidated_files(files: dict[str, dict], crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> list[str]:
+    """The files whose kind was checked for shape only (a CRD-only kind with no CRD supplied), with the CRD to pass."""
+    return [f"{name} ({obj['kind']}: kubectl get crd {CRD_ONLY_KINDS[key]} -o yaml > FILE, then --crd FILE)"
+            for name, obj in files.items()
+            if (key := (obj.get("apiVersion"), obj.get("kind"))) in CRD_ONLY_KINDS and key not in (crds or {})]
+
+
+def _shape_problems(obj: dict) -> list[str]:
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict) or not (meta.get("name") or meta.get("generateName")):
+        return [f"{obj.get('kind')}: metadata.name is missing"]
+    if not isinstance(obj.get("spec"), dict):
+        return [f"{obj.get('kind')}: spec is missing"]
+    return []
 
 
 def _validate_core(obj: dict, version: str) -> list[str]:

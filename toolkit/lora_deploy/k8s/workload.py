@@ -19,7 +19,7 @@ from lora_deploy.k8s.objects import (
 )
 from lora_deploy.k8s.spec import DeploySpec
 from lora_deploy.k8s.validate import LWS_API
-from lora_deploy.serve.flags import ServeConfig, ServedAdapter, build_vllm_args
+from lora_deploy.serve.flags import ServeConfig, ServedAdapter, build_vllm_args, resolver_env
 
 
 def resolve_ranks(spec: DeploySpec, notes: list[str] | None = None) -> tuple[ServedAdapter, ...]:
@@ -50,8 +50,9 @@ def vllm_args(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> list[str
     """`vllm serve` arguments after the model, from the same derivation as `lora-deploy dynamic`."""
     cfg = ServeConfig(model=spec.model, served_model_name=spec.base_name, adapters=adapters, host="0.0.0.0",
                       port=PORT, dtype=spec.vllm.dtype, max_loras=spec.vllm.max_loras,
-                      max_cpu_loras=spec.vllm.max_cpu_loras, max_lora_rank=spec.vllm.max_lora_rank,
+                      max_cpu_loras=spec.vllm.max_cpu_loras, max_lora_rank=spec.max_lora_rank,
                       max_model_len=spec.vllm.max_model_len, allow_runtime_adapters=spec.runtime_adapters,
+                      adapter_store=spec.adapter_store.mount_path if spec.adapter_store else None,
                       tensor_parallel_size=spec.tensor_parallel_size,
                       gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
                       extra_args=spec.vllm.extra_args, seed=None)
@@ -82,9 +83,21 @@ def server_env(spec: DeploySpec) -> list[dict]:
         env.append(secret_env("HF_TOKEN", spec.weights.hf_token_secret, "HF_TOKEN"))
     if spec.api_key_secret:
         env.append(secret_env("VLLM_API_KEY", spec.api_key_secret.name, spec.api_key_secret.key))
-    if spec.runtime_adapters:
-        env.append({"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"})
+    extra = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if spec.runtime_adapters else {}
+    if spec.adapter_store is not None:
+        extra.update(resolver_env(spec.adapter_store.mount_path))  # the same environment `dynamic` gives vLLM
+    env += [{"name": k, "value": v} for k, v in extra.items()]
     return env
+
+
+def store_volume(spec: DeploySpec, *, read_only: bool = True) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) of the adapter store, when the spec has one: servers and the smoke Job read it, only the
+    publish Job writes."""
+    store = spec.adapter_store
+    if store is None:
+        return [], []
+    return ([{"name": "adapters", "persistentVolumeClaim": {"claimName": store.claim, "readOnly": read_only}}],
+            [{"name": "adapters", "mountPath": store.mount_path, "readOnly": read_only}])
 
 
 def server_volumes(spec: DeploySpec) -> tuple[list[dict], list[dict]]:
@@ -101,7 +114,8 @@ def server_volumes(spec: DeploySpec) -> tuple[list[dict], list[dict]]:
     mounts = [{"name": "shm", "mountPath": "/dev/shm"},
               {"name": "models", "mountPath": spec.weights.mount_path, "readOnly": spec.weights.source == "pvc"},
               {"name": "tmp", "mountPath": "/tmp"}, {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True}]
-    return volumes, mounts
+    store_volumes, store_mounts = store_volume(spec)
+    return volumes + store_volumes, mounts + store_mounts
 
 
 def server_resources(spec: DeploySpec) -> dict:
@@ -162,6 +176,18 @@ def service(spec: DeploySpec, selector: dict) -> dict:
     return {"apiVersion": "v1", "kind": "Service", "metadata": object_meta(spec, spec.name),
             "spec": {"type": spec.service.type, "selector": selector,
                      "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}]}}
+
+
+def pods_service(spec: DeploySpec, selector: dict) -> dict:
+    """A headless Service: its DNS name resolves to every ready server pod, so the smoke Job can check each replica
+    (a replica that cannot serve an adapter fails the Job, where the Service would hide it behind the others)."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": object_meta(spec, pods_service_name(spec)),
+            "spec": {"clusterIP": "None", "selector": selector,
+                     "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}]}}
+
+
+def pods_service_name(spec: DeploySpec) -> str:
+    return f"{spec.name}-pods"
 
 
 def deployment(spec: DeploySpec, args: list[str]) -> dict:

@@ -1,0 +1,224 @@
+"""The fleet's manifests: the adapter store on every server, InferencePool routing with llm-d's endpoint picker,
+PodMonitors, the per-replica smoke Job and the publish Job, all held to the published CRDs in ../shared/crds."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+from conftest import run_cli, shared_crds
+from test_k8s import DYNAMIC, EXAMPLES, VARIANTS, _files, _files_of, _mutated
+
+from lora_deploy.errors import InputError
+from lora_deploy.k8s.spec import load_spec, parse_spec
+from lora_deploy.k8s.validate import CRD_ONLY_KINDS, KUBERNETES_VERSION, load_crds, validate_manifests, validate_object
+from lora_deploy.serve.flags import resolver_env
+
+FLEET = VARIANTS["fleet"]
+
+
+@pytest.fixture(scope="module")
+def crds():
+    return load_crds(sorted(shared_crds().glob("*.yaml")))
+
+
+def _custom(files: dict) -> dict:
+    """The custom resources among ``files``: the kinds the Kubernetes OpenAPI schemas do not define."""
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError
+
+    out = {}
+    for name, obj in files.items():
+        if obj["kind"] == "Kustomization":
+            continue
+        try:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except SchemaNotFoundError:
+            out[name] = obj
+        except Exception:  # noqa: BLE001 - a schema exists (validity is checked elsewhere)
+            pass
+    return out
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_custom_resource_passes_its_published_crd(name, crds):
+    """Every custom resource we render (LeaderWorkerSet, ScaledObject, InferencePool, HTTPRoute, PodMonitor) is
+    valid under the CRD its project publishes, and a CRD exists for each: nothing passes unchecked."""
+    files = _files(name)
+    assert validate_manifests(files, crds=crds) == []
+    for fname, obj in _custom(files).items():
+        assert (obj["apiVersion"], obj["kind"]) in crds, f"{fname}: no published CRD for {obj['kind']}"
+    if name == "fleet":  # the check above saw the custom resources it is about
+        assert {o["kind"] for o in _custom(files).values()} == {"ScaledObject", "InferencePool", "HTTPRoute",
+                                                                  "PodMonitor"}
+
+
+@pytest.mark.parametrize("spec_file", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_committed_examples_pass_the_published_crds(spec_file, crds, tmp_path):
+    """`manifests --crd` takes every file of ../shared/crds at once; nothing is left shape-only."""
+    args = [a for c in sorted(shared_crds().glob("*.yaml")) for a in ("--crd", str(c))]
+    rc, stdout, stderr = run_cli("manifests", str(spec_file), "--output", str(tmp_path / "out"), *args, "--json")
+    assert rc == 0, stderr
+    assert json.loads(stdout)["not_schema_validated"] == []
+
+
+# (file, path, value, what the CRD says)
+CRD_MISTAKES = [
+    ("inferencepool.yaml", "spec.targetPorts", [], "should be non-empty"),
+    ("inferencepool.yaml", "spec.endpointPickerRef.failureMode", "Sometimes", "is not one of"),
+    ("inferencepool.yaml", "spec.selector.app", "x", "'app' was unexpected"),
+    ("httproute.yaml", "spec.rules.0.backendRefs.0.kind", 7, "is not of type 'string'"),
+    ("httproute.yaml", "spec.rules.0.timeout", {"request": "1s"}, "'timeout' was unexpected"),
+    ("podmonitor.yaml", "spec.podMetricsEndpoints.0.intervall", "15s", "'intervall' was unexpected"),
+    ("podmonitor.yaml", "spec.selector", "all", "is not of type 'object'"),
+]
+
+
+@pytest.mark.parametrize("fname,path,value,needle", CRD_MISTAKES)
+def test_the_published_crds_refuse_mistakes(fname, path, value, needle, crds):
+    obj = _files("fleet")[fname]
+    assert validate_object(obj, crds=crds) == []
+    problems = validate_object(_mutated(obj, path, value), crds=crds)
+    assert any(needle in p for p in problems), problems
+
+
+def test_without_a_crd_the_new_kinds_are_checked_for_shape_and_reported(tmp_path):
+    spec = tmp_path / "fleet.yaml"
+    spec.write_text(yaml.safe_dump(FLEET))
+    rc, stdout, stderr = run_cli("manifests", str(spec), "--output", str(tmp_path / "out"), "--json")
+    assert rc == 0, stderr
+    unchecked = json.loads(stdout)["not_schema_validated"]
+    assert {u.split(" ")[0] for u in unchecked} == {"inferencepool.yaml", "httproute.yaml", "podmonitor.yaml",
+                                                    "podmonitor-endpoint-picker.yaml"}
+    assert "not validated against a schema" in stderr and "--crd" in stderr
+    assert {kind for _, kind in CRD_ONLY_KINDS} == {"InferencePool", "HTTPRoute", "PodMonitor"}
+
+
+def _server(files: dict) -> dict:
+    return files["deployment.yaml"]["spec"]["template"]["spec"]
+
+
+def test_servers_mount_the_store_read_only_with_the_resolvers_environment():
+    files = _files("fleet")
+    pod = _server(files)
+    vllm = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in vllm["env"]}
+    assert {k: env[k] for k in resolver_env("/adapters")} == resolver_env("/adapters")  # what `dynamic` gives vLLM
+    mount = next(m for m in vllm["volumeMounts"] if m["name"] == "adapters")
+    assert mount == {"name": "adapters", "mountPath": "/adapters", "readOnly": True}
+    claim = next(v for v in pod["volumes"] if v["name"] == "adapters")["persistentVolumeClaim"]
+    assert claim == {"claimName": "adapters", "readOnly": True}
+    args = vllm["args"]
+    assert args[args.index("--max-lora-rank") + 1] == "64"  # the store's limit: every published adapter loads
+    assert "--enable-lora" in args
+    # the store's record must name this --model: the publish Job writes it from the same path
+    publish = files["publish-job.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert publish[publish.index("--model") + 1] == args[0]
+    assert publish[publish.index("--max-lora-rank") + 1] == "64"
+
+
+def test_the_publish_job_is_a_template_with_the_store_writable():
+    files = _files("fleet")
+    job = files["publish-job.yaml"]
+    assert "publish-job.yaml" not in files["kustomization.yaml"]["resources"]
+    assert job["metadata"]["generateName"] == "bot-publish-" and "name" not in job["metadata"]
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["command"] == ["lora-deploy", "adapters", "publish"] and c["image"] == "example.org/lora-deploy:1"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["adapters"]["readOnly"] is False and mounts["models"]["readOnly"] is True
+    assert mounts["sources"] == {"name": "sources", "mountPath": "/sources", "readOnly": True}
+    no_image = _files_of({**FLEET, "adapterStore": {"claim": "adapters", "maxLoraRank": 64}})
+    assert "publish-job.yaml" not in no_image
+
+
+def test_routing_exposes_only_inference_routes_through_the_pool():
+    files = _files("fleet")
+    route = files["httproute.yaml"]["spec"]
+    paths = [m["path"]["value"] for rule in route["rules"] for m in rule["matches"]]
+    assert paths and all(p.startswith("/v1/") for p in paths)
+    assert not [p for p in paths if "lora_adapter" in p or p in ("/", "/v1", "/v1/")]
+    assert route["parentRefs"][0]["name"] == "gw"
+    assert route["rules"][0]["backendRefs"] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool",
+                                                 "name": "bot-pool"}]
+    pool = files["inferencepool.yaml"]["spec"]
+    server_labels = files["deployment.yaml"]["spec"]["template"]["metadata"]["labels"]
+    assert pool["selector"]["matchLabels"].items() <= server_labels.items()  # the servers, and only them
+    picker_labels = files["endpoint-picker.yaml"]["spec"]["template"]["metadata"]["labels"]
+    assert not pool["selector"]["matchLabels"].items() <= picker_labels.items()
+    assert pool["endpointPickerRef"]["name"] == files["endpoint-picker-service.yaml"]["metadata"]["name"]
+    assert pool["endpointPickerRef"]["failureMode"] == "FailOpen"
+
+
+def test_the_endpoint_picker_scores_lora_affinity_with_least_privilege():
+    files = _files("fleet")
+    config = yaml.safe_load(files["endpoint-picker-config.yaml"]["data"]["epp-config.yaml"])
+    assert config["apiVersion"] == "llm-d.ai/v1alpha1" and config["kind"] == "EndpointPickerConfig"
+    types = {p["type"] for p in config["plugins"]}
+    assert {"lora-affinity-scorer", "queue-scorer", "kv-cache-utilization-scorer", "prefix-cache-scorer"} <= types
+    (profile,) = config["schedulingProfiles"]
+    refs = {p["pluginRef"] for p in profile["plugins"]}
+    assert refs <= types and "lora-affinity-scorer" in refs  # every reference names a declared plugin
+    role = files["endpoint-picker-role.yaml"]
+    assert role["kind"] == "Role"  # namespaced, no ClusterRole
+    assert {v for rule in role["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
+    picker = files["endpoint-picker.yaml"]["spec"]
+    c = picker["template"]["spec"]["containers"][0]
+    assert picker["strategy"] == {"type": "Recreate"} and ":" in c["image"] and not c["image"].endswith(":latest")
+    assert c["readinessProbe"]["grpc"]["port"] == 9003
+    args = c["args"]
+    assert args[args.index("--pool-name") + 1] == files["inferencepool.yaml"]["metadata"]["name"]
+
+
+def test_the_autoscaler_reads_what_the_pod_monitor_scrapes():
+    files = _files("fleet")
+    monitor = files["podmonitor.yaml"]["spec"]
+    server_labels = files["deployment.yaml"]["spec"]["template"]["metadata"]["labels"]
+    assert monitor["selector"]["matchLabels"].items() <= server_labels.items()
+    assert monitor["podMetricsEndpoints"][0]["port"] == "http"  # vLLM's /metrics is on its API port
+    query = files["scaledobject.yaml"]["spec"]["triggers"][0]["metadata"]["query"]
+    assert 'namespace="llm"' in query and "vllm:num_requests_waiting" in query  # labels the Operator adds
+    assert "podmonitor-endpoint-picker.yaml" in files
+    off = _files_of({**FLEET, "monitoring": {"podMonitor": False}})
+    assert "podmonitor.yaml" not in off
+    assert "podmonitor.yaml" in _files_of({**DYNAMIC, "autoscaling": {"enabled": True}})  # on with autoscaling
+    assert "podmonitor.yaml" not in _files_of(DYNAMIC)
+
+
+def test_the_smoke_job_checks_every_replica_and_the_stores_adapters():
+    files = _files("fleet")
+    smoke = json.loads(files["configmap.yaml"]["data"]["smoke.json"])
+    headless = files["service-pods.yaml"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == files["service.yaml"]["spec"]["selector"]
+    assert smoke["pods_host"] == "bot-pods.llm.svc" and smoke["store"] == "/adapters"
+    assert smoke["replicas"] == 1  # autoscaling: its minimum
+    job = files["smoke-test-job.yaml"]["spec"]["template"]["spec"]
+    mount = next(m for m in job["containers"][0]["volumeMounts"] if m["name"] == "adapters")
+    assert mount["readOnly"] is True
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"apiKeySecret": None}, "adapterStore: needs apiKeySecret"),
+    ({"mode": "merged", "adapters": []}, "only a dynamic deployment serves adapters from a store"),
+    ({"vllm": {"maxLoraRank": 16}}, "below adapterStore.maxLoraRank 64"),
+    ({"adapterStore": {"claim": "adapters", "maxLoraRank": 48}}, "is not one vLLM accepts"),
+    ({"adapterStore": {"claim": "adapters"}}, "missing required key(s): maxLoraRank"),
+    ({"adapterStore": {"claim": "adapters", "maxLoraRank": 64, "mountPath": "/models"}}, "mountPath"),
+    ({"routing": {"kind": "inference-pool"}}, "routing.gateway"),
+    ({"routing": {"kind": "mesh", "gateway": "gw"}}, "routing.kind"),
+    ({"routing": {"kind": "inference-pool", "gateway": "gw", "failureMode": "Maybe"}}, "failureMode"),
+    ({"monitoring": {"podMonitors": True}}, "monitoring.podMonitors: unknown key (did you mean podMonitor?)"),
+])
+def test_fleet_spec_mistakes_are_named(change, needle):
+    data = {k: v for k, v in {**copy.deepcopy(FLEET), **change}.items() if v is not None}
+    with pytest.raises(InputError) as err:
+        parse_spec(data)
+    assert needle in str(err.value), str(err.value)
+
+
+def test_the_fleet_example_is_committed():
+    assert any(load_spec(p).adapter_store is not None and load_spec(p).routing.kind == "inference-pool"
+               for p in EXAMPLES)
