@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, edit_json, make_adapter, make_base, run_console
+from conftest import assert_user_error, edit_json, make_adapter, make_base, run_cli, run_console
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -37,6 +37,13 @@ def adapters(bases, tmp_path_factory):
             "b": make_adapter(base, root / "b", seed=2, target_modules=["q_proj", "v_proj"]),
             "big": make_adapter(base, root / "big", seed=3, r=32, lora_alpha=32, target_modules=["q_proj"]),
             "other": make_adapter(other, root / "other", seed=4, target_modules=["q_proj"])}
+
+
+def _ok(*args: str) -> dict | list | None:
+    """A command that must succeed, run in-process (the refusals above go through the console script); its --json."""
+    code, stdout, stderr = run_cli(*args)
+    assert code == 0, stderr
+    return json.loads(stdout) if "--json" in args else None
 
 
 def _store(tmp_path: Path, base: Path, rank: int = 16) -> tuple[Path, list[str]]:
@@ -70,7 +77,7 @@ def test_publish_writes_a_version_the_resolver_accepts_and_lists_it(bases, adapt
 def test_publish_refuses_what_servers_could_not_serve(bases, adapters, tmp_path):
     base, _ = bases
     store, create = _store(tmp_path, base, rank=16)
-    assert run_console("adapters", "publish", str(adapters["a"]), "--name", "a", *create).returncode == 0
+    _ok("adapters", "publish", str(adapters["a"]), "--name", "a", *create)
     # rank above the store's limit, and an adapter of another base: pre-flight, before anything is written
     assert_user_error(run_console("adapters", "publish", str(adapters["big"]), "--store", str(store)), 4, "rank")
     assert_user_error(run_console("adapters", "publish", str(adapters["other"]), "--store", str(store)), 3)
@@ -113,7 +120,7 @@ def test_replace_switches_versions_and_the_old_one_leaves_the_volume(bases, adap
 def test_retire_removes_the_name_and_every_version(bases, adapters, tmp_path):
     base, _ = bases
     store, create = _store(tmp_path, base)
-    assert run_console("adapters", "publish", str(adapters["a"]), "--name", "gone", *create).returncode == 0
+    _ok("adapters", "publish", str(adapters["a"]), "--name", "gone", *create)
     res = run_console("adapters", "retire", "gone", "--store", str(store))
     assert res.returncode == 0, res.stderr
     assert not (store / "gone").exists() and not (store / "gone").is_symlink()
@@ -127,7 +134,7 @@ def test_a_killed_publish_leaves_nothing_at_the_name_and_the_next_one_cleans_up(
     the next publish of that name removes, and that publish succeeds."""
     base, _ = bases
     store, create = _store(tmp_path, base)
-    assert run_console("adapters", "publish", str(adapters["b"]), "--name", "other", *create).returncode == 0
+    _ok("adapters", "publish", str(adapters["b"]), "--name", "other", *create)
     code = ("import os, shutil, signal, sys\n"
             "real = shutil.copyfile\n"
             "def dying(src, dst, **kw):\n"
@@ -152,7 +159,7 @@ def test_a_hand_copied_folder_is_listed_with_why_it_would_not_load(bases, adapte
 
     base, _ = bases
     store, create = _store(tmp_path, base)
-    assert run_console("adapters", "publish", str(adapters["a"]), "--name", "a", *create).returncode == 0
+    _ok("adapters", "publish", str(adapters["a"]), "--name", "a", *create)
     shutil.copytree(adapters["b"], store / "manual")
     edit_json(store / "manual" / "adapter_config.json", base_model_name_or_path="somewhere/else")
     listed = {a["name"]: a for a in json.loads(run_console("adapters", "list", "--store", str(store),
@@ -172,7 +179,7 @@ def test_a_server_of_another_base_or_a_smaller_rank_is_refused(bases, adapters, 
     assert not fresh.exists()
     assert "VLLM_LORA_RESOLVER_CACHE_DIR" in res.stdout + res.stderr
     store, create = _store(tmp_path, base, rank=16)
-    assert run_console("adapters", "publish", str(adapters["a"]), "--name", "a", *create).returncode == 0
+    _ok("adapters", "publish", str(adapters["a"]), "--name", "a", *create)
     assert_user_error(run_console("dynamic", "--base", str(other), "--adapter-store", str(store), "--dry-run"), 3,
                       "made for another server")
     assert_user_error(run_console("dynamic", "--base", str(base), "--adapter-store", str(store), "--max-lora-rank",

@@ -105,7 +105,7 @@ LWS_MISTAKES = [  # against the LeaderWorkerSet v1 API; pod templates against th
     ("spec.startupPolicy", "LeaderFirst", "'LeaderFirst' is not one of"),
     ("spec.leaderWorkerTemplate.restartPolicy", "Always", "'Always' is not one of"),
     ("spec.leaderWorkerTemplate.size", "2", "'2' is not of type 'integer'"),
-    ("spec.leaderWorkerTemplate.size", 0, "less than the minimum of 1"),
+    ("spec.leaderWorkerTemplate.size", 0, "size must be equal or greater than 1"),  # LWS's webhook
     ("spec.leaderWorkerTemplate.workerTemplate", DELETE, "'workerTemplate' is a required property"),
     ("spec.rolloutStrategy.rollingUpdateConfiguration.maxUnavailable", 0, "cannot both be 0"),
     ("apiVersion", "leaderworkerset.x-k8s.io/v1beta1", "is not one of ['leaderworkerset.x-k8s.io/v1']"),

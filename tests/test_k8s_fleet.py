@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 from conftest import run_cli, shared_crds
-from test_k8s import DYNAMIC, EXAMPLES, VARIANTS, _files, _files_of, _mutated
+from test_k8s import DYNAMIC, EXAMPLES, KEDA_MISTAKES, LWS_MISTAKES, VARIANTS, _files, _files_of, _mutated
 
 from lora_deploy.errors import InputError
 from lora_deploy.k8s.spec import load_spec, parse_spec
@@ -222,3 +222,15 @@ def test_fleet_spec_mistakes_are_named(change, needle):
 def test_the_fleet_example_is_committed():
     assert any(load_spec(p).adapter_store is not None and load_spec(p).routing.kind == "inference-pool"
                for p in EXAMPLES)
+
+
+@pytest.mark.parametrize("variant,fname,path,value",
+                         [("multinode", "leaderworkerset.yaml", p, v) for p, v, _ in LWS_MISTAKES]
+                         + [("merged-download-keda", "scaledobject.yaml", p, v) for p, v, _ in KEDA_MISTAKES])
+def test_the_built_in_checks_agree_with_the_published_crds(variant, fname, path, value, crds):
+    """Where no CRD is given, LeaderWorkerSet and ScaledObject are checked by built-in schemas (LWS's v1 API typed
+    here, KEDA's generated models); every mistake those refuse, the published CRD refuses too (no drift)."""
+    obj = _files(variant)[fname]
+    assert validate_object(obj, crds=crds) == []
+    assert validate_object(_mutated(obj, path, value))  # built in
+    assert validate_object(_mutated(obj, path, value), crds=crds)  # the published CRD

@@ -71,10 +71,10 @@ LWS_V1_SCHEMA = _closed({
         "leaderWorkerTemplate": _closed({
             "leaderTemplate": _OBJECT,
             "workerTemplate": _OBJECT,
-            "size": {**_INT32, "minimum": 1},
+            "size": _INT32,  # >= 1 is the webhook's rule (below), not the CRD's
             "restartPolicy": {"enum": ["Default", "RecreateGroupOnPodRestart", "RecreateGroupAfterStart", "None"]},
             "subGroupPolicy": _closed({"subGroupPolicyType": {"enum": ["LeaderWorker", "LeaderExcluded"]},
-                                       "subGroupSize": {**_INT32, "minimum": 1}}),
+                                       "subGroupSize": _INT32}),
             "volumeClaimTemplates": {"type": "array", "items": _OBJECT},
             "persistentVolumeClaimRetentionPolicy": _OBJECT,
         }, ("workerTemplate",)),
@@ -247,6 +247,14 @@ def _validate_lws(obj: dict, version: str, schema: dict) -> list[str]:
             wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": obj.get("metadata", {}),
                        "template": template[role]}
             problems += [f"spec.leaderWorkerTemplate.{role}: {p}" for p in _validate_core(wrapped, version)]
+    # the LWS admission webhook's rules (pkg/webhooks/leaderworkerset_webhook.go), which no CRD schema carries
+    size = template.get("size", 1)
+    if isinstance(size, int) and size < 1:
+        problems.append("LeaderWorkerSet: spec.leaderWorkerTemplate.size: size must be equal or greater than 1")
+    sub = (template.get("subGroupPolicy") or {}).get("subGroupSize", 1)
+    if isinstance(sub, int) and sub < 1:
+        problems.append("LeaderWorkerSet: spec.leaderWorkerTemplate.subGroupPolicy.subGroupSize: subGroupSize must "
+                        "be equal or greater than 1")
     rolling = (obj.get("spec", {}).get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
     if rolling.get("maxSurge", 0) in (0, "0%") and rolling.get("maxUnavailable", 1) in (0, "0%"):
         # the LWS admission webhook refuses this: a rollout could never make progress
