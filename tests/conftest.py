@@ -244,6 +244,22 @@ def shared_crds() -> Path:
     return folder
 
 
+def mount_smoke_job(files: dict, root: Path) -> tuple[Path, Path, dict]:
+    """Lay out the rendered smoke Job as its pod sees it: the ConfigMap's files under ``root/etc`` (the config
+    mount) and the mounted code under ``root/opt``; returns (config dir, code dir, the smoke.json settings)."""
+    data = files["configmap.yaml"]["data"]
+    items = files["smoke-test-job.yaml"]["spec"]["template"]["spec"]["volumes"][0]["configMap"]["items"]
+    mounts = {i["key"]: i["path"] for i in items}
+    config, code = root / "etc", root / "opt"
+    config.mkdir(parents=True, exist_ok=True)
+    for key, value in data.items():
+        (config / key).write_text(value)
+        if key in mounts:
+            (code / mounts[key]).parent.mkdir(parents=True, exist_ok=True)
+            (code / mounts[key]).write_text(value)
+    return config, code, json.loads(data["smoke.json"])
+
+
 def free_port() -> int:
     import socket
 

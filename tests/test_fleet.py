@@ -90,19 +90,11 @@ def test_the_smoke_job_checks_each_replica_with_the_stores_adapters(fleet, tmp_p
     from lora_deploy.k8s.render import render_manifests
     from lora_deploy.k8s.spec import parse_spec
 
+    from conftest import mount_smoke_job
     from fleet_harness import API_KEY, fleet_spec
 
     files = render_manifests(parse_spec(fleet_spec())).files
-    data = files["configmap.yaml"]["data"]
-    mounts = {i["key"]: i["path"] for i in files["smoke-test-job.yaml"]["spec"]["template"]["spec"]["volumes"][0]
-              ["configMap"]["items"]}
-    config, code = tmp_path / "etc", tmp_path / "opt"
-    config.mkdir()
-    for key, value in data.items():
-        if key in mounts:
-            (code / mounts[key]).parent.mkdir(parents=True, exist_ok=True)
-            (code / mounts[key]).write_text(value)
-    smoke = json.loads(data["smoke.json"])
+    config, code, smoke = mount_smoke_job(files, tmp_path)
     assert smoke["store"] == "/adapters" and smoke["replicas"] == 2
     for replica in fleet.replicas:
         (config / "smoke.json").write_text(json.dumps({**smoke, "pods_host": "127.0.0.1", "port": replica.port,

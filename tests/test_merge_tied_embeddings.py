@@ -161,7 +161,7 @@ def test_dora_on_a_tied_embedding_without_ensure_weight_tying(gemma3, tmp_path):
 def test_lora_with_ensure_weight_tying_stays_tied(gemma3, tmp_path):
     """Plain LoRA + ensure_weight_tying: one delta on the shared weight, applied once (PEFT's merge adds it twice)."""
     adapter = make_adapter(gemma3, tmp_path / "adapter", target_modules=["embed_tokens"], ensure_weight_tying=True)
-    report = _merge(gemma3, adapter, tmp_path / "out")
+    _merge(gemma3, adapter, tmp_path / "out")
     want = _assert_equals_unmerged(gemma3, adapter, tmp_path / "out")
     config, tensors = _written(tmp_path / "out")
     assert config["tie_word_embeddings"] is True and sorted(tensors) == sorted(file_tensors(gemma3))

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import free_port, run_cli, scaled_adapter, start_cli as _cli, wait_for_log as _wait_for
+from conftest import free_port, mount_smoke_job, run_cli, scaled_adapter, start_cli as _cli, wait_for_log as _wait_for
 
 from lora_deploy.errors import EXIT_INPUT
 from lora_deploy.examples.tiny import PROMPT_TEMPLATE, TICKETS, greedy_answer
@@ -240,17 +240,7 @@ def test_kubernetes_probe_and_smoke_job_scripts_against_real_vllm(server, exampl
                                     {"name": "reply", "path": str(example.adapters["reply"])}],
                        "apiKeySecret": {"name": "k", "key": "api-key"}})
     files = render_manifests(spec).files
-    data = files["configmap.yaml"]["data"]
-    mounts = {i["key"]: i["path"] for i in files["smoke-test-job.yaml"]["spec"]["template"]["spec"]["volumes"][0]
-              ["configMap"]["items"]}
-    config, code = tmp_path / "etc", tmp_path / "opt"
-    config.mkdir()
-    for key, value in data.items():
-        (config / key).write_text(value)
-        if key in mounts:
-            (code / mounts[key]).parent.mkdir(parents=True, exist_ok=True)
-            (code / mounts[key]).write_text(value)
-    smoke = json.loads(data["smoke.json"])
+    config, code, smoke = mount_smoke_job(files, tmp_path)
     assert smoke["pods_host"] == "support-pods.default.svc" and smoke["replicas"] == 1
     smoke.update(pods_host="127.0.0.1", port=server.plan.port, wait_seconds=30)  # the one "pod" here
     (config / "smoke.json").write_text(json.dumps(smoke))

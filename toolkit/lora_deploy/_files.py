@@ -167,7 +167,7 @@ def staged_folder(output: Path, *, force: bool, required_bytes: int = 0, what: s
         (tmp / _OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid())}))
         yield staged
         (tmp / _OWNER_FILE).unlink()
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _commit(tmp, output, force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -200,7 +200,8 @@ def _commit(tmp: Path, output: Path, force: bool) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (a rename into it, new files) durable; best effort where the file system refuses."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_deploy import __version__
-from lora_deploy._files import remove_stale_partials, staged_folder
+from lora_deploy._files import fsync_dir, remove_stale_partials, staged_folder
 from lora_deploy.errors import EXIT_ADMIN, InputError, LoraDeployError, OutputError
 from lora_deploy.model.adapter import CONFIG_FILE
 from lora_deploy.serve.flags import ALLOWED_LORA_RANKS, model_name_problem
@@ -309,7 +309,7 @@ def publish(adapter: str, store: str | Path, *, name: str | None = None, replace
                 tmp.unlink()
             os.symlink(Path(META_DIR, "versions", name, version), tmp)
             os.replace(tmp, link)  # the switch: a reader sees the old version or the new one, never a mixture
-            _fsync_dir(folder)
+            fsync_dir(folder)
             for old in versions.iterdir():  # older versions leave the volume (a crafted name could reach them)
                 if old.name != version and not old.name.startswith("."):
                     shutil.rmtree(old, ignore_errors=True)
@@ -346,17 +346,7 @@ def _fsync_tree(folder: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(folder)
 
 
 def _reload(url: str, name: str, path: str, api_key: str | None) -> EndpointResult:
@@ -445,7 +435,7 @@ def retire(name: str, store: str | Path, *, endpoints: tuple[str, ...] = (),
         else:
             shutil.rmtree(gone, ignore_errors=True)
         shutil.rmtree(_versions(folder, name), ignore_errors=True)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     results = tuple(_unload(url, name, api_key) for url in endpoints)
     notes = () if endpoints else (f"replicas that already loaded {name} keep serving it until they are told "
                                   "(adapters retire --endpoint URL, or adapters unload) or restarted",)
