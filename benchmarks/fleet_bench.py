@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{time.monotonic() - t0:.1f} s"))
         for r in fleet.replicas:  # both hold the old version
             fleet.complete(fleet.client(r.url), "late", prompts[0])
-        done = fleet.publish(example.adapters["classify"], "late", "--replace", "--api-key-env",
-                             "LORA_DEPLOY_FLEET_KEY", *[a for r in fleet.replicas for a in ("--endpoint", r.url)])
+        done = fleet.publish(example.adapters["classify"], "late", "--replace")  # the Job's --replicas: both
         assert done.returncode == 0, done.stderr
         after = fleet.burst([("late", p, expected["classify"][p]) for _ in range(args.rounds) for p in prompts],
                             concurrency=args.concurrency)

@@ -193,12 +193,15 @@ class Fleet:
         return r.choices[0].text
 
     def publish(self, source: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-        """The publish Job's own command line, with the pod's paths mapped here."""
+        """The publish Job's own command line, with the pod's paths mapped here and its ``--replicas`` (the headless
+        Service's name, one address per ready pod) standing for this fleet's replica URLs."""
         args = [self.local(a.replace("$(ADAPTER_SOURCE)", str(source)).replace("$(ADAPTER_NAME)", name))
                 for a in self.publish_args]
+        at = args.index("--replicas")
+        args[at:at + 2] = [a for r in self.replicas for a in ("--endpoint", r.url)]
         script = Path(sys.executable).with_name("lora-deploy")
         return subprocess.run([str(script), "adapters", "publish", *args, *extra], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, API_KEY_VAR: API_KEY})
+                              timeout=600, env={**os.environ, "VLLM_API_KEY": API_KEY})
 
     def burst(self, asks: list[tuple[str, str, str]], *, concurrency: int = 4, during=None,
               after: int | None = None) -> BurstResult:

@@ -110,11 +110,16 @@ def test_replace_switches_versions_and_the_old_one_leaves_the_volume(bases, adap
     assert res.returncode == 0, res.stderr
     second = json.loads(res.stdout)
     assert second["replaced_version"] == first["adapter"]["version"]
-    assert any("keep version" in n for n in second["notes"])  # no --endpoint: loaded replicas keep the old one
+    assert any("keep serving version" in n and "tell every replica" in n for n in second["notes"])  # no --endpoint
     assert (store / "s" / "adapter_model.safetensors").read_bytes() == \
         (adapters["b"] / "adapter_model.safetensors").read_bytes()
+    # the previous version stays (replicas told to load it may reload it after an eviction); older ones go
     versions = store / ".lora-deploy" / "versions" / "s"
-    assert [p.name for p in versions.iterdir()] == [second["adapter"]["version"]]
+    assert sorted(p.name for p in versions.iterdir()) == sorted([first["adapter"]["version"],
+                                                                 second["adapter"]["version"]])
+    third = _ok("adapters", "publish", str(adapters["a"]), "--name", "s", "--store", str(store), "--replace", "--json")
+    assert sorted(p.name for p in versions.iterdir()) == sorted([second["adapter"]["version"],
+                                                                 third["adapter"]["version"]])
 
 
 def test_retire_removes_the_name_and_every_version(bases, adapters, tmp_path):

@@ -128,17 +128,18 @@ def test_a_replica_killed_mid_burst_loses_no_request_and_comes_back_with_every_a
 
 
 def test_replace_with_endpoints_serves_the_new_version_everywhere(fleet, expected, example):
-    """`adapters publish --replace --endpoint` for both replicas: every later answer for the name is the new
-    version's, on each replica and through the router (a new path per version, so no prefix-cache block of the old
-    weights is reused)."""
+    """`adapters publish --replace` with the publish Job's arguments, which name every replica: every later answer for
+    the name is the new version's, on each replica and through the router (a new path per version, so no
+    prefix-cache block of the old weights is reused), and the previous version stays on the volume for replicas
+    told to load it before."""
     for replica in fleet.replicas:  # both hold the old version before the replace
         assert fleet.complete(fleet.client(replica.url), "late", PROMPTS[0]) == expected["reply"][PROMPTS[0]]
-    done = fleet.publish(example.adapters["classify"], "late", "--replace",
-                         *[a for r in fleet.replicas for a in ("--endpoint", r.url)], "--api-key-env",
-                         "LORA_DEPLOY_FLEET_KEY")
+    done = fleet.publish(example.adapters["classify"], "late", "--replace")  # the Job's --replicas: every pod
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert [e["action"] for e in report["endpoints"]] == ["reloaded", "reloaded"], report
+    versions = sorted(p.name for p in (fleet.store / ".lora-deploy" / "versions" / "late").iterdir())
+    assert versions == sorted([report["replaced_version"], report["adapter"]["version"]])
     for replica in fleet.replicas:
         client = fleet.client(replica.url)
         for p in PROMPTS:

@@ -192,12 +192,22 @@ def test_the_smoke_job_checks_every_replica_and_the_stores_adapters():
     smoke = json.loads(files["configmap.yaml"]["data"]["smoke.json"])
     headless = files["service-pods.yaml"]
     assert headless["spec"]["clusterIP"] == "None"
-    assert headless["spec"]["selector"] == files["service.yaml"]["spec"]["selector"]
+    assert files["service.yaml"]["spec"]["selector"].items() <= headless["spec"]["selector"].items()
     assert smoke["pods_host"] == "bot-pods.llm.svc" and smoke["store"] == "/adapters"
     assert smoke["replicas"] == 1  # autoscaling: its minimum
     job = files["smoke-test-job.yaml"]["spec"]["template"]["spec"]
     mount = next(m for m in job["containers"][0]["volumeMounts"] if m["name"] == "adapters")
     assert mount["readOnly"] is True
+    # only this rollout's pods: the headless Service selects the pod template's own hash, which changes with it
+    labels = files["deployment.yaml"]["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["selector"]["lora-deploy/template"] == labels["lora-deploy/template"]
+    changed = _files_of({**FLEET, "vllm": {"maxLoras": 6}})
+    assert changed["service-pods.yaml"]["spec"]["selector"]["lora-deploy/template"] != labels["lora-deploy/template"]
+    assert "lora-deploy/template" not in files["service.yaml"]["spec"]["selector"]  # the Service keeps old pods
+    # the publish Job tells every ready pod of the rollout (the same headless name), with the API key
+    publish = files["publish-job.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    assert publish["args"][publish["args"].index("--replicas") + 1] == "bot-pods.llm.svc:8000"
+    assert {e["name"] for e in publish["env"]} >= {"VLLM_API_KEY"}
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -211,6 +221,10 @@ def test_the_smoke_job_checks_every_replica_and_the_stores_adapters():
     ({"routing": {"kind": "mesh", "gateway": "gw"}}, "routing.kind"),
     ({"routing": {"kind": "inference-pool", "gateway": "gw", "failureMode": "Maybe"}}, "failureMode"),
     ({"monitoring": {"podMonitors": True}}, "monitoring.podMonitors: unknown key (did you mean podMonitor?)"),
+    ({"runtimeAdapters": True}, "shut out the Gateway"),
+    ({"routing": {"kind": "inference-pool", "gateway": "gw", "requestTimeout": "5 minutes"}}, "requestTimeout"),
+    ({"routing": {"kind": "inference-pool", "gateway": "My_Gateway"}}, "routing.gateway"),
+    ({"adapterStore": {"claim": "adapters", "maxLoraRank": 64, "mountPath": "/sources"}}, "mountPath"),
 ])
 def test_fleet_spec_mistakes_are_named(change, needle):
     data = {k: v for k, v in {**copy.deepcopy(FLEET), **change}.items() if v is not None}

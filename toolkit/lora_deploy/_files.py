@@ -30,6 +30,8 @@ def read_json_object(path: Path, *, missing: str, hint: str) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{path} is not valid JSON ({e})") from e
+    except OSError as e:
+        raise InputError(f"{path} cannot be read: {e.strerror or e}", hint="check its permissions") from e
     if not isinstance(data, dict):
         raise InputError(f"{path} must hold a JSON object")
     return data

@@ -47,6 +47,15 @@ adapters_app = typer.Typer(help="Adapters on a running vLLM (list, load, unload;
 StoreOpt = Annotated[str, typer.Option(help="The adapter store folder (as `dynamic --adapter-store` serves it).")]
 EndpointOpt = Annotated[Optional[list[str]], typer.Option(
     "--endpoint", help="A replica's URL to tell about the change; repeat for each replica.")]
+ReplicasOpt = Annotated[Optional[str], typer.Option(
+    "--replicas", help="HOST:PORT that resolves to every replica (in Kubernetes: NAME-pods.NAMESPACE.svc:8000, the "
+                       "headless Service); each address is told like an --endpoint.")]
+
+
+def _endpoints(endpoint: list[str] | None, replicas: str | None) -> tuple[str, ...]:
+    from lora_deploy.serve.store import replica_urls
+
+    return tuple(endpoint or ()) + (replica_urls(replicas) if replicas else ())
 
 
 @adapters_app.command("list")
@@ -81,6 +90,7 @@ def adapters_publish(
     name: Annotated[Optional[str], typer.Option(help="Its model name (default: the folder's name).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Publish a new version under an existing name.")] = False,
     endpoint: EndpointOpt = None,
+    replicas: ReplicasOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     base: Annotated[Optional[str], typer.Option(help="Create a missing store: the servers' base (folder or hub "
                                                 "id).")] = None,
@@ -115,7 +125,7 @@ def adapters_publish(
             raise InputError("--base describes a new store: it needs --max-lora-rank too")
         create = describe_server(base, model or base, served_model_name or default_served_name(model or base),
                                  max_lora_rank, served_from or str(Path(store).resolve()))
-    done = publish(adapter, store, name=name, replace=replace, endpoints=tuple(endpoint or ()),
+    done = publish(adapter, store, name=name, replace=replace, endpoints=_endpoints(endpoint, replicas),
                    api_key=_api_key(api_key_env), create=create, revision=revision)
     for note in done.notes:
         out.info(f"Note: {note}")
@@ -127,13 +137,14 @@ def adapters_publish(
 
 @adapters_app.command("retire")
 def adapters_retire(name: Annotated[str, typer.Argument(help="The adapter's model name.")], store: StoreOpt,
-                    endpoint: EndpointOpt = None, api_key_env: ApiKeyEnvOpt = None, json: JsonOpt = False) -> None:
+                    endpoint: EndpointOpt = None, replicas: ReplicasOpt = None, api_key_env: ApiKeyEnvOpt = None,
+                    json: JsonOpt = False) -> None:
     """Take an adapter out of a store: its name and every version leave the volume; each --endpoint replica that
     loaded it unloads it. Exit codes: 3 no such adapter, 9 a replica could not be told."""
     out.set_mode(json_mode=json)
     from lora_deploy.serve.store import retire
 
-    done = retire(name, store, endpoints=tuple(endpoint or ()), api_key=_api_key(api_key_env))
+    done = retire(name, store, endpoints=_endpoints(endpoint, replicas), api_key=_api_key(api_key_env))
     for note in done.notes:
         out.info(f"Note: {note}")
     told = "".join(f"\n  {r.url}: {r.action}" for r in done.endpoints)

@@ -172,6 +172,8 @@ def publish_job(spec: DeploySpec) -> dict:
            {"name": "ADAPTER_NAME", "value": "REPLACE-ME"}]
     if spec.weights.hf_token_secret:
         env.append(secret_env("HF_TOKEN", spec.weights.hf_token_secret, "HF_TOKEN"))
+    if spec.api_key_secret:  # to tell every replica of a --replace (a store needs the key: spec validation)
+        env.append(secret_env("VLLM_API_KEY", spec.api_key_secret.name, spec.api_key_secret.key))
     volumes, mounts = store_volume(spec, read_only=False)
     volumes.append({"name": "tmp", "emptyDir": {}})
     mounts.append({"name": "tmp", "mountPath": "/tmp"})
@@ -187,7 +189,10 @@ def publish_job(spec: DeploySpec) -> dict:
                  "command": ["lora-deploy", "adapters", "publish"],
                  "args": ["$(ADAPTER_SOURCE)", "--name", "$(ADAPTER_NAME)", "--store", store.mount_path,
                           "--base", model, "--model", model, "--served-model-name", spec.base_name,
-                          "--max-lora-rank", str(store.max_lora_rank), "--served-from", store.mount_path, "--json"],
+                          "--max-lora-rank", str(store.max_lora_rank), "--served-from", store.mount_path,
+                          # every ready server pod of the rollout: a --replace reloads each one that holds the adapter
+                          "--replicas", f"{pods_service_name(spec)}.{spec.namespace}.svc:{PORT}",
+                          "--api-key-env", "VLLM_API_KEY", "--json"],
                  "env": env, "volumeMounts": mounts,
                  "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
                  "securityContext": container_security()}
@@ -199,4 +204,5 @@ def publish_job(spec: DeploySpec) -> dict:
     meta["generateName"] = f"{spec.name}-publish-"
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
             "spec": {"backoffLimit": 0, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 86400,
-                     "template": {"metadata": {"labels": object_labels(spec, "publish")}, "spec": pod}}}
+                     "template": {"metadata": {"labels": {**object_labels(spec, "publish"),
+                                                          "lora-deploy/client": "true"}}, "spec": pod}}}

@@ -29,6 +29,7 @@ from lora_deploy.k8s.workload import (
     pods_service,
     resolve_ranks,
     service,
+    stamp_template,
     vllm_args,
 )
 
@@ -52,19 +53,22 @@ def render_manifests(spec: DeploySpec) -> RenderedManifests:
     files["configmap.yaml"] = config_map(spec, adapters)
     if spec.multi_node.nodes > 1:
         files["leaderworkerset.yaml"] = leader_worker_set(spec, args)
+        template = stamp_template(files["leaderworkerset.yaml"]["spec"]["leaderWorkerTemplate"]["leaderTemplate"])
         selector = {"app.kubernetes.io/name": spec.name, "role": "leader"}  # only leaders serve the API
         notes.append(f"multi-node: LeaderWorkerSet {lws_name(spec)} (needs the LWS controller in the cluster)")
     else:
         files["deployment.yaml"] = deployment(spec, args)
+        template = stamp_template(files["deployment.yaml"]["spec"]["template"])
         selector = server_selector(spec)
     files["service.yaml"] = service(spec, selector)
-    files["service-pods.yaml"] = pods_service(spec, selector)
+    files["service-pods.yaml"] = pods_service(spec, selector, template)
     files["pdb.yaml"] = disruption_budget(spec)
     if spec.weights.source == "download" and not spec.weights.claim:
         files["pvc.yaml"] = models_claim(spec)
     if spec.runtime_adapters:
         files["networkpolicy.yaml"] = network_policy(spec, selector)
-        notes.append("runtime adapters: only pods labelled lora-deploy/client=true may reach the server")
+        notes.append("runtime adapters: only pods labelled lora-deploy/client=true may reach the server"
+                     + (" (in any namespace: label Prometheus's pods so it can scrape)" if spec.pod_monitor else ""))
     if spec.autoscaling.enabled:
         name, obj = autoscaler(spec)
         files[name] = obj

@@ -117,7 +117,7 @@ def _picker_service(spec: DeploySpec, labels: dict) -> dict:
     return {"apiVersion": "v1", "kind": "Service", "metadata": object_meta(spec, picker_name(spec), "endpoint-picker"),
             "spec": {"type": "ClusterIP", "selector": labels, "ports": [
                 {"name": "grpc-ext-proc", "port": PICKER_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
-                 "appProtocol": "kubernetes.io/h2c"},
+                 "appProtocol": "http2"},  # gRPC over TLS (--secure-serving), as llm-d's own manifests declare
                 {"name": "http-metrics", "port": PICKER_METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}]}}
 
 

@@ -384,8 +384,11 @@ def _validate(spec: DeploySpec) -> None:
         if spec.vllm.max_lora_rank is not None and spec.vllm.max_lora_rank < store.max_lora_rank:
             problem(f"vllm.maxLoraRank {spec.vllm.max_lora_rank} is below adapterStore.maxLoraRank "
                     f"{store.max_lora_rank}: the servers could not load every adapter the store accepts")
+        if store.source_claim:
+            dns(store.source_claim, "adapterStore.sourceClaim", 253)
         if not store.mount_path.startswith("/") or store.mount_path.rstrip("/") in (
-                spec.weights.mount_path.rstrip("/"), "/tmp", "/dev/shm", CONFIG_MOUNT):
+                "", spec.weights.mount_path.rstrip("/"), "/tmp", "/dev/shm", CONFIG_MOUNT, "/opt/lora-deploy",
+                "/sources"):
             problem(f"adapterStore.mountPath: {store.mount_path!r} must be an absolute path of its own")
         if spec.api_key_secret is None:
             problem("adapterStore: needs apiKeySecret: serving a store turns on vLLM's runtime LoRA API, which loads "
@@ -398,6 +401,15 @@ def _validate(spec: DeploySpec) -> None:
         if not spec.routing.gateway:
             problem("routing.gateway: an inference-pool needs the name of an existing Gateway to attach to",
                     hint="for example gateway: inference-gateway")
+        else:
+            dns(spec.routing.gateway, "routing.gateway", 253)
+        if spec.runtime_adapters:
+            problem("runtimeAdapters: its NetworkPolicy admits only labelled clients, which would shut out the Gateway "
+                    "and the endpoint picker", hint="serve new adapters from an adapterStore instead (publish, no "
+                    "runtime API exposed), or use routing.kind: service")
+        if not re.match(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$", spec.routing.request_timeout):
+            problem(f"routing.requestTimeout: {spec.routing.request_timeout!r} is not a Gateway API duration "
+                    "(e.g. 300s, 5m)")
         if spec.multi_node.nodes > 1:
             problem("routing.kind: inference-pool is not supported with multiNode (only leaders serve the API)")
         if spec.routing.failure_mode not in ("FailOpen", "FailClose"):

@@ -178,11 +178,12 @@ def service(spec: DeploySpec, selector: dict) -> dict:
                      "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}]}}
 
 
-def pods_service(spec: DeploySpec, selector: dict) -> dict:
-    """A headless Service: its DNS name resolves to every ready server pod, so the smoke Job can check each replica
-    (a replica that cannot serve an adapter fails the Job, where the Service would hide it behind the others)."""
+def pods_service(spec: DeploySpec, selector: dict, template: str) -> dict:
+    """A headless Service: its DNS name resolves to every ready server pod of this rollout (``template``, the pod
+    template's hash), so the smoke Job checks each new replica and never an old one (a replica that cannot serve an
+    adapter fails the Job, where the Service would hide it behind the others)."""
     return {"apiVersion": "v1", "kind": "Service", "metadata": object_meta(spec, pods_service_name(spec)),
-            "spec": {"clusterIP": "None", "selector": selector,
+            "spec": {"clusterIP": "None", "selector": {**selector, TEMPLATE_LABEL: template},
                      "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}]}}
 
 
@@ -235,11 +236,27 @@ def disruption_budget(spec: DeploySpec) -> dict:
 
 
 def network_policy(spec: DeploySpec, selector: dict) -> dict:
-    """With runtime adapter loading on, only labelled clients in the namespace may reach the server."""
+    """With runtime adapter loading on, only labelled clients in the namespace may reach the server; with a
+    PodMonitor, labelled pods of any namespace too (label Prometheus's pods, which usually run elsewhere)."""
+    client = {"podSelector": {"matchLabels": {"lora-deploy/client": "true"}}}
+    peers = [client] + ([{"namespaceSelector": {}, **client}] if spec.pod_monitor else [])
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": object_meta(spec, spec.name),
             "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"],
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"lora-deploy/client": "true"}}}],
-                                  "ports": [{"port": PORT, "protocol": "TCP"}]}]}}
+                     "ingress": [{"from": peers, "ports": [{"port": PORT, "protocol": "TCP"}]}]}}
+
+
+TEMPLATE_LABEL = "lora-deploy/template"
+
+
+def stamp_template(template: dict) -> str:
+    """Label a server pod template with a hash of itself, so a check can tell this rollout's pods from the previous
+    one's (the smoke Job's headless Service selects it); returns the hash."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:12]
+    template["metadata"]["labels"][TEMPLATE_LABEL] = digest
+    return digest
 
 
 def models_claim(spec: DeploySpec) -> dict:

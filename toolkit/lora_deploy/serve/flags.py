@@ -333,16 +333,15 @@ def build_env(cfg: ServeConfig, *, cpu_build: bool) -> dict[str, str]:
     return env
 
 
-# vLLM's filesystem LoRA resolver (vllm/plugins/lora_resolvers/filesystem_resolver.py), consulted only with runtime
-# LoRA updating on; VLLM_PLUGINS names it alone, so no other installed plugin loads by surprise
-RESOLVER_PLUGIN = "lora_filesystem_resolver"
-
-
 def resolver_env(folder: str) -> dict[str, str]:
     """vLLM's environment for serving an adapter store through its filesystem resolver: the one definition, for the
-    launcher and the Kubernetes servers alike. The folder must exist when vLLM starts."""
-    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_PLUGINS": RESOLVER_PLUGIN,
-            "VLLM_LORA_RESOLVER_CACHE_DIR": folder}
+    launcher and the Kubernetes servers alike. The folder must exist when vLLM starts.
+
+    The resolver (vllm/plugins/lora_resolvers/filesystem_resolver.py) is a general plugin that vLLM loads when
+    ``VLLM_PLUGINS`` is unset, and it is consulted only with runtime LoRA updating on. ``VLLM_PLUGINS`` is left
+    alone: vLLM applies that allow-list to every plugin group (platforms, stat loggers), and the HF-hub resolver
+    registers only when that list names it."""
+    return {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_LORA_RESOLVER_CACHE_DIR": folder}
 
 
 def config_max_len(config: dict) -> int | None:

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -159,6 +160,7 @@ def describe_server(base: str, model: str, served_model_name: str, max_lora_rank
         raise InputError(f"--max-lora-rank {max_lora_rank} is not one vLLM accepts",
                          hint=", ".join(map(str, ALLOWED_LORA_RANKS)))
     config = read_config(resolve_headers(base, kind="base model").path)
+    base = str(Path(base).resolve()) if Path(base).exists() else base  # readable from any working directory
     return StoreRecord(model, served_model_name, base, BaseShape.from_config(config), max_lora_rank, served_from)
 
 
@@ -252,21 +254,44 @@ def _check_name(name: str, record: StoreRecord) -> None:
 def publish(adapter: str, store: str | Path, *, name: str | None = None, replace: bool = False,
             endpoints: tuple[str, ...] = (), api_key: str | None = None, create: StoreRecord | None = None,
             revision: str | None = None) -> PublishReport:
-    """Publish ``adapter`` (a folder or hub id) into the store as ``name`` (default: the folder's name).
+    """Publish ``adapter`` (a folder or hub id) into the store as ``name`` (default: the folder's or repo's name).
 
     Pre-flight first (exit 3 for broken input, 4 for what the servers could not serve), then the files are written
     whole into a new version and ``DIR/NAME`` is switched to it atomically. With ``replace`` an existing name gets
-    the new version; each of ``endpoints`` (replica URLs) that already loaded the adapter loads the new version in
-    place. ``create`` is the record to create the store with when it does not exist yet (checked otherwise).
+    the new version; each of ``endpoints`` (replica URLs: name every replica) that already loaded the adapter loads
+    the new version in place. The previous version stays on the volume (replicas told at the last replace read it
+    when they reload an evicted adapter); older ones leave it. ``create`` is the record to create the store with
+    when it does not exist yet (checked otherwise). A store that cannot be written is exit 5.
     """
+    with _store_io(Path(store)):
+        return _publish(adapter, Path(store), name=name, replace=replace, endpoints=endpoints, api_key=api_key,
+                        create=create, revision=revision)
+
+
+@contextmanager
+def _store_io(folder: Path) -> Iterator[None]:
+    """File-system errors on the store (a read-only mount, a folder another user owns) as exit 5, with the fix."""
+    try:
+        yield
+    except LoraDeployError:
+        raise
+    except OSError as e:
+        raise OutputError(f"adapter store {folder}: {e.strerror or e} ({e.filename or folder})",
+                          hint="the store must be writable by this user (in the pods: uid 2000, mounted read-write "
+                               "only for the publish Job)") from e
+
+
+def _publish(adapter: str, folder: Path, *, name: str | None, replace: bool, endpoints: tuple[str, ...],
+             api_key: str | None, create: StoreRecord | None, revision: str | None) -> PublishReport:
+    from lora_deploy.errors import UnsupportedError
     from lora_deploy.hub import resolve_ref
     from lora_deploy.serve.preflight import check_adapters, require_passed
 
-    folder = Path(store)
     record = open_store(folder, create)
     assert record is not None  # created when missing
     source = resolve_ref(adapter, kind="adapter", revision=revision)
-    name = name or source.path.name
+    # a hub id's folder is its snapshot (a commit hash): default to the repository's name instead
+    name = name or (source.source.rstrip("/").rsplit("/", 1)[-1] if source.is_hub else source.path.name)
     _check_name(name, record)
     link = folder / name
     if (link.exists() or link.is_symlink()) and not replace:
@@ -275,15 +300,20 @@ def publish(adapter: str, store: str | Path, *, name: str | None = None, replace
     if link.exists() and not link.is_symlink():
         raise OutputError(f"{link} is a folder copied into the store by hand: it cannot be swapped atomically",
                           hint=f"retire it first (lora-deploy adapters retire {name} --store {folder}), then publish")
-    staging = folder / META_DIR / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
+    staging = folder / META_DIR / "staging" / f"normalised-{uuid.uuid4().hex[:12]}"
     report = check_adapters(record.base, {name: str(source.path)}, max_lora_rank=record.max_lora_rank,
-                            normalise_dir=staging / f"normalised-{os.getpid()}")
+                            normalise_dir=staging)
     try:
         require_passed(report)
         checked = report.accepted[0]
+        if checked.moe_3d:
+            # vLLM's resolver builds its load request without is_3d_lora_weight, which fused expert LoRA needs
+            raise UnsupportedError(f"{name}: LoRA on fused MoE expert parameters (target_parameters) cannot be served "
+                                   "through vLLM's filesystem resolver, which does not mark it is_3d_lora_weight",
+                                   hint="serve it as a startup adapter (dynamic --adapter NAME=PATH, or adapters: in "
+                                        "the deploy spec), or merge it")
         notes = list(report.notes)
-        version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+        version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:8]}"
         versions = _versions(folder, name)
         versions.mkdir(parents=True, exist_ok=True)
         for partial in versions.glob(".*.partial-*"):  # litter of killed publishes, if their owner is gone
@@ -303,28 +333,36 @@ def publish(adapter: str, store: str | Path, *, name: str | None = None, replace
                 shutil.rmtree(versions / version, ignore_errors=True)
                 raise OutputError(f"an adapter named {name!r} was published while this one was written",
                                   hint="pass --replace to publish a new version")
+            if not (versions / version / CONFIG_FILE).is_file():
+                raise OutputError(f"version {version} of {name!r} disappeared before it was switched in (another "
+                                  "publish of the same name cleaned up)", hint="publish it again")
             previous = _current_version(folder, name)
-            tmp = folder / f".{name}.link-{os.getpid()}"
-            if tmp.is_symlink():
-                tmp.unlink()
+            tmp = folder / f".{name}.link-{uuid.uuid4().hex[:12]}"
             os.symlink(Path(META_DIR, "versions", name, version), tmp)
             os.replace(tmp, link)  # the switch: a reader sees the old version or the new one, never a mixture
             fsync_dir(folder)
-            for old in versions.iterdir():  # older versions leave the volume (a crafted name could reach them)
-                if old.name != version and not old.name.startswith("."):
+            # versions older than the previous one leave the volume (a crafted model name could reach them); the
+            # previous one stays for replicas that were told to load it and may reload it after an eviction
+            for old in versions.iterdir():
+                if not old.name.startswith(".") and old.name not in (version, previous) and (
+                        previous is None or old.name < previous):
                     shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(staging / f"normalised-{os.getpid()}", ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     results: tuple[EndpointResult, ...] = ()
     if previous is not None:
         served_path = f"{record.served_from.rstrip('/')}/{META_DIR}/versions/{name}/{version}"
         results = tuple(_reload(url, name, served_path, api_key) for url in endpoints)
         if not endpoints:
-            notes.append(f"replicas that already loaded {name} keep version {previous} until they are told (adapters "
-                         "publish --replace --endpoint URL for each replica) or restarted; the others load the new "
-                         "version on their next request for it")
+            notes.append(f"replicas that already loaded {name} keep serving version {previous} until they are told "
+                         "(adapters publish --replace --endpoint URL, naming every replica) or restarted, and they "
+                         "switch to the new files at their own moment when vLLM evicts and reloads the adapter, with "
+                         "prefix-cache blocks of the old weights: tell every replica")
     out = PublishReport(entry, str(folder), str(link), previous, tuple(notes), results)
-    _raise_for_endpoints(out.endpoints, f"{name} version {version} is published")
+    served_path = f"{record.served_from.rstrip('/')}/{META_DIR}/versions/{name}/{version}"
+    _raise_for_endpoints(out.endpoints, f"{name} version {version} is published",
+                         f"lora-deploy adapters load {name} {served_path} --replace --url URL (for each replica "
+                         "listed), or restart it")
     return out
 
 
@@ -370,18 +408,41 @@ def _unload(url: str, name: str, api_key: str | None) -> EndpointResult:
     return EndpointResult(url, "unloaded" if done else "had not loaded it")
 
 
-def _raise_for_endpoints(results: tuple[EndpointResult, ...], done: str) -> None:
+def _raise_for_endpoints(results: tuple[EndpointResult, ...], done: str, fix: str) -> None:
     failed = [r for r in results if r.action == "failed"]
     if failed:
         listing = "\n".join(f"  - {r.url}: {r.detail}" for r in failed)
         raise LoraDeployError(f"{done}, but {len(failed)} replica(s) could not be told:\n{listing}",
-                              exit_code=EXIT_ADMIN, hint="run the command again for those replicas with "
-                                                         "--endpoint, or restart them")
+                              exit_code=EXIT_ADMIN, hint=fix)
+
+
+def replica_urls(host_port: str) -> tuple[str, ...]:
+    """Every address a name resolves to, as replica URLs: ``NAME-pods.NS.svc:8000`` (the rollout's headless
+    Service) gives one URL per ready server pod, so a publish or retire in the cluster tells every replica."""
+    import socket
+
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--replicas {host_port!r} is not HOST:PORT", hint="for example --replicas "
+                                                                         "support-pods.llm.svc:8000")
+    try:
+        found = sorted({a[4][0] for a in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)})
+    except socket.gaierror as e:
+        raise InputError(f"--replicas {host_port}: {host} does not resolve ({e})",
+                         hint="the headless Service NAME-pods.NAMESPACE.svc lists the ready server pods") from e
+    return tuple(f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in found)
 
 
 def list_store(store: str | Path) -> tuple[StoredAdapter, ...]:
     """Every adapter the store's servers can be asked for: published ones and folders copied in by hand."""
-    folder = Path(store)
+    try:
+        return _list_store(Path(store))
+    except OSError as e:
+        raise InputError(f"adapter store {store}: {e.strerror or e} ({e.filename or store})",
+                         hint="the store must be readable by this user") from e
+
+
+def _list_store(folder: Path) -> tuple[StoredAdapter, ...]:
     record = open_store(folder)
     assert record is not None
     found = []
@@ -417,32 +478,50 @@ def _hand_copied(entry: Path, record: StoreRecord) -> StoredAdapter:
 
 def retire(name: str, store: str | Path, *, endpoints: tuple[str, ...] = (),
            api_key: str | None = None) -> RetireReport:
-    """Take ``name`` out of the store: its link and every version leave the volume; each of ``endpoints`` that
-    loaded it unloads it (others never will: its folder is gone)."""
+    """Take ``name`` out of the store: the name disappears first (no replica resolves it any more), then each of
+    ``endpoints`` (name every replica) that loaded it unloads it, then every version leaves the volume. A store that
+    cannot be written is exit 5; files that could not be removed are an error, not a success."""
     folder = Path(store)
+    with _store_io(folder):
+        return _retire(name, folder, endpoints=endpoints, api_key=api_key)
+
+
+def _retire(name: str, folder: Path, *, endpoints: tuple[str, ...], api_key: str | None) -> RetireReport:
     open_store(folder)
+    if not name or "/" in name or name.startswith(".") or name == META_DIR:
+        raise InputError(f"{name!r} is not an adapter name", hint=f"see lora-deploy adapters list --store {folder}")
     link = folder / name
-    if model_name_problem(name, adapter=True) or name.startswith("."):
-        raise InputError(f"{name!r} is not an adapter name", hint="see lora-deploy adapters list --store DIR")
-    if not (link.exists() or link.is_symlink()):
-        raise InputError(f"the store has no adapter named {name!r}", hint=f"lora-deploy adapters list --store {folder}")
     with _locked(folder):
+        if not (link.exists() or link.is_symlink()):
+            raise InputError(f"the store has no adapter named {name!r}",
+                             hint=f"lora-deploy adapters list --store {folder}")
         version = _current_version(folder, name)
-        gone = folder / META_DIR / f"retired-{name}-{os.getpid()}"
-        os.replace(link, gone)  # the name disappears in one step; then the files go
+        gone = folder / META_DIR / f"retired-{name}-{uuid.uuid4().hex[:12]}"
+        os.replace(link, gone)  # the name disappears in one step
+        fsync_dir(folder)
+    results = tuple(_unload(url, name, api_key) for url in endpoints)  # before the files go: see below
+    with _locked(folder):
         if gone.is_symlink():
             gone.unlink()
         else:
             shutil.rmtree(gone, ignore_errors=True)
         shutil.rmtree(_versions(folder, name), ignore_errors=True)
-        fsync_dir(folder)
-    results = tuple(_unload(url, name, api_key) for url in endpoints)
+        left = [str(p) for p in (gone, _versions(folder, name)) if p.exists() or p.is_symlink()]
+    if left:
+        raise OutputError(f"{name} is no longer served from the store, but these could not be removed: "
+                          f"{', '.join(left)} (a crafted model name could still load them)",
+                          hint="remove them as their owner, or with the permissions the store's files need")
+    # a replica that still holds the adapter reloads it from its path after an eviction; with the files gone that
+    # load fails inside vLLM's engine, so every replica must be told
     notes = () if endpoints else (f"replicas that already loaded {name} keep serving it until they are told "
-                                  "(adapters retire --endpoint URL, or adapters unload) or restarted",)
+                                  "(adapters retire --endpoint URL for every replica, or adapters unload) or "
+                                  "restarted; one that evicts and reloads it meanwhile finds its files gone",)
     out = RetireReport(name, str(folder), version, notes, results)
-    _raise_for_endpoints(out.endpoints, f"{name} is retired from the store")
+    _raise_for_endpoints(out.endpoints, f"{name} is retired from the store",
+                         f"lora-deploy adapters unload {name} --force --url URL (for each replica listed), or "
+                         "restart it")
     return out
 
 
 __all__ = ["BaseShape", "EndpointResult", "PublishReport", "RetireReport", "StoreRecord", "StoredAdapter",
-           "describe_server", "list_store", "open_store", "publish", "read_record", "retire"]
+           "describe_server", "list_store", "open_store", "publish", "read_record", "replica_urls", "retire"]
