@@ -194,3 +194,48 @@ def test_a_server_of_another_base_or_a_smaller_rank_is_refused(bases, adapters, 
     ok = run_console("dynamic", "--base", str(base), "--adapter-store", str(store), "--dry-run")
     assert ok.returncode == 0, ok.stderr
     assert "--max-lora-rank 16" in ok.stdout + ok.stderr
+
+
+def test_moe_expert_lora_is_refused_from_a_store_where_vllm_could_serve_it(bases, adapters, tmp_path, monkeypatch):
+    """On a GPU build pre-flight accepts LoRA on fused MoE experts (vLLM serves it when the load request marks it
+    is_3d_lora_weight); the filesystem resolver's load request never does, so publish refuses it (exit 4) and
+    writes nothing. Here the CPU build's pre-flight (which refuses MoE expert LoRA itself) is given a GPU verdict."""
+    import dataclasses
+
+    from lora_deploy.errors import UnsupportedError
+    from lora_deploy.serve import preflight
+    from lora_deploy.serve.store import describe_server, publish
+
+    real = preflight.check_adapters
+
+    def gpu_verdict(*args, **kwargs):
+        report = real(*args, **kwargs)
+        return dataclasses.replace(report, accepted=[dataclasses.replace(c, moe_3d=True) for c in report.accepted])
+
+    monkeypatch.setattr(preflight, "check_adapters", gpu_verdict)
+    base, _ = bases
+    store = tmp_path / "store"
+    with pytest.raises(UnsupportedError, match="filesystem resolver"):
+        publish(str(adapters["a"]), store, name="experts",
+                create=describe_server(str(base), str(base), "base", 16, str(store)))
+    assert not (store / "experts").exists() and not (store / ".lora-deploy" / "versions" / "experts").exists()
+
+
+def test_a_hub_adapter_is_named_after_its_repository_not_its_snapshot(bases, adapters, tmp_path, monkeypatch):
+    """A hub id resolves to a snapshot folder named by its commit hash; without --name the adapter is published
+    under the repository's name (read from a local hub cache: nothing reaches the Hub)."""
+    import shutil
+
+    base, _ = bases
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--support-lora"
+    shutil.copytree(adapters["b"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    store, create = _store(tmp_path, base)
+    res = run_console("adapters", "publish", "acme/support-lora", *create, "--json",
+                      env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr
+    done = json.loads(res.stdout)
+    assert done["adapter"]["name"] == "support-lora" and done["adapter"]["source"] == "acme/support-lora"
+    assert (store / "support-lora" / "adapter_config.json").is_file()
