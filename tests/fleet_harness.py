@@ -4,7 +4,8 @@ store, and vLLM's own router (PyPI ``vllm-router``) in front as the Service/gate
 Shared by tests/test_fleet.py and ``make bench-fleet`` (benchmarks/fleet_bench.py). Each replica runs the
 container's ``args`` and ``env`` from ``render_manifests`` with the pod's folders mapped to local ones (``/models``
 and the store's mount path) and its own port; the only other changes are what the CPU build needs, listed in
-:data:`CPU_ONLY`. Adapters are published with the publish Job template's own arguments, mapped the same way.
+:meth:`Fleet.launch_plan`
+(its module entry point, ``--enforce-eager --max-num-seqs 8`` and a KV cache size, as ``lora-deploy dynamic`` starts it). Adapters are published with the publish Job template's own arguments, mapped the same way.
 """
 
 from __future__ import annotations
@@ -23,10 +24,6 @@ API_KEY_VAR = "LORA_DEPLOY_FLEET_KEY"
 API_KEY = "fleet-test-key-not-secret"
 SERVED = "support"
 STORE_MOUNT = "/adapters"
-# what the CPU build needs on top of the container's command: its module entry point (its `vllm` script looks for a
-# distribution named vllm), eager mode and a small batch (as `lora-deploy dynamic` starts it), a KV cache size
-CPU_ONLY = ("python -m vllm.entrypoints.openai.api_server --model MODEL", "--enforce-eager --max-num-seqs 8",
-            "VLLM_CPU_KVCACHE_SPACE=1")
 
 
 def free_port() -> int:
