@@ -61,7 +61,10 @@ def test_committed_examples_pass_the_published_crds(spec_file, crds, tmp_path):
     args = [a for c in sorted(shared_crds().glob("*.yaml")) for a in ("--crd", str(c))]
     rc, stdout, stderr = run_cli("manifests", str(spec_file), "--output", str(tmp_path / "out"), *args, "--json")
     assert rc == 0, stderr
-    assert json.loads(stdout)["not_schema_validated"] == []
+    report = json.loads(stdout)
+    assert report["not_schema_validated"] == []
+    if "support-fleet" in spec_file.stem:  # each kind reports the version it was rendered in, not another one
+        assert report["validated_against"]["HTTPRoute"].startswith("gateway.networking.k8s.io/v1 ")
 
 
 # (file, path, value, what the CRD says)

@@ -170,9 +170,12 @@ def schema_versions(crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> 
     keda = ".".join(version("cloudcoil.models.keda").split(".")[:3])  # the 4th part is cloudcoil's build
     out = {"kubernetes": KUBERNETES_VERSION, "keda": keda, "leaderworkerset": "v1 API (typed in lora-deploy)",
            **{kind: "shape only (pass its CRD with --crd)" for _, kind in CRD_ONLY_KINDS}}
-    for (api_version, kind), crd in (crds or {}).items():
-        out[{"ScaledObject": "keda", "LeaderWorkerSet": "leaderworkerset"}.get(kind, kind)] = \
-            f"{api_version} CRD from {crd.source}"
+    named = set()
+    for (api_version, kind), crd in (crds or {}).items():  # a CRD's first served version (its preferred one)
+        label = {"ScaledObject": "keda", "LeaderWorkerSet": "leaderworkerset"}.get(kind, kind)
+        if label not in named:
+            out[label] = f"{api_version} CRD from {crd.source}"
+            named.add(label)
     return out
 
 

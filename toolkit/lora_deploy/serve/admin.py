@@ -163,9 +163,7 @@ def reload_from(url: str, name: str, path: str, api_key: str | None = None) -> b
     server = _endpoint(url, api_key)
     if not any(m.id == name for m in server.models()):
         return False
-    from lora_deploy.model.adapter import adapter_is_moe_experts
-
-    _load(server, name, path, inplace=True, moe_3d=bool(adapter_is_moe_experts(path)))
+    _load(server, name, path, inplace=True)  # never MoE expert LoRA: stores refuse it (store.publish)
     listed = {m.id: m for m in server.models()}
     if name not in listed or listed[name].root != path:
         raise LoraDeployError(f"the replica accepted the reload but does not list {name!r} from {path}",
