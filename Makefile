@@ -17,12 +17,13 @@ SHELL := /bin/bash
 QUIET_PIP := 2>&1 | sed -e '/is ignored: it is neither a file nor a directory/d'
 
 
-.PHONY: help venv demo demo-tiny test clean bench-merge bench-serve bench-qlora bench-fleet
+.PHONY: help venv demo demo-tiny test crds clean bench-merge bench-serve bench-qlora bench-fleet
 
 help:
 	@echo "make demo   - set up .venv, build the SmolLM2 example, merge it (verified), serve merged and dynamic"
 	@echo "make demo-tiny - the same story on a random 2-layer Llama (seconds to build)"
 	@echo "make test   - set up .venv with test extras and run the whole test suite"
+	@echo "make crds   - download the published CRDs the tests and 'manifests --crd' use (sha256 checked)"
 	@echo "make bench-merge - copy vs lora-deploy merged vs PEFT on a 1.1B-parameter checkpoint"
 	@echo "make bench-serve - merged vs dynamic LoRA serving on real vLLM, with a PNG plot in docs/"
 	@echo "make bench-qlora - a QLoRA adapter on SmolLM2: merge into dequantized vs original; FP8/INT8 quality"
@@ -59,6 +60,11 @@ demo-tiny: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15
+
+# the published CRDs (lora_deploy/k8s/crds.py: URL at a release tag, sha256) into ~/.cache/lora-deploy/crds or
+# $$LORA_DEPLOY_CRDS; without them the CRD tests skip, saying so (and fail under CI=true)
+crds: $(STAMP)
+	$(VENV)/bin/lora-deploy crds
 
 bench-merge: $(STAMP)
 	$(PY) benchmarks/merge_bench.py --repeat 2

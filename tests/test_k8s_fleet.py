@@ -1,5 +1,6 @@
 """The fleet's manifests: the adapter store on every server, InferencePool routing with llm-d's endpoint picker,
-PodMonitors, the per-replica smoke Job and the publish Job, all held to the published CRDs in ../shared/crds."""
+PodMonitors, the per-replica smoke Job and the publish Job, all held to the published CRDs (conftest.published_crds:
+$LORA_DEPLOY_CRDS, ../shared/crds or the cache `make crds` fills)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 import yaml
-from conftest import run_cli, shared_crds
+from conftest import run_cli, published_crds
 from test_k8s import DYNAMIC, EXAMPLES, KEDA_MISTAKES, LWS_MISTAKES, VARIANTS, _files, _files_of, _mutated
 
 from lora_deploy.errors import InputError
@@ -21,13 +22,14 @@ FLEET = VARIANTS["fleet"]
 
 @pytest.fixture(scope="module")
 def crds():
-    return load_crds(sorted(shared_crds().glob("*.yaml")))
+    return load_crds([published_crds()])  # a folder: every published CRD file in it
 
 
 def _custom(files: dict) -> dict:
-    """The custom resources among ``files``: the kinds the Kubernetes OpenAPI schemas do not define."""
+    """The custom resources among ``files``: the kinds the Kubernetes OpenAPI schemas do not define. Every object is
+    sorted into one side (a schema lookup that fails for another reason fails the test), none is dropped."""
+    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
     import kubernetes_validate
-    from kubernetes_validate.utils import SchemaNotFoundError
 
     out = {}
     for name, obj in files.items():
@@ -37,29 +39,38 @@ def _custom(files: dict) -> dict:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         except SchemaNotFoundError:
             out[name] = obj
-        except Exception:  # noqa: BLE001 - a schema exists (validity is checked elsewhere)
+        except ValidationError:  # a schema exists (whether the object meets it is asserted by validate_manifests)
             pass
     return out
+
+
+# the custom resources each variant renders: what the CRD check below must have seen, no fewer
+CUSTOM_KINDS = {"merged-1gpu": set(), "dynamic-1gpu": set(), "dynamic-4gpu": set(),
+                "dynamic-runtime-hpa": {"PodMonitor"}, "merged-download-keda": {"ScaledObject", "PodMonitor"},
+                "multinode": {"LeaderWorkerSet"}, "multinode-dynamic": {"LeaderWorkerSet"},
+                "fleet": {"ScaledObject", "InferencePool", "HTTPRoute", "PodMonitor"}}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_custom_resource_passes_its_published_crd(name, crds):
     """Every custom resource we render (LeaderWorkerSet, ScaledObject, InferencePool, HTTPRoute, PodMonitor) is
-    valid under the CRD its project publishes, and a CRD exists for each: nothing passes unchecked."""
+    valid under the CRD its project publishes, and a CRD exists for each: nothing passes unchecked, and the check saw
+    exactly the custom resources the variant renders."""
+    assert set(CUSTOM_KINDS) == set(VARIANTS)
     files = _files(name)
     assert validate_manifests(files, crds=crds) == []
-    for fname, obj in _custom(files).items():
+    custom = _custom(files)
+    for fname, obj in custom.items():
         assert (obj["apiVersion"], obj["kind"]) in crds, f"{fname}: no published CRD for {obj['kind']}"
-    if name == "fleet":  # the check above saw the custom resources it is about
-        assert {o["kind"] for o in _custom(files).values()} == {"ScaledObject", "InferencePool", "HTTPRoute",
-                                                                  "PodMonitor"}
+    assert {o["kind"] for o in custom.values()} == CUSTOM_KINDS[name]
 
 
 @pytest.mark.parametrize("spec_file", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_committed_examples_pass_the_published_crds(spec_file, crds, tmp_path):
-    """`manifests --crd` takes every file of ../shared/crds at once; nothing is left shape-only."""
-    args = [a for c in sorted(shared_crds().glob("*.yaml")) for a in ("--crd", str(c))]
-    rc, stdout, stderr = run_cli("manifests", str(spec_file), "--output", str(tmp_path / "out"), *args, "--json")
+    """`manifests --crd DIR` takes every published CRD at once (the folder `lora-deploy crds` fills); nothing is
+    left shape-only."""
+    rc, stdout, stderr = run_cli("manifests", str(spec_file), "--output", str(tmp_path / "out"), "--crd",
+                                 str(published_crds()), "--json")
     assert rc == 0, stderr
     report = json.loads(stdout)
     assert report["not_schema_validated"] == []
@@ -93,10 +104,37 @@ def test_without_a_crd_the_new_kinds_are_checked_for_shape_and_reported(tmp_path
     rc, stdout, stderr = run_cli("manifests", str(spec), "--output", str(tmp_path / "out"), "--json")
     assert rc == 0, stderr
     unchecked = json.loads(stdout)["not_schema_validated"]
-    assert {u.split(" ")[0] for u in unchecked} == {"inferencepool.yaml", "httproute.yaml", "podmonitor.yaml",
-                                                    "podmonitor-endpoint-picker.yaml"}
+    assert {u.split(" ")[0] for u in unchecked} == {"inferencepool.yaml", "httproute.yaml"}
     assert "not validated against a schema" in stderr and "--crd" in stderr
-    assert {kind for _, kind in CRD_ONLY_KINDS} == {"InferencePool", "HTTPRoute", "PodMonitor"}
+    assert {kind for _, kind in CRD_ONLY_KINDS} == {"InferencePool", "HTTPRoute"}
+
+
+# PodMonitor mistakes that the models generated from prometheus-operator's CRD refuse offline, without any CRD file
+PODMONITOR_MISTAKES = [
+    ("spec.podMetricsEndpoints.0.intervall", "15s", "intervall: unknown field"),
+    ("spec.selector", "all", "spec.selector"),
+    ("spec.podMetricsEndpoints.0.port", 8000, "spec.podMetricsEndpoints"),
+    ("spec.podMetricsEndpoints.0.scheme", 7, "spec.podMetricsEndpoints"),
+]
+
+
+@pytest.mark.parametrize("path,value,needle", PODMONITOR_MISTAKES)
+def test_pod_monitors_are_validated_offline_against_prometheus_operators_models(path, value, needle):
+    """PodMonitor needs no CRD file: cloudcoil's models of prometheus-operator's published CRD check it strictly
+    (types, unknown keys), both ways: the rendered monitors pass, each mistake is refused naming its field."""
+    files = _files("fleet")
+    for fname in ("podmonitor.yaml", "podmonitor-endpoint-picker.yaml"):
+        assert validate_object(files[fname]) == [], fname
+    problems = validate_object(_mutated(files["podmonitor.yaml"], path, value))
+    assert any(needle in p for p in problems), problems
+
+
+@pytest.mark.parametrize("path,value,needle", PODMONITOR_MISTAKES)
+def test_the_pod_monitor_models_agree_with_the_published_crd(path, value, needle, crds):
+    """No drift between the offline models and the published CRD: every mistake the models refuse, the CRD refuses."""
+    obj = _files("fleet")["podmonitor.yaml"]
+    assert validate_object(obj, crds=crds) == []
+    assert validate_object(_mutated(obj, path, value), crds=crds)
 
 
 def _server(files: dict) -> dict:
@@ -251,3 +289,43 @@ def test_the_built_in_checks_agree_with_the_published_crds(variant, fname, path,
     assert validate_object(obj, crds=crds) == []
     assert validate_object(_mutated(obj, path, value))  # built in
     assert validate_object(_mutated(obj, path, value), crds=crds)  # the published CRD
+
+
+def test_crds_fetches_the_published_files_and_refuses_any_other(tmp_path):
+    """`lora-deploy crds` (what `make crds` runs), through the console script: from an offline copy and from an HTTP
+    mirror (a real server on 127.0.0.1) every file of the table arrives with its published sha256 and a second run
+    downloads nothing; a file with other bytes is refused (exit 3, naming it) and nothing of it is kept."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    from conftest import assert_user_error, free_port, run_console
+
+    from lora_deploy.k8s.crds import PUBLISHED_CRDS, missing_crds
+
+    source = published_crds()
+    done = run_console("crds", "--dir", str(tmp_path / "a"), "--from", str(source), "--json")
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["fetched"]) == len(PUBLISHED_CRDS) and missing_crds(tmp_path / "a") == []
+    again = run_console("crds", "--dir", str(tmp_path / "a"), "--from", str(source), "--json")
+    assert json.loads(again.stdout)["fetched"] == [] and again.returncode == 0
+
+    mirror = tmp_path / "mirror"
+    shutil.copytree(source, mirror)
+    port = free_port()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = run_console("crds", "--dir", str(tmp_path / "b"), "--from", f"http://127.0.0.1:{port}/")
+        assert done.returncode == 0, done.stderr
+        assert missing_crds(tmp_path / "b") == []
+        tampered = PUBLISHED_CRDS[3].file
+        (mirror / tampered).write_bytes((mirror / tampered).read_bytes() + b"\n# changed\n")
+        res = run_console("crds", "--dir", str(tmp_path / "c"), "--from", f"http://127.0.0.1:{port}/")
+        assert_user_error(res, 3, tampered, "sha256")
+        assert not (tmp_path / "c" / tampered).exists()
+        assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]  # no partial file left
+    finally:
+        server.shutdown()

@@ -37,6 +37,7 @@ app.command("smoke")(endpoint_cmds.smoke)
 app.command("bench")(endpoint_cmds.bench)
 app.add_typer(endpoint_cmds.adapters_app, name="adapters")
 app.command("manifests", epilog=k8s_cmds.EXAMPLES)(k8s_cmds.manifests)
+app.command("crds", epilog=k8s_cmds.CRDS_EXAMPLES)(k8s_cmds.crds)
 app.command("plan", epilog=plan_cmd.EXAMPLES)(plan_cmd.plan)
 
 

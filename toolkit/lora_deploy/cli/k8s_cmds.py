@@ -18,6 +18,7 @@ lora-deploy manifests deploy/support-bot-merged.yaml --output manifests/support-
 lora-deploy manifests deploy/support-adapters-dynamic.yaml --output manifests/support-adapters-dynamic --check
 kubectl get crd leaderworkersets.leaderworkerset.x-k8s.io -o yaml > lws-crd.yaml
 lora-deploy manifests deploy/llama-70b-multinode.yaml --crd lws-crd.yaml --force
+lora-deploy crds && lora-deploy manifests deploy/support-fleet.yaml --crd ~/.cache/lora-deploy/crds --force
 kubectl apply -k manifests/support-bot-merged
 lora-deploy manifests deploy/big.yaml --size-for H100-80GB --base ./local-copy-of-the-model
 ```
@@ -30,8 +31,9 @@ def manifests(
                                                    "(default: manifests/NAME for deploy/NAME.yaml).")] = None,
     check: Annotated[bool, typer.Option(help="Do not write: exit 6 if OUTPUT differs from a fresh render.")] = False,
     crd: Annotated[Optional[list[Path]], typer.Option(
-        "--crd", metavar="FILE", help="Validate custom resources against this CustomResourceDefinition file "
-        "instead of the built-in check (repeatable), e.g. from `kubectl get crd NAME -o yaml`.")] = None,
+        "--crd", metavar="FILE|DIR", help="Validate custom resources against this CustomResourceDefinition file "
+        "(or every .yaml in a folder) instead of the built-in check (repeatable), e.g. from `kubectl get crd NAME "
+        "-o yaml`, or the published CRDs `lora-deploy crds` downloads.")] = None,
     size_for: Annotated[Optional[str], typer.Option(
         help="Size what the spec does not say (GPUs, tensor parallelism, max model len, pod memory) from "
         "`lora-deploy plan` for this GPU type, e.g. H100-80GB.")] = None,
@@ -43,8 +45,9 @@ def manifests(
     """Render a deploy spec into hardened manifests, validated against the Kubernetes schemas before writing.
 
     Built-in kinds are checked against the Kubernetes OpenAPI schemas (strict: unknown fields fail), a KEDA
-    ScaledObject against KEDA's CRD, a LeaderWorkerSet against its v1 API; InferencePool, HTTPRoute and PodMonitor
-    against the CRDs given with --crd (else for shape only, with a warning); invalid output is never written.
+    ScaledObject and a PodMonitor against models of their published CRDs, a LeaderWorkerSet against its v1 API;
+    InferencePool and HTTPRoute against the CRDs given with --crd (else for shape only, with a warning); invalid
+    output is never written.
     """
     out.set_mode(json_mode=json)
     from lora_deploy.k8s.render import compare_with, render_manifests, write_manifests
@@ -90,3 +93,40 @@ def manifests(
                 "kubernetes": versions["kubernetes"], "notes": list(rendered.notes)},
                f"Wrote {len(files)} files to {target} (valid for Kubernetes {versions['kubernetes']}):\n  "
                + "\n  ".join(f.name for f in files) + f"\nApply: kubectl apply -k {target}")
+
+
+CRDS_EXAMPLES = """Examples:
+
+```
+lora-deploy crds                                   # into ~/.cache/lora-deploy/crds (or $LORA_DEPLOY_CRDS)
+lora-deploy crds --dir ./crds --json
+lora-deploy crds --from /media/offline-copy        # an air-gapped copy, checked file by file
+lora-deploy manifests deploy/support-fleet.yaml --crd ~/.cache/lora-deploy/crds --force
+```
+"""
+
+
+def crds(
+    folder: Annotated[Optional[Path], typer.Option(
+        "--dir", metavar="DIR", help="Folder to fill (default: $LORA_DEPLOY_CRDS, else ~/.cache/lora-deploy/crds).")
+    ] = None,
+    source: Annotated[Optional[str], typer.Option(
+        "--from", metavar="DIR|URL", help="Take the files by name from this folder or URL prefix (a mirror) "
+        "instead of each project's release tag.")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Download the published CRDs that `manifests --crd` and the tests validate against, checking each sha256.
+
+    Each file comes from its project's release tag (LeaderWorkerSet, KEDA, InferencePool, HTTPRoute,
+    prometheus-operator, llm-d); a file whose sha256 is not the published one is refused and nothing of it is kept.
+    Files already present with the right sha256 are not downloaded again.
+
+    Exit codes: 0 ok, 3 a download failed or a file is not the published one, 5 the folder cannot be written.
+    """
+    out.set_mode(json_mode=json)
+    from lora_deploy.k8s.crds import PUBLISHED_CRDS, fetch_crds
+
+    report = fetch_crds(folder, source=source)
+    out.result(report, f"{len(PUBLISHED_CRDS)} published CRDs in {report.folder} (sha256 checked): "
+               f"{len(report.fetched)} downloaded, {len(report.present)} already there\n"
+               f"Use: lora-deploy manifests SPEC --crd {report.folder}")

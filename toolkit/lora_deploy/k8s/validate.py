@@ -5,15 +5,17 @@ Each kind is checked against the most authoritative schema that can be installed
 - built-in kinds (Deployment, Service, Job, ...): the Kubernetes OpenAPI schemas for
   :data:`KUBERNETES_VERSION`, through ``kubernetes-validate`` in strict mode (unknown fields fail, as
   ``kubectl apply --validate=strict`` does);
-- KEDA ``ScaledObject``: the models that ``cloudcoil-models-keda`` generates from KEDA's published CRD
-  file, validated with strict types, with every key the CRD does not know reported as an error;
+- KEDA ``ScaledObject``, prometheus-operator ``PodMonitor`` and ``ServiceMonitor``: the models that
+  ``cloudcoil-models-keda`` and ``cloudcoil-models-prometheus-operator`` generate from those projects' published
+  CRD files, validated with strict types, with every key the CRD does not know reported as an error;
 - ``LeaderWorkerSet``: LWS publishes its CRD only in its own release assets, which no package index
   carries, so its ``v1`` API is written down here (:data:`LWS_V1_SCHEMA`: fields, types, enums, required
   keys, unknown keys refused), and its leader and worker pod templates are checked as core PodTemplates.
 
-InferencePool, HTTPRoute and PodMonitor (:data:`CRD_ONLY_KINDS`): no package index carries their schemas, so without
-a CRD file they are checked for shape only (apiVersion, kind, metadata.name, a spec) and reported as not
-schema-validated (:func:`unvalidated_files`); pass their CRDs with ``--crd`` to validate them strictly.
+InferencePool and HTTPRoute (:data:`CRD_ONLY_KINDS`): no package index carries their schemas, so without a CRD file
+they are checked for shape only (apiVersion, kind, metadata.name, a spec) and reported as not schema-validated
+(:func:`unvalidated_files`); pass their CRDs with ``--crd`` (``lora-deploy crds`` downloads the published ones, see
+:mod:`lora_deploy.k8s.crds`) to validate them strictly.
 
 A CRD file you supply (:func:`load_crds`, ``lora-deploy manifests --crd FILE``; for instance the one your
 cluster serves, ``kubectl get crd leaderworkersets.leaderworkerset.x-k8s.io -o yaml``) replaces the built-in
@@ -36,8 +38,14 @@ KEDA_API = "keda.sh/v1alpha1"
 
 # custom resources lora-deploy renders with no schema available offline: checked strictly only against a supplied CRD
 CRD_ONLY_KINDS = {("inference.networking.k8s.io/v1", "InferencePool"): "inferencepools.inference.networking.k8s.io",
-                  ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes.gateway.networking.k8s.io",
-                  ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors.monitoring.coreos.com"}
+                  ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes.gateway.networking.k8s.io"}
+# custom resources checked offline against models generated from their project's published CRD (cloudcoil), by
+# kind (the model's own apiVersion refuses another version): kind -> (module, class, distribution, report label)
+MODEL_KINDS = {"ScaledObject": ("cloudcoil.models.keda.v1alpha1", "ScaledObject", "cloudcoil.models.keda", "keda"),
+               "PodMonitor": ("cloudcoil.models.prometheus_operator.v1", "PodMonitor",
+                              "cloudcoil-models-prometheus-operator", "PodMonitor"),
+               "ServiceMonitor": ("cloudcoil.models.prometheus_operator.v1", "ServiceMonitor",
+                                  "cloudcoil-models-prometheus-operator", "ServiceMonitor")}
 
 _INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
 _COUNT = {**_INT32, "minimum": 0}
@@ -102,12 +110,23 @@ def load_crds(paths: Iterable[str | Path]) -> dict[tuple[str, str], CrdSchema]:
     """Every served version of every CustomResourceDefinition in ``paths``, keyed by (apiVersion, kind).
 
     A file may hold several YAML documents (a release's ``manifests.yaml``, say); objects that are not
-    CRDs are skipped, but a file with no CRD at all is an error, since it was named to be used.
+    CRDs are skipped, but a file with no CRD at all is an error, since it was named to be used. A folder stands for
+    every ``*.yaml`` file in it (``lora-deploy crds`` fills one with the published CRDs).
     """
     import yaml
 
     crds: dict[tuple[str, str], CrdSchema] = {}
+    files: list[Path] = []
     for path in map(Path, paths):
+        if path.is_dir():
+            found_files = sorted(p for p in path.glob("*.yaml") if p.is_file() and not p.is_symlink())
+            if not found_files:
+                raise InputError(f"CRD folder {path} holds no .yaml files",
+                                 hint="fill it with `lora-deploy crds --dir FOLDER`")
+            files += found_files
+        else:
+            files.append(path)
+    for path in files:
         try:
             docs = [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
         except FileNotFoundError as e:
@@ -167,12 +186,18 @@ def schema_versions(crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> 
     """What each kind is validated against, for reports (`lora-deploy manifests --json`)."""
     from importlib.metadata import version
 
-    keda = ".".join(version("cloudcoil.models.keda").split(".")[:3])  # the 4th part is cloudcoil's build
-    out = {"kubernetes": KUBERNETES_VERSION, "keda": keda, "leaderworkerset": "v1 API (typed in lora-deploy)",
+    def models(dist: str) -> str:
+        return ".".join(version(dist).split(".")[:3])  # the 4th part is cloudcoil's build
+
+    out = {"kubernetes": KUBERNETES_VERSION, "leaderworkerset": "v1 API (typed in lora-deploy)",
+           **{label: (models(dist) if label == "keda" else f"{models(dist)} models of prometheus-operator's CRD")
+              for _, _, dist, label in MODEL_KINDS.values()},
            **{kind: "shape only (pass its CRD with --crd)" for _, kind in CRD_ONLY_KINDS}}
     named = set()
     for (api_version, kind), crd in (crds or {}).items():  # a CRD's first served version (its preferred one)
         label = {"ScaledObject": "keda", "LeaderWorkerSet": "leaderworkerset"}.get(kind, kind)
+        if label not in out and (api_version, kind) not in CRD_ONLY_KINDS:
+            continue  # a CRD for a kind lora-deploy does not render: nothing was validated against it
         if label not in named:
             out[label] = f"{api_version} CRD from {crd.source}"
             named.add(label)
@@ -192,8 +217,8 @@ def validate_object(obj: dict, version: str = KUBERNETES_VERSION,
         return _json_schema_problems(crd.schema, obj, kind)
     if (obj.get("apiVersion"), kind) in CRD_ONLY_KINDS:
         return _shape_problems(obj)
-    if kind == "ScaledObject":
-        return _validate_scaled_object(obj)
+    if kind in MODEL_KINDS:
+        return _validate_with_model(obj, MODEL_KINDS[kind])
     return _validate_core(obj, version)
 
 
@@ -266,23 +291,25 @@ def _validate_lws(obj: dict, version: str, schema: dict) -> list[str]:
     return problems
 
 
-@lru_cache(maxsize=1)
-def _scaled_object_model():
-    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+@lru_cache(maxsize=None)
+def _model(module: str, name: str):
+    import importlib
 
-    return ScaledObject
+    return getattr(importlib.import_module(module), name)
 
 
-def _validate_scaled_object(obj: dict) -> list[str]:
+def _validate_with_model(obj: dict, where: tuple[str, str, str, str]) -> list[str]:
+    """``obj`` against the pydantic model generated from its project's published CRD, strictly typed."""
     import pydantic
 
+    module, name, dist, _ = where
     try:
-        model = _scaled_object_model().model_validate(obj, strict=True)
+        model = _model(module, name).model_validate(obj, strict=True)
     except pydantic.ValidationError as e:
-        return [f"ScaledObject: {_path(err['loc'])}: {err['msg']}" for err in e.errors()]
+        return [f"{name}: {_path(err['loc'])}: {err['msg']}" for err in e.errors()]
     # the generated models ignore unknown keys; a structural CRD prunes them, so a typo would silently vanish
     kept = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
-    return [f"ScaledObject: {p}: unknown field (not in KEDA's CRD)" for p in _dropped_keys(obj, kept)]
+    return [f"{name}: {p}: unknown field (not in the published CRD; {dist})" for p in _dropped_keys(obj, kept)]
 
 
 def _dropped_keys(given: Any, kept: Any, path: str = "") -> list[str]:
