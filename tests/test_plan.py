@@ -176,35 +176,75 @@ def test_spec_check_catches_too_few_gpus_and_passes_a_fitting_spec(tmp_path):
     assert json.loads(out)["problems"] == []
 
 
-def test_plan_prints_the_flags_the_manifests_run(tmp_path):
-    """One flag builder: for a dynamic spec with three adapters on two GPUs, every flag `plan --spec` prints (but the
-    plan's own --max-num-seqs) is in the rendered Deployment's vLLM arguments, with the same value: --max-loras is
-    the adapter count (no CPU-build spare slot on a GPU), --max-lora-rank one vLLM accepts, and tensor parallelism
-    brings --fully-sharded-loras."""
+DEPLOY = Path(__file__).parents[1] / "deploy"
+
+
+def _with_store(spec: dict) -> dict:
+    """The dynamic example with an adapter store (rank limit 64) and no LoRA limits of its own: the case where the
+    plan once sized rank 16 while the servers ran rank 64."""
+    return {**spec, "apiKeySecret": {"name": "key"}, "vllm": {"maxModelLen": 8192},
+            "adapterStore": {"claim": "adapters", "maxLoraRank": 64}}
+
+
+# every committed spec, and the dynamic example with and without a store; (spec, the GPU memory that makes the
+# plan's tensor parallelism the spec's own, so every flag can be compared)
+FLAG_SPECS = {p.stem: (lambda p=p: __import__("yaml").safe_load(p.read_text())) for p in sorted(DEPLOY.glob("*.yaml"))}
+FLAG_SPECS["dynamic-with-store"] = lambda: _with_store(FLAG_SPECS["support-adapters-dynamic"]())
+FLAG_SPECS["fleet-without-max-loras"] = lambda: {**FLAG_SPECS["support-fleet"](), "vllm": {"maxModelLen": 8192}}
+FLAG_SPECS["dynamic-2gpu"] = lambda: {**FLAG_SPECS["support-adapters-dynamic"](), "gpus": 2}
+LORA_FLAGS = ("--enable-lora", "--max-lora-rank", "--max-loras", "--max-cpu-loras", "--fully-sharded-loras")
+
+
+def _server_args(folder: Path) -> list[str]:
+    """The vLLM container's arguments, from the Deployment or the LeaderWorkerSet's leader."""
     import yaml
 
-    folder = sparse_checkpoint(tmp_path / "m", LLAMA_8B, meta_shapes(LLAMA_8B))
-    spec = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "support-adapters-dynamic.yaml").read_text())
-    spec["gpus"] = 2
+    if (folder / "deployment.yaml").exists():
+        pod = yaml.safe_load((folder / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    else:
+        lws = yaml.safe_load((folder / "leaderworkerset.yaml").read_text())
+        pod = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]["spec"]
+    return pod["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("name", list(FLAG_SPECS))
+def test_plan_spec_prints_exactly_the_flags_the_manifests_run(name, tmp_path):
+    """One LoRA-limits record: for every committed spec (and a store without limits of its own), every flag `plan
+    --spec` prints (but the plan's own --max-num-seqs) is in the rendered server's vLLM arguments with the same value,
+    and every LoRA flag the server runs is one the plan sized: the rank limit, slots and CPU cache planned are the
+    ones the pods reserve."""
+    import yaml
+
+    spec = FLAG_SPECS[name]()
+    big = "70b" in spec["model"].lower()
+    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B if big else LLAMA_8B, meta_shapes(LLAMA_70B if big else
+                                                                                           LLAMA_8B))
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    # 20 GiB GPUs: the 70B spec's 8 per node x 2 nodes are what it needs; 16 GiB: two for the 8B; 80 GiB: one
+    memory = "20" if big else ("16" if spec.get("gpus") == 2 else "80")
     code, out, err = run_cli("plan", "--spec", str(tmp_path / "spec.yaml"), "--base", str(folder), "--gpu-memory",
-                             "16", "--json")  # 16 GiB GPUs: the 8B model needs two, as the spec gives it
+                             memory, "--json")
     assert code == 0, err
     planned = json.loads(out)["plan"]["gpus"][0]["vllm_flags"]
     code, _, err = run_cli("manifests", str(tmp_path / "spec.yaml"), "--output", str(tmp_path / "out"))
     assert code == 0, err
-    container = yaml.safe_load((tmp_path / "out" / "deployment.yaml").read_text())["spec"]["template"]["spec"][
-        "containers"][0]
-    args = container.get("command", []) + container.get("args", [])
+    args = _server_args(tmp_path / "out")
     for flag in planned:
-        name, _, value = flag.partition(" ")
-        if name == "--max-num-seqs":
+        flag_name, _, value = flag.partition(" ")
+        if flag_name == "--max-num-seqs":
             continue
-        assert name in args, (flag, args)
+        assert flag_name in args, (flag, args)
         if value:
-            assert args[args.index(name) + 1] == value, (flag, args)
-    for expected in ("--max-loras 3", "--max-lora-rank 64", "--fully-sharded-loras", "--tensor-parallel-size 2"):
-        assert expected in planned, planned
+            assert args[args.index(flag_name) + 1] == value, (flag, args)
+    assert [a for a in args if a in LORA_FLAGS] == [f.split(" ")[0] for f in planned if f.split(" ")[0] in LORA_FLAGS]
+    if spec.get("mode") == "dynamic":
+        assert "--enable-lora" in planned
+    if spec.get("gpus") == 2:  # tensor parallelism brings vLLM's sharded LoRA
+        assert {"--tensor-parallel-size 2", "--fully-sharded-loras"} <= set(planned)
+    if "adapterStore" in spec:  # the store's limit, and a slot for the adapters it serves at run time
+        assert "--max-lora-rank 64" in planned
+        loras = spec.get("vllm", {}).get("maxLoras") or len(spec["adapters"]) + 1
+        assert f"--max-loras {loras}" in planned
 
 
 @pytest.mark.parametrize("args,needle", [(["--max-lora-rank", "600"], "not one vLLM accepts"),

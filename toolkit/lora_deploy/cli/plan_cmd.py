@@ -72,9 +72,11 @@ def plan(
     from lora_deploy.k8s.sizing import check_spec, request_for_spec
     from lora_deploy.plan.capacity import PlanRequest, plan_capacity
 
+    from lora_deploy.serve.flags import LoraLimits
+
+    limits = dict(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
     options = dict(adapters=_pairs(adapter or [], "adapter"), max_model_len=max_model_len, concurrency=concurrency,
                    dtype=None if dtype == "auto" else dtype,
-                   max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras,
                    kv_cache_dtype=kv_cache_dtype, kv_cache_gib=kv_cache_gib, lora_overhead=lora_overhead,
                    traffic=_pairs(traffic or [], "traffic", float))
     if spec is not None:
@@ -87,7 +89,7 @@ def plan(
             raise InputError("--spec needs the GPU its pods get: the spec names a GPU count, not a type",
                              hint="add --gpu TYPE (e.g. --gpu H100-80GB) or --gpu-memory GiB")
         req = request_for_spec(deploy, base=base, gpu=gpu[0] if gpu else None, gpu_memory_gib=gpu_memory,
-                               gpu_memory_utilization=gpu_memory_utilization,
+                               gpu_memory_utilization=gpu_memory_utilization, lora=limits,
                                **{k: v for k, v in options.items() if v not in ({}, None)})
         result = check_spec(deploy, plan_capacity(req), str(spec))
         _print(result.plan, extra=[("spec", str(spec))] + [("problem", p) for p in result.problems]
@@ -99,7 +101,7 @@ def plan(
         raise InputError("plan needs --base (or --spec)", hint="lora-deploy plan --base ./model --gpu H100-80GB")
     if gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = gpu_memory_utilization
-    req = PlanRequest(base=base, gpus=tuple(gpu or ()), gpu_memory_gib=gpu_memory,
+    req = PlanRequest(base=base, gpus=tuple(gpu or ()), gpu_memory_gib=gpu_memory, lora=LoraLimits(**limits),
                       **{k: v for k, v in options.items() if v is not None})
     result = plan_capacity(req)
     _print(result, payload=result)

@@ -28,13 +28,19 @@ class SpecCheck:
 
 
 def request_for_spec(spec, base: str | None = None, gpu: str | None = None, gpu_memory_gib: float | None = None,
-                     **overrides) -> PlanRequest:
-    """The plan a deploy spec implies: its model (or ``base``, a readable copy), adapters by rank, its vLLM flags."""
-    ranks = {a.name: a.rank or 16 for a in spec.adapters} if spec.mode == "dynamic" else {}
-    fields = dict(base=base or spec.model, adapter_ranks=ranks, gpus=(gpu,) if gpu else (),
+                     lora: dict | None = None, **overrides) -> PlanRequest:
+    """The plan a deploy spec implies: its model (or ``base``, a readable copy), and the LoRA limits of the very
+    :class:`ServeConfig` its servers are rendered from (adapter ranks from the spec or the adapter folders, the
+    store's rank limit and runtime slot), so the plan sizes the flags the manifests run. ``lora`` overrides single
+    limits (``max_loras``, ``max_lora_rank``, ``max_cpu_loras``: what ``plan`` was also given)."""
+    from lora_deploy.k8s.workload import resolve_ranks, server_config
+
+    adapters = resolve_ranks(spec) if spec.mode == "dynamic" else ()
+    limits = server_config(spec, adapters).lora_limits
+    limits = replace(limits, **{k: v for k, v in (lora or {}).items() if v is not None})
+    fields = dict(base=base or spec.model, lora=limits, gpus=(gpu,) if gpu else (),
                   gpu_memory_gib=gpu_memory_gib, max_model_len=spec.vllm.max_model_len,
-                  max_loras=spec.vllm.max_loras, max_lora_rank=spec.vllm.max_lora_rank,
-                  max_cpu_loras=spec.vllm.max_cpu_loras, gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
+                  gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
                   dtype=spec.vllm.dtype, pipeline_parallel=spec.multi_node.nodes)
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return PlanRequest(**fields)
@@ -61,8 +67,8 @@ def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
             warnings.append(f"vllm.maxLoras {spec.vllm.max_loras} is below the {len(plan.adapters)} adapters: vLLM "
                             "swaps adapters in and out of the slots, and requests wait for one")
         ranks = [a.rank for a in spec.adapters if a.rank]
-        if spec.vllm.max_lora_rank is not None and ranks and max(ranks) > spec.vllm.max_lora_rank:
-            problems.append(f"vllm.maxLoraRank {spec.vllm.max_lora_rank} is below an adapter's rank {max(ranks)}: "
+        if spec.max_lora_rank is not None and ranks and max(ranks) > spec.max_lora_rank:
+            problems.append(f"maxLoraRank {spec.max_lora_rank} is below an adapter's rank {max(ranks)}: "
                             "vLLM refuses to load it")
     pod_memory = quantity_value(spec.resources.memory)
     need = g.weights_bytes_per_gpu * (g.tensor_parallel_size or tp)

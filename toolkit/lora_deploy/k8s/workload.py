@@ -46,9 +46,10 @@ def resolve_ranks(spec: DeploySpec, notes: list[str] | None = None) -> tuple[Ser
     return tuple(out)
 
 
-def vllm_args(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> list[str]:
-    """`vllm serve` arguments after the model, from the same derivation as `lora-deploy dynamic`."""
-    cfg = ServeConfig(model=spec.model, served_model_name=spec.base_name, adapters=adapters, host="0.0.0.0",
+def server_config(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> ServeConfig:
+    """The spec's servers as one :class:`ServeConfig` (``adapters`` from :func:`resolve_ranks`): what the manifests
+    run and what ``plan --spec`` sizes, so both read one record of the LoRA limits."""
+    return ServeConfig(model=spec.model, served_model_name=spec.base_name, adapters=adapters, host="0.0.0.0",
                       port=PORT, dtype=spec.vllm.dtype, max_loras=spec.vllm.max_loras,
                       max_cpu_loras=spec.vllm.max_cpu_loras, max_lora_rank=spec.max_lora_rank,
                       max_model_len=spec.vllm.max_model_len, allow_runtime_adapters=spec.runtime_adapters,
@@ -56,7 +57,11 @@ def vllm_args(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> list[str
                       tensor_parallel_size=spec.tensor_parallel_size,
                       gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
                       extra_args=spec.vllm.extra_args, seed=None)
-    args, _, _ = build_vllm_args(cfg, cpu_build=False)
+
+
+def vllm_args(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> list[str]:
+    """`vllm serve` arguments after the model, from the same derivation as `lora-deploy dynamic`."""
+    args, _, _ = build_vllm_args(server_config(spec, adapters), cpu_build=False)
     return args
 
 

@@ -27,7 +27,7 @@ from lora_deploy.plan.shape import (
     serving_dtype,
 )
 from lora_deploy.plan.slots import lora_modules, lora_slot_bytes
-from lora_deploy.serve.flags import ServeConfig, ServedAdapter, build_vllm_args, derive_lora_flags, flag_pairs
+from lora_deploy.serve.flags import LoraLimits, ServeConfig, ServedAdapter, build_vllm_args, flag_pairs
 
 DEFAULT_UTILIZATION = 0.90
 # not measured by this tool: CUDA graphs, NCCL buffers and the CUDA context, which vLLM's profiling reports as
@@ -51,15 +51,13 @@ class PlanRequest:
     """What to plan for: the base, its adapters, the GPUs to consider, the traffic."""
 
     base: str
-    adapters: dict[str, str] = field(default_factory=dict)  # name -> folder or hub id
-    adapter_ranks: dict[str, int] = field(default_factory=dict)  # adapters known only by name and rank (a spec)
+    adapters: dict[str, str] = field(default_factory=dict)  # name -> folder or hub id, read for their ranks
+    # the LoRA limits (a spec's servers' own record, or the CLI's options); adapters read above are added to it
+    lora: LoraLimits = field(default_factory=LoraLimits)
     gpus: tuple[str, ...] = ()  # catalog names; empty = the whole catalog
     gpu_memory_gib: float | None = None  # another GPU: its total memory
     max_model_len: int | None = None
     concurrency: int | None = None  # sequences of max_model_len the deployment should hold at once
-    max_loras: int | None = None
-    max_lora_rank: int | None = None
-    max_cpu_loras: int | None = None
     gpu_memory_utilization: float = DEFAULT_UTILIZATION
     dtype: str = "auto"  # vLLM --dtype
     kv_cache_dtype: str | None = None  # vLLM --kv-cache-dtype; default: the serving dtype
@@ -145,21 +143,21 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
         raise InputError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
                          f"{shape.max_position_embeddings}", hint="vLLM refuses it too; lower --max-model-len")
     infos = {name: load_adapter(src) for name, src in req.adapters.items()}
-    ranks = {**req.adapter_ranks, **{n: i.max_rank for n, i in infos.items()}}
-    lora = bool(ranks) or bool(req.max_loras)
-    served_adapters = tuple(ServedAdapter(n, n, r) for n, r in ranks.items())
+    limits = replace(req.lora, adapters=req.lora.adapters + tuple(
+        ServedAdapter(n, src, infos[n].max_rank) for n, src in req.adapters.items()))
+    ranks = {a.name: a.rank for a in limits.adapters}
+    lora = limits.any
     max_loras = max_rank = max_cpu = 0
-    if lora:  # the flags the launcher and the manifests derive for a GPU server from the same adapters
-        flags = derive_lora_flags(served_adapters, max_loras=req.max_loras, max_cpu_loras=req.max_cpu_loras,
-                                  max_lora_rank=req.max_lora_rank, cpu_build=False)
+    if lora:  # the flags the launcher and the manifests derive for a GPU server from the same record
+        flags = limits.flags(cpu_build=False)
         max_loras, max_rank, max_cpu = flags.max_loras, flags.max_lora_rank, flags.max_cpu_loras
     slots = lora_slot_bytes(lora_modules(config), max_loras, max_rank, dtype_bytes) if lora else 0
     biggest = max((i.size_bytes for i in infos.values()), default=slots // max(max_loras, 1))
     cpu_cache = max_cpu * biggest if lora else 0
     catalog = _gpus(req)
-    gpu_plans = tuple(_plan_gpu(name, gib, shape, served_weights, slots, kv_bytes, max_len, req, max_loras, max_rank,
-                                max_cpu, served_adapters if lora else None) for name, gib in catalog)
-    merged_plans = tuple(_plan_gpu(name, gib, shape, served_weights, 0, kv_bytes, max_len, req, 0, 0, 0, None)
+    gpu_plans = tuple(_plan_gpu(name, gib, shape, served_weights, slots, kv_bytes, max_len, req,
+                                limits if lora else None) for name, gib in catalog)
+    merged_plans = tuple(_plan_gpu(name, gib, shape, served_weights, 0, kv_bytes, max_len, req, None)
                          for name, gib in catalog) if lora else gpu_plans
     advice = _advise(req, tuple(ranks), gpu_plans, merged_plans)
     estimates = (f"reserve per GPU = activations (max_num_batched_tokens {GPU_BATCHED_TOKENS} x (4 x hidden + "
@@ -201,10 +199,9 @@ def tp_ok(shape: ModelShape, tp: int) -> bool:
 
 
 def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str, int]], slots: int, kv_bytes: int,
-              max_len: int, req: PlanRequest, max_loras: int, max_rank: int, max_cpu: int,
-              adapters: tuple[ServedAdapter, ...] | None) -> GpuPlan:
+              max_len: int, req: PlanRequest, limits: LoraLimits | None) -> GpuPlan:
     """One GPU type: the smallest tensor parallelism that holds the wanted sequences, and the flags to serve it with
-    (from the launcher's and the manifests' own builder; ``adapters`` None for a server without LoRA)."""
+    (from the launcher's and the manifests' own builder; ``limits`` None for a server without LoRA)."""
     from dataclasses import replace
 
     pp = max(1, req.pipeline_parallel)
@@ -235,10 +232,13 @@ def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str,
                                                                          str(max(1, min(GPU_MAX_NUM_SEQS, fits)))]
     if req.kv_cache_dtype and req.kv_cache_dtype != "auto":
         extra += ["--kv-cache-dtype", req.kv_cache_dtype]
-    cfg = ServeConfig(model=req.base, served_model_name=req.base, adapters=adapters or (), dtype=req.dtype,
-                      max_loras=max_loras or None, max_cpu_loras=max_cpu or None, max_lora_rank=max_rank or None,
-                      max_model_len=max_len, allow_runtime_adapters=adapters is not None and not adapters,
-                      runtime_slots=0, tensor_parallel_size=tp, gpu_memory_utilization=req.gpu_memory_utilization,
+    lora = limits or LoraLimits()
+    # a server whose adapters all arrive at run time (or that only asked for slots) has LoRA on with no adapters
+    runtime = limits is not None and (lora.runtime_slots > 0 or not lora.adapters)
+    cfg = ServeConfig(model=req.base, served_model_name=req.base, adapters=lora.adapters, dtype=req.dtype,
+                      max_loras=lora.max_loras, max_cpu_loras=lora.max_cpu_loras, max_lora_rank=lora.max_lora_rank,
+                      max_model_len=max_len, allow_runtime_adapters=runtime, runtime_slots=lora.runtime_slots,
+                      tensor_parallel_size=tp, gpu_memory_utilization=req.gpu_memory_utilization,
                       extra_args=tuple(extra), seed=None)
     args, _, _ = build_vllm_args(cfg, cpu_build=False, include_network=False)
     # names and paths are the deployment's own (`dynamic` and the manifests add them); the sizing flags are these

@@ -178,6 +178,13 @@ class ServeConfig:
         """Whether adapters arrive after start (runtime loading or an adapter store): they need LoRA slots too."""
         return self.allow_runtime_adapters or self.adapter_store is not None
 
+    @property
+    def lora_limits(self) -> LoraLimits:
+        """This deployment's LoRA limits, the one record every LoRA flag is derived from."""
+        return LoraLimits(adapters=self.adapters, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
+                          max_cpu_loras=self.max_cpu_loras,
+                          runtime_slots=self.runtime_slots if self.loads_at_run_time else 0)
+
 
 @dataclass(frozen=True)
 class LoraFlags:
@@ -188,6 +195,32 @@ class LoraFlags:
     max_cpu_loras: int
     notes: tuple[str, ...] = field(default=())
     runtime_slots: int = 0  # slots left for adapters loaded at run time (never the CPU build's empty slot)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraLimits:
+    """What a server's LoRA must hold: the adapters it serves from the start (their ranks), the limits a user set
+    (None: derive), and the slots kept for adapters that arrive at run time (an adapter store, runtime loading).
+
+    The one record ``lora-deploy dynamic`` (through :class:`ServeConfig`), the manifests (through the spec's
+    ServeConfig) and ``plan`` (its request, or a spec's) turn into ``--max-lora-rank``, ``--max-loras`` and
+    ``--max-cpu-loras`` with :meth:`flags`, so the memory planned is the memory the servers reserve."""
+
+    adapters: tuple[ServedAdapter, ...] = ()
+    max_lora_rank: int | None = None
+    max_loras: int | None = None
+    max_cpu_loras: int | None = None
+    runtime_slots: int = 0
+
+    @property
+    def any(self) -> bool:
+        """Whether the server has LoRA at all (adapters, runtime slots, or LoRA slots asked for)."""
+        return bool(self.adapters) or self.runtime_slots > 0 or bool(self.max_loras)
+
+    def flags(self, *, cpu_build: bool) -> LoraFlags:
+        return derive_lora_flags(self.adapters, max_loras=self.max_loras, max_cpu_loras=self.max_cpu_loras,
+                                 max_lora_rank=self.max_lora_rank, cpu_build=cpu_build,
+                                 runtime_slots=self.runtime_slots)
 
 
 def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | None = None,
@@ -267,9 +300,7 @@ def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | N
         args += ["--seed", str(cfg.seed)]
     flags = None
     if cfg.dynamic:
-        flags = derive_lora_flags(cfg.adapters, max_loras=cfg.max_loras, max_cpu_loras=cfg.max_cpu_loras,
-                                  max_lora_rank=cfg.max_lora_rank, cpu_build=cpu_build,
-                                  runtime_slots=cfg.runtime_slots if cfg.loads_at_run_time else 0)
+        flags = cfg.lora_limits.flags(cpu_build=cpu_build)
         notes.extend(flags.notes)
         args += ["--enable-lora", "--max-lora-rank", str(flags.max_lora_rank), "--max-loras", str(flags.max_loras),
                  "--max-cpu-loras", str(flags.max_cpu_loras)]
