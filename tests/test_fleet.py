@@ -113,7 +113,8 @@ def test_the_smoke_job_checks_each_replica_with_the_stores_adapters(fleet, tmp_p
 MAX_LOST_TO_THE_KILL = 2
 
 
-def test_a_replica_killed_mid_burst_loses_no_request_and_comes_back_with_every_adapter(fleet, expected):
+def test_a_replica_killed_mid_burst_gives_no_wrong_answer_loses_at_most_its_in_flight_requests_and_comes_back(
+        fleet, expected):
     """SIGKILL to one replica during a burst of non-streaming requests through the router: none wrong, and at most
     the requests in flight on the killed replica failed (the router retries the rest on the other replica). Started
     again with the same command, the replica serves the startup adapter and every published one with no manual

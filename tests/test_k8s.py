@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli, shared_crds
+from conftest import run_cli, published_crds
 
 from lora_deploy.errors import InputError
 from lora_deploy.k8s.render import compare_with, lws_name, render_manifests
@@ -43,13 +43,22 @@ VARIANTS = {
 }
 
 
+# the kinds lora-deploy renders that hold no pod template; any other kind must be one _pod_templates knows
+NO_POD_KINDS = {"ConfigMap", "Service", "PodDisruptionBudget", "PersistentVolumeClaim", "NetworkPolicy",
+                "ScaledObject", "HorizontalPodAutoscaler", "InferencePool", "HTTPRoute", "PodMonitor", "ServiceAccount",
+                "Role", "RoleBinding", "Kustomization"}
+
+
 def _pod_templates(obj: dict) -> list[dict]:
+    """Every pod template of a rendered object; a kind that is neither a known workload nor a known pod-less kind
+    fails, so a new workload kind cannot slip past the hardening checks unchecked."""
     spec = obj.get("spec", {})
     if obj["kind"] in ("Deployment", "Job"):
         return [spec["template"]]
     if obj["kind"] == "LeaderWorkerSet":
         t = spec["leaderWorkerTemplate"]
         return [t["leaderTemplate"], t["workerTemplate"]]
+    assert obj["kind"] in NO_POD_KINDS, f"{obj['kind']}: a kind the hardening test does not know"
     return []
 
 
@@ -134,7 +143,7 @@ def test_custom_resources_are_refused_where_their_api_refuses_them(variant, fnam
 def _lws_crd(startup_policies: tuple[str, ...] | None = None) -> dict:
     """LeaderWorkerSet's published CRD (../shared/crds), optionally with another startupPolicy enum (an older or
     newer cluster)."""
-    crd = yaml.safe_load((shared_crds() / "leaderworkerset.x-k8s.io_leaderworkersets.yaml").read_text())
+    crd = yaml.safe_load((published_crds() / "leaderworkerset.x-k8s.io_leaderworkersets.yaml").read_text())
     if startup_policies is not None:
         spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
         spec["startupPolicy"]["enum"] = list(startup_policies)
@@ -187,7 +196,11 @@ def test_manifests_cli_holds_custom_resources_to_the_given_crd(tmp_path):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_hardening_on_every_pod_template(name):
-    for obj in _files(name).values():
+    """Every pod the manifests start (servers, workers, the endpoint picker, the smoke and publish Jobs) is hardened;
+    the check saw at least the server's pod template of every variant."""
+    files = _files(name)
+    assert any(_pod_templates(obj) for obj in files.values()), sorted(files)
+    for obj in files.values():
         for tmpl in _pod_templates(obj):
             pod = tmpl["spec"]
             picker = tmpl["metadata"]["labels"]["app.kubernetes.io/component"] == "endpoint-picker"

@@ -11,12 +11,10 @@ import json
 import shutil
 import warnings
 
+import bitsandbytes.functional as bnb_functional  # the test extra installs it: the oracle, never skipped
 import pytest
-
+import torch
 from conftest import loaded_model, logits_of, make_adapter, make_base, run_cli
-
-torch = pytest.importorskip("torch")
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 
 def _unpack(packed, n):
@@ -152,8 +150,8 @@ def qlora_case(tmp_path_factory):
 
 def qlora_model(base, adapter, *, double_quant=False, prequantized=False):
     """The QLoRA model in float32: the base loaded in 4-bit by bitsandbytes, each 4-bit layer replaced by a float32
-    Linear holding bitsandbytes' dequantized weight (checked to be code x absmax of its codes and statistics), and
-    the adapter unmerged on top. Not bitsandbytes' 4-bit forward: on AMX/AVX512-FP16 CPUs it computes in lower
+    Linear holding bitsandbytes' dequantized weight (checked to be code x absmax of its codes and statistics; where
+    this CPU's kernel is not, code x absmax itself), and the adapter unmerged on top. Not bitsandbytes' 4-bit forward: on AMX/AVX512-FP16 CPUs it computes in lower
     precision even with a float32 compute dtype, which would make the oracle, not the merge, inexact."""
     import bitsandbytes as bnb
     from peft import PeftModel
@@ -172,8 +170,11 @@ def qlora_model(base, adapter, *, double_quant=False, prequantized=False):
         theirs = bnb_functional.dequantize_4bit(module.weight.data, state).float()
         expected = _code_times_absmax(_unpack(module.weight.data, theirs.numel()), _absmax(state), state.quant_type,
                                       state.blocksize, theirs.shape)
+        # where bitsandbytes' CPU dequantize kernel is not code x absmax (bitsandbytes 0.50 on some AVX512/AMX CPUs),
+        # the oracle is what its stored codes and statistics mean: code x absmax, from bitsandbytes' own code book
+        # (the test above holds that to bitsandbytes' kernel wherever the kernel is right); never a skip
         if not _bitsandbytes_agrees(theirs, expected, name):
-            pytest.skip(f"bitsandbytes' dequantized weights are wrong on this CPU ({name}): no QLoRA oracle here")
+            theirs = expected
         linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():
             linear.weight.copy_(theirs)
