@@ -37,6 +37,29 @@ def read_json_object(path: Path, *, missing: str, hint: str) -> dict:
     return data
 
 
+def contained_file(path: Path, folder: Path) -> Path:
+    """``path``, a file listed in ``folder``, if reading it stays inside ``folder``; an InputError otherwise.
+
+    A symbolic link is followed only to a regular file inside the folder, or, for a Hugging Face cache snapshot
+    (``.../snapshots/<commit>``), inside that repository's cache folder (where the hub client keeps the blobs the
+    snapshot links to). Anything else (``notes.txt -> /proc/self/environ``, a link to another user's file) is
+    refused, naming the file: its bytes would be copied into a checkpoint or a shared adapter store.
+    """
+    folder = Path(folder)
+    if not path.is_symlink():
+        if not path.is_file():
+            raise InputError(f"{path} is not a regular file", hint="remove it from the folder")
+        return path
+    root = folder.resolve()
+    allowed = root.parent.parent if root.parent.name == "snapshots" else root
+    target = path.resolve()
+    if not target.is_file() or not target.is_relative_to(allowed) or target.is_relative_to(Path("/proc")):
+        raise InputError(f"{path} is a symbolic link to {target}, outside {folder}: its contents are not copied",
+                         hint="replace the link with the file itself (cp --dereference) if you trust it, or "
+                         "remove it")
+    return path
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

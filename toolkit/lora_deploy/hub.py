@@ -48,7 +48,7 @@ def resolve_ref(ref: str | os.PathLike, *, kind: str, revision: str | None = Non
             raise InputError(f"{kind} {text!r} is a file; expected a folder with config and weights",
                              hint=f"pass the folder that contains the {kind}'s files")
         return ResolvedRef(source=text, path=path.resolve())
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+    if not _HUB_ID.fullmatch(text) or text.startswith((".", "/", "~")):
         raise InputError(f"{kind} folder {text!r} does not exist",
                          hint="check the path, or pass a Hugging Face hub id such as org/name")
     return _download(text, kind=kind, revision=revision, allow_pickle=allow_pickle)
@@ -66,7 +66,7 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
     """
     text = str(ref)
     path = Path(text).expanduser()
-    if path.exists() or not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+    if path.exists() or not _HUB_ID.fullmatch(text) or text.startswith((".", "/", "~")):
         return resolve_ref(ref, kind=kind, revision=revision)
     import json
     import shutil
@@ -83,6 +83,11 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(local, staging, symlinks=False)
         for name, file_meta in meta.files_metadata.items():
+            if not _plain_relative(name):  # an index's shard names are the repo's to choose: never a path out
+                shutil.rmtree(staging, ignore_errors=True)
+                raise InputError(f"{kind} {text!r}: its safetensors index names a shard {name!r} outside the "
+                                 "repository's folder", hint="a repository's shard names are plain file names; "
+                                 "this one cannot be read safely")
             header = {t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
                       for t, i in file_meta.tensors.items()}
             if file_meta.metadata:
@@ -100,6 +105,13 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
             shutil.rmtree(target)
         staging.rename(target)
     return ResolvedRef(source=text, path=target, revision=local.name)
+
+
+def _plain_relative(name: str) -> bool:
+    """Whether ``name`` stays inside the folder it is joined to: relative, no '..', no backslash or NUL."""
+    parts = name.split("/")
+    return (bool(name) and not name.startswith("/") and "\\" not in name and "\0" not in name
+            and all(p not in ("", ".", "..") for p in parts))
 
 
 @contextlib.contextmanager
@@ -155,7 +167,7 @@ def local_config(ref: str | None) -> Path | None:
     path = Path(str(ref)).expanduser()
     if path.is_dir():
         return path / "config.json" if (path / "config.json").is_file() else None
-    if not _HUB_ID.match(str(ref)):
+    if not _HUB_ID.fullmatch(str(ref)):
         return None
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -27,7 +27,7 @@ _QUANTITY_SCALE = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**
 def quantity_value(q: str | int | float | None) -> float | None:
     """The number a Kubernetes quantity stands for (``48Gi`` -> 48 * 2**30, ``500m`` -> 0.5, ``1e9``), or None when
     ``q`` is not a quantity, as the API server parses them (resource.Quantity)."""
-    m = QUANTITY.match(str(q if q is not None else "").strip())
+    m = QUANTITY.fullmatch(str(q if q is not None else "").strip())
     if not m:
         return None
     suffix = m.group(2)
@@ -354,7 +354,7 @@ def _validate(spec: DeploySpec) -> None:
         problems.append((message, hint))
 
     def dns(value: str, where: str, limit: int = 63) -> None:
-        if len(value) > limit or not DNS1123.match(value):
+        if len(value) > limit or not DNS1123.fullmatch(value):
             problem(f"{where}: {value!r} is not a DNS-1123 name",
                     hint="lower-case letters, digits and '-', starting and ending with a letter or digit, "
                          f"at most {limit} characters")
@@ -407,7 +407,7 @@ def _validate(spec: DeploySpec) -> None:
             problem("runtimeAdapters: its NetworkPolicy admits only labelled clients, which would shut out the Gateway "
                     "and the endpoint picker", hint="serve new adapters from an adapterStore instead (publish, no "
                     "runtime API exposed), or use routing.kind: service")
-        if not re.match(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$", spec.routing.request_timeout):
+        if not re.fullmatch(r"([0-9]{1,5}(h|m|s|ms)){1,4}", spec.routing.request_timeout):
             problem(f"routing.requestTimeout: {spec.routing.request_timeout!r} is not a Gateway API duration "
                     "(e.g. 300s, 5m)")
         if spec.multi_node.nodes > 1:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from lora_deploy import __version__
-from lora_deploy._files import StalePartial, staged_folder
+from lora_deploy._files import StalePartial, contained_file, staged_folder
 from lora_deploy.errors import InputError, LoraDeployError
 from lora_deploy.hub import sha256_file
 from lora_deploy.merge.compute import Workspace, add_low_rank_blocked, check_range, minmax
@@ -262,11 +262,11 @@ def _write_side_files(plan: MergePlan, folder: Path) -> None:
     """config.json (output dtype, ties, vocab), generation config, tokenizer (adapter's if it has one)."""
     for src in sorted(plan.base.path.iterdir()):
         if src.is_file() and src.name not in _SKIP_NAMES and not src.name.endswith(_SKIP_SUFFIXES):
-            shutil.copy2(src, folder / src.name)
+            shutil.copy2(contained_file(src, plan.base.path), folder / src.name)
     tokenizer_source = next((a for a in plan.adapters if a.tokenizer_files()), None)
     if tokenizer_source is not None:
         for f in tokenizer_source.tokenizer_files():
-            shutil.copy2(f, folder / f.name)
+            shutil.copy2(contained_file(f, tokenizer_source.path), folder / f.name)
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
 
 

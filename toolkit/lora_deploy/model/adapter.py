@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from lora_deploy._files import read_json_object
+from lora_deploy._files import contained_file, read_json_object
 from lora_deploy.errors import InputError, UnsupportedError
 from lora_deploy.hub import ResolvedRef, local_config, resolve_ref
 from lora_deploy.model.shards import TensorEntry, read_header
@@ -109,6 +109,14 @@ def _is_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# lora_alpha is a scale (alpha / r, typically 1 to 4): one of 1e308 overflows every merged or served weight
+MAX_ALPHA = 1e6
+
+
+def _is_alpha(v: object) -> bool:
+    return _is_number(v) and abs(v) <= MAX_ALPHA
+
+
 def _is_str_list(v: object) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -122,11 +130,12 @@ def _is_pattern(check: Callable[[object], bool]) -> Callable[[object], bool]:
 _CONFIG_TYPES: dict[str, tuple] = {
     "peft_type": (lambda v: isinstance(v, str), "a string such as \"LORA\""),
     "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "lora_alpha": (_is_number, "a number"),
+    "lora_alpha": (_is_alpha, f"a number of magnitude at most {MAX_ALPHA:g} (it scales every update by alpha / r)"),
     "target_modules": (lambda v: isinstance(v, str) or _is_str_list(v), "a list of module names or a regex string"),
     "rank_pattern": (_is_pattern(lambda x: _is_int(x) and x > 0), "a mapping of module patterns to positive "
                      "integer ranks"),
-    "alpha_pattern": (_is_pattern(_is_number), "a mapping of module patterns to numbers"),
+    "alpha_pattern": (_is_pattern(_is_alpha), f"a mapping of module patterns to numbers of magnitude at most "
+                      f"{MAX_ALPHA:g}"),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "use_qalora": (lambda v: isinstance(v, bool), "true or false"),
@@ -418,10 +427,69 @@ def strip_prefix(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
 
 
+# An adapter config's regexes (rank_pattern, alpha_pattern, target_modules) are the adapter author's: each match gets
+# this long before it is an input error (a catastrophic pattern held `inspect` past 90 s with Python's re)
+PATTERN_SECONDS = 1.0
+
+
+def _user_match(pattern: str, text: str, *, full: bool, what: str) -> bool:
+    """PEFT's ``re.match``/``re.fullmatch`` of an adapter config's pattern, bounded in time (the ``regex`` module,
+    which transformers installs, runs re's syntax with a timeout); a pattern that does not compile or runs too long
+    is an InputError naming it."""
+    import regex
+
+    if _nested_repetition(pattern):
+        raise InputError(f"adapter_config.json: {what} {pattern!r} repeats a repetition (such as (a+)+): Python's re, "
+                         "which PEFT and vLLM match it with, can take exponential time on it",
+                         hint="simplify the pattern (no nested repetition)")
+    try:
+        found = (regex.fullmatch if full else regex.match)(pattern, text, timeout=PATTERN_SECONDS)
+    except regex.error as e:
+        raise InputError(f"adapter_config.json: {what} {pattern!r} is not a valid regular expression ({e})",
+                         hint="fix the pattern (PEFT matches it with Python's re)") from None
+    except TimeoutError:
+        raise InputError(f"adapter_config.json: {what} {pattern!r} took over {PATTERN_SECONDS:g} s to match "
+                         f"{text!r}: refused as a pattern that cannot be matched in bounded time",
+                         hint="simplify the pattern (no nested repetition such as (a+)+)") from None
+    return found is not None
+
+
+def _nested_repetition(pattern: str) -> bool:
+    """Whether ``pattern`` holds a repetition inside a repetition (``(a+)+``, ``(.*)*``, ``([a-z]+){2,}``): the
+    classic form that backtracks exponentially in Python's re. A pattern that does not parse is left to the matcher,
+    which reports it."""
+    try:
+        from re import _constants as c, _parser as parser  # Python's own regex parser (sre_parse)
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_constants as c
+        import sre_parse as parser
+    repeats = {c.MAX_REPEAT, c.MIN_REPEAT} | ({c.POSSESSIVE_REPEAT} if hasattr(c, "POSSESSIVE_REPEAT") else set())
+
+    def walk(items, inside: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                low, high, sub = av
+                many = high is c.MAXREPEAT or high > 1
+                if (inside and many) or walk(sub, inside or many):
+                    return True
+            elif op is c.SUBPATTERN and walk(av[-1], inside):
+                return True
+            elif op is c.BRANCH and any(walk(b, inside) for b in av[1]):
+                return True
+            elif op in (c.ASSERT, c.ASSERT_NOT) and walk(av[1], inside):
+                return True
+        return False
+
+    try:
+        return walk(parser.parse(pattern), False)
+    except Exception:  # noqa: BLE001 - unparsable: the matcher names the error
+        return False
+
+
 def pattern_key(patterns: dict, module_name: str) -> str | None:
     """PEFT's rule: the first pattern k with re.match(rf"(.*\\.)?({k})$", module_name) wins."""
     for k in patterns:
-        if re.match(rf"(.*\.)?({k})$", module_name):
+        if _user_match(rf"(.*\.)?({k})$", module_name, full=False, what="rank/alpha pattern"):
             return k
     return None
 
@@ -432,7 +500,7 @@ def target_matches(config: dict, module_name: str) -> bool:
     if targets is None:
         return True
     if isinstance(targets, str):
-        return re.fullmatch(targets, module_name) is not None
+        return _user_match(targets, module_name, full=True, what="target_modules")
     return any(module_name == t or module_name.endswith("." + t) for t in targets) or "all-linear" in targets
 
 
@@ -445,6 +513,7 @@ def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: 
     """
     resolved = resolve_ref(ref, kind="adapter", revision=revision, allow_pickle=allow_pickle)
     folder = resolved.path
+    _refuse_links_out(folder)
     config = _read_config(folder)
     weights_file, tensors = _read_weights(folder, allow_pickle=allow_pickle)
     problems: list[str] = []
@@ -488,6 +557,22 @@ def require_mergeable(info: AdapterInfo) -> None:
     if info.problems:
         listing = "\n".join(f"  - {p}" for p in info.problems)
         raise UnsupportedError(f"adapter {info.ref.source} cannot be merged:\n{listing}")
+
+
+def _refuse_links_out(folder: Path) -> None:
+    """Every file of an adapter folder is read or copied somewhere (a checkpoint, a shared store): a symbolic link that
+    leaves the folder is refused before anything is read, naming each one."""
+    bad = []
+    for entry in sorted(folder.iterdir()):
+        if entry.is_symlink() and not entry.is_dir():
+            try:
+                contained_file(entry, folder)
+            except InputError as e:
+                bad.append(e.message)
+    if bad:
+        raise InputError(f"adapter folder {folder} links outside itself:\n" + "\n".join(f"  - {b}" for b in bad),
+                         hint="replace each link with the file itself (cp --dereference) if you trust it, or remove "
+                              "it; nothing was read or written")
 
 
 def _read_config(folder: Path) -> dict:

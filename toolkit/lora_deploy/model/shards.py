@@ -51,7 +51,11 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Parse a safetensors header without reading tensor data; fail clearly on a truncated file."""
+    """Parse a safetensors header without reading tensor data, as strictly as safetensors' own reader (what vLLM and
+    transformers load with): an object of tensor entries and an optional ``__metadata__`` of strings; each entry a
+    known dtype, a shape of non-negative integers and ``data_offsets`` [begin, end] whose length is the shape's
+    bytes; the entries, sorted by offset, tile the data region exactly (no gap, no overlap, nothing past the end, no
+    bytes left over). Every violation is an InputError naming the file and the tensor."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -61,25 +65,62 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             (n,) = struct.unpack("<Q", raw)
             if n > _MAX_HEADER or 8 + n > size:
                 raise InputError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes)")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: corrupt safetensors header ({e})") from e
+            text = f.read(n)
+        if not text.lstrip(b" ").startswith(b"{"):
+            raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+        header = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        what = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise InputError(f"{path}: corrupt safetensors header ({what})") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from e
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     base = 8 + n
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        try:
-            b, e = info["data_offsets"]
-            dtype, shape = info["dtype"], tuple(int(s) for s in info["shape"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise InputError(f"{path}: malformed header entry for tensor {name!r}") from err
-        if base + e > size:
-            raise InputError(f"{path}: truncated: tensor {name!r} ends at byte {base + e}, file has {size}",
-                             hint="the download or copy was interrupted; fetch the file again")
-        entries[name] = TensorEntry(name, path, dtype, shape, base + b, base + e)
+        entries[name] = _entry(path, base, name, info)
+    cursor = base
+    for e in sorted(entries.values(), key=lambda t: (t.start, t.end)):
+        if e.start != cursor:
+            what = "overlaps the tensor before it" if e.start < cursor else f"leaves a gap of {e.start - cursor} bytes"
+            raise InputError(f"{path}: corrupt safetensors header: tensor {e.name!r} {what} (data_offsets must "
+                             "tile the data region)")
+        cursor = e.end
+    if cursor > size:
+        raise InputError(f"{path}: truncated: the tensors end at byte {cursor}, the file has {size}",
+                         hint="the download or copy was interrupted; fetch the file again")
+    if cursor != size:
+        raise InputError(f"{path}: corrupt safetensors file: {size - cursor} bytes after the last tensor")
     return entries, metadata
+
+
+def _entry(path: Path, base: int, name: str, info: object) -> TensorEntry:
+    """One header entry, every field checked (type, dtype, shape, offsets, size)."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise InputError(f"{where}: malformed header entry (needs exactly dtype, shape and data_offsets)")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise InputError(f"{where}: unknown dtype {dtype!r}", hint=f"safetensors dtypes: {', '.join(DTYPE_SIZES)}")
+    ints = (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+            and all(type(v) is int for v in [*shape, *offsets]))
+    if not ints or any(v < 0 for v in [*shape, *offsets]):
+        raise InputError(f"{where}: shape and data_offsets must be lists of non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise InputError(f"{where}: data_offsets begin {begin} is after end {end}")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * DTYPE_SIZES[dtype] != end - begin:
+        raise InputError(f"{where}: {end - begin} bytes for shape {shape} of {dtype} "
+                         f"({count * DTYPE_SIZES[dtype]} expected)")
+    return TensorEntry(name, path, dtype, tuple(shape), base + begin, base + end)
 
 
 @dataclass(frozen=True)

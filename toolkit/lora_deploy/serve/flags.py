@@ -53,7 +53,7 @@ _SERVED_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$")
 def model_name_problem(name: str, *, adapter: bool) -> str | None:
     """Why ``name`` cannot be used as given as an API model name (None when it can)."""
     rule = _ADAPTER_NAME if adapter else _SERVED_NAME
-    if rule.match(name) and ".." not in name:
+    if rule.fullmatch(name) and ".." not in name:
         return None
     allowed = "letters, digits, '.', '_' and '-'" + ("" if adapter else " (and the '/' of a hub id)")
     return (f"{name!r} cannot be a model name as given: use {allowed}, starting with a letter or digit, at most 128 "

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_deploy._files import contained_file
 from lora_deploy.errors import EXIT_INPUT, InputError, LoraDeployError, UnsupportedError
 from lora_deploy.hub import ResolvedRef, resolve_headers
 from lora_deploy.model.adapter import CONFIG_FILE, PREFIX, AdapterInfo, LoraSettings, load_adapter
@@ -237,6 +238,10 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
             if rows != vocab:
                 refuse("embedding vocabulary", f"embedding LoRA on {m.name} covers {rows} tokens but the base "
                        f"vocabulary has {vocab}; vLLM removed extra-vocabulary support")
+    if not out:  # whatever else the adapter reader found: a file vLLM would load wrongly, or not at all
+        for p in info.problems:
+            refuse("consistent adapter", p, "fix or re-save the adapter (PeftModel.save_pretrained writes a "
+                   "consistent one)")
     if not out:
         trained_on = info.base_model or "see its adapter_config.json"
         for p in fit_problems(base_ref, info):
@@ -277,7 +282,7 @@ def normalise_scales(info: AdapterInfo, target: Path) -> Path:
               metadata={"format": "pt", "normalised_by": "lora-deploy"})
     (target / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for f in info.tokenizer_files():
-        shutil.copy2(f, target / f.name)
+        shutil.copy2(contained_file(f, info.path), target / f.name)
     return target
 
 

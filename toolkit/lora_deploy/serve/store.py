@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_deploy import __version__
-from lora_deploy._files import fsync_dir, remove_stale_partials, staged_folder
+from lora_deploy._files import contained_file, fsync_dir, remove_stale_partials, staged_folder
 from lora_deploy.errors import EXIT_ADMIN, InputError, LoraDeployError, OutputError
 from lora_deploy.model.adapter import CONFIG_FILE
 from lora_deploy.serve.flags import ALLOWED_LORA_RANKS, model_name_problem
@@ -370,8 +370,10 @@ def _copy_adapter(src: Path, dst: Path, model: str) -> str | None:
     """Copy an adapter folder's files (not its subfolders, such as training checkpoints) into ``dst``, with
     ``base_model_name_or_path`` set to ``model``; return the value it had."""
     for f in src.iterdir():
-        if f.is_file() and f.name not in (CONFIG_FILE, PUBLISH_FILE):
-            shutil.copyfile(f, dst / f.name)
+        if (f.is_file() or f.is_symlink()) and f.name not in (PUBLISH_FILE,):
+            contained_file(f, src)  # never a link's bytes from outside the adapter into the shared store
+            if f.name != CONFIG_FILE:
+                shutil.copyfile(f, dst / f.name)
     config = json.loads((src / CONFIG_FILE).read_text())
     original = config.get("base_model_name_or_path")
     config["base_model_name_or_path"] = model

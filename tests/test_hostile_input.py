@@ -1,0 +1,204 @@
+"""Hostile input is ordinary input (issue 26): crafted names, index entries and files, each refused with the documented
+exit code and nothing written, through the console script where a user would meet it; and the healthy case beside
+each, so a refusal is never a blanket one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import assert_user_error, run_console
+
+from lora_deploy.serve.flags import model_name_problem
+
+
+@pytest.mark.parametrize("name", ["support\n", "support\r\n", "sup port", "../x", "./support", "support/", "/abs",
+                                  ".hidden", "a" * 129, ""])
+def test_adapter_names_are_matched_whole(name):
+    """The name rule matches the whole string: a trailing newline (which ``$`` lets through) is refused too."""
+    assert model_name_problem(name, adapter=True) is not None
+
+
+@pytest.mark.parametrize("name", ["support", "Support-v2.1", "a_b", "x" * 128])
+def test_plain_adapter_names_pass(name):
+    assert model_name_problem(name, adapter=True) is None
+
+
+def test_a_name_with_a_newline_is_refused_by_the_console_script(llama_base, llama_adapter):
+    res = run_console("check", "--base", str(llama_base), "--adapter", f"support\n={llama_adapter}")
+    assert_user_error(res, 3, "cannot be a model name")
+    ok = run_console("check", "--base", str(llama_base), "--adapter", f"support={llama_adapter}", "--json")
+    assert ok.returncode == 0, ok.stderr
+
+
+class _Tensor:
+    def __init__(self, offsets):
+        self.dtype, self.shape, self.data_offsets = "F32", [2], offsets
+
+
+class _FileMeta:
+    def __init__(self):
+        self.tensors, self.metadata = {"w": _Tensor([0, 8])}, None
+
+
+@pytest.mark.parametrize("shard", ["../../escape.safetensors", "/tmp/abs.safetensors", "a/../../b.safetensors",
+                                   "sub\\..\\..\\x.safetensors"])
+def test_hub_shard_names_that_leave_the_cache_are_refused(tmp_path, monkeypatch, shard):
+    """A hub repository's safetensors index chooses its shard names: one that walks out of the cache folder is an
+    input error, and nothing is written outside it (the hub client is replaced in-process: no network in tests)."""
+    import huggingface_hub
+
+    from lora_deploy.errors import InputError
+    from lora_deploy.hub import resolve_headers
+
+    snapshot = tmp_path / "snap" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+    class Meta:
+        files_metadata = {shard: _FileMeta(), "model-00001.safetensors": _FileMeta()}
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snapshot))
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", lambda *a, **k: Meta())
+    monkeypatch.setenv("LORA_DEPLOY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="outside the repository"):
+        resolve_headers("org/model", kind="base")
+    outside = [p for p in tmp_path.rglob("*.safetensors") if "cache" not in p.parts]
+    assert outside == [] and not list((tmp_path / "cache").rglob("*.safetensors"))
+    Meta.files_metadata = {"model-00001.safetensors": _FileMeta(), "sub/model-00002.safetensors": _FileMeta()}
+    ref = resolve_headers("org/model", kind="base")  # plain names (a subfolder too) are read as before
+    assert (ref.path / "model-00001.safetensors").is_file() and (ref.path / "sub" / "model-00002.safetensors").is_file()
+
+
+def _with_link(adapter, tmp_path, name: str, target):
+    import os
+    import shutil
+
+    copy = tmp_path / "linked"
+    shutil.copytree(adapter, copy)
+    os.symlink(target, copy / name)
+    return copy
+
+
+@pytest.mark.parametrize("name,target", [("notes.txt", "/proc/self/environ"), ("added_tokens.json", "/etc/passwd")])
+def test_links_out_of_an_adapter_folder_are_refused_before_anything_is_read(llama_base, llama_adapter, tmp_path,
+                                                                            name, target):
+    """A link out of an adapter folder (the environment, secrets included, or another file of the machine) would be
+    copied into the merged checkpoint or the shared store: inspect, check, merged and publish refuse it (exit 3,
+    naming it) and write nothing; a link to a file inside the folder is fine."""
+    linked = _with_link(llama_adapter, tmp_path, name, target)
+    for args in (["inspect", str(linked)], ["check", "--base", str(llama_base), "--adapter", f"a={linked}"],
+                 ["merged", "--base", str(llama_base), "--adapter", str(linked), "--output", str(tmp_path / "out")],
+                 ["adapters", "publish", str(linked), "--store", str(tmp_path / "store"), "--name", "a",
+                  "--base", str(llama_base), "--max-lora-rank", "16"]):
+        res = run_console(*args)
+        assert_user_error(res, 3)  # check lists its refusals on stdout, the others say it on stderr
+        assert name in res.stdout + res.stderr and "outside" in res.stdout + res.stderr, (args, res.stderr)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in (tmp_path / "store").rglob("*") if p.name == name]
+    inside = tmp_path / "inside"
+    import shutil
+
+    shutil.copytree(llama_adapter, inside)
+    (inside / "notes.txt").symlink_to(inside / "adapter_config.json")
+    ok = run_console("merged", "--base", str(llama_base), "--adapter", str(inside), "--output", str(tmp_path / "ok"))
+    assert ok.returncode == 0, ok.stderr
+
+
+def _rewrite_header(src, dst, change):
+    """A copy of the safetensors file ``src`` whose JSON header ``change`` rewrites (the data bytes kept)."""
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    new = change(header)
+    text = (new if isinstance(new, bytes) else json.dumps(new).encode())
+    text += b" " * (-len(text) % 8)
+    dst.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+
+
+def _first(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+def _overlap(h):
+    names = [k for k in h if k != "__metadata__"]
+    h[names[1]]["data_offsets"] = h[names[0]]["data_offsets"]
+    return h
+
+
+def _into_header(h):
+    k = _first(h)
+    b, e = h[k]["data_offsets"]
+    h[k]["data_offsets"] = [0, e - b] if b else h[k]["data_offsets"]
+    names = [x for x in h if x != "__metadata__"]
+    h[names[1]]["data_offsets"] = [0, h[names[1]]["data_offsets"][1] - h[names[1]]["data_offsets"][0]]
+    return h
+
+
+MALFORMED = {
+    "overlapping offsets": _overlap,
+    "offsets into the header": _into_header,
+    "begin after end": lambda h: {**h, _first(h): {**h[_first(h)], "data_offsets": h[_first(h)]["data_offsets"][::-1]}},
+    "negative offset": lambda h: {**h, _first(h): {**h[_first(h)], "data_offsets": [-8, 8]}},
+    "size is not numel x dtype": lambda h: {**h, _first(h): {**h[_first(h)], "shape": [1, 1]}},
+    "unknown dtype": lambda h: {**h, _first(h): {**h[_first(h)], "dtype": "F12"}},
+    "offsets as strings": lambda h: {**h, _first(h): {**h[_first(h)], "data_offsets": ["0", "8"]}},
+    "header is a list": lambda h: json.dumps([1, 2]).encode(),
+    "deeply nested": lambda h: b"{" + b'"a":[' * 100000 + b"]" * 100000 + b"}",
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_adapter_headers_are_refused_before_anything_is_written(llama_base, llama_adapter, tmp_path, case):
+    """What safetensors' own reader (vLLM's loader) refuses, lora-deploy refuses too, with exit 3 and no traceback:
+    `check` (pre-flight), `inspect` and `merged` (which once wrote a corrupt checkpoint and exited 0); nothing is
+    written. The untouched adapter passes the same commands (the other direction)."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_adapter, bad)
+    _rewrite_header(llama_adapter / "adapter_model.safetensors", bad / "adapter_model.safetensors", MALFORMED[case])
+    for args in (["inspect", str(bad)], ["check", "--base", str(llama_base), "--adapter", f"a={bad}"],
+                 ["merged", "--base", str(llama_base), "--adapter", str(bad), "--output", str(tmp_path / "out")]):
+        res = run_console(*args)
+        assert_user_error(res, 3)
+        assert "safetensors" in res.stdout + res.stderr or "tensor" in res.stdout + res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_untouched_adapter_passes_the_same_reader(llama_base, llama_adapter, tmp_path):
+    for args in (["inspect", str(llama_adapter)], ["check", "--base", str(llama_base), "--adapter", f"a={llama_adapter}"],
+                 ["merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output", str(tmp_path / "o")]):
+        res = run_console(*args)
+        assert res.returncode == 0, (args, res.stderr)
+
+
+def _edited_config(adapter, tmp_path, **changes):
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(adapter, copy)
+    config = json.loads((copy / "adapter_config.json").read_text())
+    config.update(changes)
+    (copy / "adapter_config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"r": 1}, "rank"),  # the config says r=1 over rank-4 tensors: inspect saw it, pre-flight once said rank 0
+    ({"lora_alpha": 1e308}, "lora_alpha"),
+    ({"rank_pattern": {"(": 8}}, "not a valid regular expression"),
+    ({"rank_pattern": {"([a-z._0-9]+)+!": 8}}, "exponential time"),  # Python's re: 2^30 steps on a module name
+])
+def test_config_problems_are_refused_by_every_reader(llama_base, llama_adapter, tmp_path, changes, needle):
+    """What the adapter reader finds, pre-flight refuses (exit 3 for a malformed config, 4 for an adapter vLLM would
+    serve wrongly): no problem that `inspect` reports is let through by `check`; a catastrophic pattern ends within a
+    bounded time instead of holding the command."""
+    import time
+
+    edited = _edited_config(llama_adapter, tmp_path, **changes)
+    started = time.monotonic()
+    res = run_console("check", "--base", str(llama_base), "--adapter", f"a={edited}")
+    assert res.returncode in (3, 4), (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and needle in res.stdout + res.stderr, (res.stdout, res.stderr)
+    assert time.monotonic() - started < 60
