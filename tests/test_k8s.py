@@ -212,6 +212,7 @@ def test_hardening_on_every_pod_template(name):
             for c in pod["containers"] + pod.get("initContainers", []):
                 sc = c["securityContext"]
                 assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+                assert sc["readOnlyRootFilesystem"] is True
                 assert sc["runAsNonRoot"] is True and sc["runAsUser"] == 2000
                 assert ":" in c["image"] and not c["image"].endswith(":latest")
                 assert c.get("command", ["image entrypoint"])[0] not in ("sh", "bash", "/bin/sh", "/bin/bash")

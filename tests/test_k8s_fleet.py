@@ -179,6 +179,8 @@ def test_routing_exposes_only_inference_routes_through_the_pool():
     files = _files("fleet")
     route = files["httproute.yaml"]["spec"]
     paths = [m["path"]["value"] for rule in route["rules"] for m in rule["matches"]]
+    # exact paths: a prefix /v1/chat/completions would forward /v1/chat/completions/batch too
+    assert {m["path"]["type"] for rule in route["rules"] for m in rule["matches"]} == {"Exact"}
     assert paths and all(p.startswith("/v1/") for p in paths)
     assert not [p for p in paths if "lora_adapter" in p or p in ("/", "/v1", "/v1/")]
     assert route["parentRefs"][0]["name"] == "gw"
@@ -266,6 +268,9 @@ def test_the_smoke_job_checks_every_replica_and_the_stores_adapters():
     ({"routing": {"kind": "inference-pool", "gateway": "gw", "requestTimeout": "5 minutes"}}, "requestTimeout"),
     ({"routing": {"kind": "inference-pool", "gateway": "My_Gateway"}}, "routing.gateway"),
     ({"adapterStore": {"claim": "adapters", "maxLoraRank": 64, "mountPath": "/sources"}}, "mountPath"),
+    ({"service": {"type": "LoadBalancer"}}, "would expose vLLM's runtime LoRA API"),
+    ({"service": {"type": "NodePort"}}, "would expose vLLM's runtime LoRA API"),
+    ({"networkPolicy": {"prometheusNamespace": "Monitoring!"}}, "networkPolicy.prometheusNamespace"),
 ])
 def test_fleet_spec_mistakes_are_named(change, needle):
     data = {k: v for k, v in {**copy.deepcopy(FLEET), **change}.items() if v is not None}
@@ -329,3 +334,34 @@ def test_crds_fetches_the_published_files_and_refuses_any_other(tmp_path):
         assert not [p for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]  # no partial file left
     finally:
         server.shutdown()
+
+
+def test_the_runtime_api_is_fenced_by_a_network_policy_and_the_guard_middleware():
+    """With the adapter store's runtime LoRA API on, a default-deny ingress NetworkPolicy admits only the Jobs, the
+    endpoint picker, the Gateway's proxy pods (by namespace and labels) and Prometheus's namespace (by a namespace
+    selector, never pods of any namespace); and every server imports the guard middleware, the very file of the
+    package, from its ConfigMap."""
+    from importlib import resources
+
+    files = _files("fleet")
+    policy = files["networkpolicy.yaml"]["spec"]
+    (rule,) = policy["ingress"]
+    peers = rule["from"]
+    assert {"podSelector": {"matchLabels": {"lora-deploy/client": "true"}}} in peers
+    assert any(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "endpoint-picker"
+               for p in peers)
+    gateway = next(p for p in peers if "gateway.networking.k8s.io/gateway-name" in p.get("podSelector", {}).get(
+        "matchLabels", {}))
+    assert gateway["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "llm"}}
+    assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
+    assert all(p.get("namespaceSelector") != {} for p in peers)  # no "any namespace"
+    assert policy["policyTypes"] == ["Ingress"] and rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    server = _server(files)["containers"][0]
+    args, env = server["args"], {e["name"]: e.get("value") for e in server["env"]}
+    assert args[args.index("--middleware") + 1] == "lora_deploy_guard.ApiKeyGuard"
+    assert env["PYTHONPATH"] == "/etc/lora-deploy" and env["LORA_DEPLOY_SERVED_NAMES"] == "base"
+    guard = resources.files("lora_deploy").joinpath("serve/guard.py").read_text()
+    assert files["configmap.yaml"]["data"]["lora_deploy_guard.py"] == guard
+    open_spec = _files_of({**DYNAMIC})  # no key, no runtime API: no guard, no policy
+    assert "networkpolicy.yaml" not in open_spec and "--middleware" not in open_spec["deployment.yaml"]["spec"][
+        "template"]["spec"]["containers"][0]["args"]

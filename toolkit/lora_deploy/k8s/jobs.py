@@ -17,7 +17,7 @@ from lora_deploy.k8s.objects import (
     secret_env,
 )
 from lora_deploy.k8s.spec import DeploySpec
-from lora_deploy.k8s.workload import pods_service_name, store_volume
+from lora_deploy.k8s.workload import GUARD_FILE, pods_service_name, store_volume
 from lora_deploy.serve.flags import ServedAdapter
 
 READY_SCRIPT = '''\
@@ -120,6 +120,8 @@ def config_map(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> dict:
         "lora_deploy__init__.py": '"""lora-deploy smoke test (mounted by the smoke Job)."""\n',
         **{_module_key(m): pkg.joinpath(m).read_text() for m in SMOKE_MODULES},
     }
+    if spec.api_key_secret or spec.runtime_api:  # the servers import it from the config mount (--middleware)
+        data[GUARD_FILE] = pkg.joinpath("serve/guard.py").read_text()
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": object_meta(spec, f"{spec.name}-config"), "data": data}
 
 

@@ -38,8 +38,10 @@ def secret_env(name: str, secret: str, key: str) -> dict:
 
 
 def container_security() -> dict:
+    # the root filesystem is read-only: HOME, /tmp and the caches are emptyDirs, models and config are mounts
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
-            "runAsUser": VLLM_UID, "runAsGroup": VLLM_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+            "readOnlyRootFilesystem": True, "runAsUser": VLLM_UID, "runAsGroup": VLLM_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def pod_spec(spec: DeploySpec, containers: list[dict], volumes: list[dict], *, init: list[dict] | None = None,

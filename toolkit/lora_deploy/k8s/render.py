@@ -65,10 +65,15 @@ def render_manifests(spec: DeploySpec) -> RenderedManifests:
     files["pdb.yaml"] = disruption_budget(spec)
     if spec.weights.source == "download" and not spec.weights.claim:
         files["pvc.yaml"] = models_claim(spec)
-    if spec.runtime_adapters:
+    if spec.service.type != "ClusterIP" and spec.api_key_secret is None:
+        notes.append(f"WARNING: service.type {spec.service.type} exposes the servers outside the cluster with no API "
+                     "key: anyone who reaches the node or load balancer can use them (set apiKeySecret)")
+    if spec.runtime_api:
         files["networkpolicy.yaml"] = network_policy(spec, selector)
-        notes.append("runtime adapters: only pods labelled lora-deploy/client=true may reach the server"
-                     + (" (in any namespace: label Prometheus's pods so it can scrape)" if spec.pod_monitor else ""))
+        notes.append("runtime LoRA API on: only the Jobs (pods labelled lora-deploy/client=true)"
+                     + (", the endpoint picker and the Gateway's pods" if spec.routing.kind == "inference-pool" else "")
+                     + (f", and namespace {spec.network_policy.prometheus_namespace} (Prometheus)"
+                        if spec.pod_monitor else "") + " may reach the servers")
     if spec.autoscaling.enabled:
         name, obj = autoscaler(spec)
         files[name] = obj

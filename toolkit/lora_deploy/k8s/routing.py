@@ -151,6 +151,7 @@ def _route(spec: DeploySpec) -> dict:
             "metadata": object_meta(spec, spec.name, "routing"),
             "spec": {"parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
                                      "name": spec.routing.gateway}],
-                     "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": path}} for path in INFERENCE_PATHS],
+                     # Exact: a PathPrefix /v1/chat/completions would also forward /v1/chat/completions/batch
+                     "rules": [{"matches": [{"path": {"type": "Exact", "value": path}} for path in INFERENCE_PATHS],
                                 "backendRefs": [backend],
                                 "timeouts": {"request": spec.routing.request_timeout}}]}}

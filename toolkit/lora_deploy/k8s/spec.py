@@ -151,6 +151,19 @@ class RoutingSpec:
 
 
 @dataclass(frozen=True)
+class NetworkPolicySpec:
+    """Who may reach the servers while vLLM's runtime LoRA API is on (an adapter store, runtimeAdapters): the smoke
+    and publish Jobs (pods labelled ``lora-deploy/client: "true"``), the endpoint picker, the Gateway's proxy pods
+    and Prometheus; nobody else."""
+
+    gateway_namespace: str | None = None  # where the Gateway's proxy pods run (default: the spec's namespace)
+    # the labels of the Gateway's proxy pods (default: the Gateway API's gateway-name label, which Istio and kgateway
+    # set; Envoy Gateway: {gateway.envoyproxy.io/owning-gateway-name: NAME})
+    gateway_pod_labels: dict[str, str] | None = None
+    prometheus_namespace: str = "monitoring"  # the namespace whose pods may scrape /metrics (with a PodMonitor)
+
+
+@dataclass(frozen=True)
 class MonitoringSpec:
     """Prometheus Operator scraping: a PodMonitor for the servers (and the endpoint picker when rendered)."""
 
@@ -184,6 +197,12 @@ class DeploySpec:
     adapter_store: AdapterStoreSpec | None = None
     routing: RoutingSpec = field(default_factory=RoutingSpec)
     monitoring: MonitoringSpec = field(default_factory=MonitoringSpec)
+    network_policy: NetworkPolicySpec = field(default_factory=NetworkPolicySpec)
+
+    @property
+    def runtime_api(self) -> bool:
+        """Whether vLLM's runtime LoRA API is on (runtime adapters, or an adapter store's resolver needs it)."""
+        return self.runtime_adapters or self.adapter_store is not None
 
     @property
     def pod_monitor(self) -> bool:
@@ -214,7 +233,7 @@ def _snake(key: str) -> str:
 _NESTED = {"weights": WeightsSpec, "vllm": VllmSpec, "resources": ResourcesSpec, "service": ServiceSpec,
            "api_key_secret": SecretRef, "autoscaling": AutoscalingSpec, "multi_node": MultiNodeSpec,
            "smoke_test": SmokeSpec, "adapter_store": AdapterStoreSpec, "routing": RoutingSpec,
-           "monitoring": MonitoringSpec}
+           "monitoring": MonitoringSpec, "network_policy": NetworkPolicySpec}
 
 
 def _camel(key: str) -> str:
@@ -440,6 +459,20 @@ def _validate(spec: DeploySpec) -> None:
         problem(f"service.type: {spec.service.type!r} is not ClusterIP, NodePort or LoadBalancer")
     if not 1 <= spec.service.port <= 65535:
         problem(f"service.port: {spec.service.port} is not a port number")
+    from lora_deploy.serve.flags import secret_flag_problem
+
+    secret = secret_flag_problem(spec.vllm.extra_args)
+    if secret:
+        problem(f"vllm.extraArgs: {secret}", hint="a manifest is readable by anyone who can read the namespace")
+    if spec.runtime_api and spec.service.type != "ClusterIP":
+        problem(f"service.type: {spec.service.type} would expose vLLM's runtime LoRA API (on with "
+                f"{'adapterStore' if spec.adapter_store else 'runtimeAdapters'}) outside the cluster",
+                hint="keep service.type: ClusterIP and expose the servers through a Gateway (routing.kind: "
+                     "inference-pool), whose HTTPRoute forwards only the inference paths")
+    for key, value in (("networkPolicy.gatewayNamespace", spec.network_policy.gateway_namespace),
+                       ("networkPolicy.prometheusNamespace", spec.network_policy.prometheus_namespace)):
+        if value is not None:
+            dns(value, key, 63)
     if spec.runtime_adapters and spec.api_key_secret is None:
         problem("runtimeAdapters: true needs apiKeySecret: anyone who reaches the pod could load any adapter path",
                 hint="add apiKeySecret: {name: vllm-api-key, key: api-key}")

@@ -19,7 +19,11 @@ from lora_deploy.k8s.objects import (
 )
 from lora_deploy.k8s.spec import DeploySpec
 from lora_deploy.k8s.validate import LWS_API
-from lora_deploy.serve.flags import ServeConfig, ServedAdapter, build_vllm_args, resolver_env
+from lora_deploy.serve.flags import GUARD_SERVED_NAMES_ENV, ServeConfig, ServedAdapter, build_vllm_args, resolver_env
+
+# the guard middleware (serve/guard.py) as the pods import it: one file of the ConfigMap, on PYTHONPATH
+GUARD_FILE = "lora_deploy_guard.py"
+POD_GUARD = "lora_deploy_guard.ApiKeyGuard"
 
 
 def resolve_ranks(spec: DeploySpec, notes: list[str] | None = None) -> tuple[ServedAdapter, ...]:
@@ -56,12 +60,13 @@ def server_config(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> Serv
                       adapter_store=spec.adapter_store.mount_path if spec.adapter_store else None,
                       tensor_parallel_size=spec.tensor_parallel_size,
                       gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
-                      extra_args=spec.vllm.extra_args, seed=None)
+                      extra_args=spec.vllm.extra_args, seed=None,
+                      api_key_env="VLLM_API_KEY" if spec.api_key_secret else None)
 
 
 def vllm_args(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> list[str]:
     """`vllm serve` arguments after the model, from the same derivation as `lora-deploy dynamic`."""
-    args, _, _ = build_vllm_args(server_config(spec, adapters), cpu_build=False)
+    args, _, _ = build_vllm_args(server_config(spec, adapters), cpu_build=False, guard=POD_GUARD)
     return args
 
 
@@ -84,13 +89,15 @@ def server_env(spec: DeploySpec) -> list[dict]:
         env.append({"name": "HF_HOME", "value": "/tmp/hf"})
     else:
         env.append({"name": "HF_HOME", "value": f"{spec.weights.mount_path}/.hf"})
-    if spec.weights.hf_token_secret:
+    if spec.weights.hf_token_secret and spec.weights.source == "hub":  # vLLM downloads itself; else the init does
         env.append(secret_env("HF_TOKEN", spec.weights.hf_token_secret, "HF_TOKEN"))
     if spec.api_key_secret:
         env.append(secret_env("VLLM_API_KEY", spec.api_key_secret.name, spec.api_key_secret.key))
     extra = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"} if spec.runtime_adapters else {}
     if spec.adapter_store is not None:
         extra.update(resolver_env(spec.adapter_store.mount_path))  # the same environment `dynamic` gives vLLM
+    if spec.api_key_secret or spec.runtime_api:  # the guard middleware: its file is in the config mount
+        extra.update({GUARD_SERVED_NAMES_ENV: spec.base_name, "PYTHONPATH": CONFIG_DIR})
     env += [{"name": k, "value": v} for k, v in extra.items()]
     return env
 
@@ -170,7 +177,9 @@ def download_init(spec: DeploySpec, mounts: list[dict]) -> list[dict]:
     target = model_path(spec)
     init = {"name": "download-weights", "image": spec.image, "imagePullPolicy": "IfNotPresent",
             "command": ["hf", "download", spec.model, "--local-dir", target],
-            "env": [e for e in server_env(spec) if e["name"] in ("HOME", "HF_HOME", "HF_TOKEN")],
+            "env": [e for e in server_env(spec) if e["name"] in ("HOME", "HF_HOME")]  # the token: here only
+            + ([secret_env("HF_TOKEN", spec.weights.hf_token_secret, "HF_TOKEN")] if spec.weights.hf_token_secret
+               else []),
             "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
             "volumeMounts": [m for m in mounts if m["name"] in ("models", "tmp")],
             "securityContext": container_security()}
@@ -241,10 +250,19 @@ def disruption_budget(spec: DeploySpec) -> dict:
 
 
 def network_policy(spec: DeploySpec, selector: dict) -> dict:
-    """With runtime adapter loading on, only labelled clients in the namespace may reach the server; with a
-    PodMonitor, labelled pods of any namespace too (label Prometheus's pods, which usually run elsewhere)."""
-    client = {"podSelector": {"matchLabels": {"lora-deploy/client": "true"}}}
-    peers = [client] + ([{"namespaceSelector": {}, **client}] if spec.pod_monitor else [])
+    """Default-deny ingress to the servers while the runtime LoRA API is on, admitting only: the smoke and publish
+    Jobs (pods labelled ``lora-deploy/client: "true"`` in the namespace), the endpoint picker and the Gateway's proxy
+    pods (with inference-pool routing), and Prometheus's namespace (with a PodMonitor), each by its own selector."""
+    np = spec.network_policy
+    peers: list[dict] = [{"podSelector": {"matchLabels": {"lora-deploy/client": "true"}}}]
+    if spec.routing.kind == "inference-pool":
+        peers.append({"podSelector": {"matchLabels": {**object_labels(spec, "endpoint-picker")}}})
+        labels = np.gateway_pod_labels or {"gateway.networking.k8s.io/gateway-name": spec.routing.gateway}
+        peers.append({"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": np.gateway_namespace or spec.namespace}},
+            "podSelector": {"matchLabels": labels}})
+    if spec.pod_monitor:
+        peers.append({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": np.prometheus_namespace}}})
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": object_meta(spec, spec.name),
             "spec": {"podSelector": {"matchLabels": selector}, "policyTypes": ["Ingress"],
                      "ingress": [{"from": peers, "ports": [{"port": PORT, "protocol": "TCP"}]}]}}

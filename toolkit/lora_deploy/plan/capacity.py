@@ -242,7 +242,7 @@ def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str,
                       extra_args=tuple(extra), seed=None)
     args, _, _ = build_vllm_args(cfg, cpu_build=False, include_network=False)
     # names and paths are the deployment's own (`dynamic` and the manifests add them); the sizing flags are these
-    flags = flag_pairs(args, drop=("--served-model-name", "--lora-modules"))
+    flags = flag_pairs(args, drop=("--served-model-name", "--lora-modules", "--middleware"))
     return GpuPlan(name, gib, tp if ok else None, math.ceil(total / (tp * pp)), slots, reserve, max(kv_room, 0), fits,
                    tuple(flags), tuple(notes))
 

@@ -32,6 +32,10 @@ MIXED_BATCH_NOTE = (
 VLLM_DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
                "float32": "float32"}
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's own default, for servers whose adapters are all loaded at run time
+# lora-deploy's ASGI middleware for vLLM (serve/guard.py): the key on every path, plain model names only. Locally it is
+# imported from the installed package; pods import the same file mounted from the ConfigMap (k8s/workload.py)
+GUARD_MIDDLEWARE = "lora_deploy.serve.guard.ApiKeyGuard"
+GUARD_SERVED_NAMES_ENV = "LORA_DEPLOY_SERVED_NAMES"
 
 
 def vllm_dtype(name: str) -> str:
@@ -179,6 +183,12 @@ class ServeConfig:
         return self.allow_runtime_adapters or self.adapter_store is not None
 
     @property
+    def guarded(self) -> bool:
+        """Whether vLLM runs lora-deploy's guard middleware: with an API key (vLLM's own check leaves paths outside
+        /v1 open) or the runtime LoRA API on (the resolver takes any name as a path)."""
+        return self.loads_at_run_time or self.api_key_env is not None
+
+    @property
     def lora_limits(self) -> LoraLimits:
         """This deployment's LoRA limits, the one record every LoRA flag is derived from."""
         return LoraLimits(adapters=self.adapters, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
@@ -274,8 +284,10 @@ def lora_module_arg(adapter: ServedAdapter, base_name: str) -> str:
 
 
 def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | None = None,
-                    include_network: bool = True) -> tuple[list[str], LoraFlags | None, list[str]]:
-    """vLLM's server flags (after the model) for ``cfg``; returns (args, LoRA flags, notes)."""
+                    include_network: bool = True, guard: str = GUARD_MIDDLEWARE
+                    ) -> tuple[list[str], LoraFlags | None, list[str]]:
+    """vLLM's server flags (after the model) for ``cfg``; returns (args, LoRA flags, notes). ``guard`` is the import
+    path of the guard middleware where the server runs (:attr:`ServeConfig.guarded`)."""
     args = ["--served-model-name", cfg.served_model_name]
     notes: list[str] = []
     if include_network:
@@ -315,6 +327,8 @@ def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | N
         if cfg.adapters:
             args.append("--lora-modules")
             args += [lora_module_arg(a, cfg.served_model_name) for a in cfg.adapters]
+    if cfg.guarded:
+        args += ["--middleware", guard]
     args += list(cfg.extra_args)
     return args, flags, notes
 
@@ -331,6 +345,20 @@ def flag_pairs(args: list[str], *, drop: tuple[str, ...] = ()) -> list[str]:
     return [p for p in pairs if p.split(" ", 1)[0] not in drop]
 
 
+# vLLM flags whose value is a secret: never on a command line (ps, /proc, logs, manifests), always from the environment
+SECRET_FLAGS = {"--api-key": "the API key: --api-key-env VAR locally, apiKeySecret in a deploy spec",
+                "--hf-token": "a Hugging Face token: HF_TOKEN in the environment, weights.hfTokenSecret in a spec"}
+
+
+def secret_flag_problem(args: tuple[str, ...] | list[str]) -> str | None:
+    """Why ``args`` (extra vLLM arguments) cannot be passed as given: a secret's value on the command line."""
+    for a in args:
+        flag = a.split("=", 1)[0]
+        if flag in SECRET_FLAGS:
+            return f"{flag} puts a secret on the command line, where ps, logs and manifests show it: pass {SECRET_FLAGS[flag]}"
+    return None
+
+
 def _has_flag(args: tuple[str, ...], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
 
@@ -338,6 +366,9 @@ def _has_flag(args: tuple[str, ...], flag: str) -> bool:
 def build_env(cfg: ServeConfig, *, cpu_build: bool) -> dict[str, str]:
     """Environment for the vLLM process (added to the caller's). Secrets are passed by variable, never argv."""
     env = {"VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+    problem = secret_flag_problem(cfg.extra_args)
+    if problem:
+        raise InputError(problem)
     if cpu_build:
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", CPU_KVCACHE_GIB)
         env["VLLM_CPU_OMP_THREADS_BIND"] = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
@@ -349,6 +380,8 @@ def build_env(cfg: ServeConfig, *, cpu_build: bool) -> dict[str, str]:
             raise InputError(f"--api-key-env {cfg.api_key_env}: that environment variable is empty or unset",
                              hint=f"export {cfg.api_key_env}=<a long random secret> first")
         env["VLLM_API_KEY"] = key
+    if cfg.guarded:
+        env[GUARD_SERVED_NAMES_ENV] = cfg.served_model_name
     if cfg.allow_runtime_adapters:
         if not cfg.api_key_env:
             raise InputError("--allow-runtime-adapters needs an API key: anyone who reaches the server could load "
