@@ -232,6 +232,18 @@ def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
     return dst
 
 
+_CRD_SKIP = "the published CRDs are not on this machine"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Every CRD skip carries one location, so the summary prints its reason once (not once per calling line)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple) and _CRD_SKIP in str(report.longrepr[2]):
+        report.longrepr = (__file__, 0, report.longrepr[2])
+
+
 def published_crds() -> Path:
     """The folder holding every published CRD of ``lora_deploy.k8s.crds.PUBLISHED_CRDS`` (LeaderWorkerSet, KEDA,
     InferencePool, HTTPRoute, PodMonitor, llm-d...), each with its published sha256; never copied into this
@@ -249,7 +261,7 @@ def published_crds() -> Path:
         if not missing:
             return folder
         looked.append(f"{folder} ({len(missing)} missing or not the published file)")
-    reason = ("the published CRDs are not on this machine: run `make crds` once (downloads and checks them into "
+    reason = (f"{_CRD_SKIP}: run `make crds` once (downloads and checks them into "
               f"~/.cache/lora-deploy/crds; looked in {'; '.join(looked)})")
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI must not skip a CRD check: {reason}")

@@ -336,3 +336,78 @@ def test_tokens_reach_only_the_container_that_downloads(tmp_path):
 
     notes = render_manifests(parse_spec({**base, "weights": {"source": "hub"}, "service": {"type": "LoadBalancer"}})).notes
     assert any("no API key" in n for n in notes)
+
+
+# ---------------------------------------------------------------- hostile HTTP peers
+
+class _Hostile:
+    """A peer that is not a well-behaved server: drips its answer, sends without end, or redirects elsewhere (stdlib
+    http.server on 127.0.0.1; what it does is the point of the test, so no real server can stand in)."""
+
+    def __init__(self, behaviour: str):
+        import http.server
+        import threading
+
+        from conftest import free_port
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                import time
+
+                if behaviour == "redirect":
+                    self.send_response(307)
+                    self.send_header("Location", "http://user:pw@127.0.0.1:9/v1/models")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                try:
+                    if behaviour == "drip":
+                        for _ in range(60):
+                            self.wfile.write(b" ")
+                            self.wfile.flush()
+                            time.sleep(2)
+                    else:  # endless
+                        block = b" " * (1 << 20)
+                        for _ in range(4096):
+                            self.wfile.write(block)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_POST = do_GET
+
+        self.port = free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        outer.url = f"http://user:secret-password@127.0.0.1:{self.port}"
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("behaviour,needle", [("drip", "deadline"), ("endless", "larger than"),
+                                              ("redirect", "not followed")])
+def test_hostile_http_peers_are_bounded_in_time_and_memory(behaviour, needle):
+    """`smoke --timeout 5` against a peer that sends a byte every 2 s ends within seconds (it held the command past
+    60 s); an endless body is cut off at a size cap (it reached 2.3 GB); a redirect is not followed (the API key would
+    go along). Each is exit 8 with no traceback, and the URL's credentials are never printed."""
+    import time
+
+    peer = _Hostile(behaviour)
+    try:
+        started = time.monotonic()
+        res = run_console("smoke", "--url", peer.url, "--timeout", "5", env={"LORA_DEPLOY_DEBUG": ""})
+        took = time.monotonic() - started
+    finally:
+        peer.close()
+    assert res.returncode == 8, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and needle in res.stderr, res.stderr
+    assert "secret-password" not in res.stdout + res.stderr and "pw@" not in res.stdout + res.stderr
+    assert took < 45, took

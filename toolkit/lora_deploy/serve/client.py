@@ -18,6 +18,24 @@ import requests
 
 from lora_deploy.errors import EXIT_INPUT, EXIT_SMOKE, InputError, LoraDeployError
 
+# An answer larger than this is not an OpenAI-compatible reply to anything lora-deploy asks: it is cut off, and an error
+MAX_RESPONSE_BYTES = 32 << 20
+_DEADLINE = "_lora_deploy_deadline"  # set on each response: when the whole call must have ended (time.monotonic)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any credentials (``user:password@``) replaced, for every message and log line."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -57,6 +75,55 @@ def server_root(url: str) -> str:
     return given.rstrip("/").removesuffix("/v1").rstrip("/")
 
 
+def _read_bounded(r: requests.Response, where: str, failure_exit: int) -> None:
+    """Read a response's body within its deadline and :data:`MAX_RESPONSE_BYTES` (a server that sends a byte every
+    few seconds, or an endless body, cannot hold a command or fill its memory): the watchdog that
+    :meth:`Endpoint.request` set closes the connection at the deadline, which ends a read that is waiting."""
+    body = bytearray()
+    try:
+        for chunk in r.iter_content(1 << 16):
+            body += chunk
+            if len(body) > MAX_RESPONSE_BYTES:
+                r.close()
+                raise LoraDeployError(f"{where}: the answer is larger than {MAX_RESPONSE_BYTES >> 20} MiB; cut off",
+                                      exit_code=failure_exit, hint=_NOT_VLLM_HINT)
+    except (requests.RequestException, AttributeError, ValueError, OSError) as e:
+        _raise_past_deadline(r, where, failure_exit)
+        raise LoraDeployError(f"{where}: the answer broke off ({e.__class__.__name__})", exit_code=failure_exit,
+                              hint="read the server's log") from e
+    _raise_past_deadline(r, where, failure_exit)  # closed at the deadline: what arrived is incomplete
+    r._content = bytes(body)  # requests' own cache of the body: .json() and .text read it from here
+
+
+def _raise_past_deadline(r: requests.Response, where: str, failure_exit: int) -> None:
+    if time.monotonic() >= getattr(r, _DEADLINE, float("inf")):
+        raise LoraDeployError(f"{where}: no complete answer within the call's deadline", exit_code=failure_exit,
+                              hint="the server is overloaded or stuck; raise --timeout")
+
+
+def _watchdog(r: requests.Response, deadline: float):
+    """A timer that closes ``r`` at ``deadline``: reads of a trickling body give up then instead of waiting on."""
+    import threading
+
+    def cut() -> None:
+        import socket
+
+        # the socket under http.client's reader; shutdown wakes a recv blocked in the reading thread (close() here
+        # would wait for the reader's lock instead), which then sees the end of the stream
+        fp = getattr(getattr(r.raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def error_text(r: requests.Response) -> str:
     """The server's error message from an OpenAI-style error body, not the raw JSON."""
     try:
@@ -79,8 +146,15 @@ def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> 
         raise LoraDeployError(f"{where} answered HTTP {response.status_code} with something that is not a JSON "
                               f"object or event stream ({_describe_body(response)})", exit_code=failure_exit,
                               hint=_NOT_VLLM_HINT)
+    deadline, received = getattr(response, _DEADLINE, None), 0
     try:
         for line in response.iter_lines(decode_unicode=True):
+            received += len(line) + 1
+            if received > MAX_RESPONSE_BYTES or (deadline is not None and time.monotonic() > deadline):
+                response.close()
+                raise LoraDeployError(f"{where}: the stream ran past its deadline or {MAX_RESPONSE_BYTES >> 20} MiB; "
+                                      "cut off", exit_code=failure_exit, hint="raise --timeout, or read the server's "
+                                      "log")
             if not line or not line.startswith("data:"):
                 continue
             data = line[5:].strip()
@@ -94,7 +168,8 @@ def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> 
                 raise LoraDeployError(f"{where} streamed a chunk that is not a JSON object: {data[:200]!r}",
                                       exit_code=failure_exit, hint=_NOT_VLLM_HINT)
             yield chunk
-    except requests.RequestException as e:  # the stream broke off mid-answer
+    except (requests.RequestException, AttributeError, ValueError, OSError) as e:  # broke off, or closed at the deadline
+        _raise_past_deadline(response, where, failure_exit)
         raise LoraDeployError(f"{where}: the stream broke off ({e.__class__.__name__}: {e})",
                               exit_code=failure_exit, hint="read the server's log") from e
 
@@ -131,30 +206,46 @@ class Endpoint:
         retries = self.retries if retries is None else retries
         timeout = self.timeout if timeout is None else timeout
         last: Exception | None = None
+        where = f"{method} {redact_url(self.url)}{path}"
         for attempt in range(retries + 1):
+            deadline = time.monotonic() + timeout  # the whole call, not each socket read
             try:
+                # redirects are never followed: the API key would travel to wherever the answer points
                 r = requests.request(method, self.url + path, headers=self.headers, timeout=timeout, json=json,
-                                     stream=stream)
+                                     stream=True, allow_redirects=False)
+                setattr(r, _DEADLINE, deadline)
+                watchdog = _watchdog(r, deadline)
+                if 300 <= r.status_code < 400:
+                    r.close()
+                    raise LoraDeployError(f"{where} answered a redirect (HTTP {r.status_code} to "
+                                          f"{redact_url(r.headers.get('location', '?'))}); not followed",
+                                          exit_code=self.failure_exit, hint="give the server's own address as --url")
+                if not stream:
+                    try:
+                        _read_bounded(r, where, self.failure_exit)
+                    finally:
+                        watchdog.cancel()
             except requests.ConnectionError as e:
                 last = e
                 if attempt < retries:
                     time.sleep(min(2.0, 0.5 * (attempt + 1)))
                 continue
             except requests.Timeout as e:
-                raise LoraDeployError(f"{method} {self.url}{path} timed out after {timeout:.0f} s",
+                raise LoraDeployError(f"{where} timed out after {timeout:.0f} s",
                                       exit_code=self.failure_exit,
                                       hint="the server is overloaded or stuck; raise --timeout") from e
             except requests.RequestException as e:  # an invalid URL, a TLS failure, a broken answer
-                raise LoraDeployError(f"{method} {self.url}{path} failed: {e.__class__.__name__}: {e}",
+                raise LoraDeployError(f"{where} failed: {e.__class__.__name__}",
                                       exit_code=self.failure_exit,
                                       hint="check --url (scheme, host, port) and that the server speaks HTTP") from e
             if r.status_code >= 500 and attempt < retries:
+                r.close()
                 time.sleep(0.5 * (attempt + 1))
                 continue
             if check:
                 self.raise_for_status(r, path, json)
             return r
-        raise LoraDeployError(f"cannot connect to {self.url} ({last.__class__.__name__}: connection refused or "
+        raise LoraDeployError(f"cannot connect to {redact_url(self.url)} ({last.__class__.__name__}: connection refused or "
                               "host unreachable)", exit_code=self.failure_exit,
                               hint="is the server running, and is --url right (scheme, host, port)?")
 
@@ -182,14 +273,14 @@ class Endpoint:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise LoraDeployError(f"{r.request.method if r.request else 'GET'} {self.url}{path} answered HTTP "
+            raise LoraDeployError(f"{r.request.method if r.request else 'GET'} {redact_url(self.url)}{path} answered HTTP "
                                   f"{r.status_code} with something that is not a JSON object ({_describe_body(r)})",
                                   exit_code=self.failure_exit, hint=_NOT_VLLM_HINT)
         return body
 
     def unexpected(self, path: str, body: object, wanted: str) -> LoraDeployError:
         """The error for a JSON answer without the fields an OpenAI-compatible server sends."""
-        return LoraDeployError(f"{self.url}{path} answered JSON without {wanted}: {str(body)[:200]}",
+        return LoraDeployError(f"{redact_url(self.url)}{path} answered JSON without {wanted}: {str(body)[:200]}",
                                exit_code=self.failure_exit, hint=_NOT_VLLM_HINT)
 
     def post(self, path: str, body: dict, **kw) -> dict:
@@ -207,9 +298,10 @@ class Endpoint:
     def ready(self, expected: list[str] | tuple[str, ...], timeout: float = 5.0) -> list[str]:
         """One quick look, never raising: the expected models not yet served (all of them while it is down)."""
         try:
-            if requests.get(self.url + "/health", timeout=timeout).status_code != 200:
+            if requests.get(self.url + "/health", timeout=timeout, allow_redirects=False).status_code != 200:
                 return list(expected)
-            listed = requests.get(self.url + "/v1/models", headers=self.headers, timeout=timeout)
+            listed = requests.get(self.url + "/v1/models", headers=self.headers, timeout=timeout,
+                                  allow_redirects=False)
             if listed.status_code != 200:
                 return list(expected)
             ids = {m["id"] for m in listed.json().get("data", [])}
