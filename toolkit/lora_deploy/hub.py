@@ -79,8 +79,9 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
     root = Path(os.environ.get("LORA_DEPLOY_CACHE") or Path.home() / ".cache" / "lora-deploy")
     target = root / "hub-headers" / text.replace("/", "--") / local.name
     if not (target / ".complete").exists():
-        staging = target.with_name(target.name + f".partial-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        import uuid
+
+        staging = target.with_name(target.name + f".partial-{uuid.uuid4().hex[:12]}")  # not a PID: pods share 1
         shutil.copytree(local, staging, symlinks=False)
         for name, file_meta in meta.files_metadata.items():
             if not _plain_relative(name):  # an index's shard names are the repo's to choose: never a path out

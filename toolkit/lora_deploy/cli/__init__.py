@@ -14,7 +14,7 @@ import typer
 
 from lora_deploy import __version__
 from lora_deploy.cli import endpoint_cmds, example_cmd, k8s_cmds, merge_cmds, plan_cmd, serve_cmds
-from lora_deploy.errors import EXIT_INTERRUPTED, LoraDeployError
+from lora_deploy.errors import EXIT_INPUT, EXIT_INTERRUPTED, LoraDeployError
 from lora_deploy.output import out
 
 app = typer.Typer(
@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         out.error(e.message, e.hint)  # an expected failure: its message says it all, no traceback hint
         sys.exit(e.exit_code)
+    except (MemoryError, RuntimeError) as e:
+        # torch reports a failed CPU allocation as a plain RuntimeError from its DefaultCPUAllocator (no subclass)
+        if isinstance(e, RuntimeError) and "DefaultCPUAllocator" not in str(e) or os.environ.get("LORA_DEPLOY_DEBUG"):
+            raise
+        out.error("ran out of memory: the input is larger than this machine (or pod) can hold",
+                  "run it where more memory is available, and check the input's sizes with lora-deploy inspect")
+        sys.exit(EXIT_INPUT)
     except SystemExit as e:
         if interrupted and e.code not in (0, None, EXIT_INTERRUPTED):
             sys.exit(EXIT_INTERRUPTED)

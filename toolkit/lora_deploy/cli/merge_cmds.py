@@ -138,7 +138,7 @@ def merged(
         out.warn(w)
     for stale in report.stale_partials_removed:
         out.warn(f"removed {stale.path} ({stale.bytes / 1e6:.1f} MB), left by an earlier merge into the same "
-                 f"output whose process (pid {stale.owner_pid}) is gone")
+                 f"output whose writer (pid {stale.owner_pid}) is gone")
     for note in report.peft_differs:
         out.warn(f"PEFT's merge_and_unload() differs from the unmerged model here; this merge follows the "
                  f"unmerged model: {note}")

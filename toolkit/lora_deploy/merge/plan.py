@@ -39,6 +39,9 @@ from lora_deploy.model.shards import DTYPE_SIZES, FLOAT_CODES, TORCH_TO_CODE, Sh
 DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
                "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
 MERGE_INTO = ("original", "dequantized")
+# A saved (resized) embedding may add rows for new tokens; no tokenizer has a million (the largest vocabularies in use
+# are about 256k): more is a crafted header that would have every row read into memory
+MAX_EMBEDDING_ROWS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -451,6 +454,10 @@ class _Planner:
             old = tuple(draft.shape)
             if len(new) != len(old) or (new != old and r.reason == "bias") or new[1:] != old[1:]:
                 self._problem(info, f"{r.key} has shape {list(new)} but base tensor {draft.name} has {list(old)}")
+                continue
+            if new[0] > max(old[0], MAX_EMBEDDING_ROWS):
+                self._problem(info, f"{r.key} has {new[0]} rows, more than any vocabulary ({MAX_EMBEDDING_ROWS}; "
+                              f"base tensor {draft.name} has {old[0]})")
                 continue
             # a saved embedding (resized vocabulary) is the tied pair's shared value; modules_to_save is a
             # separate copy of one side, exactly as the unmerged PEFT model holds it (unless ensure_weight_tying)

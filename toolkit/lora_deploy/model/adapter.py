@@ -754,17 +754,63 @@ def _token_indices(config: dict, module: str) -> list[int] | None:
     return None
 
 
+_MEMORY_HINT = ("run it on a machine (or pod) with more memory; an adapter this large is usually not a LoRA adapter "
+                "(check the tensors `lora-deploy inspect` lists)")
+
+
 def load_adapter_tensors(info: AdapterInfo) -> dict:
-    """Load every adapter tensor as float32 (adapters are small; the base is what must stream)."""
+    """Load every adapter tensor as float32 (adapters are small; the base is what must stream).
+
+    The bytes that takes are known from the header before anything is read; an adapter that cannot fit in the
+    memory this process may still allocate (a pod's limit included) is refused with exit 3 instead of dying
+    halfway through the read."""
     import torch
 
+    from lora_deploy._files import require_memory
     from lora_deploy.model.shards import load_tensor
 
+    hint = _MEMORY_HINT
     if info.weights_file.suffix == ".bin":
+        require_memory(2 * info.weights_file.stat().st_size, what=f"reading {info.weights_file}", hint=hint)
         state = torch.load(info.weights_file, map_location="cpu", weights_only=True)
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    entries = list(info.tensors.values())
+    as_float = [_float32_bytes(e) for e in entries]
+    require_memory(sum(as_float) + max([e.nbytes for e in entries], default=0),
+                   what=f"reading the {len(entries)} tensors of {info.weights_file}", hint=hint)
     out = {}
     for k, entry in info.tensors.items():
         t = load_tensor(entry)
         out[k] = t.float() if t.is_floating_point() else t
     return out
+
+
+def _float32_bytes(entry: TensorEntry) -> int:
+    """What a tensor takes in memory once :func:`load_adapter_tensors` holds it (floats as float32)."""
+    numel = math.prod(entry.shape)
+    return numel * 4 if entry.dtype.startswith(("F", "BF")) else entry.nbytes
+
+
+def nonfinite_tensors(info: AdapterInfo) -> list[str]:
+    """The adapter's floating-point tensors that hold a NaN or an Inf (a diverged training run), read one at a time:
+    vLLM would load them without a word and answer garbage (or NaN logits) for that adapter only."""
+    import torch
+
+    from lora_deploy.model.shards import TensorReader
+
+    from lora_deploy._files import require_memory
+
+    if info.weights_file.suffix == ".bin":
+        return [k for k, t in load_adapter_tensors(info).items() if t.is_floating_point() and not t.isfinite().all()]
+    largest = max((e for e in info.tensors.values()), key=lambda e: e.nbytes, default=None)
+    if largest is not None:
+        require_memory(largest.nbytes + _float32_bytes(largest), what=f"reading tensor {largest.name}",
+                       hint=_MEMORY_HINT)
+    bad = []
+    with TensorReader() as reader:
+        for key, entry in info.tensors.items():
+            if entry.dtype.startswith(("F", "BF")):
+                t = reader.read(entry, reuse=True)
+                if not bool(torch.isfinite(t.float() if entry.dtype.startswith("F8") else t).all()):
+                    bad.append(key)
+    return bad

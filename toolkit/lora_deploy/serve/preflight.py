@@ -17,7 +17,7 @@ from pathlib import Path
 from lora_deploy._files import contained_file
 from lora_deploy.errors import EXIT_INPUT, InputError, LoraDeployError, UnsupportedError
 from lora_deploy.hub import ResolvedRef, resolve_headers
-from lora_deploy.model.adapter import CONFIG_FILE, PREFIX, AdapterInfo, LoraSettings, load_adapter
+from lora_deploy.model.adapter import CONFIG_FILE, PREFIX, AdapterInfo, LoraSettings, load_adapter, nonfinite_tensors
 from lora_deploy.serve.flags import ALLOWED_LORA_RANKS, ServedAdapter
 
 # tensor suffixes vLLM's LoRA loader accepts (vllm/lora/utils.py: parse_fine_tuned_lora_name)
@@ -246,6 +246,11 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
         trained_on = info.base_model or "see its adapter_config.json"
         for p in fit_problems(base_ref, info):
             refuse("fits the base", p, f"use the base this adapter was trained on ({trained_on})")
+    if not out:  # read last, one tensor at a time: the weights themselves (vLLM loads NaN without a word)
+        bad = nonfinite_tensors(info)
+        if bad:
+            refuse("finite weights", f"{len(bad)} tensor(s) hold NaN or Inf values, e.g. {bad[0]}",
+                   "the training run diverged; use an earlier checkpoint")
     return out
 
 
@@ -395,7 +400,7 @@ def _vllm_quantization_methods() -> list[str] | None:
 
 
 # refusals that mean "this input is wrong" (exit 3, as `merged` reports them), not "valid but unservable" (exit 4)
-INPUT_RULES = frozenset({"readable adapter", "fits the base"})
+INPUT_RULES = frozenset({"readable adapter", "fits the base", "finite weights"})
 
 
 def require_passed(report: PreflightReport) -> None:

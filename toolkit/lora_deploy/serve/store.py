@@ -498,6 +498,10 @@ def _retire(name: str, folder: Path, *, endpoints: tuple[str, ...], api_key: str
             raise InputError(f"the store has no adapter named {name!r}",
                              hint=f"lora-deploy adapters list --store {folder}")
         version = _current_version(folder, name)
+        versions = _versions(folder, name)
+        # exactly what is retired, recorded under the lock: a publish of the same name while the replicas are told
+        # (the lock is not held then) writes a new version, which stays
+        retired = [v for v in versions.iterdir() if not v.name.startswith(".")] if versions.is_dir() else []
         gone = folder / META_DIR / f"retired-{name}-{uuid.uuid4().hex[:12]}"
         os.replace(link, gone)  # the name disappears in one step
         fsync_dir(folder)
@@ -507,8 +511,9 @@ def _retire(name: str, folder: Path, *, endpoints: tuple[str, ...], api_key: str
             gone.unlink()
         else:
             shutil.rmtree(gone, ignore_errors=True)
-        shutil.rmtree(_versions(folder, name), ignore_errors=True)
-        left = [str(p) for p in (gone, _versions(folder, name)) if p.exists() or p.is_symlink()]
+        for v in retired:
+            shutil.rmtree(v, ignore_errors=True)
+        left = [str(p) for p in (gone, *retired) if p.exists() or p.is_symlink()]
     if left:
         raise OutputError(f"{name} is no longer served from the store, but these could not be removed: "
                           f"{', '.join(left)} (a crafted model name could still load them)",
