@@ -209,6 +209,11 @@ def _peft_positions(base, adapter, texts: list[list[int]]) -> list[tuple[int, fl
         warnings.simplefilter("ignore")
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
                                           str(adapter)).eval()
+    return _model_positions(model, texts)
+
+
+def _model_positions(model, texts: list[list[int]]) -> list[tuple[int, float]]:
+    """At every position of every text, a transformers model's most likely next token and its log-probability."""
     out = []
     with torch.no_grad():
         for ids in texts:
@@ -251,12 +256,7 @@ def _transformers_positions(folder, texts: list[list[int]]) -> list[tuple[int, f
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    out = []
-    with torch.no_grad():
-        for ids in texts:
-            logprobs = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-            out += [(int(logprobs[j].argmax()), float(logprobs[j].max())) for j in range(len(ids) - 1)]
-    return out
+    return _model_positions(model, texts)
 
 
 def test_vllm_serves_each_quantized_merge_and_it_answers_like_the_16bit_merge(real, tmp_path):
