@@ -769,15 +769,13 @@ def load_adapter_tensors(info: AdapterInfo) -> dict:
     from lora_deploy._files import require_memory
     from lora_deploy.model.shards import load_tensor
 
-    hint = _MEMORY_HINT
     if info.weights_file.suffix == ".bin":
-        require_memory(2 * info.weights_file.stat().st_size, what=f"reading {info.weights_file}", hint=hint)
+        require_memory(2 * info.weights_file.stat().st_size, what=f"reading {info.weights_file}", hint=_MEMORY_HINT)
         state = torch.load(info.weights_file, map_location="cpu", weights_only=True)
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     entries = list(info.tensors.values())
-    as_float = [_float32_bytes(e) for e in entries]
-    require_memory(sum(as_float) + max([e.nbytes for e in entries], default=0),
-                   what=f"reading the {len(entries)} tensors of {info.weights_file}", hint=hint)
+    require_memory(sum(map(_float32_bytes, entries)) + max([e.nbytes for e in entries], default=0),
+                   what=f"reading the {len(entries)} tensors of {info.weights_file}", hint=_MEMORY_HINT)
     out = {}
     for k, entry in info.tensors.items():
         t = load_tensor(entry)
@@ -796,13 +794,12 @@ def nonfinite_tensors(info: AdapterInfo) -> list[str]:
     vLLM would load them without a word and answer garbage (or NaN logits) for that adapter only."""
     import torch
 
-    from lora_deploy.model.shards import TensorReader
-
     from lora_deploy._files import require_memory
+    from lora_deploy.model.shards import TensorReader
 
     if info.weights_file.suffix == ".bin":
         return [k for k, t in load_adapter_tensors(info).items() if t.is_floating_point() and not t.isfinite().all()]
-    largest = max((e for e in info.tensors.values()), key=lambda e: e.nbytes, default=None)
+    largest = max(info.tensors.values(), key=lambda e: e.nbytes, default=None)
     if largest is not None:
         require_memory(largest.nbytes + _float32_bytes(largest), what=f"reading tensor {largest.name}",
                        hint=_MEMORY_HINT)
