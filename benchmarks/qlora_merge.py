@@ -38,8 +38,12 @@ def main() -> None:
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/lora-deploy-qlora-bench")
     work.mkdir(parents=True, exist_ok=True)
     real = build_real_example(work / "example")
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.float32)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     adapter = work / "qlora-classify"
     t = time.monotonic()
     train_adapter(real.base, adapter, "classify", steps=24, seed=0, quantization_config=bnb)
@@ -48,16 +52,33 @@ def main() -> None:
     print("\n1. Which base does the QLoRA adapter want? (float32 merges, verified against the QLoRA model)")
     rows = {}
     for into in ("dequantized", "original"):
-        r = cli("merged", "--base", str(real.base), "--adapter", str(adapter), "--qlora", "nf4",
-                "--qlora-double-quant", "--merge-into", into, "--output", str(work / f"merged-{into}"),
-                "--dtype", "float32", "--verify", "--force")
+        r = cli(
+            "merged",
+            "--base",
+            str(real.base),
+            "--adapter",
+            str(adapter),
+            "--qlora",
+            "nf4",
+            "--qlora-double-quant",
+            "--merge-into",
+            into,
+            "--output",
+            str(work / f"merged-{into}"),
+            "--dtype",
+            "float32",
+            "--verify",
+            "--force",
+        )
         rows[into] = r["verify"]
     choices = {c["merge_into"]: c for c in rows["dequantized"]["qlora_choices"]}
     print(f"{'merge into':<12} {'max |dlogit| vs QLoRA':>22} {'mean KL vs QLoRA (nats/token)':>31}")
     for into, c in choices.items():
         print(f"{into:<12} {c['max_logit_diff']:>22.3g} {c['mean_kl']:>31.3g}")
-    print(f"verify of the dequantized merge: {'PASSED' if rows['dequantized']['passed'] else 'FAILED'}, "
-          f"max |dlogit| {rows['dequantized']['max_logit_diff']:.3g} vs the QLoRA model")
+    print(
+        f"verify of the dequantized merge: {'PASSED' if rows['dequantized']['passed'] else 'FAILED'}, "
+        f"max |dlogit| {rows['dequantized']['max_logit_diff']:.3g} vs the QLoRA model"
+    )
     answers = {"QLoRA model": _qlora_answers(real.base, adapter, bnb)}
     for into in ("dequantized", "original"):
         answers[f"merged into {into}"] = _plain_answers(work / f"merged-{into}")
@@ -67,11 +88,25 @@ def main() -> None:
     print("\n2. 8-bit checkpoints of the 16-bit classify merge (vs the bf16 merge)")
     print(f"{'scheme':<12} {'size':>10} {'vs bf16':>8} {'mean KL':>10} {'max KL':>8} {'top-1 agree':>12}")
     for scheme in ("fp8-dynamic", "w8a8-int8"):
-        q = cli("merged", "--base", str(real.base), "--adapter", str(real.adapters["classify"]), "--output",
-                str(work / f"q-{scheme}"), "--dtype", "bfloat16", "--quantize", scheme, "--force")["merge"]["quantization"]
+        q = cli(
+            "merged",
+            "--base",
+            str(real.base),
+            "--adapter",
+            str(real.adapters["classify"]),
+            "--output",
+            str(work / f"q-{scheme}"),
+            "--dtype",
+            "bfloat16",
+            "--quantize",
+            scheme,
+            "--force",
+        )["merge"]["quantization"]
         quality = q["quality"]
-        print(f"{scheme:<12} {q['bytes_written'] / 1e6:>8.1f}MB {q['bytes_written'] / q['bytes_16bit']:>8.0%} "
-              f"{quality['mean_kl']:>10.3g} {quality['max_kl']:>8.3g} {quality['top1_agreement']:>12.0%}")
+        print(
+            f"{scheme:<12} {q['bytes_written'] / 1e6:>8.1f}MB {q['bytes_written'] / q['bytes_16bit']:>8.0%} "
+            f"{quality['mean_kl']:>10.3g} {quality['max_kl']:>8.3g} {quality['top1_agreement']:>12.0%}"
+        )
 
 
 def _generate(model, tok, tickets) -> tuple[str, ...]:
@@ -81,11 +116,12 @@ def _generate(model, tok, tickets) -> tuple[str, ...]:
 
     got = []
     for ticket in tickets:
-        ids = tok.apply_chat_template(messages("classify", ticket), add_generation_prompt=True, return_tensors="pt",
-                                      return_dict=True)
+        ids = tok.apply_chat_template(
+            messages("classify", ticket), add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
-        got.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        got.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
     return tuple(got)
 
 
@@ -97,8 +133,9 @@ def _qlora_answers(base: Path, adapter: Path, bnb) -> tuple[str, ...]:
     from lora_deploy.examples.smollm2 import DEMO_TICKETS
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=bnb, device_map="cpu")
-    return _generate(PeftModel.from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(base),
-                     DEMO_TICKETS)
+    return _generate(
+        PeftModel.from_pretrained(model, adapter).eval(), AutoTokenizer.from_pretrained(base), DEMO_TICKETS
+    )
 
 
 def _plain_answers(folder: Path) -> tuple[str, ...]:

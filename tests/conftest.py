@@ -24,8 +24,9 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def make_base(folder: Path, arch: str = "llama", *, dtype: str = "float32", seed: int = 0,
-              tokenizer: bool = False, **overrides) -> Path:
+def make_base(
+    folder: Path, arch: str = "llama", *, dtype: str = "float32", seed: int = 0, tokenizer: bool = False, **overrides
+) -> Path:
     """A random tiny model of ``arch`` saved to ``folder``."""
     from lora_deploy.examples.tiny import build_random_base
 
@@ -45,8 +46,16 @@ def load_base(base: Path, *, resize: int | None = None):
     return model
 
 
-def make_adapter(base: Path, folder: Path, *, seed: int = 1, resize: int | None = None, perturb: float = 0.05,
-                 save_kwargs: dict | None = None, **lora_kwargs) -> Path:
+def make_adapter(
+    base: Path,
+    folder: Path,
+    *,
+    seed: int = 1,
+    resize: int | None = None,
+    perturb: float = 0.05,
+    save_kwargs: dict | None = None,
+    **lora_kwargs,
+) -> Path:
     """Train-like PEFT adapter: get_peft_model with init_lora_weights=False, every trainable tensor nudged."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -86,8 +95,9 @@ def peft_model(base: Path, adapters: list[Path], weights: list[float] | None = N
     return pm.eval()
 
 
-def peft_merged_state(base: Path, adapters: list[Path], weights: list[float] | None = None,
-                      *, resize: int | None = None) -> dict:
+def peft_merged_state(
+    base: Path, adapters: list[Path], weights: list[float] | None = None, *, resize: int | None = None
+) -> dict:
     """PEFT's merge_and_unload() in float32: the tensor oracle wherever it agrees with the unmerged model."""
     merged = peft_model(base, adapters, weights, resize=resize).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
@@ -125,8 +135,9 @@ def check_against_oracle(base, adapters, out, report, *, weights=None, resize=No
     vocab = resize or config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
     pm = peft_model(base, adapters, weights, resize=resize)
     want = logits_of(pm, vocab)
-    assert not torch.allclose(want, logits_of(load_base(base, resize=resize).eval(), vocab), atol=1e-3), \
+    assert not torch.allclose(want, logits_of(load_base(base, resize=resize).eval(), vocab), atol=1e-3), (
         "the adapter changes nothing: the test would prove nothing"
+    )
     got = logits_of(loaded_model(out), vocab)
     # float32 summation order differs between a merged and an unmerged forward: allow rounding at the logits' scale
     atol = 1e-4 + 1e-5 * float(want.abs().max())
@@ -138,7 +149,7 @@ def check_against_oracle(base, adapters, out, report, *, weights=None, resize=No
         ours = loaded_state(out)
         assert sorted(ours) == sorted(expected)
         for name, ref in expected.items():
-            torch.testing.assert_close(ours[name], ref, rtol=2e-6, atol=2e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(ours[name], ref, rtol=2e-6, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
     else:
         assert report.peft_differs, "PEFT's merge is wrong here, and the report must say where"
     # the files hold base names only, never LoRA leftovers, and never adapter_config.json
@@ -194,8 +205,14 @@ def run_console(*args: str, env: dict | None = None, timeout: float = 300):
 
     script = Path(sys.executable).parent / "lora-deploy"
     command = [str(script)] if script.exists() else [shutil.which("lora-deploy") or "lora-deploy"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else {**os.environ, **env}, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*command, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def assert_user_error(res, code: int, *needles: str) -> None:
@@ -227,8 +244,11 @@ def scaled_adapter(src: Path, dst: Path, factor: float) -> Path:
 
     shutil.copytree(src, dst)
     state = load_file(dst / "adapter_model.safetensors")
-    save_file({k: v * factor if "lora_B" in k else v for k, v in state.items()}, dst / "adapter_model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {k: v * factor if "lora_B" in k else v for k, v in state.items()},
+        dst / "adapter_model.safetensors",
+        metadata={"format": "pt"},
+    )
     return dst
 
 
@@ -253,16 +273,21 @@ def published_crds() -> Path:
     from lora_deploy.k8s.crds import CRDS_ENV, missing_crds
 
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lora-deploy" / "crds"
-    candidates = [Path(os.environ[CRDS_ENV]) if os.environ.get(CRDS_ENV) else None,
-                  Path(__file__).resolve().parents[2] / "shared" / "crds", cache]
+    candidates = [
+        Path(os.environ[CRDS_ENV]) if os.environ.get(CRDS_ENV) else None,
+        Path(__file__).resolve().parents[2] / "shared" / "crds",
+        cache,
+    ]
     looked = []
     for folder in (c for c in candidates if c is not None):
         missing = missing_crds(folder)
         if not missing:
             return folder
         looked.append(f"{folder} ({len(missing)} missing or not the published file)")
-    reason = (f"{_CRD_SKIP}: run `make crds` once (downloads and checks them into "
-              f"~/.cache/lora-deploy/crds; looked in {'; '.join(looked)})")
+    reason = (
+        f"{_CRD_SKIP}: run `make crds` once (downloads and checks them into "
+        f"~/.cache/lora-deploy/crds; looked in {'; '.join(looked)})"
+    )
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI must not skip a CRD check: {reason}")
     pytest.skip(reason)
@@ -303,7 +328,7 @@ def own_cores(index: int, count: int) -> str:
     if count >= len(cores):
         return str(cores[index % len(cores)])
     share = len(cores) // count
-    mine = cores[index * share:(index + 1) * share]
+    mine = cores[index * share : (index + 1) * share]
     return ",".join(map(str, mine))
 
 
@@ -312,8 +337,12 @@ def spread_cores(plans: list) -> list:
     :func:`own_cores`; a plan for another build (no ``VLLM_CPU_OMP_THREADS_BIND``) or one the user bound is kept."""
     import dataclasses
 
-    return [dataclasses.replace(p, env={**p.env, "VLLM_CPU_OMP_THREADS_BIND": own_cores(i, len(plans))})
-            if p.env.get("VLLM_CPU_OMP_THREADS_BIND") == "auto" else p for i, p in enumerate(plans)]
+    return [
+        dataclasses.replace(p, env={**p.env, "VLLM_CPU_OMP_THREADS_BIND": own_cores(i, len(plans))})
+        if p.env.get("VLLM_CPU_OMP_THREADS_BIND") == "auto"
+        else p
+        for i, p in enumerate(plans)
+    ]
 
 
 def start_cli(*args: str, log: Path):
@@ -321,8 +350,13 @@ def start_cli(*args: str, log: Path):
     import subprocess
     import sys
 
-    return subprocess.Popen([sys.executable, "-m", "lora_deploy.cli", *args], stdout=subprocess.PIPE,
-                            stderr=open(log, "w"), text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "lora_deploy.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for_log(pattern: str, log: Path, proc, timeout: float = 600):
@@ -348,12 +382,18 @@ def ask_tickets(port: int, model: str, task: str) -> list[str]:
     from lora_deploy.examples.smollm2 import DEMO_TICKETS, messages
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-    return [client.chat.completions.create(model=model, messages=messages(task, t), max_tokens=12, temperature=0)
-            .choices[0].message.content for t in DEMO_TICKETS]
+    return [
+        client.chat.completions.create(model=model, messages=messages(task, t), max_tokens=12, temperature=0)
+        .choices[0]
+        .message.content
+        for t in DEMO_TICKETS
+    ]
 
 
 def serve_then(args: list[str], log, ask):
     """Start the CLI, wait until it serves (its smoke test passed), ask, then SIGTERM it."""
+    import subprocess
+
     proc = start_cli(*args, log=log)
     try:
         wait_for_log(r"Serving at ", log, proc)  # printed only once every smoke check passed
@@ -363,7 +403,7 @@ def serve_then(args: list[str], log, ask):
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=60)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
 
 
@@ -374,8 +414,9 @@ def llama_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_adapter(llama_base, tmp_path_factory) -> Path:
-    return make_adapter(llama_base, tmp_path_factory.mktemp("llama-adapter") / "a",
-                        target_modules=["q_proj", "v_proj", "down_proj"])
+    return make_adapter(
+        llama_base, tmp_path_factory.mktemp("llama-adapter") / "a", target_modules=["q_proj", "v_proj", "down_proj"]
+    )
 
 
 @pytest.fixture(scope="session")

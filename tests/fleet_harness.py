@@ -3,9 +3,10 @@ store, and vLLM's own router (PyPI ``vllm-router``) in front as the Service/gate
 
 Shared by tests/test_fleet.py and ``make bench-fleet`` (benchmarks/fleet_bench.py). Each replica runs the
 container's ``args`` and ``env`` from ``render_manifests`` with the pod's folders mapped to local ones (``/models``,
-the store's mount path and the ConfigMap's, which holds the guard middleware) and its own port; the only other changes are what the CPU build needs, listed in
-:meth:`Fleet.launch_plan`
-(its module entry point, ``--enforce-eager --max-num-seqs 8`` and a KV cache size, as ``lora-deploy dynamic`` starts it). Adapters are published with the publish Job template's own arguments, mapped the same way.
+the store's mount path and the ConfigMap's, which holds the guard middleware) and its own port; the only other
+changes are what the CPU build needs, listed in :meth:`Fleet.launch_plan` (its module entry point,
+``--enforce-eager --max-num-seqs 8`` and a KV cache size, as ``lora-deploy dynamic`` starts it). Adapters are
+published with the publish Job template's own arguments, mapped the same way.
 """
 
 from __future__ import annotations
@@ -34,14 +35,25 @@ def free_port() -> int:
 
 def fleet_spec(replicas: int = 2) -> dict:
     """The deploy spec the fleet is rendered from: a dynamic tiny base, one startup adapter, an adapter store."""
-    return {"name": "support", "namespace": "llm", "mode": "dynamic", "model": "/models/base", "servedModelName": SERVED,
-            "adapters": [{"name": "classify", "path": "/models/adapters/classify", "rank": 8}],
-            "adapterStore": {"claim": "adapters", "maxLoraRank": 16, "mountPath": STORE_MOUNT,
-                             "publishImage": "example.org/lora-deploy:test"},
-            "replicas": replicas, "apiKeySecret": {"name": "vllm-api-key"},
-            # float32: answers comparable token for token with transformers + PEFT; 4 LoRA slots for at most 3
-            # adapters keeps the CPU build's last slot empty (its mixed-batch workaround)
-            "vllm": {"dtype": "float32", "maxModelLen": 512, "maxLoras": 4}}
+    return {
+        "name": "support",
+        "namespace": "llm",
+        "mode": "dynamic",
+        "model": "/models/base",
+        "servedModelName": SERVED,
+        "adapters": [{"name": "classify", "path": "/models/adapters/classify", "rank": 8}],
+        "adapterStore": {
+            "claim": "adapters",
+            "maxLoraRank": 16,
+            "mountPath": STORE_MOUNT,
+            "publishImage": "example.org/lora-deploy:test",
+        },
+        "replicas": replicas,
+        "apiKeySecret": {"name": "vllm-api-key"},
+        # float32: answers comparable token for token with transformers + PEFT; 4 LoRA slots for at most 3
+        # adapters keeps the CPU build's last slot empty (its mixed-batch workaround)
+        "vllm": {"dtype": "float32", "maxModelLen": 512, "maxLoras": 4},
+    }
 
 
 @dataclass
@@ -78,8 +90,10 @@ class Fleet:
         self.root, self.example = Path(root), example
         self.models = self.root / "models"
         (self.models / "adapters").mkdir(parents=True, exist_ok=True)
-        for link, target in ((self.models / "base", example.base),
-                             (self.models / "adapters" / "classify", example.adapters["classify"])):
+        for link, target in (
+            (self.models / "base", example.base),
+            (self.models / "adapters" / "classify", example.adapters["classify"]),
+        ):
             if not link.exists():
                 link.symlink_to(target)
         self.store = self.root / "store"
@@ -106,7 +120,7 @@ class Fleet:
 
         for mount, folder in (("/models", self.models), (STORE_MOUNT, self.store), (CONFIG_DIR, self.config)):
             if value == mount or value.startswith(mount + "/"):
-                return str(folder) + value[len(mount):]
+                return str(folder) + value[len(mount) :]
         return value
 
     def launch_plan(self, replica: Replica):
@@ -124,15 +138,23 @@ class Fleet:
             env["VLLM_CPU_KVCACHE_SPACE"] = CPU_KVCACHE_GIB
         else:
             argv = install.launch_prefix + [model] + args
-        return LaunchPlan(argv, env, replica.url, [SERVED, "classify"], host="127.0.0.1", port=replica.port,
-                          startup_adapters=("classify",))
+        return LaunchPlan(
+            argv,
+            env,
+            replica.url,
+            [SERVED, "classify"],
+            host="127.0.0.1",
+            port=replica.port,
+            startup_adapters=("classify",),
+        )
 
     # ------------------------------------------------------------------ processes
     def start_replica(self, replica: Replica) -> None:
         from lora_deploy.serve.launcher import VllmServer
 
-        replica.server = VllmServer(self.launch_plan(replica), log_path=self.root / f"{replica.name}.log",
-                                    api_key=API_KEY)
+        replica.server = VllmServer(
+            self.launch_plan(replica), log_path=self.root / f"{replica.name}.log", api_key=API_KEY
+        )
         replica.server.start()
 
     def wait_replica(self, replica: Replica, timeout: float = 600) -> None:
@@ -152,11 +174,23 @@ class Fleet:
 
     def start_router(self) -> None:
         router = Path(sys.executable).with_name("vllm-router")
-        argv = [str(router), "--host", "127.0.0.1", "--port", str(self.router_port), "--policy", "round_robin",
-                "--worker-urls", *[r.url for r in self.replicas], "--log-level", "warning"]
+        argv = [
+            str(router),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.router_port),
+            "--policy",
+            "round_robin",
+            "--worker-urls",
+            *[r.url for r in self.replicas],
+            "--log-level",
+            "warning",
+        ]
         log = open(self.root / "router.log", "ab")
-        self.router = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+        self.router = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -198,16 +232,24 @@ class Fleet:
     def publish(self, source: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
         """The publish Job's own command line, with the pod's paths mapped here and its ``--replicas`` (the headless
         Service's name, one address per ready pod) standing for this fleet's replica URLs."""
-        args = [self.local(a.replace("$(ADAPTER_SOURCE)", str(source)).replace("$(ADAPTER_NAME)", name))
-                for a in self.publish_args]
+        args = [
+            self.local(a.replace("$(ADAPTER_SOURCE)", str(source)).replace("$(ADAPTER_NAME)", name))
+            for a in self.publish_args
+        ]
         at = args.index("--replicas")
-        args[at:at + 2] = [a for r in self.replicas for a in ("--endpoint", r.url)]
+        args[at : at + 2] = [a for r in self.replicas for a in ("--endpoint", r.url)]
         script = Path(sys.executable).with_name("lora-deploy")
-        return subprocess.run([str(script), "adapters", "publish", *args, *extra], capture_output=True, text=True,
-                              timeout=600, env={**os.environ, "VLLM_API_KEY": API_KEY})
+        return subprocess.run(
+            [str(script), "adapters", "publish", *args, *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "VLLM_API_KEY": API_KEY},
+        )
 
-    def burst(self, asks: list[tuple[str, str, str]], *, concurrency: int = 4, during=None,
-              after: int | None = None) -> BurstResult:
+    def burst(
+        self, asks: list[tuple[str, str, str]], *, concurrency: int = 4, during=None, after: int | None = None
+    ) -> BurstResult:
         """Send ``asks`` (model, prompt, expected answer) through the router; ``during()`` runs once ``after``
         answers came back (a replica killed mid-burst)."""
         result = BurstResult()

@@ -33,10 +33,12 @@ def bases(tmp_path_factory):
 def adapters(bases, tmp_path_factory):
     base, other = bases
     root = tmp_path_factory.mktemp("store-adapters")
-    return {"a": make_adapter(base, root / "a", seed=1, target_modules=["q_proj", "v_proj"]),
-            "b": make_adapter(base, root / "b", seed=2, target_modules=["q_proj", "v_proj"]),
-            "big": make_adapter(base, root / "big", seed=3, r=32, lora_alpha=32, target_modules=["q_proj"]),
-            "other": make_adapter(other, root / "other", seed=4, target_modules=["q_proj"])}
+    return {
+        "a": make_adapter(base, root / "a", seed=1, target_modules=["q_proj", "v_proj"]),
+        "b": make_adapter(base, root / "b", seed=2, target_modules=["q_proj", "v_proj"]),
+        "big": make_adapter(base, root / "big", seed=3, r=32, lora_alpha=32, target_modules=["q_proj"]),
+        "other": make_adapter(other, root / "other", seed=4, target_modules=["q_proj"]),
+    }
 
 
 def _ok(*args: str) -> dict | list | None:
@@ -62,8 +64,9 @@ def test_publish_writes_a_version_the_resolver_accepts_and_lists_it(bases, adapt
     # what vLLM's filesystem resolver reads: DIR/<name>/adapter_config.json, peft_type LORA, base == --model
     config = json.loads((store / "support-a" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(base)
-    assert (store / "support-a" / "adapter_model.safetensors").read_bytes() == \
-        (adapters["a"] / "adapter_model.safetensors").read_bytes()
+    assert (store / "support-a" / "adapter_model.safetensors").read_bytes() == (
+        adapters["a"] / "adapter_model.safetensors"
+    ).read_bytes()
     assert (store / "support-a").is_symlink() and not Path(os.readlink(store / "support-a")).is_absolute()
     assert done["adapter"]["original_base"] == "org/some-hub-base"
     assert any("org/some-hub-base" in n for n in done["notes"])  # the rewrite is said, not silent
@@ -83,43 +86,54 @@ def test_publish_refuses_what_servers_could_not_serve(bases, adapters, tmp_path)
     assert_user_error(run_console("adapters", "publish", str(adapters["other"]), "--store", str(store)), 3)
     # names: unsafe folder names, the base's served name, an existing name without --replace
     for bad in ("../escape", "a/b", ".hidden"):
-        assert_user_error(run_console("adapters", "publish", str(adapters["b"]), "--name", bad, "--store",
-                                      str(store)), 3)
-    assert_user_error(run_console("adapters", "publish", str(adapters["b"]), "--name", "base", "--store",
-                                  str(store)), 3, "served name")
-    assert_user_error(run_console("adapters", "publish", str(adapters["b"]), "--name", "a", "--store", str(store)),
-                      5, "--replace")
+        assert_user_error(
+            run_console("adapters", "publish", str(adapters["b"]), "--name", bad, "--store", str(store)), 3
+        )
+    assert_user_error(
+        run_console("adapters", "publish", str(adapters["b"]), "--name", "base", "--store", str(store)),
+        3,
+        "served name",
+    )
+    assert_user_error(
+        run_console("adapters", "publish", str(adapters["b"]), "--name", "a", "--store", str(store)), 5, "--replace"
+    )
     # broken input: no weights
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text((adapters["b"] / "adapter_config.json").read_text())
     assert_user_error(run_console("adapters", "publish", str(broken), "--store", str(store)), 3)
     # a folder that is no store, and a store made for another base
-    assert_user_error(run_console("adapters", "publish", str(adapters["b"]), "--store", str(tmp_path / "nowhere")),
-                      3, "not an adapter store")
+    assert_user_error(
+        run_console("adapters", "publish", str(adapters["b"]), "--store", str(tmp_path / "nowhere")),
+        3,
+        "not an adapter store",
+    )
     assert sorted(p.name for p in store.iterdir() if not p.name.startswith(".")) == ["a"]
 
 
 def test_replace_switches_versions_and_the_old_one_leaves_the_volume(bases, adapters, tmp_path):
     base, _ = bases
     store, create = _store(tmp_path, base)
-    first = json.loads(run_console("adapters", "publish", str(adapters["a"]), "--name", "s", *create,
-                                   "--json").stdout)
-    res = run_console("adapters", "publish", str(adapters["b"]), "--name", "s", "--store", str(store), "--replace",
-                      "--json")
+    first = json.loads(run_console("adapters", "publish", str(adapters["a"]), "--name", "s", *create, "--json").stdout)
+    res = run_console(
+        "adapters", "publish", str(adapters["b"]), "--name", "s", "--store", str(store), "--replace", "--json"
+    )
     assert res.returncode == 0, res.stderr
     second = json.loads(res.stdout)
     assert second["replaced_version"] == first["adapter"]["version"]
     assert any("keep serving version" in n and "tell every replica" in n for n in second["notes"])  # no --endpoint
-    assert (store / "s" / "adapter_model.safetensors").read_bytes() == \
-        (adapters["b"] / "adapter_model.safetensors").read_bytes()
+    assert (store / "s" / "adapter_model.safetensors").read_bytes() == (
+        adapters["b"] / "adapter_model.safetensors"
+    ).read_bytes()
     # the previous version stays (replicas told to load it may reload it after an eviction); older ones go
     versions = store / ".lora-deploy" / "versions" / "s"
-    assert sorted(p.name for p in versions.iterdir()) == sorted([first["adapter"]["version"],
-                                                                 second["adapter"]["version"]])
+    assert sorted(p.name for p in versions.iterdir()) == sorted(
+        [first["adapter"]["version"], second["adapter"]["version"]]
+    )
     third = _ok("adapters", "publish", str(adapters["a"]), "--name", "s", "--store", str(store), "--replace", "--json")
-    assert sorted(p.name for p in versions.iterdir()) == sorted([second["adapter"]["version"],
-                                                                 third["adapter"]["version"]])
+    assert sorted(p.name for p in versions.iterdir()) == sorted(
+        [second["adapter"]["version"], third["adapter"]["version"]]
+    )
 
 
 def test_retire_removes_the_name_and_every_version(bases, adapters, tmp_path):
@@ -140,14 +154,16 @@ def test_a_killed_publish_leaves_nothing_at_the_name_and_the_next_one_cleans_up(
     base, _ = bases
     store, create = _store(tmp_path, base)
     _ok("adapters", "publish", str(adapters["b"]), "--name", "other", *create)
-    code = ("import os, shutil, signal, sys\n"
-            "real = shutil.copyfile\n"
-            "def dying(src, dst, **kw):\n"
-            "    real(src, dst, **kw)\n"
-            "    if str(src).endswith('.safetensors'): os.kill(os.getpid(), signal.SIGKILL)\n"
-            "shutil.copyfile = dying\n"
-            "from lora_deploy.serve.store import publish\n"
-            f"publish({str(adapters['a'])!r}, {str(store)!r}, name='half')\n")
+    code = (
+        "import os, shutil, signal, sys\n"
+        "real = shutil.copyfile\n"
+        "def dying(src, dst, **kw):\n"
+        "    real(src, dst, **kw)\n"
+        "    if str(src).endswith('.safetensors'): os.kill(os.getpid(), signal.SIGKILL)\n"
+        "shutil.copyfile = dying\n"
+        "from lora_deploy.serve.store import publish\n"
+        f"publish({str(adapters['a'])!r}, {str(store)!r}, name='half')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (store / "half").exists() and not (store / "half").is_symlink()
@@ -167,8 +183,7 @@ def test_a_hand_copied_folder_is_listed_with_why_it_would_not_load(bases, adapte
     _ok("adapters", "publish", str(adapters["a"]), "--name", "a", *create)
     shutil.copytree(adapters["b"], store / "manual")
     edit_json(store / "manual" / "adapter_config.json", base_model_name_or_path="somewhere/else")
-    listed = {a["name"]: a for a in json.loads(run_console("adapters", "list", "--store", str(store),
-                                                           "--json").stdout)}
+    listed = {a["name"]: a for a in json.loads(run_console("adapters", "list", "--store", str(store), "--json").stdout)}
     assert listed["manual"]["managed"] is False and "somewhere/else" in listed["manual"]["problem"]
     assert listed["a"]["problem"] is None
 
@@ -178,19 +193,29 @@ def test_a_server_of_another_base_or_a_smaller_rank_is_refused(bases, adapters, 
     writes nothing."""
     base, other = bases
     fresh = tmp_path / "fresh"
-    res = run_console("dynamic", "--base", str(base), "--adapter-store", str(fresh), "--max-lora-rank", "16",
-                      "--dry-run")
+    res = run_console(
+        "dynamic", "--base", str(base), "--adapter-store", str(fresh), "--max-lora-rank", "16", "--dry-run"
+    )
     assert res.returncode == 0, res.stderr
     assert not fresh.exists()
     assert "VLLM_LORA_RESOLVER_CACHE_DIR" in res.stdout + res.stderr
     store, create = _store(tmp_path, base, rank=16)
     _ok("adapters", "publish", str(adapters["a"]), "--name", "a", *create)
-    assert_user_error(run_console("dynamic", "--base", str(other), "--adapter-store", str(store), "--dry-run"), 3,
-                      "made for another server")
-    assert_user_error(run_console("dynamic", "--base", str(base), "--adapter-store", str(store), "--max-lora-rank",
-                                  "8", "--dry-run"), 3, "rank 16")
-    assert_user_error(run_console("dynamic", "--base", str(base), "--adapter-store", str(tmp_path / "new"),
-                                  "--dry-run"), 3, "--max-lora-rank")
+    assert_user_error(
+        run_console("dynamic", "--base", str(other), "--adapter-store", str(store), "--dry-run"),
+        3,
+        "made for another server",
+    )
+    assert_user_error(
+        run_console("dynamic", "--base", str(base), "--adapter-store", str(store), "--max-lora-rank", "8", "--dry-run"),
+        3,
+        "rank 16",
+    )
+    assert_user_error(
+        run_console("dynamic", "--base", str(base), "--adapter-store", str(tmp_path / "new"), "--dry-run"),
+        3,
+        "--max-lora-rank",
+    )
     ok = run_console("dynamic", "--base", str(base), "--adapter-store", str(store), "--dry-run")
     assert ok.returncode == 0, ok.stderr
     assert "--max-lora-rank 16" in ok.stdout + ok.stderr
@@ -216,8 +241,12 @@ def test_moe_expert_lora_is_refused_from_a_store_where_vllm_could_serve_it(bases
     base, _ = bases
     store = tmp_path / "store"
     with pytest.raises(UnsupportedError, match="filesystem resolver"):
-        publish(str(adapters["a"]), store, name="experts",
-                create=describe_server(str(base), str(base), "base", 16, str(store)))
+        publish(
+            str(adapters["a"]),
+            store,
+            name="experts",
+            create=describe_server(str(base), str(base), "base", 16, str(store)),
+        )
     assert not (store / "experts").exists() and not (store / ".lora-deploy" / "versions" / "experts").exists()
 
 
@@ -233,8 +262,14 @@ def test_a_hub_adapter_is_named_after_its_repository_not_its_snapshot(bases, ada
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     store, create = _store(tmp_path, base)
-    res = run_console("adapters", "publish", "acme/support-lora", *create, "--json",
-                      env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    res = run_console(
+        "adapters",
+        "publish",
+        "acme/support-lora",
+        *create,
+        "--json",
+        env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"},
+    )
     assert res.returncode == 0, res.stderr
     done = json.loads(res.stdout)
     assert done["adapter"]["name"] == "support-lora" and done["adapter"]["source"] == "acme/support-lora"

@@ -54,9 +54,12 @@ def _layer(module: str) -> int:
 
 def _upward(modules: dict[str, Path]) -> list[str]:
     """``A imports B`` for every import from one package into a higher one."""
-    return sorted(f"{name} imports {target}" for name, path in modules.items()
-                  for target in _imports(name, path, modules)
-                  if _layer(target) > _layer(name) and target.split(".")[:2] != name.split(".")[:2])
+    return sorted(
+        f"{name} imports {target}"
+        for name, path in modules.items()
+        for target in _imports(name, path, modules)
+        if _layer(target) > _layer(name) and target.split(".")[:2] != name.split(".")[:2]
+    )
 
 
 def test_imports_point_down_the_layers():
@@ -66,8 +69,10 @@ def test_imports_point_down_the_layers():
 
 def _cycles(modules: dict[str, Path]) -> list[str]:
     """Import cycles between modules (package ``__init__`` re-exports left out: they only gather names)."""
-    graph = {name: {t for t in _imports(name, path, modules) if t in modules and modules[t].name != "__init__.py"}
-             for name, path in modules.items()}
+    graph = {
+        name: {t for t in _imports(name, path, modules) if t in modules and modules[t].name != "__init__.py"}
+        for name, path in modules.items()
+    }
     cycles: list[str] = []
     state: dict[str, str] = {}
 
@@ -76,7 +81,7 @@ def _cycles(modules: dict[str, Path]) -> list[str]:
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
                 path = stack + [node]
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack + [node])
         state[node] = "done"
@@ -99,21 +104,26 @@ def test_the_checks_catch_an_upward_import_and_a_cycle(tmp_path):
     fake = tmp_path / "adapter.py"
     fake.write_text("from lora_deploy.merge.plan import plan_merge\n")
     assert _upward({**modules, "lora_deploy.model.adapter": fake}) == [
-        "lora_deploy.model.adapter imports lora_deploy.merge.plan"]
+        "lora_deploy.model.adapter imports lora_deploy.merge.plan"
+    ]
     back = tmp_path / "compute.py"
     back.write_text("def f():\n    from lora_deploy.merge.values import compute_value\n")
-    assert any("lora_deploy.merge.compute" in c and "lora_deploy.merge.values" in c
-               for c in _cycles({**modules, "lora_deploy.merge.compute": back}))
+    assert any(
+        "lora_deploy.merge.compute" in c and "lora_deploy.merge.values" in c
+        for c in _cycles({**modules, "lora_deploy.merge.compute": back})
+    )
 
 
 def test_every_library_module_imports_without_torch():
     """Importing the library (everything but the examples, which build models) loads no torch, transformers or
     vLLM: `lora-deploy --help`, the smoke Job and pre-flight stay fast, and model/ is readable anywhere."""
     names = sorted(n for n in _modules() if ".examples" not in n and not n.endswith("__main__"))
-    code = ("import importlib, sys\n"
-            f"for n in {names!r}: importlib.import_module(n)\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'vllm') if m in sys.modules)\n"
-            "print(','.join(heavy))\n")
+    code = (
+        "import importlib, sys\n"
+        f"for n in {names!r}: importlib.import_module(n)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'vllm') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"importing the library loaded {done.stdout.strip()}"
@@ -129,6 +139,9 @@ def test_every_name_imported_from_the_package_exists():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lora_deploy"):
                 module = importlib.import_module(node.module)
-                missing += [f"{name}: from {node.module} import {a.name}" for a in node.names
-                            if not hasattr(module, a.name) and f"{node.module}.{a.name}" not in _modules()]
+                missing += [
+                    f"{name}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if not hasattr(module, a.name) and f"{node.module}.{a.name}" not in _modules()
+                ]
     assert not missing, "imports of names that do not exist:\n" + "\n".join(missing)

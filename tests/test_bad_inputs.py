@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 import torch
-from conftest import edit_json, make_adapter, make_base, run_cli, run_console
 
+from conftest import edit_json, make_adapter, make_base, run_cli, run_console
 from lora_deploy.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_UNSUPPORTED, EXIT_USAGE
 
 
@@ -45,8 +45,9 @@ def test_missing_adapter_config(llama_base, adapter_copy, tmp_path):
 def test_malformed_adapter_config(llama_base, adapter_copy, tmp_path):
     (adapter_copy / "adapter_config.json").write_text("{not json")
     out = tmp_path / "out"
-    _assert_refused(_merged(llama_base, adapter_copy, out), EXIT_INPUT, "adapter_config.json is not valid JSON",
-                    out=out)
+    _assert_refused(
+        _merged(llama_base, adapter_copy, out), EXIT_INPUT, "adapter_config.json is not valid JSON", out=out
+    )
 
 
 def test_config_without_rank(llama_base, adapter_copy, tmp_path):
@@ -68,52 +69,70 @@ def test_truncated_weights(llama_base, adapter_copy, tmp_path):
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 1000])
     out = tmp_path / "out"
-    _assert_refused(_merged(llama_base, adapter_copy, out), EXIT_INPUT, "truncated", "adapter_model.safetensors",
-                    out=out)
+    _assert_refused(
+        _merged(llama_base, adapter_copy, out), EXIT_INPUT, "truncated", "adapter_model.safetensors", out=out
+    )
 
 
 def test_corrupt_header(llama_base, adapter_copy, tmp_path):
     f = adapter_copy / "adapter_model.safetensors"
     data = bytearray(f.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
-    data[8:8 + n] = b"x" * n
+    data[8 : 8 + n] = b"x" * n
     f.write_bytes(bytes(data))
     out = tmp_path / "out"
     _assert_refused(_merged(llama_base, adapter_copy, out), EXIT_INPUT, "corrupt safetensors header", out=out)
 
 
 def test_adapter_for_another_base_shape(llama_base, tmp_path):
-    other = make_base(tmp_path / "other", "llama", hidden_size=128, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=256)
+    other = make_base(
+        tmp_path / "other",
+        "llama",
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=256,
+    )
     adapter = make_adapter(other, tmp_path / "adapter", target_modules=["q_proj"])
     out = tmp_path / "out"
-    _assert_refused(_merged(llama_base, adapter, out), EXIT_INPUT, "another base model",
-                    "model.layers.0.self_attn.q_proj", out=out)
+    _assert_refused(
+        _merged(llama_base, adapter, out), EXIT_INPUT, "another base model", "model.layers.0.self_attn.q_proj", out=out
+    )
 
 
 def test_adapter_module_not_in_base(llama_base, tmp_path):
     deeper = make_base(tmp_path / "deeper", "llama", num_hidden_layers=3)
     adapter = make_adapter(deeper, tmp_path / "adapter", target_modules=["q_proj"])
     out = tmp_path / "out"
-    _assert_refused(_merged(llama_base, adapter, out), EXIT_INPUT, "model.layers.2.self_attn.q_proj.weight",
-                    "does not have", out=out)
+    _assert_refused(
+        _merged(llama_base, adapter, out),
+        EXIT_INPUT,
+        "model.layers.2.self_attn.q_proj.weight",
+        "does not have",
+        out=out,
+    )
 
 
 def test_unsupported_peft_type(llama_base, tmp_path):
-    from conftest import load_base
     from peft import IA3Config, get_peft_model
 
-    get_peft_model(load_base(llama_base), IA3Config(target_modules=["q_proj", "down_proj"],
-                                                    feedforward_modules=["down_proj"])).save_pretrained(tmp_path / "ia3")
+    from conftest import load_base
+
+    get_peft_model(
+        load_base(llama_base), IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+    ).save_pretrained(tmp_path / "ia3")
     out = tmp_path / "out"
     _assert_refused(_merged(llama_base, tmp_path / "ia3", out), EXIT_UNSUPPORTED, "peft_type is 'IA3'", out=out)
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
-    ("layer_replication", [[0, 2], [1, 2]], "layer_replication"),
-    ("alora_invocation_tokens", [5, 6], "aLoRA"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
+        ("layer_replication", [[0, 2], [1, 2]], "layer_replication"),
+        ("alora_invocation_tokens", [5, 6], "aLoRA"),
+    ],
+)
 def test_unmergeable_features_are_named(llama_base, adapter_copy, tmp_path, field, value, needle):
     edit_json(adapter_copy / "adapter_config.json", **{field: value})
     out = tmp_path / "out"
@@ -136,8 +155,9 @@ def test_non_finite_adapter(llama_base, tmp_path):
 
 
 def test_pickle_adapter_refused_unless_allowed(llama_base, tmp_path):
-    adapter = make_adapter(llama_base, tmp_path / "adapter", target_modules=["q_proj"],
-                           save_kwargs={"safe_serialization": False})
+    adapter = make_adapter(
+        llama_base, tmp_path / "adapter", target_modules=["q_proj"], save_kwargs={"safe_serialization": False}
+    )
     assert (adapter / "adapter_model.bin").is_file()
     out = tmp_path / "out"
     _assert_refused(_merged(llama_base, adapter, out), EXIT_INPUT, "pickle", "--allow-pickle", out=out)
@@ -153,8 +173,9 @@ def test_base_that_does_not_exist(llama_adapter, tmp_path):
 
 def test_unknown_dtype(llama_base, llama_adapter, tmp_path):
     out = tmp_path / "out"
-    _assert_refused(_merged(llama_base, llama_adapter, out, "--dtype", "float8"), EXIT_INPUT,
-                    "unknown dtype 'float8'", out=out)
+    _assert_refused(
+        _merged(llama_base, llama_adapter, out, "--dtype", "float8"), EXIT_INPUT, "unknown dtype 'float8'", out=out
+    )
 
 
 @pytest.mark.parametrize("weights", ["0.5,0.5", "abc"])
@@ -185,8 +206,14 @@ def test_fp16_overflow_is_refused_and_leaves_nothing(tmp_path):
     save_file(state, f, metadata={"format": "pt"})
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
     out = tmp_path / "out"
-    _assert_refused(_merged(base, adapter, out), 3, "model.layers.1.mlp.down_proj.weight",
-                    "beyond float16's range", "bfloat16", out=out)
+    _assert_refused(
+        _merged(base, adapter, out),
+        3,
+        "model.layers.1.mlp.down_proj.weight",
+        "beyond float16's range",
+        "bfloat16",
+        out=out,
+    )
     rc, _, stderr = _merged(base, adapter, out, "--dtype", "bfloat16")
     assert rc == 0, stderr
 
@@ -204,10 +231,17 @@ def _process(*args: str) -> subprocess.CompletedProcess:
     return run_console(*args)
 
 
-@pytest.mark.parametrize("args,needle", [(("plan-nothing",), "No such command"),
-                                         (("merged", "--bogus"), "No such option: --bogus"),
-                                         (("merged", "--base", "b", "--adapter", "a", "--output", "o",
-                                           "--verify", "maybe"), "Got unexpected extra argument")])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (("plan-nothing",), "No such command"),
+        (("merged", "--bogus"), "No such option: --bogus"),
+        (
+            ("merged", "--base", "b", "--adapter", "a", "--output", "o", "--verify", "maybe"),
+            "Got unexpected extra argument",
+        ),
+    ],
+)
 def test_a_bad_command_line_exits_2_with_usage_and_no_traceback(args, needle):
     res = _process(*args)
     assert res.returncode == EXIT_USAGE, res
@@ -216,13 +250,29 @@ def test_a_bad_command_line_exits_2_with_usage_and_no_traceback(args, needle):
 
 def test_the_process_exits_quickly_without_losing_output(llama_base, llama_adapter, tmp_path):
     """After a merge the process skips torch's teardown: its --json report and files must still be complete."""
-    res = _process("merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output",
-                   str(tmp_path / "out"), "--json")
+    res = _process(
+        "merged",
+        "--base",
+        str(llama_base),
+        "--adapter",
+        str(llama_adapter),
+        "--output",
+        str(tmp_path / "out"),
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)["merge"]
     assert report["tensors_changed"] > 0 and (tmp_path / "out" / report["provenance"]).is_file()
-    res = _process("merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output",
-                   str(tmp_path / "out"), "--json")
+    res = _process(
+        "merged",
+        "--base",
+        str(llama_base),
+        "--adapter",
+        str(llama_adapter),
+        "--output",
+        str(tmp_path / "out"),
+        "--json",
+    )
     assert res.returncode == EXIT_OUTPUT and "--force" in res.stderr
 
 

@@ -12,8 +12,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from lora_deploy.errors import EXIT_OUTPUT
 
 
@@ -42,8 +42,9 @@ def test_a_killed_merge_leaves_a_partial_that_the_next_merge_removes(llama_base,
     assert len(left) == 1 and any(left[0].glob("*.safetensors")), "the kill should have left a partial folder"
     assert not out.exists()
 
-    rc, stdout, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", str(llama_adapter),
-                                 "--output", str(out), "--json")
+    rc, stdout, stderr = run_cli(
+        "merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output", str(out), "--json"
+    )
     assert rc == 0, stderr
     removed = json.loads(stdout)["merge"]["stale_partials_removed"]
     assert [r["path"] for r in removed] == [str(left[0])] and removed[0]["bytes"] > 0
@@ -81,8 +82,9 @@ def test_a_partial_of_a_write_still_running_is_left_alone(llama_base, llama_adap
     try:
         busy = Path(live.stdout.readline().strip())
         assert busy.is_dir() and busy.name.startswith(".out.partial-"), busy
-        rc, stdout, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", str(llama_adapter),
-                                     "--output", str(out), "--json")
+        rc, stdout, stderr = run_cli(
+            "merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output", str(out), "--json"
+        )
         assert rc == 0, stderr
         assert json.loads(stdout)["merge"]["stale_partials_removed"] == []
         assert busy.is_dir() and (busy / "model.safetensors").is_file()
@@ -109,23 +111,26 @@ def test_not_enough_space_is_refused_before_writing(llama_base, llama_adapter, s
     """The example merge needs ~2.5 MB (fp16 of a 1.2M-parameter model); with 1 MB free it is refused up front."""
     (small_disk / "filler").write_bytes(b"\0" * (2 << 20))
     out = small_disk / "out"
-    rc, _, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", str(llama_adapter),
-                            "--output", str(out), "--dtype", "float32")
+    rc, _, stderr = run_cli(
+        "merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output", str(out), "--dtype", "float32"
+    )
     assert rc == EXIT_OUTPUT, stderr
     assert "not enough free space" in stderr and "needs" in stderr and "free" in stderr
     assert not out.exists() and _partials(out) == []
 
 
-def test_a_disk_that_fills_during_the_write_is_exit_5_and_leaves_nothing(llama_base, llama_adapter, small_disk,
-                                                                        monkeypatch):
+def test_a_disk_that_fills_during_the_write_is_exit_5_and_leaves_nothing(
+    llama_base, llama_adapter, small_disk, monkeypatch
+):
     """Space taken by someone else after the check: ENOSPC mid-write is a clear error, the partial is removed."""
     import lora_deploy._files as files
 
     monkeypatch.setattr(files, "check_free_space", lambda *a, **k: None)  # as if the space vanished after it
     (small_disk / "filler").write_bytes(b"\0" * (2 << 20))
     out = small_disk / "out"
-    rc, _, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", str(llama_adapter),
-                            "--output", str(out), "--dtype", "float32")
+    rc, _, stderr = run_cli(
+        "merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output", str(out), "--dtype", "float32"
+    )
     assert rc == EXIT_OUTPUT, stderr
     assert "disk filled up" in stderr
     assert not out.exists() and _partials(out) == []

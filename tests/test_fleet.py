@@ -14,8 +14,8 @@ import sys
 import threading
 
 import pytest
-from fleet_harness import SERVED, Fleet
 
+from fleet_harness import SERVED, Fleet
 from lora_deploy.examples.tiny import PROMPT_TEMPLATE, TICKETS, greedy_answer
 
 PROMPTS = [PROMPT_TEMPLATE.format(message=ms[0]) for ms in TICKETS.values()]
@@ -37,8 +37,10 @@ def fleet(example, tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(example):
     """transformers + PEFT's greedy answers: the base, each adapter."""
-    return {name: {p: greedy_answer(example.base, p, adapter=path, max_new_tokens=16) for p in PROMPTS}
-            for name, path in [("base", None), *example.adapters.items()]}
+    return {
+        name: {p: greedy_answer(example.base, p, adapter=path, max_new_tokens=16) for p in PROMPTS}
+        for name, path in [("base", None), *example.adapters.items()]
+    }
 
 
 def test_an_adapter_published_while_requests_flow_is_served_by_every_replica(fleet, expected, example):
@@ -87,22 +89,36 @@ def test_an_adapter_published_while_requests_flow_is_served_by_every_replica(fle
 def test_the_smoke_job_checks_each_replica_with_the_stores_adapters(fleet, tmp_path):
     """The in-cluster smoke Job's own script, run once per replica (each "pod" has its own port here): it loads
     the store's adapters and passes on every replica."""
-    from lora_deploy.k8s.render import render_manifests
-    from lora_deploy.k8s.spec import parse_spec
-
     from conftest import mount_smoke_job
     from fleet_harness import API_KEY, fleet_spec
+    from lora_deploy.k8s.render import render_manifests
+    from lora_deploy.k8s.spec import parse_spec
 
     files = render_manifests(parse_spec(fleet_spec())).files
     config, code, smoke = mount_smoke_job(files, tmp_path)
     assert smoke["store"] == "/adapters" and smoke["replicas"] == 2
     for replica in fleet.replicas:
-        (config / "smoke.json").write_text(json.dumps({**smoke, "pods_host": "127.0.0.1", "port": replica.port,
-                                                       "replicas": 1, "store": str(fleet.store),
-                                                       "wait_seconds": 30}))
+        (config / "smoke.json").write_text(
+            json.dumps(
+                {
+                    **smoke,
+                    "pods_host": "127.0.0.1",
+                    "port": replica.port,
+                    "replicas": 1,
+                    "store": str(fleet.store),
+                    "wait_seconds": 30,
+                }
+            )
+        )
         env = {**os.environ, "LORA_DEPLOY_CONFIG_DIR": str(config), "PYTHONPATH": str(code), "VLLM_API_KEY": API_KEY}
-        job = subprocess.run([sys.executable, str(code / "smoke_job.py")], env=env, capture_output=True, text=True,
-                             timeout=600, cwd=tmp_path)
+        job = subprocess.run(
+            [sys.executable, str(code / "smoke_job.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
         assert job.returncode == 0, job.stdout + job.stderr
         assert "PASSED" in job.stdout and "late" in job.stdout
 
@@ -114,13 +130,18 @@ MAX_LOST_TO_THE_KILL = 2
 
 
 def test_a_replica_killed_mid_burst_gives_no_wrong_answer_loses_at_most_its_in_flight_requests_and_comes_back(
-        fleet, expected):
+    fleet, expected
+):
     """SIGKILL to one replica during a burst of non-streaming requests through the router: none wrong, and at most
     the requests in flight on the killed replica failed (the router retries the rest on the other replica). Started
     again with the same command, the replica serves the startup adapter and every published one with no manual
     step."""
-    asks = [(m, p, expected[a][p]) for _ in range(3) for p in PROMPTS for m, a in
-            (("classify", "classify"), ("late", "reply"), (SERVED, "base"))]
+    asks = [
+        (m, p, expected[a][p])
+        for _ in range(3)
+        for p in PROMPTS
+        for m, a in (("classify", "classify"), ("late", "reply"), (SERVED, "base"))
+    ]
     victim = fleet.replicas[1]
     try:
         result = fleet.burst(asks, concurrency=4, during=lambda: fleet.kill_replica(victim), after=len(asks) // 3)

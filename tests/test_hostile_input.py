@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import assert_user_error, run_console
 
+from conftest import assert_user_error, run_console
 from lora_deploy.serve.flags import model_name_problem
 
 
-@pytest.mark.parametrize("name", ["support\n", "support\r\n", "sup port", "../x", "./support", "support/", "/abs",
-                                  ".hidden", "a" * 129, ""])
+@pytest.mark.parametrize(
+    "name", ["support\n", "support\r\n", "sup port", "../x", "./support", "support/", "/abs", ".hidden", "a" * 129, ""]
+)
 def test_adapter_names_are_matched_whole(name):
     """The name rule matches the whole string: a trailing newline (which ``$`` lets through) is refused too."""
     assert model_name_problem(name, adapter=True) is not None
@@ -41,8 +42,9 @@ class _FileMeta:
         self.tensors, self.metadata = {"w": _Tensor([0, 8])}, None
 
 
-@pytest.mark.parametrize("shard", ["../../escape.safetensors", "/tmp/abs.safetensors", "a/../../b.safetensors",
-                                   "sub\\..\\..\\x.safetensors"])
+@pytest.mark.parametrize(
+    "shard", ["../../escape.safetensors", "/tmp/abs.safetensors", "a/../../b.safetensors", "sub\\..\\..\\x.safetensors"]
+)
 def test_hub_shard_names_that_leave_the_cache_are_refused(tmp_path, monkeypatch, shard):
     """A hub repository's safetensors index chooses its shard names: one that walks out of the cache folder is an
     input error, and nothing is written outside it (the hub client is replaced in-process: no network in tests)."""
@@ -81,16 +83,31 @@ def _with_link(adapter, tmp_path, name: str, target):
 
 
 @pytest.mark.parametrize("name,target", [("notes.txt", "/proc/self/environ"), ("added_tokens.json", "/etc/passwd")])
-def test_links_out_of_an_adapter_folder_are_refused_before_anything_is_read(llama_base, llama_adapter, tmp_path,
-                                                                            name, target):
+def test_links_out_of_an_adapter_folder_are_refused_before_anything_is_read(
+    llama_base, llama_adapter, tmp_path, name, target
+):
     """A link out of an adapter folder (the environment, secrets included, or another file of the machine) would be
     copied into the merged checkpoint or the shared store: inspect, check, merged and publish refuse it (exit 3,
     naming it) and write nothing; a link to a file inside the folder is fine."""
     linked = _with_link(llama_adapter, tmp_path, name, target)
-    for args in (["inspect", str(linked)], ["check", "--base", str(llama_base), "--adapter", f"a={linked}"],
-                 ["merged", "--base", str(llama_base), "--adapter", str(linked), "--output", str(tmp_path / "out")],
-                 ["adapters", "publish", str(linked), "--store", str(tmp_path / "store"), "--name", "a",
-                  "--base", str(llama_base), "--max-lora-rank", "16"]):
+    for args in (
+        ["inspect", str(linked)],
+        ["check", "--base", str(llama_base), "--adapter", f"a={linked}"],
+        ["merged", "--base", str(llama_base), "--adapter", str(linked), "--output", str(tmp_path / "out")],
+        [
+            "adapters",
+            "publish",
+            str(linked),
+            "--store",
+            str(tmp_path / "store"),
+            "--name",
+            "a",
+            "--base",
+            str(llama_base),
+            "--max-lora-rank",
+            "16",
+        ],
+    ):
         res = run_console(*args)
         assert_user_error(res, 3)  # check lists its refusals on stdout, the others say it on stderr
         assert name in res.stdout + res.stderr and "outside" in res.stdout + res.stderr, (args, res.stderr)
@@ -109,11 +126,11 @@ def _rewrite_header(src, dst, change):
     """A copy of the safetensors file ``src`` whose JSON header ``change`` rewrites (the data bytes kept)."""
     raw = src.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     new = change(header)
-    text = (new if isinstance(new, bytes) else json.dumps(new).encode())
+    text = new if isinstance(new, bytes) else json.dumps(new).encode()
     text += b" " * (-len(text) % 8)
-    dst.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    dst.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
 
 
 def _first(header):
@@ -158,8 +175,11 @@ def test_malformed_adapter_headers_are_refused_before_anything_is_written(llama_
     bad = tmp_path / "bad"
     shutil.copytree(llama_adapter, bad)
     _rewrite_header(llama_adapter / "adapter_model.safetensors", bad / "adapter_model.safetensors", MALFORMED[case])
-    for args in (["inspect", str(bad)], ["check", "--base", str(llama_base), "--adapter", f"a={bad}"],
-                 ["merged", "--base", str(llama_base), "--adapter", str(bad), "--output", str(tmp_path / "out")]):
+    for args in (
+        ["inspect", str(bad)],
+        ["check", "--base", str(llama_base), "--adapter", f"a={bad}"],
+        ["merged", "--base", str(llama_base), "--adapter", str(bad), "--output", str(tmp_path / "out")],
+    ):
         res = run_console(*args)
         assert_user_error(res, 3)
         assert "safetensors" in res.stdout + res.stderr or "tensor" in res.stdout + res.stderr, res.stderr
@@ -167,8 +187,11 @@ def test_malformed_adapter_headers_are_refused_before_anything_is_written(llama_
 
 
 def test_the_untouched_adapter_passes_the_same_reader(llama_base, llama_adapter, tmp_path):
-    for args in (["inspect", str(llama_adapter)], ["check", "--base", str(llama_base), "--adapter", f"a={llama_adapter}"],
-                 ["merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output", str(tmp_path / "o")]):
+    for args in (
+        ["inspect", str(llama_adapter)],
+        ["check", "--base", str(llama_base), "--adapter", f"a={llama_adapter}"],
+        ["merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output", str(tmp_path / "o")],
+    ):
         res = run_console(*args)
         assert res.returncode == 0, (args, res.stderr)
 
@@ -184,12 +207,15 @@ def _edited_config(adapter, tmp_path, **changes):
     return copy
 
 
-@pytest.mark.parametrize("changes,needle", [
-    ({"r": 1}, "rank"),  # the config says r=1 over rank-4 tensors: inspect saw it, pre-flight once said rank 0
-    ({"lora_alpha": 1e308}, "lora_alpha"),
-    ({"rank_pattern": {"(": 8}}, "not a valid regular expression"),
-    ({"rank_pattern": {"([a-z._0-9]+)+!": 8}}, "exponential time"),  # Python's re: 2^30 steps on a module name
-])
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"r": 1}, "rank"),  # the config says r=1 over rank-4 tensors: inspect saw it, pre-flight once said rank 0
+        ({"lora_alpha": 1e308}, "lora_alpha"),
+        ({"rank_pattern": {"(": 8}}, "not a valid regular expression"),
+        ({"rank_pattern": {"([a-z._0-9]+)+!": 8}}, "exponential time"),  # Python's re: 2^30 steps on a module name
+    ],
+)
 def test_config_problems_are_refused_by_every_reader(llama_base, llama_adapter, tmp_path, changes, needle):
     """What the adapter reader finds, pre-flight refuses (exit 3 for a malformed config, 4 for an adapter vLLM would
     serve wrongly): no problem that `inspect` reports is let through by `check`; a catastrophic pattern ends within a
@@ -242,8 +268,15 @@ def wide_base(tmp_path_factory):
     from conftest import make_adapter, make_base
 
     root = tmp_path_factory.mktemp("wide")
-    base = make_base(root / "base", "llama", hidden_size=1024, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=8, num_key_value_heads=8)
+    base = make_base(
+        root / "base",
+        "llama",
+        hidden_size=1024,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
     return base, make_adapter(base, root / "adapter", target_modules=["q_proj"])
 
 
@@ -256,9 +289,12 @@ def _with_huge_embedding(adapter, out, rows: int, hidden: int):
     f = out / "adapter_model.safetensors"
     raw = f.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
     header["base_model.model.model.embed_tokens.weight"] = {
-        "dtype": "F32", "shape": [rows, hidden], "data_offsets": [len(data), len(data) + rows * hidden * 4]}
+        "dtype": "F32",
+        "shape": [rows, hidden],
+        "data_offsets": [len(data), len(data) + rows * hidden * 4],
+    }
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     with open(f, "wb") as fh:
@@ -278,8 +314,9 @@ def _limited(*args: str, data_bytes: int):
         resource.setrlimit(resource.RLIMIT_DATA, (data_bytes, resource.RLIM_INFINITY))
 
     script = Path(sys.executable).parent / "lora-deploy"
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=300, preexec_fn=limit,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, timeout=300, preexec_fn=limit, stdin=subprocess.DEVNULL
+    )
 
 
 @pytest.mark.parametrize("rows,needle", [(1 << 24, "more than any vocabulary"), (1 << 20, "of memory")])
@@ -294,17 +331,20 @@ def test_adapter_tensors_are_bounded_before_they_are_read(wide_base, tmp_path, r
     base, adapter = wide_base
     huge = _with_huge_embedding(adapter, tmp_path / "huge", rows, 1024)
     started = time.monotonic()
-    res = _limited("merged", "--base", str(base), "--adapter", str(huge), "--output", str(tmp_path / "out"),
-                   data_bytes=3 << 30)
+    res = _limited(
+        "merged", "--base", str(base), "--adapter", str(huge), "--output", str(tmp_path / "out"), data_bytes=3 << 30
+    )
     assert_user_error(res, 3, needle)
     assert time.monotonic() - started < 120 and not (tmp_path / "out").exists()
-    ok = _limited("merged", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "ok"),
-                  data_bytes=3 << 30)
+    ok = _limited(
+        "merged", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "ok"), data_bytes=3 << 30
+    )
     assert ok.returncode == 0, ok.stderr
 
 
-def test_a_publish_while_retire_tells_the_replicas_survives_the_retire(llama_base, llama_adapter, tmp_path,
-                                                                      monkeypatch):
+def test_a_publish_while_retire_tells_the_replicas_survives_the_retire(
+    llama_base, llama_adapter, tmp_path, monkeypatch
+):
     """retire lets go of the store's lock while it tells each replica to unload; a publish of the same name in that
     window once exited 0 and was then left as a dangling link when retire deleted the whole versions folder. Retire
     now deletes exactly the versions it took away: the new publish stays whole and servable, the old versions go."""
@@ -343,20 +383,38 @@ def guarded(example, tmp_path_factory):
     import os
 
     from conftest import free_port, require_cpu_build
-
     from lora_deploy.serve.flags import ServeConfig, ServedAdapter
     from lora_deploy.serve.launcher import VllmServer, plan_launch
 
     require_cpu_build()
     root = tmp_path_factory.mktemp("guarded")
     store = root / "store"
-    published = run_console("adapters", "publish", str(example.adapters["reply"]), "--store", str(store), "--name",
-                            "late", "--base", str(example.base), "--max-lora-rank", "16", "--json")
+    published = run_console(
+        "adapters",
+        "publish",
+        str(example.adapters["reply"]),
+        "--store",
+        str(store),
+        "--name",
+        "late",
+        "--base",
+        str(example.base),
+        "--max-lora-rank",
+        "16",
+        "--json",
+    )
     assert published.returncode == 0, published.stderr
     os.environ["HOSTILE_TEST_KEY"] = GUARD_KEY
-    cfg = ServeConfig(model=str(example.base), served_model_name="base", port=free_port(), dtype="float32",
-                      adapters=(ServedAdapter("classify", str(example.adapters["classify"]), 8),),
-                      adapter_store=str(store), api_key_env="HOSTILE_TEST_KEY", max_lora_rank=16)
+    cfg = ServeConfig(
+        model=str(example.base),
+        served_model_name="base",
+        port=free_port(),
+        dtype="float32",
+        adapters=(ServedAdapter("classify", str(example.adapters["classify"]), 8),),
+        adapter_store=str(store),
+        api_key_env="HOSTILE_TEST_KEY",
+        max_lora_rank=16,
+    )
     with VllmServer(plan_launch(cfg), log_path=root / "vllm.log", api_key=GUARD_KEY) as server:
         server.wait_ready(900)
         yield server, store, json.loads(published.stdout)
@@ -369,15 +427,18 @@ def _call(server, method: str, path: str, *, key: str | None = None, body: dict 
     return requests.request(method, server.plan.url + path, json=body, headers=headers, timeout=120)
 
 
-@pytest.mark.parametrize("method,path,body", [
-    ("POST", "/invocations", {"model": "base", "prompt": "Hello", "max_tokens": 2}),  # serves, vLLM leaves it open
-    ("POST", "/tokenize", {"model": "base", "prompt": "Hello"}),
-    ("POST", "/adapters", {"name": "stolen", "src": "/etc"}),  # SageMaker load: any path the server can read
-    ("DELETE", "/adapters/classify", None),  # SageMaker unload: a startup adapter, so readiness fails
-    ("GET", "/v1/models", None),
-    ("POST", "/v1/completions", {"model": "classify", "prompt": "Hello", "max_tokens": 2}),
-    ("GET", "/version", None),
-])
+@pytest.mark.parametrize(
+    "method,path,body",
+    [
+        ("POST", "/invocations", {"model": "base", "prompt": "Hello", "max_tokens": 2}),  # serves, vLLM leaves it open
+        ("POST", "/tokenize", {"model": "base", "prompt": "Hello"}),
+        ("POST", "/adapters", {"name": "stolen", "src": "/etc"}),  # SageMaker load: any path the server can read
+        ("DELETE", "/adapters/classify", None),  # SageMaker unload: a startup adapter, so readiness fails
+        ("GET", "/v1/models", None),
+        ("POST", "/v1/completions", {"model": "classify", "prompt": "Hello", "max_tokens": 2}),
+        ("GET", "/version", None),
+    ],
+)
 def test_no_request_without_the_key_reaches_any_route_but_health_and_metrics(guarded, method, path, body):
     """vLLM 0.32 checks the key only under /v1, /v2, /inference and /cohere; with the guard middleware every other
     route answers 401 without it too, while /health and /metrics (probes, Prometheus) stay open."""
@@ -393,8 +454,13 @@ def test_no_request_without_the_key_reaches_any_route_but_health_and_metrics(gua
 def test_with_the_key_inference_and_plain_store_names_are_served(guarded):
     server, _, _ = guarded
     for model in ("base", "classify", "late"):
-        res = _call(server, "POST", "/v1/completions", key=GUARD_KEY,
-                    body={"model": model, "prompt": "Customer: hello\nAgent:", "max_tokens": 2, "temperature": 0})
+        res = _call(
+            server,
+            "POST",
+            "/v1/completions",
+            key=GUARD_KEY,
+            body={"model": model, "prompt": "Customer: hello\nAgent:", "max_tokens": 2, "temperature": 0},
+        )
         assert res.status_code == 200, (model, res.text)
 
 
@@ -404,20 +470,34 @@ def test_crafted_model_names_never_reach_the_resolver(guarded):
     /v1/models. With the guard, each is a 400 and nothing new is listed; the published name itself is served."""
     server, store, published = guarded
     version = published["adapter"]["version"]
-    crafted = ["./late", "late/", "late/.", str(store / "late"), "../store/late",
-               f".lora-deploy/versions/late/{version}", "late\n"]
+    crafted = [
+        "./late",
+        "late/",
+        "late/.",
+        str(store / "late"),
+        "../store/late",
+        f".lora-deploy/versions/late/{version}",
+        "late\n",
+    ]
     for name in crafted:
-        res = _call(server, "POST", "/v1/completions", key=GUARD_KEY,
-                    body={"model": name, "prompt": "Hello", "max_tokens": 2})
+        res = _call(
+            server, "POST", "/v1/completions", key=GUARD_KEY, body={"model": name, "prompt": "Hello", "max_tokens": 2}
+        )
         assert res.status_code == 400 and "not a served model name" in res.text, (name, res.status_code, res.text)
-    res = _call(server, "POST", "/v1/load_lora_adapter", key=GUARD_KEY,
-                body={"lora_name": "../x", "lora_path": str(store / "late")})
+    res = _call(
+        server,
+        "POST",
+        "/v1/load_lora_adapter",
+        key=GUARD_KEY,
+        body={"lora_name": "../x", "lora_path": str(store / "late")},
+    )
     assert res.status_code == 400
     names = {m["id"] for m in _call(server, "GET", "/v1/models", key=GUARD_KEY).json()["data"]}
     assert not names & set(crafted), names
 
 
 # ---------------------------------------------------------------- secrets and the manifests
+
 
 def _spec_file(tmp_path, **changes):
     import yaml
@@ -434,12 +514,14 @@ def test_secret_values_never_reach_a_command_line_or_a_manifest(tmp_path, llama_
     """A secret in vllm.extraArgs would be written into the manifest (readable by anyone who reads the namespace),
     and `dynamic -- --api-key X` would put it in ps and /proc: both are refused (exit 3) with the Secret or variable
     to use instead, and nothing is written."""
-    res = run_console("manifests", str(_spec_file(tmp_path, vllm={"extraArgs": extra})), "--output",
-                      str(tmp_path / "out"))
+    res = run_console(
+        "manifests", str(_spec_file(tmp_path, vllm={"extraArgs": extra})), "--output", str(tmp_path / "out")
+    )
     assert_user_error(res, 3, "vllm.extraArgs", "secret")
     assert not (tmp_path / "out").exists()
-    res = run_console("dynamic", "--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--dry-run", "--",
-                      *extra)
+    res = run_console(
+        "dynamic", "--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--dry-run", "--", *extra
+    )
     assert_user_error(res, 3, "secret")
     assert "s3cret" not in res.stdout + res.stderr or extra[0].startswith("--hf")
 
@@ -450,8 +532,13 @@ def test_tokens_reach_only_the_container_that_downloads(tmp_path):
     from test_k8s import _files_of
 
     base = {"name": "bot", "namespace": "llm", "model": "org/model", "mode": "merged"}
-    files = _files_of({**base, "weights": {"source": "download", "hfTokenSecret": "hf"},
-                       "image": "vllm/vllm-openai@sha256:" + "a" * 64})
+    files = _files_of(
+        {
+            **base,
+            "weights": {"source": "download", "hfTokenSecret": "hf"},
+            "image": "vllm/vllm-openai@sha256:" + "a" * 64,
+        }
+    )
     pod = files["deployment.yaml"]["spec"]["template"]["spec"]
     assert "HF_TOKEN" not in {e["name"] for e in pod["containers"][0]["env"]}
     assert "HF_TOKEN" in {e["name"] for e in pod["initContainers"][0]["env"]}
@@ -461,11 +548,14 @@ def test_tokens_reach_only_the_container_that_downloads(tmp_path):
     from lora_deploy.k8s.render import render_manifests
     from lora_deploy.k8s.spec import parse_spec
 
-    notes = render_manifests(parse_spec({**base, "weights": {"source": "hub"}, "service": {"type": "LoadBalancer"}})).notes
+    notes = render_manifests(
+        parse_spec({**base, "weights": {"source": "hub"}, "service": {"type": "LoadBalancer"}})
+    ).notes
     assert any("no API key" in n for n in notes)
 
 
 # ---------------------------------------------------------------- hostile HTTP peers
+
 
 class _Hostile:
     """A peer that is not a well-behaved server: drips its answer, sends without end, or redirects elsewhere (stdlib
@@ -519,8 +609,9 @@ class _Hostile:
         self.server.shutdown()
 
 
-@pytest.mark.parametrize("behaviour,needle", [("drip", "deadline"), ("endless", "larger than"),
-                                              ("redirect", "not followed")])
+@pytest.mark.parametrize(
+    "behaviour,needle", [("drip", "deadline"), ("endless", "larger than"), ("redirect", "not followed")]
+)
 def test_hostile_http_peers_are_bounded_in_time_and_memory(behaviour, needle):
     """`smoke --timeout 5` against a peer that sends a byte every 2 s ends within seconds (it held the command past
     60 s); an endless body is cut off at a size cap (it reached 2.3 GB); a redirect is not followed (the API key would

@@ -10,43 +10,85 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli, published_crds
 
+from conftest import published_crds, run_cli
 from lora_deploy.errors import InputError
 from lora_deploy.k8s.render import compare_with, lws_name, render_manifests
+from lora_deploy.k8s.spec import load_spec, parse_spec
 from lora_deploy.k8s.validate import KUBERNETES_VERSION, load_crds, validate_object
 from lora_deploy.serve.flags import ServeConfig, ServedAdapter, build_vllm_args
-from lora_deploy.k8s.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "deploy").glob("*.yaml"))
 
 BASE = {"name": "bot", "namespace": "llm", "model": "/models/base"}
-DYNAMIC = {**BASE, "mode": "dynamic", "adapters": [{"name": "a1", "path": "/models/adapters/a1", "rank": 16},
-                                                   {"name": "a2", "path": "/models/adapters/a2", "rank": 40}]}
+DYNAMIC = {
+    **BASE,
+    "mode": "dynamic",
+    "adapters": [
+        {"name": "a1", "path": "/models/adapters/a1", "rank": 16},
+        {"name": "a2", "path": "/models/adapters/a2", "rank": 40},
+    ],
+}
 VARIANTS = {
     "merged-1gpu": {**BASE, "mode": "merged"},
     "dynamic-1gpu": DYNAMIC,
     "dynamic-4gpu": {**DYNAMIC, "gpus": 4, "replicas": 2},
-    "dynamic-runtime-hpa": {**DYNAMIC, "runtimeAdapters": True, "apiKeySecret": {"name": "key"},
-                            "autoscaling": {"enabled": True, "kind": "hpa", "maxReplicas": 3}},
-    "merged-download-keda": {**BASE, "model": "org/model", "mode": "merged",
-                             "weights": {"source": "download", "hfTokenSecret": "hf"},
-                             "autoscaling": {"enabled": True}},
-    "multinode": {**BASE, "model": "org/big", "mode": "merged", "gpus": 8, "multiNode": {"nodes": 2},
-                  "weights": {"source": "hub", "hfTokenSecret": "hf"}},
+    "dynamic-runtime-hpa": {
+        **DYNAMIC,
+        "runtimeAdapters": True,
+        "apiKeySecret": {"name": "key"},
+        "autoscaling": {"enabled": True, "kind": "hpa", "maxReplicas": 3},
+    },
+    "merged-download-keda": {
+        **BASE,
+        "model": "org/model",
+        "mode": "merged",
+        "weights": {"source": "download", "hfTokenSecret": "hf"},
+        "autoscaling": {"enabled": True},
+    },
+    "multinode": {
+        **BASE,
+        "model": "org/big",
+        "mode": "merged",
+        "gpus": 8,
+        "multiNode": {"nodes": 2},
+        "weights": {"source": "hub", "hfTokenSecret": "hf"},
+    },
     "multinode-dynamic": {**DYNAMIC, "gpus": 8, "multiNode": {"nodes": 3}},
-    "fleet": {**DYNAMIC, "replicas": 3, "apiKeySecret": {"name": "key"},
-              "adapterStore": {"claim": "adapters", "maxLoraRank": 64, "publishImage": "example.org/lora-deploy:1",
-                               "sourceClaim": "uploads"},
-              "routing": {"kind": "inference-pool", "gateway": "gw"}, "autoscaling": {"enabled": True}},
+    "fleet": {
+        **DYNAMIC,
+        "replicas": 3,
+        "apiKeySecret": {"name": "key"},
+        "adapterStore": {
+            "claim": "adapters",
+            "maxLoraRank": 64,
+            "publishImage": "example.org/lora-deploy:1",
+            "sourceClaim": "uploads",
+        },
+        "routing": {"kind": "inference-pool", "gateway": "gw"},
+        "autoscaling": {"enabled": True},
+    },
 }
 
 
 # the kinds lora-deploy renders that hold no pod template; any other kind must be one _pod_templates knows
-NO_POD_KINDS = {"ConfigMap", "Service", "PodDisruptionBudget", "PersistentVolumeClaim", "NetworkPolicy",
-                "ScaledObject", "HorizontalPodAutoscaler", "InferencePool", "HTTPRoute", "PodMonitor", "ServiceAccount",
-                "Role", "RoleBinding", "Kustomization"}
+NO_POD_KINDS = {
+    "ConfigMap",
+    "Service",
+    "PodDisruptionBudget",
+    "PersistentVolumeClaim",
+    "NetworkPolicy",
+    "ScaledObject",
+    "HorizontalPodAutoscaler",
+    "InferencePool",
+    "HTTPRoute",
+    "PodMonitor",
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "Kustomization",
+}
 
 
 def _pod_templates(obj: dict) -> list[dict]:
@@ -130,9 +172,11 @@ KEDA_MISTAKES = [  # against KEDA's CRD
 ]
 
 
-@pytest.mark.parametrize("variant,fname,path,value,needle",
-                         [("multinode", "leaderworkerset.yaml", *m) for m in LWS_MISTAKES]
-                         + [("merged-download-keda", "scaledobject.yaml", *m) for m in KEDA_MISTAKES])
+@pytest.mark.parametrize(
+    "variant,fname,path,value,needle",
+    [("multinode", "leaderworkerset.yaml", *m) for m in LWS_MISTAKES]
+    + [("merged-download-keda", "scaledobject.yaml", *m) for m in KEDA_MISTAKES],
+)
 def test_custom_resources_are_refused_where_their_api_refuses_them(variant, fname, path, value, needle):
     obj = _files(variant)[fname]
     assert validate_object(obj) == []
@@ -156,8 +200,9 @@ def test_a_supplied_crd_replaces_the_built_in_check(tmp_path):
     listed = tmp_path / "crds.yaml"
     listed.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [_lws_crd()]}))
     bundle = tmp_path / "bundle.yaml"
-    bundle.write_text(yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}},
-                                          _lws_crd()]))
+    bundle.write_text(
+        yaml.safe_dump_all([{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}, _lws_crd()])
+    )
     for path in (listed, bundle):
         crds = load_crds([path])
         assert list(crds) == [("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")]
@@ -165,14 +210,15 @@ def test_a_supplied_crd_replaces_the_built_in_check(tmp_path):
     assert validate_object(lws, crds=crds) == []
     rolling = "spec.rolloutStrategy.rollingUpdateConfiguration"
     assert validate_object(_mutated(lws, f"{rolling}.maxSurge", "25%"), crds=crds) == []  # int-or-string
-    for path, value, needle in [(f"{rolling}.maxSurge", True, "is not valid under any of the given schemas"),
-                                ("spec.leaderWorkerTemplate.sise", 2, "'sise' was unexpected"),
-                                ("spec.replicas", "1", "'1' is not of type 'integer'"),
-                                # the CRD replaces only the schema: pod templates still meet the core
-                                # schema, and the LWS webhook's rule still holds
-                                ("spec.leaderWorkerTemplate.workerTemplate.spec.containers.0.env", "x",
-                                 "workerTemplate"),
-                                (f"{rolling}.maxUnavailable", 0, "cannot both be 0")]:
+    for path, value, needle in [
+        (f"{rolling}.maxSurge", True, "is not valid under any of the given schemas"),
+        ("spec.leaderWorkerTemplate.sise", 2, "'sise' was unexpected"),
+        ("spec.replicas", "1", "'1' is not of type 'integer'"),
+        # the CRD replaces only the schema: pod templates still meet the core
+        # schema, and the LWS webhook's rule still holds
+        ("spec.leaderWorkerTemplate.workerTemplate.spec.containers.0.env", "x", "workerTemplate"),
+        (f"{rolling}.maxUnavailable", 0, "cannot both be 0"),
+    ]:
         problems = validate_object(_mutated(lws, path, value), crds=crds)
         assert any(needle in p for p in problems), (path, problems)
 
@@ -181,16 +227,16 @@ def test_manifests_cli_holds_custom_resources_to_the_given_crd(tmp_path):
     spec = ROOT / "deploy" / "llama-70b-multinode.yaml"
     crd = tmp_path / "lws-crd.yaml"
     crd.write_text(yaml.safe_dump(_lws_crd()))
-    rc, stdout, stderr = run_cli("manifests", str(spec), "--output", str(tmp_path / "ok"), "--crd", str(crd),
-                                 "--json")
+    rc, stdout, stderr = run_cli("manifests", str(spec), "--output", str(tmp_path / "ok"), "--crd", str(crd), "--json")
     assert rc == 0, stderr
     assert json.loads(stdout)["validated_against"]["leaderworkerset"] == f"leaderworkerset.x-k8s.io/v1 CRD from {crd}"
     crd.write_text(yaml.safe_dump(_lws_crd(startup_policies=("LeaderReady",))))  # a cluster without LeaderCreated
     rc, _, stderr = run_cli("manifests", str(spec), "--output", str(tmp_path / "old"), "--crd", str(crd))
     assert rc == 3 and "spec.startupPolicy" in stderr and not (tmp_path / "old").exists()
     (tmp_path / "none.yaml").write_text("kind: ConfigMap\napiVersion: v1\n")
-    rc, _, stderr = run_cli("manifests", str(spec), "--output", str(tmp_path / "x"), "--crd",
-                            str(tmp_path / "none.yaml"))
+    rc, _, stderr = run_cli(
+        "manifests", str(spec), "--output", str(tmp_path / "x"), "--crd", str(tmp_path / "none.yaml")
+    )
     assert rc == 3 and "no CustomResourceDefinition" in stderr and "kubectl get crd" in stderr
 
 
@@ -249,9 +295,18 @@ def test_dynamic_flags_are_the_launchers_flags():
     spec = parse_spec(copy.deepcopy(DYNAMIC))
     args = _files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
     adapters = (ServedAdapter("a1", "/models/adapters/a1", 16), ServedAdapter("a2", "/models/adapters/a2", 40))
-    launcher, _, _ = build_vllm_args(ServeConfig(model=spec.model, served_model_name="base", adapters=adapters,
-                                                 host="0.0.0.0", port=8000, gpu_memory_utilization=0.9, seed=None),
-                                     cpu_build=False)
+    launcher, _, _ = build_vllm_args(
+        ServeConfig(
+            model=spec.model,
+            served_model_name="base",
+            adapters=adapters,
+            host="0.0.0.0",
+            port=8000,
+            gpu_memory_utilization=0.9,
+            seed=None,
+        ),
+        cpu_build=False,
+    )
     assert args == ["/models/base"] + launcher
     assert args[args.index("--max-lora-rank") + 1] == "64" and args[args.index("--max-loras") + 1] == "2"
     assert args[args.index("--max-cpu-loras") + 1] == "2"
@@ -321,7 +376,8 @@ def test_runtime_adapters_need_a_key_and_get_a_network_policy():
     job_labels = files["smoke-test-job.yaml"]["spec"]["template"]["metadata"]["labels"]
     assert job_labels["lora-deploy/client"] == "true"  # the smoke test may pass the policy
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in {
-        e["name"] for e in _files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+        e["name"] for e in _files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
     with pytest.raises(InputError, match="needs apiKeySecret"):
         parse_spec({**DYNAMIC, "runtimeAdapters": True})
 
@@ -356,25 +412,33 @@ def test_the_smoke_jobs_mounted_code_imports_alone_without_torch(tmp_path):
     for item in job["volumes"][0]["configMap"]["items"]:
         (tmp_path / item["path"]).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / item["path"]).write_text(data[item["key"]])
-    code = ("import sys; sys.modules.update(torch=None, transformers=None, peft=None, safetensors=None); "
-            f"sys.path.insert(0, {str(tmp_path)!r}); import lora_deploy.serve.smoke, lora_deploy.serve.client; "
-            f"assert lora_deploy.serve.smoke.__file__.startswith({str(tmp_path)!r}), lora_deploy.serve.smoke.__file__")
+    code = (
+        "import sys; sys.modules.update(torch=None, transformers=None, peft=None, safetensors=None); "
+        f"sys.path.insert(0, {str(tmp_path)!r}); import lora_deploy.serve.smoke, lora_deploy.serve.client; "
+        f"assert lora_deploy.serve.smoke.__file__.startswith({str(tmp_path)!r}), lora_deploy.serve.smoke.__file__"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.parametrize("data,needle", [
-    ({**BASE, "replcas": 2}, "replcas: unknown key"),
-    ({**BASE, "gpus": "two"}, "gpus: expected a whole number"),
-    ({**BASE, "name": "Support_Bot"}, "name: 'Support_Bot' is not a DNS-1123 name"),
-    ({**BASE, "mode": "merged", "adapters": [{"name": "a", "path": "/a"}]}, "merged deployment"),
-    ({**BASE, "mode": "sideways"}, "mode: 'sideways'"),
-    ({**BASE, "image": "vllm/vllm-openai:latest"}, "is not pinned"),
-    ({**BASE, "weights": {"source": "ftp"}}, "weights.source"),
-    ({**DYNAMIC, "adapters": [{"name": "a1", "path": "/x", "rank": 8, "alpha": 3}]}, "adapters[0].alpha: unknown key"),
-    ({"name": "x"}, "missing required key(s): model"),
-    ({**BASE, "resources": {"memory": "lots"}}, "not a Kubernetes quantity"),
-])
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({**BASE, "replcas": 2}, "replcas: unknown key"),
+        ({**BASE, "gpus": "two"}, "gpus: expected a whole number"),
+        ({**BASE, "name": "Support_Bot"}, "name: 'Support_Bot' is not a DNS-1123 name"),
+        ({**BASE, "mode": "merged", "adapters": [{"name": "a", "path": "/a"}]}, "merged deployment"),
+        ({**BASE, "mode": "sideways"}, "mode: 'sideways'"),
+        ({**BASE, "image": "vllm/vllm-openai:latest"}, "is not pinned"),
+        ({**BASE, "weights": {"source": "ftp"}}, "weights.source"),
+        (
+            {**DYNAMIC, "adapters": [{"name": "a1", "path": "/x", "rank": 8, "alpha": 3}]},
+            "adapters[0].alpha: unknown key",
+        ),
+        ({"name": "x"}, "missing required key(s): model"),
+        ({**BASE, "resources": {"memory": "lots"}}, "not a Kubernetes quantity"),
+    ],
+)
 def test_spec_errors_name_the_yaml_path(data, needle):
     with pytest.raises(InputError) as err:
         parse_spec(data)
@@ -382,7 +446,9 @@ def test_spec_errors_name_the_yaml_path(data, needle):
 
 
 def test_dynamic_rank_is_read_from_a_local_adapter(example):
-    spec = parse_spec({**BASE, "mode": "dynamic", "adapters": [{"name": "reply", "path": str(example.adapters["reply"])}]})
+    spec = parse_spec(
+        {**BASE, "mode": "dynamic", "adapters": [{"name": "reply", "path": str(example.adapters["reply"])}]}
+    )
     args = render_manifests(spec).files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--max-lora-rank") + 1] == "16"
     with pytest.raises(InputError, match="give|rank"):
@@ -444,17 +510,36 @@ def test_manifests_cli_writes_checks_and_refuses_to_overwrite(tmp_path):
 
 
 def test_merged_and_dynamic_write_manifests_for_what_they_do(example, tmp_path):
-    rc, _, stderr = run_cli("merged", "--base", str(example.base), "--adapter", str(example.adapters["classify"]),
-                            "--output", str(tmp_path / "merged"), "--manifests", str(tmp_path / "k8s-merged"))
+    rc, _, stderr = run_cli(
+        "merged",
+        "--base",
+        str(example.base),
+        "--adapter",
+        str(example.adapters["classify"]),
+        "--output",
+        str(tmp_path / "merged"),
+        "--manifests",
+        str(tmp_path / "k8s-merged"),
+    )
     assert rc == 0, stderr
     dep = yaml.safe_load((tmp_path / "k8s-merged" / "deployment.yaml").read_text())
     assert dep["spec"]["template"]["spec"]["containers"][0]["args"][0] == "/models/merged"
-    rc, _, stderr = run_cli("dynamic", "--base", str(example.base), "--adapter",
-                            f"classify={example.adapters['classify']}", "--adapter", f"reply={example.adapters['reply']}",
-                            "--dry-run", "--manifests", str(tmp_path / "k8s-dyn"))
+    rc, _, stderr = run_cli(
+        "dynamic",
+        "--base",
+        str(example.base),
+        "--adapter",
+        f"classify={example.adapters['classify']}",
+        "--adapter",
+        f"reply={example.adapters['reply']}",
+        "--dry-run",
+        "--manifests",
+        str(tmp_path / "k8s-dyn"),
+    )
     assert rc == 0, stderr
     args = yaml.safe_load((tmp_path / "k8s-dyn" / "deployment.yaml").read_text())["spec"]["template"]["spec"][
-        "containers"][0]["args"]
+        "containers"
+    ][0]["args"]
     assert args[args.index("--max-lora-rank") + 1] == "16"  # read from the real adapters
     assert [json.loads(a)["name"] for a in args if a.startswith("{")] == ["classify", "reply"]
 
@@ -481,9 +566,16 @@ def test_cross_field_spec_errors_come_all_at_once():
 
 
 def test_dynamic_moe_expert_adapters_are_marked_in_the_manifests():
-    spec = parse_spec({**BASE, "mode": "dynamic", "adapters": [
-        {"name": "experts", "path": "/models/adapters/experts", "rank": 8, "moeExperts": True},
-        {"name": "plain", "path": "/models/adapters/plain", "rank": 8}]})
+    spec = parse_spec(
+        {
+            **BASE,
+            "mode": "dynamic",
+            "adapters": [
+                {"name": "experts", "path": "/models/adapters/experts", "rank": 8, "moeExperts": True},
+                {"name": "plain", "path": "/models/adapters/plain", "rank": 8},
+            ],
+        }
+    )
     args = render_manifests(spec).files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--enable-mixed-moe-lora-format" in args
     modules = [json.loads(a) for a in args if a.startswith("{")]
@@ -495,8 +587,13 @@ def test_dynamic_manifests_for_a_moe_expert_adapter_keep_its_flag():
     though its cluster path (/models/adapters/NAME) cannot be read where the manifests are rendered."""
     from lora_deploy.k8s.spec import spec_for_local_run
 
-    spec = spec_for_local_run(served_name="base", mode="dynamic", model="/models/base", local_model=True,
-                              adapters=(("experts", 8, True), ("plain", 8, False)))
+    spec = spec_for_local_run(
+        served_name="base",
+        mode="dynamic",
+        model="/models/base",
+        local_model=True,
+        adapters=(("experts", 8, True), ("plain", 8, False)),
+    )
     assert [a.moe_experts for a in spec.adapters] == [True, None]
     args = render_manifests(spec).files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--enable-mixed-moe-lora-format" in args
@@ -521,13 +618,23 @@ def test_api_names_are_the_same_locally_and_in_the_cluster(tmp_path):
 
     base = make_base(tmp_path / "Llama-3", "llama", tokenizer=True)
     adapter = make_adapter(base, tmp_path / "a", target_modules=["q_proj"])
-    code, out, err = run_cli("dynamic", "--base", str(base), "--adapter", f"Support_A={adapter}", "--dry-run",
-                             "--json", "--manifests", str(tmp_path / "out"))
+    code, out, err = run_cli(
+        "dynamic",
+        "--base",
+        str(base),
+        "--adapter",
+        f"Support_A={adapter}",
+        "--dry-run",
+        "--json",
+        "--manifests",
+        str(tmp_path / "out"),
+    )
     assert code == 0, err
     argv = json.loads(out)["argv"]
     local = {argv[argv.index("--served-model-name") + 1]} | {json.loads(a)["name"] for a in argv if a.startswith("{")}
-    args = yaml.safe_load((tmp_path / "out" / "deployment.yaml").read_text())["spec"]["template"]["spec"][
-        "containers"][0]["args"]
+    args = yaml.safe_load((tmp_path / "out" / "deployment.yaml").read_text())["spec"]["template"]["spec"]["containers"][
+        0
+    ]["args"]
     cluster = {args[args.index("--served-model-name") + 1]} | {json.loads(a)["name"] for a in args if a.startswith("{")}
     assert local == cluster == {"Llama-3", "Support_A"}, (local, cluster)
     assert parse_spec({**BASE, "model": "/models/Llama-3", "mode": "merged"}).base_name == "Llama-3"

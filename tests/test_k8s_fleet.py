@@ -9,13 +9,13 @@ import json
 
 import pytest
 import yaml
-from conftest import run_cli, published_crds
-from test_k8s import DYNAMIC, EXAMPLES, KEDA_MISTAKES, LWS_MISTAKES, VARIANTS, _files, _files_of, _mutated
 
+from conftest import published_crds, run_cli
 from lora_deploy.errors import InputError
 from lora_deploy.k8s.spec import load_spec, parse_spec
 from lora_deploy.k8s.validate import CRD_ONLY_KINDS, KUBERNETES_VERSION, load_crds, validate_manifests, validate_object
 from lora_deploy.serve.flags import resolver_env
+from test_k8s import DYNAMIC, EXAMPLES, KEDA_MISTAKES, LWS_MISTAKES, VARIANTS, _files, _files_of, _mutated
 
 FLEET = VARIANTS["fleet"]
 
@@ -28,8 +28,8 @@ def crds():
 def _custom(files: dict) -> dict:
     """The custom resources among ``files``: the kinds the Kubernetes OpenAPI schemas do not define. Every object is
     sorted into one side (a schema lookup that fails for another reason fails the test), none is dropped."""
-    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
     import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
     out = {}
     for name, obj in files.items():
@@ -45,10 +45,16 @@ def _custom(files: dict) -> dict:
 
 
 # the custom resources each variant renders: what the CRD check below must have seen, no fewer
-CUSTOM_KINDS = {"merged-1gpu": set(), "dynamic-1gpu": set(), "dynamic-4gpu": set(),
-                "dynamic-runtime-hpa": {"PodMonitor"}, "merged-download-keda": {"ScaledObject", "PodMonitor"},
-                "multinode": {"LeaderWorkerSet"}, "multinode-dynamic": {"LeaderWorkerSet"},
-                "fleet": {"ScaledObject", "InferencePool", "HTTPRoute", "PodMonitor"}}
+CUSTOM_KINDS = {
+    "merged-1gpu": set(),
+    "dynamic-1gpu": set(),
+    "dynamic-4gpu": set(),
+    "dynamic-runtime-hpa": {"PodMonitor"},
+    "merged-download-keda": {"ScaledObject", "PodMonitor"},
+    "multinode": {"LeaderWorkerSet"},
+    "multinode-dynamic": {"LeaderWorkerSet"},
+    "fleet": {"ScaledObject", "InferencePool", "HTTPRoute", "PodMonitor"},
+}
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
@@ -69,8 +75,9 @@ def test_every_custom_resource_passes_its_published_crd(name, crds):
 def test_committed_examples_pass_the_published_crds(spec_file, crds, tmp_path):
     """`manifests --crd DIR` takes every published CRD at once (the folder `lora-deploy crds` fills); nothing is
     left shape-only."""
-    rc, stdout, stderr = run_cli("manifests", str(spec_file), "--output", str(tmp_path / "out"), "--crd",
-                                 str(published_crds()), "--json")
+    rc, stdout, stderr = run_cli(
+        "manifests", str(spec_file), "--output", str(tmp_path / "out"), "--crd", str(published_crds()), "--json"
+    )
     assert rc == 0, stderr
     report = json.loads(stdout)
     assert report["not_schema_validated"] == []
@@ -184,8 +191,9 @@ def test_routing_exposes_only_inference_routes_through_the_pool():
     assert paths and all(p.startswith("/v1/") for p in paths)
     assert not [p for p in paths if "lora_adapter" in p or p in ("/", "/v1", "/v1/")]
     assert route["parentRefs"][0]["name"] == "gw"
-    assert route["rules"][0]["backendRefs"] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool",
-                                                 "name": "bot-pool"}]
+    assert route["rules"][0]["backendRefs"] == [
+        {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "bot-pool"}
+    ]
     pool = files["inferencepool.yaml"]["spec"]
     server_labels = files["deployment.yaml"]["spec"]["template"]["metadata"]["labels"]
     assert pool["selector"]["matchLabels"].items() <= server_labels.items()  # the servers, and only them
@@ -253,25 +261,28 @@ def test_the_smoke_job_checks_every_replica_and_the_stores_adapters():
     assert {e["name"] for e in publish["env"]} >= {"VLLM_API_KEY"}
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"apiKeySecret": None}, "adapterStore: needs apiKeySecret"),
-    ({"mode": "merged", "adapters": []}, "only a dynamic deployment serves adapters from a store"),
-    ({"vllm": {"maxLoraRank": 16}}, "below adapterStore.maxLoraRank 64"),
-    ({"adapterStore": {"claim": "adapters", "maxLoraRank": 48}}, "is not one vLLM accepts"),
-    ({"adapterStore": {"claim": "adapters"}}, "missing required key(s): maxLoraRank"),
-    ({"adapterStore": {"claim": "adapters", "maxLoraRank": 64, "mountPath": "/models"}}, "mountPath"),
-    ({"routing": {"kind": "inference-pool"}}, "routing.gateway"),
-    ({"routing": {"kind": "mesh", "gateway": "gw"}}, "routing.kind"),
-    ({"routing": {"kind": "inference-pool", "gateway": "gw", "failureMode": "Maybe"}}, "failureMode"),
-    ({"monitoring": {"podMonitors": True}}, "monitoring.podMonitors: unknown key (did you mean podMonitor?)"),
-    ({"runtimeAdapters": True}, "shut out the Gateway"),
-    ({"routing": {"kind": "inference-pool", "gateway": "gw", "requestTimeout": "5 minutes"}}, "requestTimeout"),
-    ({"routing": {"kind": "inference-pool", "gateway": "My_Gateway"}}, "routing.gateway"),
-    ({"adapterStore": {"claim": "adapters", "maxLoraRank": 64, "mountPath": "/sources"}}, "mountPath"),
-    ({"service": {"type": "LoadBalancer"}}, "would expose vLLM's runtime LoRA API"),
-    ({"service": {"type": "NodePort"}}, "would expose vLLM's runtime LoRA API"),
-    ({"networkPolicy": {"prometheusNamespace": "Monitoring!"}}, "networkPolicy.prometheusNamespace"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"apiKeySecret": None}, "adapterStore: needs apiKeySecret"),
+        ({"mode": "merged", "adapters": []}, "only a dynamic deployment serves adapters from a store"),
+        ({"vllm": {"maxLoraRank": 16}}, "below adapterStore.maxLoraRank 64"),
+        ({"adapterStore": {"claim": "adapters", "maxLoraRank": 48}}, "is not one vLLM accepts"),
+        ({"adapterStore": {"claim": "adapters"}}, "missing required key(s): maxLoraRank"),
+        ({"adapterStore": {"claim": "adapters", "maxLoraRank": 64, "mountPath": "/models"}}, "mountPath"),
+        ({"routing": {"kind": "inference-pool"}}, "routing.gateway"),
+        ({"routing": {"kind": "mesh", "gateway": "gw"}}, "routing.kind"),
+        ({"routing": {"kind": "inference-pool", "gateway": "gw", "failureMode": "Maybe"}}, "failureMode"),
+        ({"monitoring": {"podMonitors": True}}, "monitoring.podMonitors: unknown key (did you mean podMonitor?)"),
+        ({"runtimeAdapters": True}, "shut out the Gateway"),
+        ({"routing": {"kind": "inference-pool", "gateway": "gw", "requestTimeout": "5 minutes"}}, "requestTimeout"),
+        ({"routing": {"kind": "inference-pool", "gateway": "My_Gateway"}}, "routing.gateway"),
+        ({"adapterStore": {"claim": "adapters", "maxLoraRank": 64, "mountPath": "/sources"}}, "mountPath"),
+        ({"service": {"type": "LoadBalancer"}}, "would expose vLLM's runtime LoRA API"),
+        ({"service": {"type": "NodePort"}}, "would expose vLLM's runtime LoRA API"),
+        ({"networkPolicy": {"prometheusNamespace": "Monitoring!"}}, "networkPolicy.prometheusNamespace"),
+    ],
+)
 def test_fleet_spec_mistakes_are_named(change, needle):
     data = {k: v for k, v in {**copy.deepcopy(FLEET), **change}.items() if v is not None}
     with pytest.raises(InputError) as err:
@@ -280,13 +291,16 @@ def test_fleet_spec_mistakes_are_named(change, needle):
 
 
 def test_the_fleet_example_is_committed():
-    assert any(load_spec(p).adapter_store is not None and load_spec(p).routing.kind == "inference-pool"
-               for p in EXAMPLES)
+    assert any(
+        load_spec(p).adapter_store is not None and load_spec(p).routing.kind == "inference-pool" for p in EXAMPLES
+    )
 
 
-@pytest.mark.parametrize("variant,fname,path,value",
-                         [("multinode", "leaderworkerset.yaml", p, v) for p, v, _ in LWS_MISTAKES]
-                         + [("merged-download-keda", "scaledobject.yaml", p, v) for p, v, _ in KEDA_MISTAKES])
+@pytest.mark.parametrize(
+    "variant,fname,path,value",
+    [("multinode", "leaderworkerset.yaml", p, v) for p, v, _ in LWS_MISTAKES]
+    + [("merged-download-keda", "scaledobject.yaml", p, v) for p, v, _ in KEDA_MISTAKES],
+)
 def test_the_built_in_checks_agree_with_the_published_crds(variant, fname, path, value, crds):
     """Where no CRD is given, LeaderWorkerSet and ScaledObject are checked by built-in schemas (LWS's v1 API typed
     here, KEDA's generated models); every mistake those refuse, the published CRD refuses too (no drift)."""
@@ -306,7 +320,6 @@ def test_crds_fetches_the_published_files_and_refuses_any_other(tmp_path):
     import threading
 
     from conftest import assert_user_error, free_port, run_console
-
     from lora_deploy.k8s.crds import PUBLISHED_CRDS, missing_crds
 
     source = published_crds()
@@ -348,10 +361,13 @@ def test_the_runtime_api_is_fenced_by_a_network_policy_and_the_guard_middleware(
     (rule,) = policy["ingress"]
     peers = rule["from"]
     assert {"podSelector": {"matchLabels": {"lora-deploy/client": "true"}}} in peers
-    assert any(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "endpoint-picker"
-               for p in peers)
-    gateway = next(p for p in peers if "gateway.networking.k8s.io/gateway-name" in p.get("podSelector", {}).get(
-        "matchLabels", {}))
+    assert any(
+        p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "endpoint-picker"
+        for p in peers
+    )
+    gateway = next(
+        p for p in peers if "gateway.networking.k8s.io/gateway-name" in p.get("podSelector", {}).get("matchLabels", {})
+    )
     assert gateway["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "llm"}}
     assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}} in peers
     assert all(p.get("namespaceSelector") != {} for p in peers)  # no "any namespace"
@@ -363,5 +379,7 @@ def test_the_runtime_api_is_fenced_by_a_network_policy_and_the_guard_middleware(
     guard = resources.files("lora_deploy").joinpath("serve/guard.py").read_text()
     assert files["configmap.yaml"]["data"]["lora_deploy_guard.py"] == guard
     open_spec = _files_of({**DYNAMIC})  # no key, no runtime API: no guard, no policy
-    assert "networkpolicy.yaml" not in open_spec and "--middleware" not in open_spec["deployment.yaml"]["spec"][
-        "template"]["spec"]["containers"][0]["args"]
+    assert (
+        "networkpolicy.yaml" not in open_spec
+        and "--middleware" not in open_spec["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    )

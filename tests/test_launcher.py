@@ -72,7 +72,7 @@ def test_vllm_dies_with_a_killed_parent(tmp_path):
         from lora_deploy.serve.launcher import LaunchPlan, VllmServer
         plan = LaunchPlan(argv=[sys.executable, "-c", "import time; time.sleep(300)"], env={{}},
                           url="http://127.0.0.1:9", expected_models=["m"])
-        server = VllmServer(plan, log_path={str(tmp_path / 'log')!r})
+        server = VllmServer(plan, log_path={str(tmp_path / "log")!r})
         server.start()
         print(json.dumps({{"pgid": server.pgid}}), flush=True)
         time.sleep(300)

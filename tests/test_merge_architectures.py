@@ -12,13 +12,31 @@ import json
 
 import pytest
 import torch
+
 from archs import build_arch
 from conftest import check_against_oracle, file_tensors, make_adapter
-
 from lora_deploy.merge import MergeConfig, run_merge
 
-DENSE = ["llama", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "gpt_neox", "gptj", "falcon", "opt", "bloom",
-         "phi", "starcoder2", "cohere", "glm4", "gpt_bigcode", "granite", "stablelm"]
+DENSE = [
+    "llama",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "olmo2",
+    "gpt_neox",
+    "gptj",
+    "falcon",
+    "opt",
+    "bloom",
+    "phi",
+    "starcoder2",
+    "cohere",
+    "glm4",
+    "gpt_bigcode",
+    "granite",
+    "stablelm",
+]
 MOE = ["mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "granitemoe"]
 EXPERTS = {"granitemoe": ["experts.gate_up_proj", "experts.down_proj"]}  # the others: mlp.experts.*
 
@@ -69,14 +87,23 @@ def test_lora_on_fused_experts_merges_exactly(model_type, arch_base, tmp_path):
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
 def test_weighted_expert_adapters_with_a_rank_pattern(model_type, arch_base, tmp_path):
     """W + 0.7 dWa - 0.4 dWb on per-expert checkpoint tensors; b has a rank_pattern on gate_up_proj."""
-    from conftest import loaded_state
     from peft import PeftModel
+
+    from conftest import loaded_state
 
     base = arch_base(model_type)
     targets = _experts(model_type)
     a = make_adapter(base, tmp_path / "a", seed=1, target_parameters=targets, r=4, lora_alpha=8)
-    b = make_adapter(base, tmp_path / "b", seed=2, target_parameters=targets, r=2, lora_alpha=3, use_rslora=True,
-                     rank_pattern={"gate_up_proj": 6})
+    b = make_adapter(
+        base,
+        tmp_path / "b",
+        seed=2,
+        target_parameters=targets,
+        r=2,
+        lora_alpha=3,
+        use_rslora=True,
+        rank_pattern={"gate_up_proj": 6},
+    )
     _merge(base, [a, b], tmp_path / "out", dtype="float32", weights=(0.7, -0.4))
     # PEFT cannot combine target_parameters adapters (add_weighted_adapter refuses), so the oracle is built from
     # its own per-adapter merges: W + 0.7 (Wa - W) - 0.4 (Wb - W), every tensor
@@ -85,13 +112,17 @@ def test_weighted_expert_adapters_with_a_rank_pattern(model_type, arch_base, tmp
     w0 = {k: v.detach().clone() for k, v in load_base(base).state_dict().items()}
     merged = []
     for ad in (a, b):
-        merged.append({k: v.detach() for k, v in PeftModel.from_pretrained(load_base(base), ad).merge_and_unload()
-                       .state_dict().items()})
+        merged.append(
+            {
+                k: v.detach()
+                for k, v in PeftModel.from_pretrained(load_base(base), ad).merge_and_unload().state_dict().items()
+            }
+        )
     ours_model = loaded_state(tmp_path / "out")
     changed = 0
     for k, w in w0.items():
         want = w + 0.7 * (merged[0][k] - w) - 0.4 * (merged[1][k] - w)
-        torch.testing.assert_close(ours_model[k], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(ours_model[k], want, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
         changed += not torch.equal(want, w)
     assert changed >= 4
 
@@ -101,8 +132,12 @@ def test_modules_to_save_on_the_embedding(model_type, arch_base, tmp_path):
     """Tied families (Gemma) keep the head as the unmerged model computes it; GPT-NeoX's untied embed_in."""
     base = arch_base(model_type)
     emb = "embed_in" if model_type == "gpt_neox" else "embed_tokens"
-    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["dense" if model_type == "gpt_neox"
-                                                                        else "o_proj"], modules_to_save=[emb])
+    adapter = make_adapter(
+        base,
+        tmp_path / "adapter",
+        target_modules=["dense" if model_type == "gpt_neox" else "o_proj"],
+        modules_to_save=[emb],
+    )
     report = _merge(base, [adapter], tmp_path / "out", dtype="float32")
     check_against_oracle(base, [adapter], tmp_path / "out", report)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -136,8 +171,9 @@ SURVEY = [
 ]
 
 
-@pytest.mark.parametrize("model_type,overrides,lora", SURVEY,
-                         ids=[f"{m}-{'-'.join(k for k in lo)}" for m, _, lo in SURVEY])
+@pytest.mark.parametrize(
+    "model_type,overrides,lora", SURVEY, ids=[f"{m}-{'-'.join(k for k in lo)}" for m, _, lo in SURVEY]
+)
 def test_configurations_the_survey_found_broken(model_type, overrides, lora, tmp_path):
     base = build_arch(tmp_path / "base", model_type, **overrides)
     adapter = make_adapter(base, tmp_path / "adapter", **lora)

@@ -9,15 +9,16 @@ import textwrap
 
 import pytest
 import torch
-from conftest import file_tensors, loaded_state, make_adapter, make_base, run_cli
 
+from conftest import file_tensors, loaded_state, make_adapter, make_base, run_cli
 from lora_deploy.hub import sha256_file
 
 
 def test_cli_json_summary_and_provenance(llama_base, llama_adapter, tmp_path):
     out = tmp_path / "out"
-    rc, stdout, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", str(llama_adapter),
-                                 "--output", str(out), "--json")
+    rc, stdout, stderr = run_cli(
+        "merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output", str(out), "--json"
+    )
     assert rc == 0, stderr
     summary = json.loads(stdout)["merge"]
     assert summary["dtype"] == "float16" and summary["shards"] == ["model.safetensors"]
@@ -40,8 +41,9 @@ def test_output_files_are_complete(llama_base, tmp_path):
     tok.chat_template = "{{ messages[0]['content'] }} (adapter template)"
     tok.save_pretrained(adapter)
     out = tmp_path / "out"
-    rc, _, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", str(adapter), "--output", str(out),
-                            "--dtype", "bfloat16")
+    rc, _, stderr = run_cli(
+        "merged", "--base", str(llama_base), "--adapter", str(adapter), "--output", str(out), "--dtype", "bfloat16"
+    )
     assert rc == 0, stderr
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
@@ -76,18 +78,38 @@ def test_loads_without_peft_installed(llama_base, llama_adapter, tmp_path):
 
 def test_sharded_output_has_index_and_loads(llama_base, llama_adapter, tmp_path):
     out = tmp_path / "out"
-    rc, stdout, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", str(llama_adapter),
-                                 "--output", str(out), "--dtype", "float32", "--shard-size", "1MB", "--json")
+    rc, stdout, stderr = run_cli(
+        "merged",
+        "--base",
+        str(llama_base),
+        "--adapter",
+        str(llama_adapter),
+        "--output",
+        str(out),
+        "--dtype",
+        "float32",
+        "--shard-size",
+        "1MB",
+        "--json",
+    )
     assert rc == 0, stderr
     shards = json.loads(stdout)["merge"]["shards"]
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
-                                                  for t in file_tensors(out).values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in file_tensors(out).values())
     single = tmp_path / "single"
-    run_cli("merged", "--base", str(llama_base), "--adapter", str(llama_adapter), "--output", str(single),
-            "--dtype", "float32")
+    run_cli(
+        "merged",
+        "--base",
+        str(llama_base),
+        "--adapter",
+        str(llama_adapter),
+        "--output",
+        str(single),
+        "--dtype",
+        "float32",
+    )
     a, b = loaded_state(out), loaded_state(single)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -102,8 +124,17 @@ def test_sharded_base_is_read_in_order(tmp_path):
     assert (sharded / "model.safetensors.index.json").is_file()
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "up_proj"])
     for name, b in (("from-single", base), ("from-sharded", sharded)):
-        rc, _, stderr = run_cli("merged", "--base", str(b), "--adapter", str(adapter),
-                                "--output", str(tmp_path / name), "--dtype", "float32")
+        rc, _, stderr = run_cli(
+            "merged",
+            "--base",
+            str(b),
+            "--adapter",
+            str(adapter),
+            "--output",
+            str(tmp_path / name),
+            "--dtype",
+            "float32",
+        )
         assert rc == 0, stderr
     a, b = loaded_state(tmp_path / "from-single"), loaded_state(tmp_path / "from-sharded")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -111,8 +142,17 @@ def test_sharded_base_is_read_in_order(tmp_path):
 
 def test_verify_passes_and_reports_the_logit_difference(example, tmp_path):
     out = tmp_path / "merged"
-    rc, stdout, stderr = run_cli("merged", "--base", str(example.base), "--adapter",
-                                 str(example.adapters["classify"]), "--output", str(out), "--verify", "--json")
+    rc, stdout, stderr = run_cli(
+        "merged",
+        "--base",
+        str(example.base),
+        "--adapter",
+        str(example.adapters["classify"]),
+        "--output",
+        str(out),
+        "--verify",
+        "--json",
+    )
     assert rc == 0, stderr
     report = json.loads(stdout)["verify"]
     assert report["passed"] and report["lora_free"] and report["same_tensors"]
@@ -125,11 +165,18 @@ def test_verify_catches_a_wrong_merge(example, tmp_path):
     from lora_deploy.merge.verify import verify_merge
 
     wrong = tmp_path / "wrong"
-    rc, _, stderr = run_cli("merged", "--base", str(example.base), "--adapter", str(example.adapters["reply"]),
-                            "--output", str(wrong))
+    rc, _, stderr = run_cli(
+        "merged", "--base", str(example.base), "--adapter", str(example.adapters["reply"]), "--output", str(wrong)
+    )
     assert rc == 0, stderr
-    report = verify_merge(wrong, example.base, [example.adapters["classify"]], [1.0], dtype="float16",
-                          expected_changes=["model.layers.0.self_attn.q_proj.weight"])
+    report = verify_merge(
+        wrong,
+        example.base,
+        [example.adapters["classify"]],
+        [1.0],
+        dtype="float16",
+        expected_changes=["model.layers.0.self_attn.q_proj.weight"],
+    )
     assert not report.passed and report.max_logit_diff > report.tolerance
 
 
@@ -137,8 +184,20 @@ def test_merged_model_answers_like_the_adapter(example, tmp_path):
     from lora_deploy.examples.tiny import greedy_answer
 
     out = tmp_path / "merged"
-    assert run_cli("merged", "--base", str(example.base), "--adapter", str(example.adapters["classify"]),
-                   "--output", str(out), "--dtype", "float32")[0] == 0
+    assert (
+        run_cli(
+            "merged",
+            "--base",
+            str(example.base),
+            "--adapter",
+            str(example.adapters["classify"]),
+            "--output",
+            str(out),
+            "--dtype",
+            "float32",
+        )[0]
+        == 0
+    )
     base_answer = greedy_answer(example.base)
     merged_answer = greedy_answer(out)
     assert merged_answer == greedy_answer(example.base, adapter=example.adapters["classify"]) == " account"
@@ -159,8 +218,9 @@ def test_inspect_describes_the_adapter(example):
 def test_hub_id_not_in_cache_is_a_clear_offline_error(llama_base, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    rc, _, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", "someorg/some-lora",
-                            "--output", str(tmp_path / "out"))
+    rc, _, stderr = run_cli(
+        "merged", "--base", str(llama_base), "--adapter", "someorg/some-lora", "--output", str(tmp_path / "out")
+    )
     assert rc == 3 and "someorg/some-lora" in stderr and "cache" in stderr
 
 
@@ -181,8 +241,7 @@ def test_hub_id_resolves_from_the_local_cache(llama_base, llama_adapter, tmp_pat
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     out = tmp_path / "out"
-    rc, _, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", "someorg/some-lora",
-                            "--output", str(out))
+    rc, _, stderr = run_cli("merged", "--base", str(llama_base), "--adapter", "someorg/some-lora", "--output", str(out))
     assert rc == 0, stderr
     ad = json.loads((out / "lora_deploy_merge.json").read_text())["adapters"][0]
     assert ad["source"] == "someorg/some-lora" and ad["revision"] == commit
@@ -193,8 +252,16 @@ def test_memory_does_not_grow_with_the_model(tmp_path):
     """Merging a ~340 MB checkpoint raises peak RSS by far less than the model's size."""
     from conftest import load_base
 
-    base = make_base(tmp_path / "base", "llama", hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
-                     num_attention_heads=16, num_key_value_heads=16, vocab_size=8192)
+    base = make_base(
+        tmp_path / "base",
+        "llama",
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=8192,
+    )
     load_base(base).save_pretrained(tmp_path / "sharded", max_shard_size="100MB")
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj", "down_proj"], r=16)
     total = sum(f.stat().st_size for f in (tmp_path / "sharded").glob("*.safetensors"))
@@ -203,8 +270,8 @@ def test_memory_does_not_grow_with_the_model(tmp_path):
         import torch, lora_deploy.merge as m
         from pathlib import Path
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        m.run_merge(m.MergeConfig(base={str(tmp_path / 'sharded')!r}, adapters=({str(adapter)!r},),
-                                  output=Path({str(tmp_path / 'out')!r}), dtype="float16"))
+        m.run_merge(m.MergeConfig(base={str(tmp_path / "sharded")!r}, adapters=({str(adapter)!r},),
+                                  output=Path({str(tmp_path / "out")!r}), dtype="float16"))
         after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(json.dumps({{"growth": (after - before) * 1024}}))
     """)
@@ -225,6 +292,13 @@ def test_example_and_generate_commands(example, tmp_path):
     assert answers["classify"] == " account"
     assert answers["reply"].startswith(" Please reset your password")
     assert answers["base"] != answers["classify"] and answers["base"] != answers["reply"]
-    rc, stdout, _ = run_cli("generate", str(example.base), "--adapter", str(example.adapters["classify"]),
-                            "--prompt", "Customer: Where is my invoice?\nAgent:", "--json")
+    rc, stdout, _ = run_cli(
+        "generate",
+        str(example.base),
+        "--adapter",
+        str(example.adapters["classify"]),
+        "--prompt",
+        "Customer: Where is my invoice?\nAgent:",
+        "--json",
+    )
     assert rc == 0 and json.loads(stdout)["answer"] == " billing"

@@ -19,9 +19,9 @@ import json
 
 import pytest
 import torch
+
 from archs import VOCAB, build_arch
 from conftest import file_tensors, loaded_model, logits_of, make_adapter, peft_model, run_cli
-
 from lora_deploy.merge import MergeConfig, run_merge
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -50,8 +50,9 @@ def _unmerged_logits(base, adapter) -> torch.Tensor:
     from conftest import load_base
 
     want = logits_of(peft_model(base, [adapter]), VOCAB)
-    assert (want - logits_of(load_base(base).eval(), VOCAB)).abs().max() > 100 * _tolerance(want), \
+    assert (want - logits_of(load_base(base).eval(), VOCAB)).abs().max() > 100 * _tolerance(want), (
         "the adapter barely changes the model: the test would prove nothing"
+    )
     return want
 
 
@@ -59,8 +60,9 @@ def _assert_equals_unmerged(base, adapter, out) -> torch.Tensor:
     want = _unmerged_logits(base, adapter)
     got = logits_of(loaded_model(out), VOCAB)  # loaded_model fails on any missing or unexpected tensor
     diff = float((got - want).abs().max())
-    assert diff <= _tolerance(want), f"merged logits differ from the unmerged PEFT model by {diff:.4g} " \
-                                     f"(peak {float(want.abs().max()):.4g})"
+    assert diff <= _tolerance(want), (
+        f"merged logits differ from the unmerged PEFT model by {diff:.4g} (peak {float(want.abs().max()):.4g})"
+    )
     return want
 
 
@@ -75,12 +77,14 @@ def _written(out) -> tuple[dict, dict]:
 
 
 # ------------------------------------------------------------------ ensure_weight_tying + modules_to_save
-@pytest.mark.parametrize("saved", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]],
-                         ids=["embed_tokens", "lm_head", "both"])
+@pytest.mark.parametrize(
+    "saved", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head"]], ids=["embed_tokens", "lm_head", "both"]
+)
 def test_modules_to_save_with_ensure_weight_tying_keeps_the_tie(saved, gemma3, tmp_path):
     """One trained matrix serves input and output in the unmerged model: one tensor, tie kept, the base's size."""
-    adapter = make_adapter(gemma3, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=saved,
-                           ensure_weight_tying=True)
+    adapter = make_adapter(
+        gemma3, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=saved, ensure_weight_tying=True
+    )
     stored = file_tensors(adapter)
     assert f"base_model.model.{HEAD}" in stored and f"base_model.model.{EMB}" in stored  # PEFT saves both names
     report = _merge(gemma3, adapter, tmp_path / "out")
@@ -98,13 +102,27 @@ def test_tied_copies_that_differ_are_refused(gemma3, tmp_path):
     """PEFT keeps the two names in one storage; a file where they differ has no single meaning: exit 3."""
     from safetensors.torch import load_file, save_file
 
-    adapter = make_adapter(gemma3, tmp_path / "adapter", target_modules=["q_proj"],
-                           modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    adapter = make_adapter(
+        gemma3,
+        tmp_path / "adapter",
+        target_modules=["q_proj"],
+        modules_to_save=["embed_tokens"],
+        ensure_weight_tying=True,
+    )
     state = load_file(adapter / "adapter_model.safetensors")
     state[f"base_model.model.{HEAD}"] = state[f"base_model.model.{HEAD}"] + 0.01
     save_file(state, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    code, _, err = run_cli("merged", "--base", str(gemma3), "--adapter", str(adapter), "--output",
-                           str(tmp_path / "out"), "--dtype", "float32")
+    code, _, err = run_cli(
+        "merged",
+        "--base",
+        str(gemma3),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "out"),
+        "--dtype",
+        "float32",
+    )
     assert code == 3, err
     assert "tied embeddings" in err and HEAD in err and "save_pretrained" in err
     assert not (tmp_path / "out").exists()
@@ -126,15 +144,19 @@ def test_modules_to_save_without_ensure_weight_tying_unties(saved, changed, kept
 
 
 # ------------------------------------------------------------------ DoRA on a tied embedding
-@pytest.mark.parametrize("targets", [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head", "q_proj"]],
-                         ids=["embed_tokens", "lm_head", "both-and-q_proj"])
+@pytest.mark.parametrize(
+    "targets",
+    [["embed_tokens"], ["lm_head"], ["embed_tokens", "lm_head", "q_proj"]],
+    ids=["embed_tokens", "lm_head", "both-and-q_proj"],
+)
 def test_dora_with_ensure_weight_tying_is_written_untied(targets, gemma3, tmp_path):
     """The head shares the LoRA factors but rescales per vocabulary row with its own magnitude, the input per
     hidden column: two different matrices. Written untied, equal to the unmerged model; PEFT's merge is not."""
-    adapter = make_adapter(gemma3, tmp_path / "adapter", target_modules=targets, use_dora=True,
-                           ensure_weight_tying=True)
+    adapter = make_adapter(
+        gemma3, tmp_path / "adapter", target_modules=targets, use_dora=True, ensure_weight_tying=True
+    )
     stored = file_tensors(adapter)
-    assert stored[f"base_model.model.{HEAD[:-len('.weight')]}.lora_magnitude_vector"].shape == (VOCAB,)
+    assert stored[f"base_model.model.{HEAD[: -len('.weight')]}.lora_magnitude_vector"].shape == (VOCAB,)
     report = _merge(gemma3, adapter, tmp_path / "out")
     want = _assert_equals_unmerged(gemma3, adapter, tmp_path / "out")
     config, tensors = _written(tmp_path / "out")
@@ -174,8 +196,9 @@ def test_inconsistent_dora_tying_is_refused(damage, gemma3, tmp_path):
     embedding's, has no defined unmerged model: refused with exit 3 before anything is written."""
     from safetensors.torch import load_file, save_file
 
-    adapter = make_adapter(gemma3, tmp_path / "adapter", target_modules=["embed_tokens"], use_dora=True,
-                           ensure_weight_tying=True)
+    adapter = make_adapter(
+        gemma3, tmp_path / "adapter", target_modules=["embed_tokens"], use_dora=True, ensure_weight_tying=True
+    )
     state = load_file(adapter / "adapter_model.safetensors")
     head = "base_model.model.lm_head."
     if damage == "drop-head":
@@ -183,9 +206,19 @@ def test_inconsistent_dora_tying_is_refused(damage, gemma3, tmp_path):
     else:
         state[head + "lora_A.weight"] = state[head + "lora_A.weight"] * 1.5
     save_file(state, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
-    code, _, err = run_cli("merged", "--base", str(gemma3), "--adapter", str(adapter), "--output",
-                           str(tmp_path / "out"), "--dtype", "float32")
+    code, _, err = run_cli(
+        "merged",
+        "--base",
+        str(gemma3),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "out"),
+        "--dtype",
+        "float32",
+    )
     assert code == 3, err
-    assert ("no DoRA magnitude for the tied lm_head.weight" if damage == "drop-head"
-            else "lm_head.lora_A.weight") in err
+    assert (
+        "no DoRA magnitude for the tied lm_head.weight" if damage == "drop-head" else "lm_head.lora_A.weight"
+    ) in err
     assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+
 from conftest import loaded_model, make_base, run_cli
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -22,8 +23,14 @@ INITS = [True, False, "gaussian", "orthogonal", "mica", "eva", "olora", "pissa",
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return make_base(tmp_path_factory.mktemp("inits") / "base", "llama", hidden_size=64, intermediate_size=128,
-                     num_attention_heads=4, num_key_value_heads=4)
+    return make_base(
+        tmp_path_factory.mktemp("inits") / "base",
+        "llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
 
 
 def _peft_adapter(base_dir, init, out_dir):
@@ -44,18 +51,23 @@ def _peft_adapter(base_dir, init, out_dir):
         warnings.simplefilter("ignore")
         if init == "corda":  # CorDA's covariance hook wants batches of one
             config = LoraConfig(**kw, corda_config=CordaConfig(corda_method="ipm"))
-            preprocess_corda(model, config, run_model=lambda: [model(input_ids=b[i:i + 1]) for b in batches
-                                                                for i in range(4)])
+            preprocess_corda(
+                model, config, run_model=lambda: [model(input_ids=b[i : i + 1]) for b in batches for i in range(4)]
+            )
         elif init == "lora_ga":
             config = LoraConfig(**kw, lora_ga_config=LoraGAConfig())
-            preprocess_loraga(model, config, train_step=lambda: [model(input_ids=b, labels=b).loss.backward()
-                                                                 for b in batches])
+            preprocess_loraga(
+                model, config, train_step=lambda: [model(input_ids=b, labels=b).loss.backward() for b in batches]
+            )
         else:
             config = LoraConfig(**kw, eva_config=EvaConfig(rho=1.0, tau=0.5) if init == "eva" else None)
         peft_model = get_peft_model(model, config)
         if init == "eva":
-            initialize_lora_eva_weights(peft_model, dataloader=[{"input_ids": b, "attention_mask": torch.ones_like(b)}
-                                                                for b in batches], show_progress_bar=False)
+            initialize_lora_eva_weights(
+                peft_model,
+                dataloader=[{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in batches],
+                show_progress_bar=False,
+            )
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
                 if "lora_" in n:
@@ -76,8 +88,17 @@ def test_refused_exactly_when_peft_rewrote_the_base(base, tmp_path, init):
     assert written == init  # what PEFT records is what lora-deploy reads
     code, out, err = run_cli("check", "--base", str(base), "--adapter", f"a={tmp_path / 'adapter'}", "--json")
     refused_rules = [r["rule"] for r in json.loads(out)["refusals"]] if out else []
-    code_m, _, err_m = run_cli("merged", "--base", str(base), "--adapter", str(tmp_path / "adapter"), "--output",
-                               str(tmp_path / "merged"), "--dtype", "float32")
+    code_m, _, err_m = run_cli(
+        "merged",
+        "--base",
+        str(base),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--output",
+        str(tmp_path / "merged"),
+        "--dtype",
+        "float32",
+    )
     if rewritten:
         assert code == 4 and "initialisation" in refused_rules, (code, out, err)
         assert code_m == 4 and "rewrites the base weights" in err_m and not (tmp_path / "merged").exists()

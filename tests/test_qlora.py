@@ -14,6 +14,7 @@ import warnings
 import bitsandbytes.functional as bnb_functional  # the test extra installs it: the oracle, never skipped
 import pytest
 import torch
+
 from conftest import loaded_model, logits_of, make_adapter, make_base, run_cli
 
 
@@ -45,15 +46,19 @@ def _bitsandbytes_agrees(theirs, expected, what: str) -> bool:
     if torch.equal(theirs, expected):
         return True
     share = float((theirs != expected).float().mean())
-    warnings.warn(f"bitsandbytes' dequantize_4bit on this CPU is not code x absmax for {what} ({share:.0%} of the "
-                  "values differ): it is not used as the oracle there", stacklevel=2)
+    warnings.warn(
+        f"bitsandbytes' dequantize_4bit on this CPU is not code x absmax for {what} ({share:.0%} of the "
+        "values differ): it is not used as the oracle there",
+        stacklevel=2,
+    )
     return False
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [32, 64, 256])
-@pytest.mark.parametrize("dtype,shape", [("float32", (96, 80)), ("bfloat16", (130, 77)), ("float16", (64, 33)),
-                                         ("float32", (64, 128))])
+@pytest.mark.parametrize(
+    "dtype,shape", [("float32", (96, 80)), ("bfloat16", (130, 77)), ("float16", (64, 33)), ("float32", (64, 128))]
+)
 def test_4bit_codes_statistics_and_values_are_bitsandbytes_own(quant_type, blocksize, dtype, shape):
     """Every 4-bit code and every absmax equals bitsandbytes' (odd sizes, last partial block, an outlier); every
     dequantized value is bitsandbytes' code x absmax, in float32 and in the weight's dtype; and equals bitsandbytes'
@@ -88,8 +93,9 @@ def test_the_layer_oracle_uses_bitsandbytes_values_only_where_they_are_code_time
     torch.manual_seed(0)
     for shape, must_agree in (((64, 128), True), ((96, 80), False)):
         layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=torch.float32, quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(torch.randn(*shape) * 0.05, requires_grad=False, quant_type="nf4",
-                                         blocksize=64)
+        layer.weight = bnb.nn.Params4bit(
+            torch.randn(*shape) * 0.05, requires_grad=False, quant_type="nf4", blocksize=64
+        )
         layer = layer.to("cpu")  # quantizes
         state = layer.weight.quant_state
         weight, agrees = dequantize_bnb_layer(layer.weight)
@@ -121,13 +127,15 @@ def test_double_quantization_follows_the_reference_kernel(quant_type):
     scaled = (absmax.reshape(-1, 256) * (1.0 / ours.absmax2.view(-1, 1))).reshape(-1, 1)
     dist = (scaled - code.view(1, -1)).abs()
     assert torch.all(dist.gather(1, ours.absmax.long().view(-1, 1)).squeeze(1) <= dist.min(1).values + 1e-7)
-    theirs = Quantized4bit(_unpack(packed, t.numel()), state.absmax, tuple(t.shape), state.state2.absmax,
-                           float(state.offset))
+    theirs = Quantized4bit(
+        _unpack(packed, t.numel()), state.absmax, tuple(t.shape), state.state2.absmax, float(state.offset)
+    )
     state.dtype = torch.float32
     assert torch.equal(dequantize_4bit(theirs, quant_type, 64), bnb_functional.dequantize_4bit(packed, state))
 
 
 # ---------------------------------------------------------------- whole-model merges against the QLoRA model
+
 
 @pytest.fixture(scope="module")
 def qlora_case(tmp_path_factory):
@@ -137,12 +145,17 @@ def qlora_case(tmp_path_factory):
     root = tmp_path_factory.mktemp("qlora")
     base = make_base(root / "base", "llama", tokenizer=True, hidden_size=128, intermediate_size=256)
     adapter = make_adapter(base, root / "adapter", target_modules=["q_proj", "v_proj", "down_proj"])
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.float32)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=torch.float32,
-                                             device_map="cpu").save_pretrained(root / "base-4bit")
+        AutoModelForCausalLM.from_pretrained(
+            base, quantization_config=config, dtype=torch.float32, device_map="cpu"
+        ).save_pretrained(root / "base-4bit")
     for f in base.glob("tokenizer*"):
         shutil.copy2(f, root / "base-4bit" / f.name)
     return base, adapter, root / "base-4bit"
@@ -151,15 +164,25 @@ def qlora_case(tmp_path_factory):
 def qlora_model(base, adapter, *, double_quant=False, prequantized=False):
     """The QLoRA model in float32: the base loaded in 4-bit by bitsandbytes, each 4-bit layer replaced by a float32
     Linear holding bitsandbytes' dequantized weight (checked to be code x absmax of its codes and statistics; where
-    this CPU's kernel is not, code x absmax itself), and the adapter unmerged on top. Not bitsandbytes' 4-bit forward: on AMX/AVX512-FP16 CPUs it computes in lower
-    precision even with a float32 compute dtype, which would make the oracle, not the merge, inexact."""
+    this CPU's kernel is not, code x absmax itself), and the adapter unmerged on top. Not bitsandbytes' 4-bit
+    forward: on AMX/AVX512-FP16 CPUs it computes in lower precision even with a float32 compute dtype, which would
+    make the oracle, not the merge, inexact."""
     import bitsandbytes as bnb
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {} if prequantized else {"quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=torch.float32)}
+    kwargs = (
+        {}
+        if prequantized
+        else {
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=double_quant,
+                bnb_4bit_compute_dtype=torch.float32,
+            )
+        }
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map="cpu", **kwargs)
@@ -168,8 +191,9 @@ def qlora_model(base, adapter, *, double_quant=False, prequantized=False):
             continue
         state = module.weight.quant_state
         theirs = bnb_functional.dequantize_4bit(module.weight.data, state).float()
-        expected = _code_times_absmax(_unpack(module.weight.data, theirs.numel()), _absmax(state), state.quant_type,
-                                      state.blocksize, theirs.shape)
+        expected = _code_times_absmax(
+            _unpack(module.weight.data, theirs.numel()), _absmax(state), state.quant_type, state.blocksize, theirs.shape
+        )
         # where bitsandbytes' CPU dequantize kernel is not code x absmax (bitsandbytes 0.50 on some AVX512/AMX CPUs),
         # the oracle is what its stored codes and statistics mean: code x absmax, from bitsandbytes' own code book
         # (the test above holds that to bitsandbytes' kernel wherever the kernel is right); never a skip
@@ -198,8 +222,11 @@ def test_merge_into_dequantized_computes_the_qlora_model(qlora_case, tmp_path):
     peak = float(reference.abs().max())
     diffs = {}
     for into in ("dequantized", "original"):
-        report = run_merge(MergeConfig(str(base), (str(adapter),), tmp_path / into, dtype="float32",
-                                       qlora=Bnb4bit("nf4"), merge_into=into))
+        report = run_merge(
+            MergeConfig(
+                str(base), (str(adapter),), tmp_path / into, dtype="float32", qlora=Bnb4bit("nf4"), merge_into=into
+            )
+        )
         diffs[into] = float((logits_of(loaded_model(tmp_path / into)) - reference).abs().max())
         provenance = json.loads((tmp_path / into / "lora_deploy_merge.json").read_text())
         assert provenance["merge_into"] == into and provenance["qlora"]["quant_type"] == "nf4"
@@ -215,16 +242,35 @@ def test_a_4bit_checkpoint_base_is_dequantized_exactly(qlora_case, tmp_path):
     logits. Its original 16-bit weights are not in it, so --merge-into original is refused."""
     _, adapter, base4 = qlora_case
     reference = logits_of(qlora_model(base4, adapter, prequantized=True))
-    code, out, err = run_cli("merged", "--base", str(base4), "--adapter", str(adapter), "--output",
-                             str(tmp_path / "m"), "--dtype", "float32", "--json")
+    code, out, err = run_cli(
+        "merged",
+        "--base",
+        str(base4),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "m"),
+        "--dtype",
+        "float32",
+        "--json",
+    )
     assert code == 0, err
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert "quantization_config" not in config
     merged = loaded_model(tmp_path / "m")
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     assert float((logits_of(merged) - reference).abs().max()) < 1e-5 * max(float(reference.abs().max()), 1.0)
-    code, _, err = run_cli("merged", "--base", str(base4), "--adapter", str(adapter), "--output",
-                           str(tmp_path / "o"), "--merge-into", "original")
+    code, _, err = run_cli(
+        "merged",
+        "--base",
+        str(base4),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "o"),
+        "--merge-into",
+        "original",
+    )
     assert code == 4 and "--qlora" in err and not (tmp_path / "o").exists()
 
 
@@ -232,8 +278,21 @@ def test_verify_reports_both_choices_and_passes_double_quant(qlora_case, tmp_pat
     """`--verify` of a QLoRA merge (double quantization, settings read from the 4-bit base's config) compares with
     the QLoRA model, passes, and reports both choices: the dequantized merge is the closer one."""
     base, adapter, base4 = qlora_case
-    code, out, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--qlora", str(base4),
-                             "--output", str(tmp_path / "m"), "--dtype", "float32", "--verify", "--json")
+    code, out, err = run_cli(
+        "merged",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--qlora",
+        str(base4),
+        "--output",
+        str(tmp_path / "m"),
+        "--dtype",
+        "float32",
+        "--verify",
+        "--json",
+    )
     assert code == 0, err
     verify = json.loads(out)["verify"]
     assert verify["passed"] and verify["oracle"].startswith("QLoRA model")
@@ -250,24 +309,39 @@ def test_verify_catches_a_merge_into_the_wrong_base(qlora_case, tmp_path):
     from lora_deploy.merge.verify import verify_merge
 
     base, adapter, _ = qlora_case
-    plan_report = run_merge(MergeConfig(str(base), (str(adapter),), tmp_path / "m", dtype="float32",
-                                        qlora=Bnb4bit("nf4"), merge_into="original"))
-    report = verify_merge(tmp_path / "m", base, [adapter], [1.0], dtype="float32", expected_changes=[],
-                          qlora=Bnb4bit("nf4"), merge_into="dequantized")
+    plan_report = run_merge(
+        MergeConfig(
+            str(base), (str(adapter),), tmp_path / "m", dtype="float32", qlora=Bnb4bit("nf4"), merge_into="original"
+        )
+    )
+    report = verify_merge(
+        tmp_path / "m",
+        base,
+        [adapter],
+        [1.0],
+        dtype="float32",
+        expected_changes=[],
+        qlora=Bnb4bit("nf4"),
+        merge_into="dequantized",
+    )
     assert plan_report.tensors_changed and not report.passed
     assert any("QLoRA model" in p for p in report.problems)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--merge-into", "dequantized"], "--qlora nf4"),
-    (["--qlora", "nf3"], "neither nf4, fp4"),
-    (["--qlora-double-quant"], "--qlora is not given"),
-    (["--qlora", "nf4", "--merge-into", "both"], "not one of original, dequantized"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--merge-into", "dequantized"], "--qlora nf4"),
+        (["--qlora", "nf3"], "neither nf4, fp4"),
+        (["--qlora-double-quant"], "--qlora is not given"),
+        (["--qlora", "nf4", "--merge-into", "both"], "not one of original, dequantized"),
+    ],
+)
 def test_bad_qlora_options_are_input_errors(qlora_case, tmp_path, args, needle):
     base, adapter, _ = qlora_case
-    code, _, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--output",
-                           str(tmp_path / "m"), *args)
+    code, _, err = run_cli(
+        "merged", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "m"), *args
+    )
     assert code == 3 and needle in err, err
     assert not (tmp_path / "m").exists()
 
@@ -291,14 +365,19 @@ def test_inspect_says_what_base_an_adapter_was_trained_on(qlora_case, tmp_path):
     got = inspect(str(base4))
     assert got["certain"] and "NF4" in got["method"] and "double quant" in got["method"]
     assert got["merge_options"] == f"--qlora {base4}"
-    card = ("## Training procedure\n\n\nThe following `bitsandbytes` quantization config was used during training:\n"
-            "- quant_method: bitsandbytes\n- load_in_8bit: False\n- load_in_4bit: True\n"
-            "- llm_int8_skip_modules: None\n- bnb_4bit_quant_type: fp4\n- bnb_4bit_use_double_quant: False\n"
-            "- bnb_4bit_compute_dtype: bfloat16\n\n### Framework versions\n")
+    card = (
+        "## Training procedure\n\n\nThe following `bitsandbytes` quantization config was used during training:\n"
+        "- quant_method: bitsandbytes\n- load_in_8bit: False\n- load_in_4bit: True\n"
+        "- llm_int8_skip_modules: None\n- bnb_4bit_quant_type: fp4\n- bnb_4bit_use_double_quant: False\n"
+        "- bnb_4bit_compute_dtype: bfloat16\n\n### Framework versions\n"
+    )
     got = inspect("someorg/never-downloaded", card)
     assert got["certain"] and got["merge_options"] == "--qlora fp4"
-    old_card = card.replace("- quant_method: bitsandbytes\n", "").replace("fp4", "nf4").replace(
-        "use_double_quant: False", "use_double_quant: True")  # PEFT cards before transformers 4.31
+    old_card = (
+        card.replace("- quant_method: bitsandbytes\n", "")
+        .replace("fp4", "nf4")
+        .replace("use_double_quant: False", "use_double_quant: True")
+    )  # PEFT cards before transformers 4.31
     got = inspect("someorg/never-downloaded", old_card)
     assert got["merge_options"] == "--qlora nf4 --qlora-double-quant"
     got = inspect("unsloth/llama-3-8b-bnb-4bit")
@@ -317,8 +396,11 @@ def test_dequantized_merge_computes_the_qlora_model_on_the_real_model(real, tmp_
     reference = logits_of(qlora_model(real.base, adapter), vocab=49152)
     got = {}
     for into in ("dequantized", "original"):
-        run_merge(MergeConfig(str(real.base), (str(adapter),), tmp_path / into, dtype="float32", qlora=Bnb4bit("nf4"),
-                              merge_into=into))
+        run_merge(
+            MergeConfig(
+                str(real.base), (str(adapter),), tmp_path / into, dtype="float32", qlora=Bnb4bit("nf4"), merge_into=into
+            )
+        )
         got[into] = float((logits_of(loaded_model(tmp_path / into), vocab=49152) - reference).abs().max())
     peak = float(reference.abs().max())
     assert got["dequantized"] < 1e-4 * peak < got["original"], (got, peak)

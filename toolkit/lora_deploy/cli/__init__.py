@@ -30,8 +30,11 @@ app.command("merged", epilog=merge_cmds.MERGED_EXAMPLES)(merge_cmds.merged)
 app.command("inspect", epilog=merge_cmds.INSPECT_EXAMPLES)(merge_cmds.inspect_adapter)
 app.command("example", epilog=example_cmd.EXAMPLES)(example_cmd.example)
 app.command("generate")(example_cmd.generate)
-app.command("dynamic", epilog=serve_cmds.DYNAMIC_EXAMPLES,
-            context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(serve_cmds.dynamic)
+app.command(
+    "dynamic",
+    epilog=serve_cmds.DYNAMIC_EXAMPLES,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(serve_cmds.dynamic)
 app.command("check")(serve_cmds.check)
 app.command("smoke")(endpoint_cmds.smoke)
 app.command("bench")(endpoint_cmds.bench)
@@ -48,8 +51,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """Deploy PEFT LoRA fine-tunes on vLLM."""
 
 
@@ -85,8 +91,10 @@ def main(argv: list[str] | None = None) -> None:
         # torch reports a failed CPU allocation as a plain RuntimeError from its DefaultCPUAllocator (no subclass)
         if isinstance(e, RuntimeError) and "DefaultCPUAllocator" not in str(e) or os.environ.get("LORA_DEPLOY_DEBUG"):
             raise
-        out.error("ran out of memory: the input is larger than this machine (or pod) can hold",
-                  "run it where more memory is available, and check the input's sizes with lora-deploy inspect")
+        out.error(
+            "ran out of memory: the input is larger than this machine (or pod) can hold",
+            "run it where more memory is available, and check the input's sizes with lora-deploy inspect",
+        )
         sys.exit(EXIT_INPUT)
     except SystemExit as e:
         if interrupted and e.code not in (0, None, EXIT_INTERRUPTED):

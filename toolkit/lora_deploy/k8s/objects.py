@@ -11,8 +11,11 @@ SMOKE_DIR = "/opt/lora-deploy"
 
 
 def object_labels(spec: DeploySpec, component: str = "server") -> dict[str, str]:
-    return {"app.kubernetes.io/name": spec.name, "app.kubernetes.io/component": component,
-            "app.kubernetes.io/managed-by": "lora-deploy"}
+    return {
+        "app.kubernetes.io/name": spec.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": "lora-deploy",
+    }
 
 
 def object_meta(spec: DeploySpec, name: str, component: str = "server") -> dict:
@@ -39,18 +42,36 @@ def secret_env(name: str, secret: str, key: str) -> dict:
 
 def container_security() -> dict:
     # the root filesystem is read-only: HOME, /tmp and the caches are emptyDirs, models and config are mounts
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
-            "readOnlyRootFilesystem": True, "runAsUser": VLLM_UID, "runAsGroup": VLLM_UID,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "runAsUser": VLLM_UID,
+        "runAsGroup": VLLM_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
-def pod_spec(spec: DeploySpec, containers: list[dict], volumes: list[dict], *, init: list[dict] | None = None,
-              restart: str | None = None, grace: int = 90) -> dict:
+def pod_spec(
+    spec: DeploySpec,
+    containers: list[dict],
+    volumes: list[dict],
+    *,
+    init: list[dict] | None = None,
+    restart: str | None = None,
+    grace: int = 90,
+) -> dict:
     pod = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": VLLM_UID, "runAsGroup": VLLM_UID,
-                            "fsGroup": VLLM_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": VLLM_UID,
+            "runAsGroup": VLLM_UID,
+            "fsGroup": VLLM_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "terminationGracePeriodSeconds": grace,
         "containers": containers,
         "volumes": volumes,

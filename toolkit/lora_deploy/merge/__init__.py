@@ -11,15 +11,29 @@ dtype, one tensor at a time; untouched tensors are copied byte for byte. Three s
 from lora_deploy.merge.compute import apply_dora, expert_delta, lora_delta, merge_weight
 from lora_deploy.merge.execute import PROVENANCE_FILE, MergeReport, execute_plan, run_merge
 from lora_deploy.merge.plan import (
-           MergeConfig,
-           MergePlan,
-           ModuleMerge,
-           TensorPlan,
-           fit_problems,
-           normalize_dtype,
-           plan_merge,
+    MergeConfig,
+    MergePlan,
+    ModuleMerge,
+    TensorPlan,
+    fit_problems,
+    normalize_dtype,
+    plan_merge,
 )
 
-__all__ = ["MergeConfig", "MergePlan", "MergeReport", "ModuleMerge", "TensorPlan", "PROVENANCE_FILE", "apply_dora",
-           "execute_plan", "expert_delta", "fit_problems", "lora_delta", "merge_weight", "normalize_dtype",
-           "plan_merge", "run_merge"]
+__all__ = [
+    "MergeConfig",
+    "MergePlan",
+    "MergeReport",
+    "ModuleMerge",
+    "TensorPlan",
+    "PROVENANCE_FILE",
+    "apply_dora",
+    "execute_plan",
+    "expert_delta",
+    "fit_problems",
+    "lora_delta",
+    "merge_weight",
+    "normalize_dtype",
+    "plan_merge",
+    "run_merge",
+]

@@ -25,8 +25,9 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, kind: str) -> tor
     return d * scale
 
 
-def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, transposed: bool,
-                 only: int | None = None) -> torch.Tensor:
+def expert_delta(
+    a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, transposed: bool, only: int | None = None
+) -> torch.Tensor:
     """The delta PEFT's ParamWrapper adds to a fused 3-D expert parameter, float32, shape [E, ., .].
 
     PEFT stores one rank-r pair per expert along the rank axis, ordered differently in the two factors
@@ -41,7 +42,7 @@ def expert_delta(a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, t
     a3 = a.float().reshape(experts, r, a.shape[1])  # [E, r, in]
     b3 = b.float().reshape(b.shape[0], r, experts).permute(2, 0, 1)  # [E, out, r]
     if only is not None:  # one expert, as [1, ., .]
-        a3, b3 = a3[only:only + 1], b3[only:only + 1]
+        a3, b3 = a3[only : only + 1], b3[only : only + 1]
     d = torch.bmm(b3, a3)  # [E, out_e, in_e]
     if transposed:
         d = d.transpose(1, 2)
@@ -61,8 +62,9 @@ def apply_dora(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tenso
     return (factor * rows).T if kind == "conv1d" else factor * rows
 
 
-def merge_weight(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, *, kind: str = "linear",
-                 weight: float = 1.0) -> torch.Tensor:
+def merge_weight(
+    base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, *, kind: str = "linear", weight: float = 1.0
+) -> torch.Tensor:
     """W + weight * s * (B @ A) in float32: the single-module merge, for callers outside the streaming engine."""
     d = lora_delta(a, b, scale, kind)
     return base.float() + (d if weight == 1.0 else weight * d)
@@ -71,12 +73,18 @@ def merge_weight(base: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
 def check_range(name: str, lo: float, hi: float, dtype: str) -> None:
     """Refuse NaN/Inf results, and values that float16 cannot hold (they would silently become Inf)."""
     if any(math.isnan(v) or math.isinf(v) for v in (lo, hi)):
-        raise LoraDeployError(f"merged tensor {name} has NaN or Inf values", exit_code=EXIT_INPUT,
-                              hint="check the base and adapter for corrupt values")
+        raise LoraDeployError(
+            f"merged tensor {name} has NaN or Inf values",
+            exit_code=EXIT_INPUT,
+            hint="check the base and adapter for corrupt values",
+        )
     peak = max(abs(lo), abs(hi))
     if dtype == "float16" and peak > FP16_MAX:
-        raise LoraDeployError(f"merged tensor {name} reaches {peak:.6g}, beyond float16's range (65504)",
-                              exit_code=EXIT_INPUT, hint="write the merge with --dtype bfloat16 or float32")
+        raise LoraDeployError(
+            f"merged tensor {name} reaches {peak:.6g}, beyond float16's range (65504)",
+            exit_code=EXIT_INPUT,
+            hint="write the merge with --dtype bfloat16 or float32",
+        )
 
 
 def minmax(t: torch.Tensor) -> tuple[float, float]:
@@ -112,8 +120,9 @@ class Workspace:
         return self.out[slot][:nbytes].view(dtype)
 
 
-def add_low_rank_blocked(src: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor, float, float]],
-                         out: torch.Tensor, ws: Workspace) -> tuple[float, float]:
+def add_low_rank_blocked(
+    src: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor, float, float]], out: torch.Tensor, ws: Workspace
+) -> tuple[float, float]:
     """out = round(src + sum_i w_i * s_i * (L_i @ R_i)), row block by row block; returns the float32 min/max.
 
     ``factors`` are (L [rows, r], R [r, cols], s, w) in the storage orientation of ``src``. Each

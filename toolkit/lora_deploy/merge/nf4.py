@@ -19,7 +19,7 @@ bitsandbytes itself is the oracle in the tests (``tests/test_qlora.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import TYPE_CHECKING
 
 from lora_deploy.errors import InputError
@@ -29,15 +29,30 @@ from lora_deploy.model.shards import ShardIndex, TensorEntry, TensorReader, st_d
 if TYPE_CHECKING:
     import torch
 
-_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+_NF4 = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
 # FP4 (1 sign, 2 exponent, 1 mantissa bits, bias 2) in bit-pattern order, normalised by 12 below
 _FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 NESTED_BLOCKSIZE = 256
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_4bit(quant_type: str) -> torch.Tensor:
     """The 16 code values, in index order (bitsandbytes' ``get_4bit_type``)."""
     import torch
@@ -46,7 +61,7 @@ def code_4bit(quant_type: str) -> torch.Tensor:
     return data / data.abs().max()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bounds_4bit(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
@@ -55,7 +70,7 @@ def _bounds_4bit(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (code[order[:-1]] + code[order[1:]]) / 2, order
 
 
-@lru_cache(maxsize=None)
+@cache
 def dynamic_code() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map()``), used for double quantization."""
     import torch
@@ -163,10 +178,15 @@ def quantized_linear_modules(model, s: Bnb4bit) -> list[str]:
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     skip = HfQuantizer.get_modules_to_not_convert(
-        model, None if s.skip_modules is None else list(s.skip_modules),
-        list(getattr(model, "_keep_in_fp32_modules", None) or []))
-    return [name for name, m in model.named_modules()
-            if (type(m) is nn.Linear or isinstance(m, Conv1D)) and should_convert_module(name, skip)]
+        model,
+        None if s.skip_modules is None else list(s.skip_modules),
+        list(getattr(model, "_keep_in_fp32_modules", None) or []),
+    )
+    return [
+        name
+        for name, m in model.named_modules()
+        if (type(m) is nn.Linear or isinstance(m, Conv1D)) and should_convert_module(name, skip)
+    ]
 
 
 @dataclass(frozen=True)
@@ -212,19 +232,29 @@ def split_stored_4bit(index: ShardIndex) -> tuple[ShardIndex, dict[str, Stored4b
                 nested = "nested_offset" in state
                 entry = tensors[name]
                 stored[name] = Stored4bit(
-                    entry, tensors[f"{name}.absmax"], tensors[f"{name}.quant_map"], state["quant_type"],
-                    int(state["blocksize"]), tuple(int(x) for x in state["shape"]),
+                    entry,
+                    tensors[f"{name}.absmax"],
+                    tensors[f"{name}.quant_map"],
+                    state["quant_type"],
+                    int(state["blocksize"]),
+                    tuple(int(x) for x in state["shape"]),
                     st_dtype(getattr(torch, state["dtype"])),
                     tensors.get(f"{name}.nested_absmax") if nested else None,
                     tensors.get(f"{name}.nested_quant_map") if nested else None,
-                    int(state.get("nested_blocksize", NESTED_BLOCKSIZE)), float(state.get("nested_offset", 0.0)))
+                    int(state.get("nested_blocksize", NESTED_BLOCKSIZE)),
+                    float(state.get("nested_offset", 0.0)),
+                )
             except (KeyError, ValueError, AttributeError, UnicodeDecodeError) as e:
-                raise InputError(f"{index.folder}: cannot read the bitsandbytes state of {name} ({e})",
-                                 hint="the 4-bit checkpoint is incomplete or from an unknown bitsandbytes version")
+                raise InputError(
+                    f"{index.folder}: cannot read the bitsandbytes state of {name} ({e})",
+                    hint="the 4-bit checkpoint is incomplete or from an unknown bitsandbytes version",
+                ) from e
             del tensors[key]
             for suffix in _STAT_SUFFIXES:
                 tensors.pop(name + suffix, None)
-            tensors[name] = TensorEntry(name, entry.file, stored[name].dtype, stored[name].shape, entry.start, entry.end)
+            tensors[name] = TensorEntry(
+                name, entry.file, stored[name].dtype, stored[name].shape, entry.start, entry.end
+            )
     finally:
         reader.close()
     return ShardIndex(index.folder, index.files, tensors), stored
@@ -256,8 +286,13 @@ def dequantize_bnb_layer(weight) -> tuple[torch.Tensor, bool]:
     for d in state.shape:
         n *= d
     nested = getattr(state, "nested", False)
-    q = Quantized4bit(unpack_4bit(weight.data, n), state.absmax, tuple(state.shape),
-                      state.state2.absmax.float() if nested else None, float(state.offset) if nested else 0.0)
+    q = Quantized4bit(
+        unpack_4bit(weight.data, n),
+        state.absmax,
+        tuple(state.shape),
+        state.state2.absmax.float() if nested else None,
+        float(state.offset) if nested else 0.0,
+    )
     expected = dequantize_4bit(q, state.quant_type, state.blocksize)
     dtype, state.dtype = state.dtype, torch.float32  # bitsandbytes' float32 product, before any cast
     try:

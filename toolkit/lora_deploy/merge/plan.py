@@ -36,8 +36,16 @@ from lora_deploy.model.layout import (
 )
 from lora_deploy.model.shards import DTYPE_SIZES, FLOAT_CODES, TORCH_TO_CODE, ShardIndex, TensorEntry, parse_size
 
-DTYPE_NAMES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
-               "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
+DTYPE_NAMES = {
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+}
 MERGE_INTO = ("original", "dequantized")
 # A saved (resized) embedding may add rows for new tokens; no tokenizer has a million (the largest vocabularies in use
 # are about 256k): more is a crafted header that would have every row read into memory
@@ -159,8 +167,16 @@ class TensorPlan:
 
     @property
     def touched(self) -> bool:
-        return bool(self.replacement or self.rows or self.deltas or self.biases or self.dora or self.fourbit
-                    or self.quantize or self.scale_of)
+        return bool(
+            self.replacement
+            or self.rows
+            or self.deltas
+            or self.biases
+            or self.dora
+            or self.fourbit
+            or self.quantize
+            or self.scale_of
+        )
 
     @property
     def is_float(self) -> bool:
@@ -234,8 +250,10 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
         raise InputError("no adapter given", hint="pass --adapter PATH (repeat it to merge several)")
     weights = tuple(cfg.weights) if cfg.weights is not None else (1.0,) * len(cfg.adapters)
     if len(weights) != len(cfg.adapters):
-        raise InputError(f"--weights has {len(weights)} value(s) for {len(cfg.adapters)} adapter(s)",
-                         hint="give one weight per --adapter, in the same order, e.g. --weights 0.7,0.3")
+        raise InputError(
+            f"--weights has {len(weights)} value(s) for {len(cfg.adapters)} adapter(s)",
+            hint="give one weight per --adapter, in the same order, e.g. --weights 0.7,0.3",
+        )
     if any(w != w or w in (float("inf"), float("-inf")) for w in weights):
         raise InputError("--weights must be finite numbers")
     if cfg.merge_into not in (None, *MERGE_INTO):
@@ -250,21 +268,26 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
         qc = config["quantization_config"]
         method = str(qc.get("quant_method", "quantized"))
         if method.lower() != "bitsandbytes" or not qc.get("load_in_4bit"):
-            raise UnsupportedError(f"base {cfg.base} is {method}-quantized; lora-deploy merges into 16-bit weights "
-                                   "or bitsandbytes 4-bit ones", hint="merge into the original fp16/bf16 base instead")
+            raise UnsupportedError(
+                f"base {cfg.base} is {method}-quantized; lora-deploy merges into 16-bit weights "
+                "or bitsandbytes 4-bit ones",
+                hint="merge into the original fp16/bf16 base instead",
+            )
         if cfg.merge_into == "original":
-            raise UnsupportedError(f"base {cfg.base} is a bitsandbytes 4-bit checkpoint: its original 16-bit weights "
-                                   "are not in it", hint=f"pass the original 16-bit base as --base, with --qlora "
-                                   f"{base.path} for the 4-bit settings")
+            raise UnsupportedError(
+                f"base {cfg.base} is a bitsandbytes 4-bit checkpoint: its original 16-bit weights are not in it",
+                hint=f"pass the original 16-bit base as --base, with --qlora {base.path} for the 4-bit settings",
+            )
         # the QLoRA base itself: merge into exactly the weights the adapter was trained against
         qlora = Bnb4bit.from_quantization_config(qc)
         index, stored = split_stored_4bit(index)
         config = {k: v for k, v in config.items() if k != "quantization_config"}
     merge_into = cfg.merge_into or ("dequantized" if qlora is not None else "original")
     if merge_into == "dequantized" and qlora is None:
-        raise InputError("--merge-into dequantized needs to know how the base was quantized in training",
-                         hint="add --qlora nf4 (or fp4, or the folder of the bitsandbytes 4-bit base the adapter "
-                         "was trained on)")
+        raise InputError(
+            "--merge-into dequantized needs to know how the base was quantized in training",
+            hint="add --qlora nf4 (or fp4, or the folder of the bitsandbytes 4-bit base the adapter was trained on)",
+        )
     layout = read_layout(base.path, index.tensors)
     adapters = tuple(load_adapter(a, allow_pickle=cfg.allow_pickle) for a in cfg.adapters)
     for info in adapters:
@@ -284,12 +307,32 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
         quantization = plan_quantization(cfg.quantize, planner.names, dtype)
         tensors = _quantized_tensors(tensors, quantization, TORCH_TO_CODE[dtype])
         out_config["quantization_config"] = quantization.config()
-    return MergePlan(base, index, layout, adapters, weights, dtype, tensors, out_config, tuple(planner.modules),
-                     max_shard, Path(cfg.output), cfg.force, cfg.hash_inputs, tuple(planner.warnings),
-                     tuple(planner.peft_differs), qlora, merge_into, quantization, tuple(planner.same_values))
+    return MergePlan(
+        base,
+        index,
+        layout,
+        adapters,
+        weights,
+        dtype,
+        tensors,
+        out_config,
+        tuple(planner.modules),
+        max_shard,
+        Path(cfg.output),
+        cfg.force,
+        cfg.hash_inputs,
+        tuple(planner.warnings),
+        tuple(planner.peft_differs),
+        qlora,
+        merge_into,
+        quantization,
+        tuple(planner.same_values),
+    )
 
 
-def _quantized_tensors(tensors: tuple[TensorPlan, ...], q: OutputQuantization, scale_dtype: str) -> tuple[TensorPlan, ...]:
+def _quantized_tensors(
+    tensors: tuple[TensorPlan, ...], q: OutputQuantization, scale_dtype: str
+) -> tuple[TensorPlan, ...]:
     """Each quantized weight in its 8-bit dtype, followed by its per-channel scale ``<name>_scale`` [out, 1]."""
     out = []
     for p in tensors:
@@ -312,7 +355,8 @@ def _check_complete(index: ShardIndex, base_config: dict, tensors: tuple[TensorP
     """
     names = [p.name for p in tensors]
     same = set(names) == set(index.tensors) and all(
-        out_config.get(k) == base_config.get(k) for k in ("tie_word_embeddings", "vocab_size"))
+        out_config.get(k) == base_config.get(k) for k in ("tie_word_embeddings", "vocab_size")
+    )
     if same:
         return
     expected = expected_tensors(out_config)
@@ -322,9 +366,10 @@ def _check_complete(index: ShardIndex, base_config: dict, tensors: tuple[TensorP
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems[:20])
         raise UnsupportedError(
-            f"the merged checkpoint would not load completely in transformers ({len(problems)} problem(s)):\n"
-            f"{listing}", hint="this adapter changes the model's tensor set in a way lora-deploy cannot write; "
-            "please report it with the adapter_config.json, and serve the adapter unmerged (lora-deploy dynamic)")
+            f"the merged checkpoint would not load completely in transformers ({len(problems)} problem(s)):\n{listing}",
+            hint="this adapter changes the model's tensor set in a way lora-deploy cannot write; "
+            "please report it with the adapter_config.json, and serve the adapter unmerged (lora-deploy dynamic)",
+        )
 
 
 def _ties_weights(info: AdapterInfo) -> bool:
@@ -358,15 +403,32 @@ class _Draft:
     def freeze(self, dtype: str) -> TensorPlan:
         src_dtype = self.source.dtype if self.source is not None else "F32"
         out = TORCH_TO_CODE[dtype] if src_dtype in FLOAT_CODES else src_dtype
-        return TensorPlan(self.name, self.source, tuple(self.shape), out, self.replacement, tuple(self.rows),
-                          tuple(self.deltas), tuple(self.biases), self.dora, self.fourbit)
+        return TensorPlan(
+            self.name,
+            self.source,
+            tuple(self.shape),
+            out,
+            self.replacement,
+            tuple(self.rows),
+            tuple(self.deltas),
+            tuple(self.biases),
+            self.dora,
+            self.fourbit,
+        )
 
 
 class _Planner:
     """Assigns every adapter operation to the checkpoint tensor(s) it changes, collecting every problem."""
 
-    def __init__(self, base: ResolvedRef, index: ShardIndex, layout: ModelLayout, adapters: tuple[AdapterInfo, ...],
-                 weights: tuple[float, ...], dtype: str):
+    def __init__(
+        self,
+        base: ResolvedRef,
+        index: ShardIndex,
+        layout: ModelLayout,
+        adapters: tuple[AdapterInfo, ...],
+        weights: tuple[float, ...],
+        dtype: str,
+    ):
         self.base, self.index, self.layout = base, index, layout
         self.adapters, self.weights, self.dtype = adapters, weights, dtype
         self.names: CheckpointNames = layout.checkpoint_names(index.tensors)
@@ -395,8 +457,11 @@ class _Planner:
     def _draft(self, name: str, info: AdapterInfo, what: str) -> _Draft | None:
         ck = name if name in self.drafts else self.names.single(name)
         if ck is None or ck not in self.drafts:
-            self._problem(info, f"{what} targets {name}, which the base model {self.base.source} does not have "
-                          "(is this adapter for another base model?)")
+            self._problem(
+                info,
+                f"{what} targets {name}, which the base model {self.base.source} does not have "
+                "(is this adapter for another base model?)",
+            )
             return None
         return self.drafts[ck]
 
@@ -416,8 +481,10 @@ class _Planner:
     # ------------------------------------------------------------ the passes
     def run(self) -> None:
         if not self.layout.known:
-            self.warnings.append(f"transformers does not know architecture {self.layout.architecture}; Conv1D "
-                                 "orientation taken from each adapter's fan_in_fan_out flag")
+            self.warnings.append(
+                f"transformers does not know architecture {self.layout.architecture}; Conv1D "
+                "orientation taken from each adapter's fan_in_fan_out flag"
+            )
         for i, info in enumerate(self.adapters):
             self._replacements(i, info)
             self._token_rows(i, info)
@@ -456,15 +523,21 @@ class _Planner:
                 self._problem(info, f"{r.key} has shape {list(new)} but base tensor {draft.name} has {list(old)}")
                 continue
             if new[0] > max(old[0], MAX_EMBEDDING_ROWS):
-                self._problem(info, f"{r.key} has {new[0]} rows, more than any vocabulary ({MAX_EMBEDDING_ROWS}; "
-                              f"base tensor {draft.name} has {old[0]})")
+                self._problem(
+                    info,
+                    f"{r.key} has {new[0]} rows, more than any vocabulary ({MAX_EMBEDDING_ROWS}; "
+                    f"base tensor {draft.name} has {old[0]})",
+                )
                 continue
             # a saved embedding (resized vocabulary) is the tied pair's shared value; modules_to_save is a
             # separate copy of one side, exactly as the unmerged PEFT model holds it (unless ensure_weight_tying)
             for side in self._sides(draft, shared=shared(r)):
                 if side.replacement is not None and side.replacement[0] != i:
-                    self._problem(info, f"{side.name} is also replaced by adapter "
-                                  f"{self.adapters[side.replacement[0]].ref.source}; merge them separately")
+                    self._problem(
+                        info,
+                        f"{side.name} is also replaced by adapter "
+                        f"{self.adapters[side.replacement[0]].ref.source}; merge them separately",
+                    )
                     continue
                 if shared(r):
                     earlier = holds.get(side.name)
@@ -481,8 +554,11 @@ class _Planner:
                 continue
             rows = info.tensors[t.key].shape
             if rows[0] != len(t.indices) or tuple(rows[1:]) != tuple(draft.shape[1:]):
-                self._problem(info, f"{t.key} has shape {list(rows)} for {len(t.indices)} token rows of "
-                              f"{draft.name} {list(draft.shape)}")
+                self._problem(
+                    info,
+                    f"{t.key} has shape {list(rows)} for {len(t.indices)} token rows of "
+                    f"{draft.name} {list(draft.shape)}",
+                )
             elif max(t.indices, default=0) >= draft.shape[0] or min(t.indices, default=0) < 0:
                 self._problem(info, f"trainable token index out of range for {draft.name} with {draft.shape[0]} rows")
             else:
@@ -510,31 +586,54 @@ class _Planner:
                 fits.append((name, shape, r, alpha, scale, experts, transposed))
         if not fits and m.depth == 0 and f"{m.name}.weight" in self.drafts | self.names.tensors:
             if m.rank != lora_scale(info.config, m.name)[0]:
-                self._problem(info, f"module {m.name}: tensors have rank {m.rank} but the config says "
-                              f"{lora_scale(info.config, m.name)[0]}")
+                self._problem(
+                    info,
+                    f"module {m.name}: tensors have rank {m.rank} but the config says "
+                    f"{lora_scale(info.config, m.name)[0]}",
+                )
                 return
             self._module(i, info, replace(m, parameters=()))  # a plain module LoRA after all
             return
         if len(fits) != 1:
             found = "none" if not fits else "more than one (" + ", ".join(f[0] for f in fits) + ")"
-            self._problem(info, f"the target_parameters LoRA {m.a_key} (A{list(a)}, B{list(b)}) fits {found} of "
-                          f"{m.name}'s parameters {', '.join(m.parameters)} (is this adapter for another base model?)")
+            self._problem(
+                info,
+                f"the target_parameters LoRA {m.a_key} (A{list(a)}, B{list(b)}) fits {found} of "
+                f"{m.name}'s parameters {', '.join(m.parameters)} (is this adapter for another base model?)",
+            )
             return
         name, shape, r, alpha, scale, experts, transposed = fits[0]
         parts = self.names.parts(name)
         if not parts:
-            self._problem(info, f"{name}: the base checkpoint {self.base.source} stores this parameter in a layout "
-                          "transformers' conversion mapping does not describe")
+            self._problem(
+                info,
+                f"{name}: the base checkpoint {self.base.source} stores this parameter in a layout "
+                "transformers' conversion mapping does not describe",
+            )
             return
         kind = "experts" if len(shape) == 3 else "linear"
         for part in parts:
             draft = self.drafts[part.name]
             if tuple(draft.shape) != part.shape:
-                self._problem(info, f"{part.name} has shape {list(draft.shape)}, but holds {list(part.shape)} of {name}")
+                self._problem(
+                    info, f"{part.name} has shape {list(draft.shape)}, but holds {list(part.shape)} of {name}"
+                )
                 return
             whole = part.dims == tuple(range(len(shape))) and part.shape == tuple(shape)
-            draft.deltas.append(LowRankUpdate(i, name, kind, m.a_key, m.b_key, scale, self.weights[i], experts,
-                                              transposed, None if whole else part))
+            draft.deltas.append(
+                LowRankUpdate(
+                    i,
+                    name,
+                    kind,
+                    m.a_key,
+                    m.b_key,
+                    scale,
+                    self.weights[i],
+                    experts,
+                    transposed,
+                    None if whole else part,
+                )
+            )
         self.modules.append(ModuleMerge(i, name, kind, r, alpha, scale, self.weights[i], False, experts))
 
     def _module(self, i: int, info: AdapterInfo, m: LoraModule) -> None:
@@ -549,8 +648,11 @@ class _Planner:
         a, b = info.tensors[m.a_key].shape, info.tensors[m.b_key].shape
         expected = {"linear": (b[0], a[1]), "conv1d": (a[1], b[0]), "embedding": (a[1], b[0])}[kind]
         if tuple(draft.shape) != expected:
-            self._problem(info, f"{m.name} ({kind}) gives a delta of shape {list(expected)} but base tensor "
-                          f"{draft.name} has {list(draft.shape)} (is this adapter for another base model?)")
+            self._problem(
+                info,
+                f"{m.name} ({kind}) gives a delta of shape {list(expected)} but base tensor "
+                f"{draft.name} has {list(draft.shape)} (is this adapter for another base model?)",
+            )
             return
         update = LowRankUpdate(i, m.name, kind, m.a_key, m.b_key, m.scale, w)
         partner = self._tie_partner(draft)
@@ -562,7 +664,8 @@ class _Planner:
             self.peft_differs.append(
                 f"{m.name}: LoRA on one side of tied embeddings; the unmerged PEFT model applies it to "
                 f"{draft.name} only, PEFT's merge_and_unload() to both {draft.name} and {partner.name}. "
-                f"Written as the unmerged model computes: {partner.name} keeps the base values, untied")
+                f"Written as the unmerged model computes: {partner.name} keeps the base values, untied"
+            )
         if m.magnitude_key is not None:
             mag = info.tensors[m.magnitude_key].shape
             want = draft.shape[1] if kind in ("embedding", "conv1d") else draft.shape[0]
@@ -570,8 +673,11 @@ class _Planner:
                 self._problem(info, f"DoRA magnitude of {m.name} has shape {list(mag)}, expected [{want}]")
                 return
             if len(self.adapters) > 1 or w != 1.0:
-                self._problem(info, f"uses DoRA ({m.name}); a DoRA merge rescales the whole weight, so it cannot "
-                              "be combined with other adapters or weighted")
+                self._problem(
+                    info,
+                    f"uses DoRA ({m.name}); a DoRA merge rescales the whole weight, so it cannot "
+                    "be combined with other adapters or weighted",
+                )
                 return
             for side in sides:
                 side.dora = (update, m.magnitude_key)
@@ -584,8 +690,11 @@ class _Planner:
             if bias is None:
                 self._problem(info, f"{m.name} has a LoRA bias (lora_bias=True) but the base has no {bias_name}")
             elif tuple(info.tensors[m.bias_key].shape) != tuple(bias.shape):
-                self._problem(info, f"lora_B.bias of {m.name} has shape {list(info.tensors[m.bias_key].shape)}, "
-                              f"base bias {list(bias.shape)}")
+                self._problem(
+                    info,
+                    f"lora_B.bias of {m.name} has shape {list(info.tensors[m.bias_key].shape)}, "
+                    f"base bias {list(bias.shape)}",
+                )
             else:
                 bias.biases.append(BiasUpdate(i, m.bias_key, m.scale, w))
         self.modules.append(ModuleMerge(i, m.name, kind, m.rank, m.alpha, m.scale, w, m.magnitude_key is not None))
@@ -600,27 +709,41 @@ class _Planner:
         module's DoRA, and the two sides differ (written untied).
         """
         head = draft.name in self.tied
-        other = next((o for o in info.modules if o is not m and not o.parameters
-                      and (o.weight_name if o.weight_name in self.drafts else self.names.single(o.weight_name))
-                      == partner.name), None)
+        other = next(
+            (
+                o
+                for o in info.modules
+                if o is not m
+                and not o.parameters
+                and (o.weight_name if o.weight_name in self.drafts else self.names.single(o.weight_name))
+                == partner.name
+            ),
+            None,
+        )
         emb_m, head_m = (other, m) if head else (m, other)
         if other is not None and emb_m.embedding:  # the head's factors are the embedding's, transposed: must agree
-            for same in (SameValues(i, emb_m.b_key, head_m.a_key, True),
-                         SameValues(i, emb_m.a_key, head_m.b_key, True)):
+            for same in (
+                SameValues(i, emb_m.b_key, head_m.a_key, True),
+                SameValues(i, emb_m.a_key, head_m.b_key, True),
+            ):
                 if same not in self.same_values:
                     self.same_values.append(same)
         if m.magnitude_key is None:
             if head and other is not None:
                 self.peft_differs.append(
                     f"{m.name}: ensure_weight_tying ties this LoRA to {partner.name}'s; PEFT's merge_and_unload() "
-                    "adds the delta to the shared weight twice, the unmerged model once. Written once, tied")
+                    "adds the delta to the shared weight twice, the unmerged model once. Written once, tied"
+                )
                 return []
             return [draft, partner]
         if other is None or other.magnitude_key is None:
-            self._problem(info, f"{m.name} uses DoRA with ensure_weight_tying, but the adapter holds no DoRA "
-                          f"magnitude for the tied {partner.name} (PEFT saves one per side), so what the unmerged "
-                          f"model computes for {partner.name} is undefined; re-save the adapter with PEFT's "
-                          "save_pretrained()")
+            self._problem(
+                info,
+                f"{m.name} uses DoRA with ensure_weight_tying, but the adapter holds no DoRA "
+                f"magnitude for the tied {partner.name} (PEFT saves one per side), so what the unmerged "
+                f"model computes for {partner.name} is undefined; re-save the adapter with PEFT's "
+                "save_pretrained()",
+            )
             return []
         if head:
             self.peft_differs.append(
@@ -628,7 +751,8 @@ class _Planner:
                 f"{partner.name} but rescales the input embedding per column and the head per row, each with its "
                 "own magnitude, so the two sides differ. PEFT's merge_and_unload() merges the head's DoRA on top of "
                 "the embedding's into the one shared weight and keeps the tie (wrong for both sides). Written as the "
-                "unmerged model computes: both sides, untied")
+                "unmerged model computes: both sides, untied"
+            )
         return [draft]
 
     def _kind(self, m: LoraModule, info: AdapterInfo) -> str:
@@ -650,13 +774,18 @@ class _Planner:
         if stored:
             for name, packed in stored.items():
                 self.drafts[name].fourbit = packed
-            self.warnings.append(f"dequantizing the 4-bit base ({s.describe()}): {len(stored)} linear weights are "
-                                 "written as the QLoRA model computed with them")
+            self.warnings.append(
+                f"dequantizing the 4-bit base ({s.describe()}): {len(stored)} linear weights are "
+                "written as the QLoRA model computed with them"
+            )
             return
         model = self.names.meta_model()
         if model is None:
-            raise UnsupportedError(f"transformers cannot build {self.layout.architecture}, so which of its layers "
-                                   "bitsandbytes quantized is unknown", hint="use --merge-into original")
+            raise UnsupportedError(
+                f"transformers cannot build {self.layout.architecture}, so which of its layers "
+                "bitsandbytes quantized is unknown",
+                hint="use --merge-into original",
+            )
         found = 0
         for module in quantized_linear_modules(model, s):
             name = self.names.single(f"{module}.weight")
@@ -666,10 +795,13 @@ class _Planner:
             draft.fourbit = s
             found += 1
         if not found:
-            raise UnsupportedError(f"no layer of {self.base.source} is one bitsandbytes quantizes",
-                                   hint="use --merge-into original")
-        self.warnings.append(f"merging into the dequantized 4-bit base ({s.describe()}): {found} linear weights "
-                             "are written as the QLoRA model computed with them, not as the original base holds them")
+            raise UnsupportedError(
+                f"no layer of {self.base.source} is one bitsandbytes quantizes", hint="use --merge-into original"
+            )
+        self.warnings.append(
+            f"merging into the dequantized 4-bit base ({s.describe()}): {found} linear weights "
+            "are written as the QLoRA model computed with them, not as the original base holds them"
+        )
 
     # ------------------------------------------------------------ the result
     def finish(self, config: dict) -> tuple[tuple[TensorPlan, ...], dict]:
@@ -688,18 +820,21 @@ class _Planner:
                 drop.add(h)  # both sides equal: keep the tie, and no needless copy of the head
         if untied:
             out_config["tie_word_embeddings"] = False
-            self.warnings.append(f"the tied input/output embeddings differ after the merge ({', '.join(untied)}); "
-                                 "writing both and setting tie_word_embeddings=false")
+            self.warnings.append(
+                f"the tied input/output embeddings differ after the merge ({', '.join(untied)}); "
+                "writing both and setting tie_word_embeddings=false"
+            )
         # the input embedding's final row count is the vocabulary size (a saved, resized embedding changes it)
-        inputs = set(self.tied.values()) or {n for n in self.drafts
-                                             if n.endswith(("embed_tokens.weight", "wte.weight"))}
+        inputs = set(self.tied.values()) or {
+            n for n in self.drafts if n.endswith(("embed_tokens.weight", "wte.weight"))
+        }
         for emb in sorted(inputs):
             rows = self.drafts[emb].shape[0]
             if "vocab_size" in out_config and out_config["vocab_size"] != rows:
-                self.warnings.append(f"vocabulary resized by the adapter: vocab_size {out_config['vocab_size']} "
-                                     f"-> {rows}")
+                self.warnings.append(
+                    f"vocabulary resized by the adapter: vocab_size {out_config['vocab_size']} -> {rows}"
+                )
                 out_config["vocab_size"] = rows
         ordered = [self.drafts[n] for n in self.index.tensors]
         ordered += [d for n, d in self.drafts.items() if n not in self.index.tensors and n not in drop]
         return tuple(d.freeze(self.dtype) for d in ordered), out_config
-

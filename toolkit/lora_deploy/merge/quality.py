@@ -51,8 +51,9 @@ class QuantizationReport:
 
 
 @quiet_libraries()
-def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
-                    prompts: tuple[str, ...] = CHECK_PROMPTS) -> QuantQuality:
+def measure_quality(
+    plan: MergePlan, folder: Path, adapter_tensors: list[dict], prompts: tuple[str, ...] = CHECK_PROMPTS
+) -> QuantQuality:
     """Compare the quantized checkpoint in ``folder`` (written from ``plan``) with the 16-bit merge.
 
     Memory: one float32 model and one tensor at a time (each tensor is copied into the model as it is read).
@@ -80,8 +81,11 @@ def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
     where = {key: h for h in handles for key in h.keys()}
     missing = [k for k in where if not k.endswith(SCALE_SUFFIX) and k not in params]
     if missing:
-        raise UnsupportedError(f"cannot measure the quantized model's quality: the checkpoint's tensor names are not "
-                               f"the model's ({', '.join(missing[:3])})", hint="add --no-quality")
+        raise UnsupportedError(
+            f"cannot measure the quantized model's quality: the checkpoint's tensor names are not "
+            f"the model's ({', '.join(missing[:3])})",
+            hint="add --no-quality",
+        )
 
     def put(name: str, value: torch.Tensor) -> None:
         with torch.no_grad():
@@ -111,17 +115,20 @@ def measure_quality(plan: MergePlan, folder: Path, adapter_tensors: list[dict],
         reader.close()
     reference = logits()
     for name in quantized:
-        put(name, dequantize_weight(where[name].get_tensor(name), where[name + SCALE_SUFFIX].get_tensor(
-            name + SCALE_SUFFIX)))
-    hooks = fake_quantize_activations(model, plan.quantization.scheme,
-                                      {n[: -len(".weight")] for n in plan.quantization.weights})
+        put(
+            name,
+            dequantize_weight(where[name].get_tensor(name), where[name + SCALE_SUFFIX].get_tensor(name + SCALE_SUFFIX)),
+        )
+    hooks = fake_quantize_activations(
+        model, plan.quantization.scheme, {n[: -len(".weight")] for n in plan.quantization.weights}
+    )
     try:
         test = logits()
     finally:
         for h in hooks:
             h.remove()
     kl = kl_per_position(test, reference)
-    top1 = torch.cat([(t.argmax(-1) == r.argmax(-1)).reshape(-1) for t, r in zip(test, reference)])
+    top1 = torch.cat([(t.argmax(-1) == r.argmax(-1)).reshape(-1) for t, r in zip(test, reference, strict=True)])
     return QuantQuality(float(kl.mean()), float(kl.max()), float(top1.float().mean()), int(kl.numel()), measured_on)
 
 
@@ -129,8 +136,14 @@ def kl_per_position(test: list, reference: list):
     """KL(reference || test) in nats at every position of every prompt, one flat tensor (logits in, any shape)."""
     import torch
 
-    return torch.cat([torch.nn.functional.kl_div(t.log_softmax(-1), r.log_softmax(-1), log_target=True,
-                                                 reduction="none").sum(-1).reshape(-1) for t, r in zip(test, reference)])
+    return torch.cat(
+        [
+            torch.nn.functional.kl_div(t.log_softmax(-1), r.log_softmax(-1), log_target=True, reduction="none")
+            .sum(-1)
+            .reshape(-1)
+            for t, r in zip(test, reference, strict=True)
+        ]
+    )
 
 
 def fixed_token_ids(vocab_size: int, count: int = 3, length: int = 12) -> list:

@@ -25,8 +25,7 @@ if TYPE_CHECKING:
     from lora_deploy.model.layout import CheckpointNames
 
 # our option name -> (compressed-tensors preset, storage format, safetensors dtype of the weight)
-SCHEMES = {"fp8-dynamic": ("FP8_DYNAMIC", "float-quantized", "F8_E4M3"),
-           "w8a8-int8": ("W8A8", "int-quantized", "I8")}
+SCHEMES = {"fp8-dynamic": ("FP8_DYNAMIC", "float-quantized", "F8_E4M3"), "w8a8-int8": ("W8A8", "int-quantized", "I8")}
 SCALE_SUFFIX = "_scale"
 
 
@@ -47,8 +46,12 @@ class OutputQuantization:
         from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
         preset, fmt, _ = SCHEMES[self.scheme]
-        return QuantizationConfig(config_groups={"group_0": _scheme(preset)}, ignore=list(self.ignore), format=fmt,
-                                  quantization_status=QuantizationStatus.COMPRESSED).to_dict()
+        return QuantizationConfig(
+            config_groups={"group_0": _scheme(preset)},
+            ignore=list(self.ignore),
+            format=fmt,
+            quantization_status=QuantizationStatus.COMPRESSED,
+        ).to_dict()
 
 
 def _scheme(preset: str):
@@ -60,25 +63,34 @@ def _scheme(preset: str):
 def plan_quantization(scheme: str, names: CheckpointNames, dtype: str) -> OutputQuantization:
     """Choose the weights to quantize (every Linear but the output head), from a meta-device model."""
     if scheme not in SCHEMES:
-        raise InputError(f"--quantize {scheme!r} is not one of {', '.join(SCHEMES)}",
-                         hint="fp8-dynamic for Hopper/Ada GPUs (and vLLM's CPU build), w8a8-int8 for older GPUs")
+        raise InputError(
+            f"--quantize {scheme!r} is not one of {', '.join(SCHEMES)}",
+            hint="fp8-dynamic for Hopper/Ada GPUs (and vLLM's CPU build), w8a8-int8 for older GPUs",
+        )
     if dtype == "float32":
-        raise InputError("--quantize writes 8-bit weights with 16-bit scales and activations",
-                         hint="use --dtype bfloat16 (or float16) with --quantize")
+        raise InputError(
+            "--quantize writes 8-bit weights with 16-bit scales and activations",
+            hint="use --dtype bfloat16 (or float16) with --quantize",
+        )
     require_compressed_tensors()
     model = names.meta_model()
     if model is None:
-        raise UnsupportedError("transformers cannot build this architecture, so its Linear layers are unknown",
-                               hint="write a 16-bit merge and quantize it with llm-compressor")
+        raise UnsupportedError(
+            "transformers cannot build this architecture, so its Linear layers are unknown",
+            hint="write a 16-bit merge and quantize it with llm-compressor",
+        )
     from torch import nn
 
     config = model.config.to_dict()
     if any(p.dim() == 3 for p in model.parameters()) or any(
-            config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")):
+        config.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts")
+    ):
         # fused experts are not Linear layers, and vLLM builds routers unquantized: either way the checkpoint
         # would not match what vLLM's MoE layers expect
-        raise UnsupportedError("--quantize does not handle MoE models (experts and routers) yet",
-                               hint="write a 16-bit merge (and quantize it with llm-compressor if needed)")
+        raise UnsupportedError(
+            "--quantize does not handle MoE models (experts and routers) yet",
+            hint="write a 16-bit merge (and quantize it with llm-compressor if needed)",
+        )
     head = model.get_output_embeddings()
     weights, ignore = set(), []
     for name, module in model.named_modules():
@@ -89,12 +101,16 @@ def plan_quantization(scheme: str, names: CheckpointNames, dtype: str) -> Output
             continue
         ck = names.single(f"{name}.weight")
         if ck is None:
-            raise UnsupportedError(f"cannot find {name}.weight in the checkpoint to quantize it",
-                                   hint="write a 16-bit merge and quantize it with llm-compressor")
+            raise UnsupportedError(
+                f"cannot find {name}.weight in the checkpoint to quantize it",
+                hint="write a 16-bit merge and quantize it with llm-compressor",
+            )
         weights.add(ck)
     if not weights:
-        raise UnsupportedError("this architecture has no nn.Linear layers to quantize (Conv1D models such as GPT-2)",
-                               hint="write a 16-bit merge")
+        raise UnsupportedError(
+            "this architecture has no nn.Linear layers to quantize (Conv1D models such as GPT-2)",
+            hint="write a 16-bit merge",
+        )
     return OutputQuantization(scheme, frozenset(weights), tuple(sorted(ignore)))
 
 
@@ -103,9 +119,11 @@ def require_compressed_tensors() -> None:
     import importlib.util
 
     if importlib.util.find_spec("compressed_tensors") is None:
-        raise UnsupportedError("--quantize writes the compressed-tensors format and needs the compressed-tensors "
-                               "package, which is not installed", hint="pip install 'lora-deploy[quantize]' (vLLM "
-                               "installs it too)")
+        raise UnsupportedError(
+            "--quantize writes the compressed-tensors format and needs the compressed-tensors "
+            "package, which is not installed",
+            hint="pip install 'lora-deploy[quantize]' (vLLM installs it too)",
+        )
 
 
 def quantize_weight(w: torch.Tensor, scheme: str) -> tuple[torch.Tensor, torch.Tensor]:

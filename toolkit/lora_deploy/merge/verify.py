@@ -13,9 +13,10 @@ to it, so the user sees which base the adapter wants. A verification that could 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from lora_deploy.errors import UnsupportedError
 from lora_deploy.model.shards import ShardIndex, load_tensor
@@ -72,9 +73,11 @@ def require_qlora_oracle() -> None:
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UnsupportedError("--verify of a QLoRA merge loads the QLoRA model (the base in 4-bit with the adapter) "
-                               "and needs bitsandbytes, which is not installed",
-                               hint="pip install 'lora-deploy[qlora]' (bitsandbytes runs on CPU), or drop --verify")
+        raise UnsupportedError(
+            "--verify of a QLoRA merge loads the QLoRA model (the base in 4-bit with the adapter) "
+            "and needs bitsandbytes, which is not installed",
+            hint="pip install 'lora-deploy[qlora]' (bitsandbytes runs on CPU), or drop --verify",
+        )
 
 
 def verify_plan(plan: MergePlan, output: Path, *, prompts: tuple[str, ...] = CHECK_PROMPTS) -> VerifyReport:
@@ -93,21 +96,42 @@ def verify_plan(plan: MergePlan, output: Path, *, prompts: tuple[str, ...] = CHE
         return roundtrip_4bit(t, p.fourbit) if p.fourbit is not None else t
 
     try:
-        return verify_merge(output, plan.base.path, [a.path for a in plan.adapters], list(plan.weights),
-                            dtype=plan.dtype, expected_changes=plan.changed_tensors, allowed_new=plan.new_or_reshaped,
-                            prompts=prompts, base_index=plan.base_index, start_value=start_value,
-                            qlora=plan.qlora, merge_into=plan.merge_into,
-                            prequantized=any(isinstance(p.fourbit, Stored4bit) for p in plan.tensors))
+        return verify_merge(
+            output,
+            plan.base.path,
+            [a.path for a in plan.adapters],
+            list(plan.weights),
+            dtype=plan.dtype,
+            expected_changes=plan.changed_tensors,
+            allowed_new=plan.new_or_reshaped,
+            prompts=prompts,
+            base_index=plan.base_index,
+            start_value=start_value,
+            qlora=plan.qlora,
+            merge_into=plan.merge_into,
+            prequantized=any(isinstance(p.fourbit, Stored4bit) for p in plan.tensors),
+        )
     finally:
         reader.close()
 
 
 @quiet_libraries()
-def verify_merge(output: Path, base: Path, adapters: list[Path], weights: list[float], *, dtype: str,
-                 expected_changes: list[str], allowed_new: set[str] = frozenset(),
-                 prompts: tuple[str, ...] = CHECK_PROMPTS, base_index: ShardIndex | None = None,
-                 start_value: Callable[[str], torch.Tensor] | None = None, qlora: Bnb4bit | None = None,
-                 merge_into: str = "original", prequantized: bool = False) -> VerifyReport:
+def verify_merge(
+    output: Path,
+    base: Path,
+    adapters: list[Path],
+    weights: list[float],
+    *,
+    dtype: str,
+    expected_changes: list[str],
+    allowed_new: set[str] = frozenset(),
+    prompts: tuple[str, ...] = CHECK_PROMPTS,
+    base_index: ShardIndex | None = None,
+    start_value: Callable[[str], torch.Tensor] | None = None,
+    qlora: Bnb4bit | None = None,
+    merge_into: str = "original",
+    prequantized: bool = False,
+) -> VerifyReport:
     """Verify ``output`` (a merge of ``adapters`` with ``weights`` into ``base``).
 
     ``base_index`` and ``start_value`` describe the base as the merge saw it (a 4-bit checkpoint's packed
@@ -126,8 +150,9 @@ def verify_merge(output: Path, base: Path, adapters: list[Path], weights: list[f
     out_shapes = {n: e.shape for n, e in out_index.tensors.items()}
     missing = sorted(set(base_shapes) - set(out_shapes))
     extra = sorted(set(out_shapes) - set(base_shapes) - set(allowed_new))
-    reshaped = sorted(n for n in set(base_shapes) & set(out_shapes)
-                      if base_shapes[n] != out_shapes[n] and n not in allowed_new)
+    reshaped = sorted(
+        n for n in set(base_shapes) & set(out_shapes) if base_shapes[n] != out_shapes[n] and n not in allowed_new
+    )
     for label, names in (("missing", missing), ("unexpected", extra), ("reshaped", reshaped)):
         if names:
             problems.append(f"{label} tensors: {', '.join(names[:5])}")
@@ -147,26 +172,46 @@ def verify_merge(output: Path, base: Path, adapters: list[Path], weights: list[f
     reference = models.unmerged(qlora if quantized_oracle else None, prequantized)
     diff = peak = tol = greedy = None
     if reference is None:
-        problems.append(f"the logits were not compared with the {oracle} (see the notes), so the merge is not "
-                        "verified")
+        problems.append(f"the logits were not compared with the {oracle} (see the notes), so the merge is not verified")
     else:
         diff, peak, tol, greedy = _compare(merged_logits, reference, dtype)
         if diff > tol:
             problems.append(f"logits differ from the {oracle} by {diff:.3g} (tolerance {tol:.3g})")
         if greedy is False:
-            problems.append(f"the greedy next token differs from the {oracle}'s where its top two logits are "
-                            "clearly apart")
+            problems.append(
+                f"the greedy next token differs from the {oracle}'s where its top two logits are clearly apart"
+            )
     choices = models.qlora_choices(qlora, prequantized, reference if quantized_oracle else None) if qlora else []
-    return VerifyReport(not problems, not lora_names, not (missing or extra or reshaped),
-                        len(expected_changes) - len(unchanged), unchanged, diff, peak, tol, greedy, problems, notes,
-                        oracle, choices, compared=reference is not None)
+    return VerifyReport(
+        not problems,
+        not lora_names,
+        not (missing or extra or reshaped),
+        len(expected_changes) - len(unchanged),
+        unchanged,
+        diff,
+        peak,
+        tol,
+        greedy,
+        problems,
+        notes,
+        oracle,
+        choices,
+        compared=reference is not None,
+    )
 
 
 class _Models:
     """The models a verification compares, loaded in float32 on demand, and their logits on the prompts."""
 
-    def __init__(self, output: Path, base: Path, adapters: list[Path], weights: list[float],
-                 prompts: tuple[str, ...], notes: list[str]):
+    def __init__(
+        self,
+        output: Path,
+        base: Path,
+        adapters: list[Path],
+        weights: list[float],
+        prompts: tuple[str, ...],
+        notes: list[str],
+    ):
         from lora_deploy.merge.quality import fixed_token_ids
         from lora_deploy.model.adapter import has_tokenizer
 
@@ -178,8 +223,10 @@ class _Models:
             self.ids = [tok(p, return_tensors="pt")["input_ids"] for p in prompts]
         else:  # no tokenizer anywhere (a bare base): the logits are compared on fixed token ids instead of text
             self.ids = fixed_token_ids(_vocab_size(output), len(prompts))
-            notes.append(f"{output} has no tokenizer: logits compared on {len(self.ids)} fixed sequences of token ids "
-                         "instead of the text prompts")
+            notes.append(
+                f"{output} has no tokenizer: logits compared on {len(self.ids)} fixed sequences of token ids "
+                "instead of the text prompts"
+            )
         self.rows: int | None = None
 
     def logits(self, model) -> list[torch.Tensor]:
@@ -207,11 +254,16 @@ class _Models:
         if quantized is not None and not prequantized:
             from transformers import BitsAndBytesConfig
 
-            kwargs = {"quantization_config": BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type=quantized.quant_type, bnb_4bit_compute_dtype=torch.float32,
-                bnb_4bit_use_double_quant=quantized.double_quant,
-                llm_int8_skip_modules=None if quantized.skip_modules is None else list(quantized.skip_modules)),
-                "device_map": "cpu"}
+            kwargs = {
+                "quantization_config": BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type=quantized.quant_type,
+                    bnb_4bit_compute_dtype=torch.float32,
+                    bnb_4bit_use_double_quant=quantized.double_quant,
+                    llm_int8_skip_modules=None if quantized.skip_modules is None else list(quantized.skip_modules),
+                ),
+                "device_map": "cpu",
+            }
         elif prequantized:
             kwargs = {"device_map": "cpu"}
         with warnings.catch_warnings():
@@ -253,9 +305,11 @@ class _Models:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, linear)
         if wrong:
-            self.notes.append(f"bitsandbytes' dequantize_4bit on this CPU disagrees with code x absmax on {wrong} of "
-                              f"{total} 4-bit layers; the QLoRA model here uses code x absmax of bitsandbytes' own "
-                              "codes and statistics")
+            self.notes.append(
+                f"bitsandbytes' dequantize_4bit on this CPU disagrees with code x absmax on {wrong} of "
+                f"{total} 4-bit layers; the QLoRA model here uses code x absmax of bitsandbytes' own "
+                "codes and statistics"
+            )
 
     def _reference_nested_statistics(self, model, s: Bnb4bit) -> None:
         """Give a model bitsandbytes just quantized on this CPU the double-quantization statistics of its
@@ -283,9 +337,11 @@ class _Models:
             state.state2.absmax = q.absmax2
             state.offset = torch.tensor(q.offset)
         if differ:
-            self.notes.append(f"bitsandbytes' CPU kernel rounded {differ} of {total} double-quantization statistics "
-                              "to the farther 8-bit code; the QLoRA model here uses its reference kernel's nearest "
-                              "code, as the merge does")
+            self.notes.append(
+                f"bitsandbytes' CPU kernel rounded {differ} of {total} double-quantization statistics "
+                "to the farther 8-bit code; the QLoRA model here uses its reference kernel's nearest "
+                "code, as the merge does"
+            )
 
     def _with_adapters(self, model):
         from peft import PeftModel
@@ -301,8 +357,9 @@ class _Models:
                     # "cat" stacks the factors, which is exactly sum_i w_i * dW_i ("linear" is not)
                     peft_model.add_weighted_adapter(names, list(self.weights), "combined", combination_type="cat")
                 except Exception as e:  # noqa: BLE001 - PEFT refuses some combinations; report, don't fail
-                    self.notes.append(f"PEFT cannot combine these adapters for a logit check ({e}); logits not "
-                                      "compared")
+                    self.notes.append(
+                        f"PEFT cannot combine these adapters for a logit check ({e}); logits not compared"
+                    )
                     return None
                 peft_model.set_adapter("combined")
         return peft_model.eval()
@@ -312,8 +369,9 @@ class _Models:
         model = self._with_adapters(self._base(quantized, prequantized))
         return None if model is None else self.logits(model)
 
-    def qlora_choices(self, qlora: Bnb4bit, prequantized: bool,
-                      reference: list[torch.Tensor] | None = None) -> list[QloraChoice]:
+    def qlora_choices(
+        self, qlora: Bnb4bit, prequantized: bool, reference: list[torch.Tensor] | None = None
+    ) -> list[QloraChoice]:
         """Each choice of base, unmerged (what its merge computes), against the QLoRA model (``reference``)."""
         from lora_deploy.merge.nf4 import quantized_linear_modules, roundtrip_4bit
 
@@ -350,13 +408,13 @@ def _distance(a: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, fl
     """(max |logit difference|, mean KL(ref || a) per position in nats)."""
     from lora_deploy.merge.quality import kl_per_position
 
-    diff = max(float((x - y).abs().max()) for x, y in zip(a, ref))
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, ref, strict=True))
     return diff, float(kl_per_position(a, ref).mean())
 
 
 def _compare(merged: list[torch.Tensor], reference: list[torch.Tensor], dtype: str):
     """(max |dlogit|, peak logit, tolerance, greedy agreement where the reference's top two are clearly apart)."""
-    outputs = list(zip(merged, reference))
+    outputs = list(zip(merged, reference, strict=True))
     diff = max(float((a - b).abs().max()) for a, b in outputs)
     peak = max(float(b.abs().max()) for _, b in outputs)
     tol = RTOL[dtype] * max(peak, 1.0)
@@ -368,4 +426,3 @@ def _compare(merged: list[torch.Tensor], reference: list[torch.Tensor], dtype: s
         clear = (top2[..., 0] - top2[..., 1]) > 2 * tol
         greedy = greedy and bool(((a.argmax(-1) == b.argmax(-1)) | ~clear).all())
     return diff, peak, tol, greedy
-

@@ -33,13 +33,30 @@ PREFIX = "base_model.model."
 # base untouched: True/False, "gaussian", "orthogonal", "mica", and "eva" (EVA initialises lora_A from activations
 # and sets lora_B to zero). tests/test_peft_inits.py holds this list to adapters PEFT itself builds with each one.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "vocab.txt", "spiece.model", "tokenizer.tiktoken")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.txt",
+    "spiece.model",
+    "tokenizer.tiktoken",
+)
 
 # Any one of these makes a folder's tokenizer loadable by AutoTokenizer (the configs alone do not).
-_TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken",
-                     "vocab.txt")
+_TOKENIZER_VOCABS = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.tiktoken",
+    "vocab.txt",
+)
 
 
 def has_tokenizer(folder: str | Path) -> bool:
@@ -128,41 +145,54 @@ def _is_pattern(check: Callable[[object], bool]) -> Callable[[object], bool]:
 # adapter_config.json keys that lora-deploy reads -> (does a value have PEFT's type, that type in words). None is
 # PEFT's "not set" for every key and is always accepted.
 _CONFIG_TYPES: dict[str, tuple] = {
-    "peft_type": (lambda v: isinstance(v, str), "a string such as \"LORA\""),
+    "peft_type": (lambda v: isinstance(v, str), 'a string such as "LORA"'),
     "r": (lambda v: _is_int(v) and v > 0, "a positive integer"),
     "lora_alpha": (_is_alpha, f"a number of magnitude at most {MAX_ALPHA:g} (it scales every update by alpha / r)"),
     "target_modules": (lambda v: isinstance(v, str) or _is_str_list(v), "a list of module names or a regex string"),
-    "rank_pattern": (_is_pattern(lambda x: _is_int(x) and x > 0), "a mapping of module patterns to positive "
-                     "integer ranks"),
-    "alpha_pattern": (_is_pattern(_is_alpha), f"a mapping of module patterns to numbers of magnitude at most "
-                      f"{MAX_ALPHA:g}"),
+    "rank_pattern": (
+        _is_pattern(lambda x: _is_int(x) and x > 0),
+        "a mapping of module patterns to positive integer ranks",
+    ),
+    "alpha_pattern": (
+        _is_pattern(_is_alpha),
+        f"a mapping of module patterns to numbers of magnitude at most {MAX_ALPHA:g}",
+    ),
     "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
     "use_dora": (lambda v: isinstance(v, bool), "true or false"),
     "use_qalora": (lambda v: isinstance(v, bool), "true or false"),
     "use_bdlora": (lambda v: isinstance(v, (bool, dict)), "true, false or a mapping"),
     "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
-    "bias": (lambda v: v in ("none", "all", "lora_only"), "one of \"none\", \"all\", \"lora_only\""),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), 'one of "none", "all", "lora_only"'),
     "modules_to_save": (_is_str_list, "a list of module names"),
     "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or an initialisation name"),
     "target_parameters": (_is_str_list, "a list of parameter names"),
-    "layers_to_transform": (lambda v: _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)),
-                            "a layer index or a list of them"),
-    "trainable_token_indices": (lambda v: (isinstance(v, list) and all(_is_int(x) for x in v))
-                                or _is_pattern(lambda x: isinstance(x, list) and all(_is_int(i) for i in x))(v),
-                                "a list of token ids or a mapping of module names to lists of token ids"),
+    "layers_to_transform": (
+        lambda v: _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)),
+        "a layer index or a list of them",
+    ),
+    "trainable_token_indices": (
+        lambda v: (isinstance(v, list) and all(_is_int(x) for x in v))
+        or _is_pattern(lambda x: isinstance(x, list) and all(_is_int(i) for i in x))(v),
+        "a list of token ids or a mapping of module names to lists of token ids",
+    ),
     "base_model_name_or_path": (lambda v: isinstance(v, str), "a model path or hub id"),
 }
 
 
 def check_config_types(config: dict, source: str = CONFIG_FILE) -> None:
     """Raise an :class:`InputError` naming every key of ``config`` whose value does not have PEFT's type."""
-    bad = [f"{key}: {config[key]!r} is not {words}" for key, (ok, words) in _CONFIG_TYPES.items()
-           if config.get(key) is not None and not ok(config[key])]
+    bad = [
+        f"{key}: {config[key]!r} is not {words}"
+        for key, (ok, words) in _CONFIG_TYPES.items()
+        if config.get(key) is not None and not ok(config[key])
+    ]
     if bad:
         listing = "\n".join(f"  - {b}" for b in bad)
-        raise InputError(f"{source} has values of the wrong type:\n{listing}",
-                         hint="fix those keys (PEFT's LoraConfig writes them), or save the adapter again with "
-                              "PeftModel.save_pretrained()")
+        raise InputError(
+            f"{source} has values of the wrong type:\n{listing}",
+            hint="fix those keys (PEFT's LoraConfig writes them), or save the adapter again with "
+            "PeftModel.save_pretrained()",
+        )
 
 
 @dataclass(frozen=True)
@@ -222,7 +252,8 @@ class LoraSettings:
             target_parameters=tuple(config.get("target_parameters") or ()),
             layers_to_transform=config.get("layers_to_transform") is not None,
             base_model=config.get("base_model_name_or_path"),
-            missing=tuple(k for k in ("r", "lora_alpha", "target_modules") if config.get(k) is None))
+            missing=tuple(k for k in ("r", "lora_alpha", "target_modules") if config.get(k) is None),
+        )
 
     @property
     def base_changing_init(self) -> str | None:
@@ -233,12 +264,19 @@ class LoraSettings:
     @property
     def features(self) -> tuple[str, ...]:
         """The config features beyond plain LoRA, as `inspect` lists them."""
-        found = (("use_rslora", self.use_rslora), ("use_dora", self.use_dora), ("rank_pattern", self.rank_pattern),
-                 ("alpha_pattern", self.alpha_pattern), ("layers_to_transform", self.layers_to_transform),
-                 ("regex target_modules", isinstance(self.target_modules, str)),
-                 ("modules_to_save", self.modules_to_save), ("trainable_token_indices", self.trainable_token_indices),
-                 ("lora_bias", self.lora_bias), ("target_parameters (MoE experts)", self.target_parameters),
-                 (f"bias={self.bias}", self.bias != "none"))
+        found = (
+            ("use_rslora", self.use_rslora),
+            ("use_dora", self.use_dora),
+            ("rank_pattern", self.rank_pattern),
+            ("alpha_pattern", self.alpha_pattern),
+            ("layers_to_transform", self.layers_to_transform),
+            ("regex target_modules", isinstance(self.target_modules, str)),
+            ("modules_to_save", self.modules_to_save),
+            ("trainable_token_indices", self.trainable_token_indices),
+            ("lora_bias", self.lora_bias),
+            ("target_parameters (MoE experts)", self.target_parameters),
+            (f"bias={self.bias}", self.bias != "none"),
+        )
         return tuple(name for name, present in found if present)
 
 
@@ -301,7 +339,7 @@ class AdapterInfo:
 
     @property
     def target_names(self) -> list[str]:
-        """Short module names (q_proj, lm_head...) that the adapter changes; experts.<parameter> for target_parameters."""
+        """Short module names (q_proj, lm_head...) the adapter changes; experts.<parameter> for target_parameters."""
         names = {m.name.rsplit(".", 1)[-1] for m in self.modules if not m.parameters}
         names |= {f"{m.name.rsplit('.', 1)[-1]}.{'|'.join(m.parameters)}" for m in self.modules if m.parameters}
         names |= {r.target.rsplit(".", 2)[-2] if r.target.count(".") else r.target for r in self.replacements}
@@ -373,8 +411,9 @@ def trained_quantization(info: AdapterInfo) -> TrainedQuantization | None:
         except (OSError, ValueError, AttributeError):
             qc = None
         if isinstance(qc, dict):
-            return _from_quantization_config(qc, f"quantization_config of the base ({config_file})",
-                                             f"--qlora {config_file.parent}")
+            return _from_quantization_config(
+                qc, f"quantization_config of the base ({config_file})", f"--qlora {config_file.parent}"
+            )
     card = info.path / "README.md"
     text = card.read_text(errors="replace") if card.is_file() else ""
     block = _CARD_BLOCK.search(text)
@@ -390,8 +429,9 @@ def trained_quantization(info: AdapterInfo) -> TrainedQuantization | None:
                 qc[key.strip()] = value.strip()
         return _from_quantization_config(qc, f"the bitsandbytes block of the model card ({card.name})", None)
     if info.base_model and _QUANTIZED_NAME.search(info.base_model):
-        return TrainedQuantization(f"probably quantized (the base's name {info.base_model!r})", "the base model's name",
-                                   False)
+        return TrainedQuantization(
+            f"probably quantized (the base's name {info.base_model!r})", "the base model's name", False
+        )
     return None
 
 
@@ -424,7 +464,7 @@ def adapter_is_moe_experts(folder: str | Path) -> bool | None:
 
 
 def strip_prefix(key: str) -> str:
-    return key[len(PREFIX):] if key.startswith(PREFIX) else key
+    return key[len(PREFIX) :] if key.startswith(PREFIX) else key
 
 
 # An adapter config's regexes (rank_pattern, alpha_pattern, target_modules) are the adapter author's: each match gets
@@ -439,18 +479,24 @@ def _user_match(pattern: str, text: str, *, full: bool, what: str) -> bool:
     import regex
 
     if _nested_repetition(pattern):
-        raise InputError(f"adapter_config.json: {what} {pattern!r} repeats a repetition (such as (a+)+): Python's re, "
-                         "which PEFT and vLLM match it with, can take exponential time on it",
-                         hint="simplify the pattern (no nested repetition)")
+        raise InputError(
+            f"adapter_config.json: {what} {pattern!r} repeats a repetition (such as (a+)+): Python's re, "
+            "which PEFT and vLLM match it with, can take exponential time on it",
+            hint="simplify the pattern (no nested repetition)",
+        )
     try:
         found = (regex.fullmatch if full else regex.match)(pattern, text, timeout=PATTERN_SECONDS)
     except regex.error as e:
-        raise InputError(f"adapter_config.json: {what} {pattern!r} is not a valid regular expression ({e})",
-                         hint="fix the pattern (PEFT matches it with Python's re)") from None
+        raise InputError(
+            f"adapter_config.json: {what} {pattern!r} is not a valid regular expression ({e})",
+            hint="fix the pattern (PEFT matches it with Python's re)",
+        ) from None
     except TimeoutError:
-        raise InputError(f"adapter_config.json: {what} {pattern!r} took over {PATTERN_SECONDS:g} s to match "
-                         f"{text!r}: refused as a pattern that cannot be matched in bounded time",
-                         hint="simplify the pattern (no nested repetition such as (a+)+)") from None
+        raise InputError(
+            f"adapter_config.json: {what} {pattern!r} took over {PATTERN_SECONDS:g} s to match "
+            f"{text!r}: refused as a pattern that cannot be matched in bounded time",
+            hint="simplify the pattern (no nested repetition such as (a+)+)",
+        ) from None
     return found is not None
 
 
@@ -459,7 +505,8 @@ def _nested_repetition(pattern: str) -> bool:
     classic form that backtracks exponentially in Python's re. A pattern that does not parse is left to the matcher,
     which reports it."""
     try:
-        from re import _constants as c, _parser as parser  # Python's own regex parser (sre_parse)
+        from re import _constants as c  # Python's own regex parser (sre_parse)
+        from re import _parser as parser
     except ImportError:  # pragma: no cover - Python 3.10
         import sre_constants as c
         import sre_parse as parser
@@ -521,21 +568,29 @@ def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: 
 
     settings = LoraSettings.from_config(config, str(folder / CONFIG_FILE))
     if settings.peft_type != "LORA":
-        problems.append(f"peft_type is {config.get('peft_type')!r}; only LoRA adapters can be merged "
-                        "(IA3, prefix tuning, prompt tuning and others change the forward pass, not the weights)")
+        problems.append(
+            f"peft_type is {config.get('peft_type')!r}; only LoRA adapters can be merged "
+            "(IA3, prefix tuning, prompt tuning and others change the forward pass, not the weights)"
+        )
     missing = [k for k in settings.missing if k != "target_modules"]
     if missing:
         problems.append(f"{CONFIG_FILE} lacks {', '.join(missing)}")
     if settings.base_changing_init:
-        problems.append(f"init_lora_weights={settings.init_lora_weights!r} rewrites the base weights during "
-                        "training, so merging into the original base is wrong; convert the adapter to a plain LoRA "
-                        "first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+        problems.append(
+            f"init_lora_weights={settings.init_lora_weights!r} rewrites the base weights during "
+            "training, so merging into the original base is wrong; convert the adapter to a plain LoRA "
+            "first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
     if settings.layer_replication:
-        problems.append("layer_replication duplicates base layers; the merged model would need a different "
-                        "architecture, which no standard checkpoint can express")
+        problems.append(
+            "layer_replication duplicates base layers; the merged model would need a different "
+            "architecture, which no standard checkpoint can express"
+        )
     if settings.alora:
-        problems.append("aLoRA (alora_invocation_tokens) activates only after an invocation sequence and "
-                        "cannot be folded into the weights")
+        problems.append(
+            "aLoRA (alora_invocation_tokens) activates only after an invocation sequence and "
+            "cannot be folded into the weights"
+        )
     features.extend(settings.features)
 
     modules, replacements, token_rows = [], [], []
@@ -549,8 +604,17 @@ def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: 
         features.append("pickle weights")
     if not modules and not replacements and not token_rows and not problems:
         problems.append(f"{weights_file.name} holds no LoRA tensors")
-    return AdapterInfo(resolved, config, weights_file, tensors, tuple(modules), tuple(replacements),
-                       tuple(token_rows), tuple(features), tuple(problems))
+    return AdapterInfo(
+        resolved,
+        config,
+        weights_file,
+        tensors,
+        tuple(modules),
+        tuple(replacements),
+        tuple(token_rows),
+        tuple(features),
+        tuple(problems),
+    )
 
 
 def require_mergeable(info: AdapterInfo) -> None:
@@ -570,14 +634,19 @@ def _refuse_links_out(folder: Path) -> None:
             except InputError as e:
                 bad.append(e.message)
     if bad:
-        raise InputError(f"adapter folder {folder} links outside itself:\n" + "\n".join(f"  - {b}" for b in bad),
-                         hint="replace each link with the file itself (cp --dereference) if you trust it, or remove "
-                              "it; nothing was read or written")
+        raise InputError(
+            f"adapter folder {folder} links outside itself:\n" + "\n".join(f"  - {b}" for b in bad),
+            hint="replace each link with the file itself (cp --dereference) if you trust it, or remove "
+            "it; nothing was read or written",
+        )
 
 
 def _read_config(folder: Path) -> dict:
-    return read_json_object(folder / CONFIG_FILE, missing=f"{folder} is not a PEFT adapter folder",
-                            hint="pass the folder written by PeftModel.save_pretrained()")
+    return read_json_object(
+        folder / CONFIG_FILE,
+        missing=f"{folder} is not a PEFT adapter folder",
+        hint="pass the folder written by PeftModel.save_pretrained()",
+    )
 
 
 def _read_weights(folder: Path, *, allow_pickle: bool) -> tuple[Path, dict[str, TensorEntry]]:
@@ -588,12 +657,16 @@ def _read_weights(folder: Path, *, allow_pickle: bool) -> tuple[Path, dict[str, 
     pkl = folder / PICKLE_FILE
     if pkl.is_file():
         if not allow_pickle:
-            raise InputError(f"{pkl} is a pickle file; loading pickles can run arbitrary code",
-                             hint="re-save the adapter with safetensors (save_pretrained(..., safe_serialization="
-                                  "True)), or pass --allow-pickle if you trust its author")
+            raise InputError(
+                f"{pkl} is a pickle file; loading pickles can run arbitrary code",
+                hint="re-save the adapter with safetensors (save_pretrained(..., safe_serialization="
+                "True)), or pass --allow-pickle if you trust its author",
+            )
         return pkl, _pickle_entries(pkl)
-    raise InputError(f"{folder} has {CONFIG_FILE} but no {SAFETENSORS_FILE}",
-                     hint="copy the adapter's weights file next to its config")
+    raise InputError(
+        f"{folder} has {CONFIG_FILE} but no {SAFETENSORS_FILE}",
+        hint="copy the adapter's weights file next to its config",
+    )
 
 
 def _pickle_entries(path: Path) -> dict[str, TensorEntry]:
@@ -602,16 +675,19 @@ def _pickle_entries(path: Path) -> dict[str, TensorEntry]:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad pickle
+    except Exception as e:
         raise InputError(f"{path}: cannot be loaded ({e})") from e
     from lora_deploy.model.shards import st_dtype
 
-    return {k: TensorEntry(k, path, st_dtype(v.dtype), tuple(v.shape), 0, v.numel() * v.element_size())
-            for k, v in state.items()}
+    return {
+        k: TensorEntry(k, path, st_dtype(v.dtype), tuple(v.shape), 0, v.numel() * v.element_size())
+        for k, v in state.items()
+    }
 
 
-def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
-              ) -> tuple[list[LoraModule], list[Replacement], list[TokenRows]]:
+def _classify(
+    config: dict, tensors: dict[str, TensorEntry], problems: list[str]
+) -> tuple[list[LoraModule], list[Replacement], list[TokenRows]]:
     parts: dict[str, dict[str, str]] = {}
     embedding_modules: set[str] = set()
     replacements: list[Replacement] = []
@@ -669,8 +745,10 @@ def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
         a, b = tensors[roles["A"]], tensors[roles["B"]]
         embedding = module in embedding_modules
         if len(a.shape) != 2 or len(b.shape) != 2:
-            problems.append(f"module {module}: only 2-D LoRA factors can be merged (convolution LoRA is not "
-                            f"supported); got A{list(a.shape)} B{list(b.shape)}")
+            problems.append(
+                f"module {module}: only 2-D LoRA factors can be merged (convolution LoRA is not "
+                f"supported); got A{list(a.shape)} B{list(b.shape)}"
+            )
             continue
         r = a.shape[0]  # A is (r, in) for Linear and (r, vocab) for embeddings
         if b.shape[1] != r:
@@ -685,25 +763,35 @@ def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
                 module, depth = module[: -len(".base_layer")], depth + 1
             plain_r, plain_alpha, plain_scale = lora_scale(config, module)
             if not any(r % lora_scale(config, f"{module}.{p}")[0] == 0 for p in params) and r != plain_r:
-                problems.append(f"module {module}: rank {r} is not a multiple of the configured rank of any "
-                                f"targeted parameter ({', '.join(params)})")
+                problems.append(
+                    f"module {module}: rank {r} is not a multiple of the configured rank of any "
+                    f"targeted parameter ({', '.join(params)})"
+                )
                 continue
             # rank/alpha/scale hold the plain-module reading, used if no parameter fits (a bare entry such as
             # "down_proj" in target_parameters also matches Linear modules that PEFT adapted as modules)
-            modules.append(LoraModule(module, False, r, plain_alpha, plain_scale, roles["A"], roles["B"],
-                                      parameters=params, depth=depth))
+            modules.append(
+                LoraModule(
+                    module, False, r, plain_alpha, plain_scale, roles["A"], roles["B"], parameters=params, depth=depth
+                )
+            )
             continue
         rk = pattern_key(rank_pattern, module)
         expected_r = int(rank_pattern[rk]) if rk is not None else int(config["r"])
         if expected_r != r:
-            problems.append(f"module {module}: tensors have rank {r} but the config says {expected_r}"
-                            + (f" (rank_pattern {rk!r})" if rk else ""))
+            problems.append(
+                f"module {module}: tensors have rank {r} but the config says {expected_r}"
+                + (f" (rank_pattern {rk!r})" if rk else "")
+            )
             continue
         ak = pattern_key(alpha_pattern, module)
         alpha = float(alpha_pattern[ak]) if ak is not None else float(config["lora_alpha"])
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        modules.append(LoraModule(module, embedding, r, alpha, scale, roles["A"], roles["B"],
-                                  roles.get("B_bias"), roles.get("magnitude")))
+        modules.append(
+            LoraModule(
+                module, embedding, r, alpha, scale, roles["A"], roles["B"], roles.get("B_bias"), roles.get("magnitude")
+            )
+        )
     for module, roles in parts.items():
         if "magnitude" in roles and not config.get("use_dora"):
             problems.append(f"module {module}: DoRA magnitude vector present but use_dora is false")
@@ -715,7 +803,7 @@ def _classify(config: dict, tensors: dict[str, TensorEntry], problems: list[str]
 
 
 def lora_scale(config: dict, name: str) -> tuple[int, float, float]:
-    """(r, alpha, scale) of the LoRA on ``name`` (a module, or a parameter for target_parameters), as PEFT resolves them."""
+    """(r, alpha, scale) of the LoRA on ``name`` (a module, or a target_parameters parameter), as PEFT resolves them."""
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rk, ak = pattern_key(rank_pattern, name), pattern_key(alpha_pattern, name)
@@ -754,8 +842,10 @@ def _token_indices(config: dict, module: str) -> list[int] | None:
     return None
 
 
-_MEMORY_HINT = ("run it on a machine (or pod) with more memory; an adapter this large is usually not a LoRA adapter "
-                "(check the tensors `lora-deploy inspect` lists)")
+_MEMORY_HINT = (
+    "run it on a machine (or pod) with more memory; an adapter this large is usually not a LoRA adapter "
+    "(check the tensors `lora-deploy inspect` lists)"
+)
 
 
 def load_adapter_tensors(info: AdapterInfo) -> dict:
@@ -774,8 +864,11 @@ def load_adapter_tensors(info: AdapterInfo) -> dict:
         state = torch.load(info.weights_file, map_location="cpu", weights_only=True)
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     entries = list(info.tensors.values())
-    require_memory(sum(map(_float32_bytes, entries)) + max([e.nbytes for e in entries], default=0),
-                   what=f"reading the {len(entries)} tensors of {info.weights_file}", hint=_MEMORY_HINT)
+    require_memory(
+        sum(map(_float32_bytes, entries)) + max([e.nbytes for e in entries], default=0),
+        what=f"reading the {len(entries)} tensors of {info.weights_file}",
+        hint=_MEMORY_HINT,
+    )
     out = {}
     for k, entry in info.tensors.items():
         t = load_tensor(entry)
@@ -801,8 +894,9 @@ def nonfinite_tensors(info: AdapterInfo) -> list[str]:
         return [k for k, t in load_adapter_tensors(info).items() if t.is_floating_point() and not t.isfinite().all()]
     largest = max(info.tensors.values(), key=lambda e: e.nbytes, default=None)
     if largest is not None:
-        require_memory(largest.nbytes + _float32_bytes(largest), what=f"reading tensor {largest.name}",
-                       hint=_MEMORY_HINT)
+        require_memory(
+            largest.nbytes + _float32_bytes(largest), what=f"reading tensor {largest.name}", hint=_MEMORY_HINT
+        )
     bad = []
     with TensorReader() as reader:
         for key, entry in info.tensors.items():

@@ -10,9 +10,9 @@ know, we fall back to the adapter's ``fan_in_fan_out`` flag and say so.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from lora_deploy._files import read_json_object
 from lora_deploy.output import quiet_libraries
@@ -144,7 +144,6 @@ def meta_model(source: dict | Path):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if isinstance(source, dict):
@@ -231,8 +230,11 @@ def _reverted_parts(model, name: str, shape: tuple[int, ...]) -> list[Checkpoint
 
 
 def read_config(folder: Path) -> dict:
-    return read_json_object(folder / "config.json", missing="the base folder is not a Hugging Face model",
-                            hint="pass the folder that holds config.json and *.safetensors")
+    return read_json_object(
+        folder / "config.json",
+        missing="the base folder is not a Hugging Face model",
+        hint="pass the folder that holds config.json and *.safetensors",
+    )
 
 
 def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:
@@ -316,10 +318,10 @@ class ExpectedTensors:
         have = {normal(n) for n in names}
         best: list[str] | None = None
         for expected in (self.saved, self.in_memory):
-            missing = sorted(n for n in expected - have
-                             if not any(re.search(p, n) for p in self.ignore_missing))
-            extra = sorted(n for n in have - expected - self.optional
-                           if not any(re.search(p, n) for p in self.ignore_unexpected))
+            missing = sorted(n for n in expected - have if not any(re.search(p, n) for p in self.ignore_missing))
+            extra = sorted(
+                n for n in have - expected - self.optional if not any(re.search(p, n) for p in self.ignore_unexpected)
+            )
             found = [f"missing tensor {n}" for n in missing] + [f"unexpected tensor {n}" for n in extra]
             if best is None or len(found) < len(best):
                 best = found
@@ -342,6 +344,11 @@ def expected_tensors(config: dict) -> ExpectedTensors | None:
             saved = revert_weight_conversion(model, dict(kept))
     except Exception:  # noqa: BLE001 - any failure means "transformers does not know this architecture"
         return None
-    return ExpectedTensors(frozenset(kept), frozenset(saved), frozenset(tied), model.base_model_prefix or "",
-                           tuple(model._keys_to_ignore_on_load_missing or ()),
-                           tuple(model._keys_to_ignore_on_load_unexpected or ()))
+    return ExpectedTensors(
+        frozenset(kept),
+        frozenset(saved),
+        frozenset(tied),
+        model.base_model_prefix or "",
+        tuple(model._keys_to_ignore_on_load_missing or ()),
+        tuple(model._keys_to_ignore_on_load_unexpected or ()),
+    )

@@ -31,23 +31,30 @@ class Bnb4bit:
 
     def __post_init__(self) -> None:
         if self.quant_type not in ("nf4", "fp4"):
-            raise InputError(f"4-bit quant type {self.quant_type!r} is not bitsandbytes' nf4 or fp4",
-                             hint="use --qlora nf4 (QLoRA's default) or --qlora fp4")
+            raise InputError(
+                f"4-bit quant type {self.quant_type!r} is not bitsandbytes' nf4 or fp4",
+                hint="use --qlora nf4 (QLoRA's default) or --qlora fp4",
+            )
         if self.blocksize not in BLOCKSIZES:
-            raise InputError(f"4-bit block size {self.blocksize} is not one bitsandbytes supports",
-                             hint=f"use one of {', '.join(map(str, BLOCKSIZES))} (64 is the default)")
+            raise InputError(
+                f"4-bit block size {self.blocksize} is not one bitsandbytes supports",
+                hint=f"use one of {', '.join(map(str, BLOCKSIZES))} (64 is the default)",
+            )
 
     @classmethod
     def from_quantization_config(cls, qc: dict) -> Bnb4bit:
         """Read a ``quantization_config`` (config.json of a bitsandbytes 4-bit checkpoint)."""
         if str(qc.get("quant_method", "")).lower() != "bitsandbytes" or not qc.get("load_in_4bit", True):
-            raise InputError(f"quantization_config {qc.get('quant_method')!r} is not bitsandbytes 4-bit",
-                             hint="QLoRA merges read bitsandbytes 4-bit (NF4/FP4) configs")
-        return cls(quant_type=str(qc.get("bnb_4bit_quant_type", "fp4")),
-                   blocksize=int(qc.get("bnb_4bit_blocksize") or 64),
-                   double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
-                   skip_modules=None if qc.get("llm_int8_skip_modules") is None
-                   else tuple(qc["llm_int8_skip_modules"]))
+            raise InputError(
+                f"quantization_config {qc.get('quant_method')!r} is not bitsandbytes 4-bit",
+                hint="QLoRA merges read bitsandbytes 4-bit (NF4/FP4) configs",
+            )
+        return cls(
+            quant_type=str(qc.get("bnb_4bit_quant_type", "fp4")),
+            blocksize=int(qc.get("bnb_4bit_blocksize") or 64),
+            double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
+            skip_modules=None if qc.get("llm_int8_skip_modules") is None else tuple(qc["llm_int8_skip_modules"]),
+        )
 
     @classmethod
     def from_option(cls, value: str, *, double_quant: bool = False) -> Bnb4bit:
@@ -63,11 +70,15 @@ class Bnb4bit:
         path = Path(value)
         config = path if path.is_file() else local_config(value)
         if config is None:
-            raise InputError(f"--qlora {value!r} is neither nf4, fp4, a model folder with a config.json, nor a hub "
-                             "id in the local cache", hint="--qlora nf4 [--qlora-double-quant], or the quantized "
-                             "base's folder (hf download ID config.json first for a hub id)")
+            raise InputError(
+                f"--qlora {value!r} is neither nf4, fp4, a model folder with a config.json, nor a hub "
+                "id in the local cache",
+                hint="--qlora nf4 [--qlora-double-quant], or the quantized "
+                "base's folder (hf download ID config.json first for a hub id)",
+            )
         qc = read_json_object(config, missing="no config.json", hint="give the 4-bit settings: --qlora nf4 ...").get(
-            "quantization_config")
+            "quantization_config"
+        )
         if not isinstance(qc, dict):
             raise InputError(f"{config} has no quantization_config", hint="give the 4-bit settings: --qlora nf4 ...")
         return cls.from_quantization_config(qc)
@@ -76,9 +87,12 @@ class Bnb4bit:
         return f"{self.quant_type.upper()} blocks of {self.blocksize}" + (", double quant" if self.double_quant else "")
 
     def as_dict(self) -> dict:
-        return {"quant_type": self.quant_type, "blocksize": self.blocksize, "double_quant": self.double_quant,
-                "skip_modules": None if self.skip_modules is None else list(self.skip_modules)}
-
+        return {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "double_quant": self.double_quant,
+            "skip_modules": None if self.skip_modules is None else list(self.skip_modules),
+        }
 
 
 def checkpoint_quantization(folder: str | Path) -> dict | None:
@@ -112,4 +126,5 @@ def is_float8(quantization_config: dict) -> bool:
     """Whether the weights are 8-bit floats: any FP8 method (``fp8``, ``fbgemm_fp8``...) or a compressed-tensors
     group of float weights (our ``fp8-dynamic`` among them)."""
     return "fp8" in str(quantization_config.get("quant_method", "")).lower() or any(
-        (g.get("weights") or {}).get("type") == "float" for g in _groups(quantization_config))
+        (g.get("weights") or {}).get("type") == "float" for g in _groups(quantization_config)
+    )

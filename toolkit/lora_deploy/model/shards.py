@@ -23,14 +23,33 @@ if TYPE_CHECKING:  # torch is imported lazily: `lora-deploy --help` must not pay
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # safetensors dtype names and their sizes in bytes
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+DTYPE_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
 # the floating-point safetensors dtypes, and the torch dtype name of each one a checkpoint can be written in
 FLOAT_CODES = ("F16", "BF16", "F32", "F64")
 TORCH_TO_CODE = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 # bytes per value of every dtype name vLLM and lora-deploy use (torch names, vLLM's fp8/int8)
-DTYPE_BYTES = {**{name: DTYPE_SIZES[code] for name, code in TORCH_TO_CODE.items()}, "fp8": 1, "float8_e4m3fn": 1,
-               "int8": 1}
+DTYPE_BYTES = {
+    **{name: DTYPE_SIZES[code] for name, code in TORCH_TO_CODE.items()},
+    "fp8": 1,
+    "float8_e4m3fn": 1,
+    "int8": 1,
+}
 _MAX_HEADER = 100 << 20
 
 
@@ -77,8 +96,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     base = 8 + n
     entries: dict[str, TensorEntry] = {}
@@ -88,12 +108,15 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     for e in sorted(entries.values(), key=lambda t: (t.start, t.end)):
         if e.start != cursor:
             what = "overlaps the tensor before it" if e.start < cursor else f"leaves a gap of {e.start - cursor} bytes"
-            raise InputError(f"{path}: corrupt safetensors header: tensor {e.name!r} {what} (data_offsets must "
-                             "tile the data region)")
+            raise InputError(
+                f"{path}: corrupt safetensors header: tensor {e.name!r} {what} (data_offsets must tile the data region)"
+            )
         cursor = e.end
     if cursor > size:
-        raise InputError(f"{path}: truncated: the tensors end at byte {cursor}, the file has {size}",
-                         hint="the download or copy was interrupted; fetch the file again")
+        raise InputError(
+            f"{path}: truncated: the tensors end at byte {cursor}, the file has {size}",
+            hint="the download or copy was interrupted; fetch the file again",
+        )
     if cursor != size:
         raise InputError(f"{path}: corrupt safetensors file: {size - cursor} bytes after the last tensor")
     return entries, metadata
@@ -107,8 +130,12 @@ def _entry(path: Path, base: int, name: str, info: object) -> TensorEntry:
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise InputError(f"{where}: unknown dtype {dtype!r}", hint=f"safetensors dtypes: {', '.join(DTYPE_SIZES)}")
-    ints = (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-            and all(type(v) is int for v in [*shape, *offsets]))
+    ints = (
+        isinstance(shape, list)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(v) is int for v in [*shape, *offsets])
+    )
     if not ints or any(v < 0 for v in [*shape, *offsets]):
         raise InputError(f"{where}: shape and data_offsets must be lists of non-negative integers")
     begin, end = offsets
@@ -118,8 +145,9 @@ def _entry(path: Path, base: int, name: str, info: object) -> TensorEntry:
     for d in shape:
         count *= d
     if count * DTYPE_SIZES[dtype] != end - begin:
-        raise InputError(f"{where}: {end - begin} bytes for shape {shape} of {dtype} "
-                         f"({count * DTYPE_SIZES[dtype]} expected)")
+        raise InputError(
+            f"{where}: {end - begin} bytes for shape {shape} of {dtype} ({count * DTYPE_SIZES[dtype]} expected)"
+        )
     return TensorEntry(name, path, dtype, tuple(shape), base + begin, base + end)
 
 
@@ -147,10 +175,16 @@ class ShardIndex:
             files = sorted(folder.glob("*.safetensors"), key=_shard_order)
             if not files:
                 pickles = sorted(p.name for p in folder.glob("*.bin"))
-                hint = ("convert it to safetensors first (transformers: save_pretrained(..., "
-                        "safe_serialization=True))") if pickles else None
-                raise InputError(f"{folder}: no safetensors weights found"
-                                 + (f" (only pickle files: {', '.join(pickles)})" if pickles else ""), hint=hint)
+                hint = (
+                    ("convert it to safetensors first (transformers: save_pretrained(..., safe_serialization=True))")
+                    if pickles
+                    else None
+                )
+                raise InputError(
+                    f"{folder}: no safetensors weights found"
+                    + (f" (only pickle files: {', '.join(pickles)})" if pickles else ""),
+                    hint=hint,
+                )
         tensors: dict[str, TensorEntry] = {}
         for f in files:
             entries, _ = read_header(f)
@@ -187,12 +221,24 @@ def parse_size(text: str | int) -> int:
 
 # ---------------------------------------------------------------- tensor <-> bytes
 
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    table = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2,
+    }
     if name not in table:
         raise InputError(f"unsupported safetensors dtype {name}")
     return table[name]
@@ -201,9 +247,20 @@ def torch_dtype(name: str) -> torch.dtype:
 def st_dtype(dtype: torch.dtype) -> str:
     import torch
 
-    return {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}[dtype]
+    return {
+        torch.float64: "F64",
+        torch.float32: "F32",
+        torch.float16: "F16",
+        torch.bfloat16: "BF16",
+        torch.int64: "I64",
+        torch.int32: "I32",
+        torch.int16: "I16",
+        torch.int8: "I8",
+        torch.uint8: "U8",
+        torch.bool: "BOOL",
+        torch.float8_e4m3fn: "F8_E4M3",
+        torch.float8_e5m2: "F8_E5M2",
+    }[dtype]
 
 
 class TensorReader:
@@ -238,7 +295,7 @@ class TensorReader:
         f.seek(entry.start)
         view, got = memoryview(buf), 0
         while got < entry.nbytes:
-            n = f.readinto(view[got:entry.nbytes])
+            n = f.readinto(view[got : entry.nbytes])
             if not n:
                 raise InputError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
             got += n
@@ -274,6 +331,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 # ---------------------------------------------------------------- writer
+
 
 @dataclass
 class OutputShard:

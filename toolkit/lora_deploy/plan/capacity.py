@@ -35,8 +35,16 @@ DEFAULT_UTILIZATION = 0.90
 FIXED_RESERVE_BYTES = GIB
 
 # total memory as nvidia-smi / rocm-smi report it, in GiB
-GPU_CATALOG = {"L4-24GB": 22.5, "A10G-24GB": 22.5, "A100-40GB": 40.0, "A100-80GB": 80.0, "H100-80GB": 79.6,
-               "H200-141GB": 140.4, "B200-180GB": 179.1, "MI300X-192GB": 191.5}
+GPU_CATALOG = {
+    "L4-24GB": 22.5,
+    "A10G-24GB": 22.5,
+    "A100-40GB": 40.0,
+    "A100-80GB": 80.0,
+    "H100-80GB": 79.6,
+    "H200-141GB": 140.4,
+    "B200-180GB": 179.1,
+    "MI300X-192GB": 191.5,
+}
 TP_SIZES = (1, 2, 4, 8)
 # The LoRA cost per generated token when the user has not measured it (two `lora-deploy bench` runs, merged
 # and dynamic): an assumption between the often-quoted "merged is faster by under 5%" and vLLM issue #3316's 2x on
@@ -45,6 +53,7 @@ DEFAULT_LORA_OVERHEAD = 0.20
 
 
 # ---------------------------------------------------------------- the plan
+
 
 @dataclass(frozen=True)
 class PlanRequest:
@@ -130,8 +139,9 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
         raise InputError(f"--dtype {req.dtype!r} is not one vLLM serves in", hint="auto, bfloat16, float16 or float32")
     dtype_bytes = DTYPE_BYTES.get(served, 2)
     if req.kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
-        raise InputError(f"--kv-cache-dtype {req.kv_cache_dtype!r} is not one of vLLM's",
-                         hint=", ".join(KV_CACHE_DTYPES))
+        raise InputError(
+            f"--kv-cache-dtype {req.kv_cache_dtype!r} is not one of vLLM's", hint=", ".join(KV_CACHE_DTYPES)
+        )
     kv_bytes = KV_CACHE_DTYPES.get(req.kv_cache_dtype or "auto") or dtype_bytes
     # floating-point weights are loaded in the serving dtype (a float32 checkpoint in bf16 under --dtype auto)
     served_weights = [(dt, n // DTYPE_SIZES[dt] * dtype_bytes if dt in FLOAT_CODES else n) for dt, n in weights]
@@ -140,11 +150,15 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
     shape = replace(shape, dtype=served)
     max_len = req.max_model_len or shape.max_position_embeddings or 4096
     if shape.max_position_embeddings and max_len > shape.max_position_embeddings:
-        raise InputError(f"--max-model-len {max_len} exceeds the model's max_position_embeddings "
-                         f"{shape.max_position_embeddings}", hint="vLLM refuses it too; lower --max-model-len")
+        raise InputError(
+            f"--max-model-len {max_len} exceeds the model's max_position_embeddings {shape.max_position_embeddings}",
+            hint="vLLM refuses it too; lower --max-model-len",
+        )
     infos = {name: load_adapter(src) for name, src in req.adapters.items()}
-    limits = replace(req.lora, adapters=req.lora.adapters + tuple(
-        ServedAdapter(n, src, infos[n].max_rank) for n, src in req.adapters.items()))
+    limits = replace(
+        req.lora,
+        adapters=req.lora.adapters + tuple(ServedAdapter(n, src, infos[n].max_rank) for n, src in req.adapters.items()),
+    )
     ranks = {a.name: a.rank for a in limits.adapters}
     lora = limits.any
     max_loras = max_rank = max_cpu = 0
@@ -155,24 +169,51 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
     biggest = max((i.size_bytes for i in infos.values()), default=slots // max(max_loras, 1))
     cpu_cache = max_cpu * biggest if lora else 0
     catalog = _gpus(req)
-    gpu_plans = tuple(_plan_gpu(name, gib, shape, served_weights, slots, kv_bytes, max_len, req,
-                                limits if lora else None) for name, gib in catalog)
-    merged_plans = tuple(_plan_gpu(name, gib, shape, served_weights, 0, kv_bytes, max_len, req, None)
-                         for name, gib in catalog) if lora else gpu_plans
+    gpu_plans = tuple(
+        _plan_gpu(name, gib, shape, served_weights, slots, kv_bytes, max_len, req, limits if lora else None)
+        for name, gib in catalog
+    )
+    merged_plans = (
+        tuple(_plan_gpu(name, gib, shape, served_weights, 0, kv_bytes, max_len, req, None) for name, gib in catalog)
+        if lora
+        else gpu_plans
+    )
     advice = _advise(req, tuple(ranks), gpu_plans, merged_plans)
-    estimates = (f"reserve per GPU = activations (max_num_batched_tokens {GPU_BATCHED_TOKENS} x (4 x hidden + "
-                 "2 x intermediate / TP) x dtype + max_num_seqs x vocab x 4 bytes of logits) + 1 GiB for CUDA graphs, "
-                 "NCCL and the CUDA context: vLLM measures these by profiling at start",
-                 "LoRA slots per GPU: counted whole on every GPU (an upper bound: vLLM shards part of them)",
-                 "lora_cpu_cache_bytes: max_cpu_loras x the largest adapter's file size")
-    tokens = kv_cache_tokens(shape, req.kv_cache_gib, max_len, kv_dtype_bytes=kv_bytes) \
-        if req.kv_cache_gib is not None else None
+    estimates = (
+        f"reserve per GPU = activations (max_num_batched_tokens {GPU_BATCHED_TOKENS} x (4 x hidden + "
+        "2 x intermediate / TP) x dtype + max_num_seqs x vocab x 4 bytes of logits) + 1 GiB for CUDA graphs, "
+        "NCCL and the CUDA context: vLLM measures these by profiling at start",
+        "LoRA slots per GPU: counted whole on every GPU (an upper bound: vLLM shards part of them)",
+        "lora_cpu_cache_bytes: max_cpu_loras x the largest adapter's file size",
+    )
+    tokens = (
+        kv_cache_tokens(shape, req.kv_cache_gib, max_len, kv_dtype_bytes=kv_bytes)
+        if req.kv_cache_gib is not None
+        else None
+    )
     by_dtype: dict[str, int] = {}
     for dt, n in weights:
         by_dtype[dt] = by_dtype.get(dt, 0) + n
-    return CapacityPlan(req.base, shape.model_type, shape.dtype, sum(by_dtype.values()), by_dtype,
-                        kv_bytes_per_token(shape, kv_bytes), max_len, tuple(ranks), max_loras, max_rank, max_cpu,
-                        slots, cpu_cache, gpu_plans, advice, shape, tokens, estimates)
+    return CapacityPlan(
+        req.base,
+        shape.model_type,
+        shape.dtype,
+        sum(by_dtype.values()),
+        by_dtype,
+        kv_bytes_per_token(shape, kv_bytes),
+        max_len,
+        tuple(ranks),
+        max_loras,
+        max_rank,
+        max_cpu,
+        slots,
+        cpu_cache,
+        gpu_plans,
+        advice,
+        shape,
+        tokens,
+        estimates,
+    )
 
 
 def _gpus(req: PlanRequest) -> list[tuple[str, float]]:
@@ -183,8 +224,10 @@ def _gpus(req: PlanRequest) -> list[tuple[str, float]]:
     names = req.gpus or tuple(GPU_CATALOG)
     unknown = [n for n in names if n not in GPU_CATALOG]
     if unknown:
-        raise InputError(f"unknown GPU type(s): {', '.join(unknown)}",
-                         hint=f"one of {', '.join(GPU_CATALOG)}, or --gpu-memory GiB for another")
+        raise InputError(
+            f"unknown GPU type(s): {', '.join(unknown)}",
+            hint=f"one of {', '.join(GPU_CATALOG)}, or --gpu-memory GiB for another",
+        )
     return [(n, GPU_CATALOG[n]) for n in names]
 
 
@@ -198,8 +241,17 @@ def tp_ok(shape: ModelShape, tp: int) -> bool:
     return shape.heads % tp == 0 and (shape.kv_heads % tp == 0 or tp % shape.kv_heads == 0)
 
 
-def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str, int]], slots: int, kv_bytes: int,
-              max_len: int, req: PlanRequest, limits: LoraLimits | None) -> GpuPlan:
+def _plan_gpu(
+    name: str,
+    gib: float,
+    shape: ModelShape,
+    weights: list[tuple[str, int]],
+    slots: int,
+    kv_bytes: int,
+    max_len: int,
+    req: PlanRequest,
+    limits: LoraLimits | None,
+) -> GpuPlan:
     """One GPU type: the smallest tensor parallelism that holds the wanted sequences, and the flags to serve it with
     (from the launcher's and the manifests' own builder; ``limits`` None for a server without LoRA)."""
     from dataclasses import replace
@@ -225,41 +277,80 @@ def _plan_gpu(name: str, gib: float, shape: ModelShape, weights: list[tuple[str,
     ok = fits >= want
     notes = []
     if not ok:
-        notes.append(f"does not hold {want} sequence(s) of {max_len} tokens on 8 GPUs of this type"
-                     + (f" per node ({pp} nodes)" if pp > 1 else "") + ": shorten "
-                     "--max-model-len, quantize (merged --quantize fp8-dynamic), or go multi-node (LeaderWorkerSet)")
-    extra = (["--pipeline-parallel-size", str(pp)] if pp > 1 else []) + ["--max-num-seqs",
-                                                                         str(max(1, min(GPU_MAX_NUM_SEQS, fits)))]
+        notes.append(
+            f"does not hold {want} sequence(s) of {max_len} tokens on 8 GPUs of this type"
+            + (f" per node ({pp} nodes)" if pp > 1 else "")
+            + ": shorten "
+            "--max-model-len, quantize (merged --quantize fp8-dynamic), or go multi-node (LeaderWorkerSet)"
+        )
+    extra = (["--pipeline-parallel-size", str(pp)] if pp > 1 else []) + [
+        "--max-num-seqs",
+        str(max(1, min(GPU_MAX_NUM_SEQS, fits))),
+    ]
     if req.kv_cache_dtype and req.kv_cache_dtype != "auto":
         extra += ["--kv-cache-dtype", req.kv_cache_dtype]
     lora = limits or LoraLimits()
     # a server whose adapters all arrive at run time (or that only asked for slots) has LoRA on with no adapters
     runtime = limits is not None and (lora.runtime_slots > 0 or not lora.adapters)
-    cfg = ServeConfig(model=req.base, served_model_name=req.base, adapters=lora.adapters, dtype=req.dtype,
-                      max_loras=lora.max_loras, max_cpu_loras=lora.max_cpu_loras, max_lora_rank=lora.max_lora_rank,
-                      max_model_len=max_len, allow_runtime_adapters=runtime, runtime_slots=lora.runtime_slots,
-                      tensor_parallel_size=tp, gpu_memory_utilization=req.gpu_memory_utilization,
-                      extra_args=tuple(extra), seed=None)
+    cfg = ServeConfig(
+        model=req.base,
+        served_model_name=req.base,
+        adapters=lora.adapters,
+        dtype=req.dtype,
+        max_loras=lora.max_loras,
+        max_cpu_loras=lora.max_cpu_loras,
+        max_lora_rank=lora.max_lora_rank,
+        max_model_len=max_len,
+        allow_runtime_adapters=runtime,
+        runtime_slots=lora.runtime_slots,
+        tensor_parallel_size=tp,
+        gpu_memory_utilization=req.gpu_memory_utilization,
+        extra_args=tuple(extra),
+        seed=None,
+    )
     args, _, _ = build_vllm_args(cfg, cpu_build=False, include_network=False)
     # names and paths are the deployment's own (`dynamic` and the manifests add them); the sizing flags are these
     flags = flag_pairs(args, drop=("--served-model-name", "--lora-modules", "--middleware"))
-    return GpuPlan(name, gib, tp if ok else None, math.ceil(total / (tp * pp)), slots, reserve, max(kv_room, 0), fits,
-                   tuple(flags), tuple(notes))
+    return GpuPlan(
+        name,
+        gib,
+        tp if ok else None,
+        math.ceil(total / (tp * pp)),
+        slots,
+        reserve,
+        max(kv_room, 0),
+        fits,
+        tuple(flags),
+        tuple(notes),
+    )
 
 
-def _advise(req: PlanRequest, infos: tuple[str, ...], dynamic: tuple[GpuPlan, ...],
-            merged: tuple[GpuPlan, ...]) -> Advice:
+def _advise(
+    req: PlanRequest, infos: tuple[str, ...], dynamic: tuple[GpuPlan, ...], merged: tuple[GpuPlan, ...]
+) -> Advice:
     """The merged-vs-dynamic rule of thumb as a rule with the user's numbers (on the first GPU type planned)."""
-    overhead, source = (req.lora_overhead, "measured with lora-deploy bench") if req.lora_overhead is not None \
-        else (DEFAULT_LORA_OVERHEAD, "an assumed default between the often-quoted <5% and 2x (vLLM #3316); measure yours: "
-              "lora-deploy bench against a merged and a dynamic deployment, then --lora-overhead")
+    overhead, source = (
+        (req.lora_overhead, "measured with lora-deploy bench")
+        if req.lora_overhead is not None
+        else (
+            DEFAULT_LORA_OVERHEAD,
+            "an assumed default between the often-quoted <5% and 2x (vLLM #3316); measure yours: "
+            "lora-deploy bench against a merged and a dynamic deployment, then --lora-overhead",
+        )
+    )
     n = len(infos)
     if not n:
         return Advice("none", ("no adapters given: nothing to choose",), None, None, overhead, source)
     fitting = [i for i, g in enumerate(merged) if g.tensor_parallel_size]
     if not fitting:
-        return Advice("none", (f"the model does not fit on 8 GPUs of any type planned: {merged[0].notes[0]}",),
-                      None, None, overhead, source)
+        return Advice(
+            "none",
+            (f"the model does not fit on 8 GPUs of any type planned: {merged[0].notes[0]}",),
+            None,
+            None,
+            overhead,
+            source,
+        )
     i = next((i for i in fitting if dynamic[i].tensor_parallel_size), fitting[0])  # the first GPU type that fits
     d, m = dynamic[i], merged[i]
     m_gpus = n * m.tensor_parallel_size if m.tensor_parallel_size else None
@@ -270,24 +361,35 @@ def _advise(req: PlanRequest, infos: tuple[str, ...], dynamic: tuple[GpuPlan, ..
     reasons = []
     if n == 1:
         rec = "merged"
-        reasons.append("one adapter: a merged checkpoint serves it with no LoRA overhead "
-                       f"(~{overhead:.0%} per token saved) and no adapter management")
+        reasons.append(
+            "one adapter: a merged checkpoint serves it with no LoRA overhead "
+            f"(~{overhead:.0%} per token saved) and no adapter management"
+        )
     elif top >= 0.9:
         rec = "merged"
-        reasons.append(f"{top_name} takes {top:.0%} of the traffic: merge it (no LoRA overhead on most tokens) and "
-                       "serve the rest dynamically on a smaller deployment, or merged too if they matter")
+        reasons.append(
+            f"{top_name} takes {top:.0%} of the traffic: merge it (no LoRA overhead on most tokens) and "
+            "serve the rest dynamically on a smaller deployment, or merged too if they matter"
+        )
     elif m_gpus is not None and d_gpus is not None and d_gpus < m_gpus:
         rec = "dynamic"
-        reasons.append(f"{n} adapters: one dynamic deployment needs {d_gpus} GPU(s), {n} merged deployments "
-                       f"{m_gpus}; the LoRA overhead (~{overhead:.0%} per token) costs less than {m_gpus - d_gpus} "
-                       "extra GPU(s)")
+        reasons.append(
+            f"{n} adapters: one dynamic deployment needs {d_gpus} GPU(s), {n} merged deployments "
+            f"{m_gpus}; the LoRA overhead (~{overhead:.0%} per token) costs less than {m_gpus - d_gpus} "
+            "extra GPU(s)"
+        )
     else:
         rec = "dynamic" if d_gpus is not None else "merged"
-        reasons.append(f"dynamic serving keeps one copy of the base for every adapter (on {d.gpu})"
-                       if d_gpus is not None else f"the LoRA slots do not fit beside the model on {d.gpu}: merge")
+        reasons.append(
+            f"dynamic serving keeps one copy of the base for every adapter (on {d.gpu})"
+            if d_gpus is not None
+            else f"the LoRA slots do not fit beside the model on {d.gpu}: merge"
+        )
     if d.max_concurrent_sequences < m.max_concurrent_sequences:
-        reasons.append(f"the LoRA slots take {d.lora_bytes_per_gpu / GIB:.2f} GiB per GPU: "
-                       f"{d.max_concurrent_sequences} concurrent sequences instead of {m.max_concurrent_sequences}")
+        reasons.append(
+            f"the LoRA slots take {d.lora_bytes_per_gpu / GIB:.2f} GiB per GPU: "
+            f"{d.max_concurrent_sequences} concurrent sequences instead of {m.max_concurrent_sequences}"
+        )
     return Advice(rec, tuple(reasons), m_gpus, d_gpus, overhead, source)
 
 
@@ -301,5 +403,3 @@ def _read_base(base: str) -> tuple[dict, list[tuple[str, int]]]:
     ref = resolve_headers(base, kind="base model")
     index = ShardIndex.from_folder(ref.path)
     return read_config(ref.path), [(e.dtype, e.nbytes) for e in index.tensors.values()]
-
-

@@ -64,8 +64,10 @@ def read_shape(config: dict) -> ModelShape:
         hidden = int(first("hidden_size", "n_embd", "d_model"))
         heads = int(first("num_attention_heads", "n_head"))
     except (TypeError, ValueError) as e:
-        raise InputError("config.json lacks the layer count, hidden size or attention heads this plan needs",
-                         hint="pass the base model's folder (config.json) or hub id") from e
+        raise InputError(
+            "config.json lacks the layer count, hidden size or attention heads this plan needs",
+            hint="pass the base model's folder (config.json) or hub id",
+        ) from e
     kv_heads = int(first("num_key_value_heads", "num_kv_heads", default=heads))
     head_dim = int(first("head_dim", default=hidden // heads))
     window = first("sliding_window")
@@ -73,8 +75,11 @@ def read_shape(config: dict) -> ModelShape:
     kinds = first("layer_types") or _layer_types(cfg)
     if mla:
         layer_kinds = ("mla",) * layers
-    elif str(cfg.get("model_type")) in _NO_PER_LAYER_WINDOW and isinstance(kinds, list) and \
-            any("full" in str(k) for k in kinds):
+    elif (
+        str(cfg.get("model_type")) in _NO_PER_LAYER_WINDOW
+        and isinstance(kinds, list)
+        and any("full" in str(k) for k in kinds)
+    ):
         layer_kinds = ("full",) * layers
     elif isinstance(kinds, list) and len(kinds) == layers:
         layer_kinds = tuple("sliding" if "sliding" in str(k) or "local" in str(k) else "full" for k in kinds)
@@ -84,14 +89,21 @@ def read_shape(config: dict) -> ModelShape:
         layer_kinds = ("full",) * layers
     dtype = str(config.get("dtype") or config.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
     return ModelShape(
-        model_type=str(cfg.get("model_type", config.get("model_type", "unknown"))), layers=layers, hidden=hidden,
-        heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=int(first("vocab_size", default=0)),
+        model_type=str(cfg.get("model_type", config.get("model_type", "unknown"))),
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=int(first("vocab_size", default=0)),
         intermediate=int(first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)),
-        layer_kinds=layer_kinds, sliding_window=int(window) if window and "sliding" in layer_kinds else None,
+        layer_kinds=layer_kinds,
+        sliding_window=int(window) if window and "sliding" in layer_kinds else None,
         mla_latent=mla + int(first("qk_rope_head_dim", default=0) or 0) if mla else 0,
         max_position_embeddings=config_max_len(config),
         dtype=dtype.replace("torch.", ""),
-        experts=int(first("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0))
+        experts=int(first("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0),
+    )
 
 
 def _layer_types(cfg: dict) -> list | None:
@@ -115,11 +127,20 @@ def serving_dtype(checkpoint_dtype: str, requested: str = "auto") -> str:
 
 
 # vLLM's --kv-cache-dtype values and their bytes per value
-KV_CACHE_DTYPES = {"auto": None, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1,
-                   "fp8_inc": 1, "fp8_ds_mla": 1}
+KV_CACHE_DTYPES = {
+    "auto": None,
+    "bfloat16": 2,
+    "float16": 2,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+    "fp8_inc": 1,
+    "fp8_ds_mla": 1,
+}
 
 
 # ---------------------------------------------------------------- KV cache, as vLLM's KV cache manager counts it
+
 
 def kv_bytes_per_token_layer(shape: ModelShape, kv_dtype_bytes: int, tp: int = 1) -> int:
     """One layer's KV cache bytes for one token on one GPU."""
@@ -153,8 +174,15 @@ class KvLayout:
         return self.blocks(kv_bytes) // self.blocks_per_request
 
 
-def kv_layout(shape: ModelShape, kv_dtype_bytes: int, max_model_len: int, *, tp: int = 1,
-              block_size: int = GPU_BLOCK_SIZE, batched_tokens: int = GPU_BATCHED_TOKENS) -> KvLayout:
+def kv_layout(
+    shape: ModelShape,
+    kv_dtype_bytes: int,
+    max_model_len: int,
+    *,
+    tp: int = 1,
+    block_size: int = GPU_BLOCK_SIZE,
+    batched_tokens: int = GPU_BATCHED_TOKENS,
+) -> KvLayout:
     """Blocks the way vLLM 0.32 groups layers (``_get_kv_cache_groups_uniform_page_size``): layers of one kind
     form groups of ``group_size`` layers; a block is one page per layer of a group; a request needs each group's
     blocks (full attention: its whole length; sliding window: the window plus one step's tokens, plus one)."""
@@ -174,18 +202,32 @@ def kv_layout(shape: ModelShape, kv_dtype_bytes: int, max_model_len: int, *, tp:
     return KvLayout(page * group_size, per_request)
 
 
-def kv_cache_tokens(shape: ModelShape, space_gib: float, max_model_len: int, *, kv_dtype_bytes: int | None = None,
-                    block_size: int | None = None, batched_tokens: int = CPU_BATCHED_TOKENS,
-                    amx: bool | None = None) -> int:
+def kv_cache_tokens(
+    shape: ModelShape,
+    space_gib: float,
+    max_model_len: int,
+    *,
+    kv_dtype_bytes: int | None = None,
+    block_size: int | None = None,
+    batched_tokens: int = CPU_BATCHED_TOKENS,
+    amx: bool | None = None,
+) -> int:
     """The "KV cache size: N tokens" vLLM's CPU build reports for ``VLLM_CPU_KVCACHE_SPACE=space_gib``, on a CPU with
     AMX or without (``amx``; default: this machine's). Only MLA differs: 128-token blocks with AMX, 16 without."""
     from lora_deploy.serve.flags import cpu_has_amx
 
     amx = cpu_has_amx() if amx is None else amx
     if shape.mla_latent and amx and (kv_dtype_bytes or DTYPE_BYTES.get(shape.dtype, 2)) == 4:
-        raise InputError("vLLM's CPU build serves MLA on an AMX CPU with its AMX_MLA backend, which refuses float32",
-                         hint="plan (and serve) it with --dtype bfloat16")
+        raise InputError(
+            "vLLM's CPU build serves MLA on an AMX CPU with its AMX_MLA backend, which refuses float32",
+            hint="plan (and serve) it with --dtype bfloat16",
+        )
     block_size = block_size or (CPU_MLA_BLOCK_SIZE if shape.mla_latent and not amx else CPU_BLOCK_SIZE)
-    layout = kv_layout(shape, kv_dtype_bytes or DTYPE_BYTES.get(shape.dtype, 2), max_model_len,
-                       block_size=block_size, batched_tokens=batched_tokens)
+    layout = kv_layout(
+        shape,
+        kv_dtype_bytes or DTYPE_BYTES.get(shape.dtype, 2),
+        max_model_len,
+        block_size=block_size,
+        batched_tokens=batched_tokens,
+    )
     return layout.tokens(int(space_gib * GIB), max_model_len)

@@ -38,9 +38,11 @@ def lora_modules(config: dict) -> list[WrappedModule]:
 
     try:
         model = meta_model(config)
-    except Exception as e:  # noqa: BLE001 - an architecture transformers cannot build
-        raise InputError(f"transformers cannot build {config.get('model_type')!r}, so its LoRA modules are unknown",
-                         hint="plan without --max-loras, or upgrade transformers") from e
+    except Exception as e:
+        raise InputError(
+            f"transformers cannot build {config.get('model_type')!r}, so its LoRA modules are unknown",
+            hint="plan without --max-loras, or upgrade transformers",
+        ) from e
     out = []
     emb = model.get_input_embeddings()
     for name, m in model.named_modules():

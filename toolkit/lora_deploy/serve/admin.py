@@ -33,8 +33,9 @@ class RuntimeLoad:
     replaced: str | None = None  # the path the adapter was served from before a --replace
 
 
-def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = None, *,
-                         preflight: bool = True, replace: bool = False) -> RuntimeLoad:
+def load_runtime_adapter(
+    url: str, name: str, path: str, api_key: str | None = None, *, preflight: bool = True, replace: bool = False
+) -> RuntimeLoad:
     """Load an adapter into a running vLLM, safely: pre-flight first, then confirm it is listed and applied.
 
     Pre-flight is the same as ``dynamic``'s, against the base the server reports as its root (when that folder
@@ -54,16 +55,24 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
     served = server.models()
     previous = next((m for m in served if m.id == name), None)
     if previous is not None and not previous.parent:
-        raise LoraDeployError(f"{name!r} is the server's base model, not an adapter", exit_code=EXIT_ADMIN,
-                              hint="pick another name for the adapter")
+        raise LoraDeployError(
+            f"{name!r} is the server's base model, not an adapter",
+            exit_code=EXIT_ADMIN,
+            hint="pick another name for the adapter",
+        )
     if previous is not None and not replace:
-        raise LoraDeployError(f"the server already serves an adapter named {name!r} (from {previous.root})",
-                              exit_code=EXIT_ADMIN,
-                              hint=f"pass --replace to swap its weights in place (clients keep the name), or "
-                                   f"unload it first (lora-deploy adapters unload {name}), or pick another name")
+        raise LoraDeployError(
+            f"the server already serves an adapter named {name!r} (from {previous.root})",
+            exit_code=EXIT_ADMIN,
+            hint=f"pass --replace to swap its weights in place (clients keep the name), or "
+            f"unload it first (lora-deploy adapters unload {name}), or pick another name",
+        )
     if previous is None and replace:
-        raise LoraDeployError(f"--replace: the server serves no adapter named {name!r}", exit_code=EXIT_ADMIN,
-                              hint="drop --replace to load it as a new adapter")
+        raise LoraDeployError(
+            f"--replace: the server serves no adapter named {name!r}",
+            exit_code=EXIT_ADMIN,
+            hint="drop --replace to load it as a new adapter",
+        )
     from lora_deploy.serve.launcher import read_record
 
     record = read_record(url)
@@ -72,9 +81,11 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
         if len(runtime) >= record.runtime_slots:
             raise LoraDeployError(
                 f"all {record.runtime_slots} LoRA slot(s) reserved for runtime adapters are in use "
-                f"({', '.join(runtime) or 'none: runtime loading is off'})", exit_code=EXIT_ADMIN,
+                f"({', '.join(runtime) or 'none: runtime loading is off'})",
+                exit_code=EXIT_ADMIN,
                 hint="unload one first, or restart with a larger --runtime-adapter-slots (on the CPU build a "
-                     "load beyond them would take the empty slot that keeps base answers correct)")
+                "load beyond them would take the empty slot that keeps base answers correct)",
+            )
     base = next((m for m in served if not m.parent), None)
     verdict = "skipped: no base model listed"
     moe_3d = False
@@ -91,8 +102,11 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
     _load(server, name, path, inplace=replace, moe_3d=moe_3d)
     listed = {m.id: m for m in server.models()}
     if name not in listed or (replace and listed[name].root != path):
-        raise LoraDeployError(f"the server accepted the load but does not list {name!r} from {path}: the load "
-                              "did not happen", exit_code=EXIT_ADMIN, hint="check that the path exists on the server")
+        raise LoraDeployError(
+            f"the server accepted the load but does not list {name!r} from {path}: the load did not happen",
+            exit_code=EXIT_ADMIN,
+            hint="check that the path exists on the server",
+        )
     distance = None
     if base is not None:
         ours, theirs = (probe_model(server, m, DEFAULT_PROMPT, 8) for m in (name, base.id))
@@ -106,11 +120,18 @@ def load_runtime_adapter(url: str, name: str, path: str, api_key: str | None = N
             else:
                 unload_runtime_adapter(url, name, api_key, force=True)
                 undone = "unloaded again"
-            raise LoraDeployError(f"{name!r} loaded but answers exactly like the base {base.id!r} (distance "
-                                  f"{distance:.3g} nats): {undone}", exit_code=EXIT_ADMIN,
-                                  hint="the adapter's lora_B is zero, or it does not target this model's modules")
-    return RuntimeLoad(listed[name], verdict, None if distance is None else round(distance, 6),
-                       previous.root if previous is not None else None)
+            raise LoraDeployError(
+                f"{name!r} loaded but answers exactly like the base {base.id!r} (distance "
+                f"{distance:.3g} nats): {undone}",
+                exit_code=EXIT_ADMIN,
+                hint="the adapter's lora_B is zero, or it does not target this model's modules",
+            )
+    return RuntimeLoad(
+        listed[name],
+        verdict,
+        None if distance is None else round(distance, 6),
+        previous.root if previous is not None else None,
+    )
 
 
 def _load(server: Endpoint, name: str, path: str, *, inplace: bool, moe_3d: bool = False) -> None:
@@ -121,17 +142,24 @@ def _load(server: Endpoint, name: str, path: str, *, inplace: bool, moe_3d: bool
         body["is_3d_lora_weight"] = True
     r = server.request("POST", "/v1/load_lora_adapter", json=body, check=False, retries=0)
     if r.status_code == 404 and "load_lora_adapter" in r.text or r.status_code == 405:
-        raise LoraDeployError("the server does not allow runtime adapter loading", exit_code=EXIT_ADMIN,
-                              hint="start it with lora-deploy dynamic --allow-runtime-adapters")
+        raise LoraDeployError(
+            "the server does not allow runtime adapter loading",
+            exit_code=EXIT_ADMIN,
+            hint="start it with lora-deploy dynamic --allow-runtime-adapters",
+        )
     if r.status_code >= 400 and "already" in r.text.lower():
-        raise LoraDeployError(f"the server already serves an adapter named {name!r}", exit_code=EXIT_ADMIN,
-                              hint=f"pass --replace to swap its weights in place, or unload it first "
-                                   f"(lora-deploy adapters unload {name})")
+        raise LoraDeployError(
+            f"the server already serves an adapter named {name!r}",
+            exit_code=EXIT_ADMIN,
+            hint=f"pass --replace to swap its weights in place, or unload it first "
+            f"(lora-deploy adapters unload {name})",
+        )
     if r.status_code == 401:
         server.raise_for_status(r, "/v1/load_lora_adapter")
     if r.status_code >= 400:
-        raise LoraDeployError(f"loading {name!r} from {path} failed: HTTP {r.status_code} {error_text(r)}",
-                              exit_code=EXIT_ADMIN)
+        raise LoraDeployError(
+            f"loading {name!r} from {path} failed: HTTP {r.status_code} {error_text(r)}", exit_code=EXIT_ADMIN
+        )
 
 
 def unload_runtime_adapter(url: str, name: str, api_key: str | None = None, *, force: bool = False) -> None:
@@ -140,15 +168,17 @@ def unload_runtime_adapter(url: str, name: str, api_key: str | None = None, *, f
 
     record = read_record(url)
     if record is not None and name in record.startup_adapters and not force:
-        raise LoraDeployError(f"{name!r} was served from the start: the readiness probe and clients expect it",
-                              exit_code=EXIT_ADMIN, hint="pass --force to unload it anyway")
+        raise LoraDeployError(
+            f"{name!r} was served from the start: the readiness probe and clients expect it",
+            exit_code=EXIT_ADMIN,
+            hint="pass --force to unload it anyway",
+        )
     server = _endpoint(url, api_key)
     r = server.request("POST", "/v1/unload_lora_adapter", json={"lora_name": name}, check=False, retries=0)
     if r.status_code == 401:
         server.raise_for_status(r, "/v1/unload_lora_adapter")
     if r.status_code >= 400:
-        raise LoraDeployError(f"unloading {name!r} failed: HTTP {r.status_code} {error_text(r)}",
-                              exit_code=EXIT_ADMIN)
+        raise LoraDeployError(f"unloading {name!r} failed: HTTP {r.status_code} {error_text(r)}", exit_code=EXIT_ADMIN)
     if any(m.id == name for m in server.models()):
         raise LoraDeployError(f"the server answered {r.status_code} but still lists {name!r}", exit_code=EXIT_ADMIN)
 
@@ -166,8 +196,11 @@ def reload_from(url: str, name: str, path: str, api_key: str | None = None) -> b
     _load(server, name, path, inplace=True)  # never MoE expert LoRA: stores refuse it (store.publish)
     listed = {m.id: m for m in server.models()}
     if name not in listed or listed[name].root != path:
-        raise LoraDeployError(f"the replica accepted the reload but does not list {name!r} from {path}",
-                              exit_code=EXIT_ADMIN, hint="check that the store is mounted at the same path there")
+        raise LoraDeployError(
+            f"the replica accepted the reload but does not list {name!r} from {path}",
+            exit_code=EXIT_ADMIN,
+            hint="check that the store is mounted at the same path there",
+        )
     return True
 
 

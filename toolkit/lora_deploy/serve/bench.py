@@ -73,8 +73,15 @@ def _pct(values: list[float], q: float) -> float | None:
 def _one(server: Endpoint, model: str, prompt: str, max_tokens: int):
     start = time.monotonic()
     stamps: list[float] = []
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     tokens = 0
     with server.request("POST", "/v1/completions", json=body, stream=True, retries=0) as r:
         for chunk in iter_sse(r, failure_exit=server.failure_exit):
@@ -91,9 +98,18 @@ def _one(server: Endpoint, model: str, prompt: str, max_tokens: int):
     return ttft, itl, end - start, tokens
 
 
-def run_load(url: str, models: list[str], *, concurrency: int = 8, requests_per_model: int = 16,
-             max_tokens: int = 32, prompt: str = DEFAULT_PROMPT, api_key: str | None = None,
-             timeout: float = 120.0, max_seconds: float = 600.0) -> BenchReport:
+def run_load(
+    url: str,
+    models: list[str],
+    *,
+    concurrency: int = 8,
+    requests_per_model: int = 16,
+    max_tokens: int = 32,
+    prompt: str = DEFAULT_PROMPT,
+    api_key: str | None = None,
+    timeout: float = 120.0,
+    max_seconds: float = 600.0,
+) -> BenchReport:
     """Send ``requests_per_model`` streamed requests per model, ``concurrency`` at a time."""
     server = Endpoint(url, api_key, timeout=timeout, failure_exit=EXIT_SMOKE)
     url = server.url
@@ -130,14 +146,28 @@ def run_load(url: str, models: list[str], *, concurrency: int = 8, requests_per_
         itls = [r[1] * 1000 for r in rs if r[1] == r[1]]
         e2e = [r[2] * 1000 for r in rs]
         toks = sum(r[3] for r in rs)
-        stats.append(ModelStats(m, len(rs), sum(reasons[m].values()), not_sent[m], toks, _ms(_pct(ttfts, .5)),
-                                _ms(_pct(ttfts, .9)), _ms(_pct(itls, .5)), _ms(_pct(itls, .9)), _ms(_pct(e2e, .5)),
-                                round(toks / wall, 2), dict(reasons[m])))
+        stats.append(
+            ModelStats(
+                m,
+                len(rs),
+                sum(reasons[m].values()),
+                not_sent[m],
+                toks,
+                _ms(_pct(ttfts, 0.5)),
+                _ms(_pct(ttfts, 0.9)),
+                _ms(_pct(itls, 0.5)),
+                _ms(_pct(itls, 0.9)),
+                _ms(_pct(e2e, 0.5)),
+                round(toks / wall, 2),
+                dict(reasons[m]),
+            )
+        )
     total = sum(s.output_tokens for s in stats)
     done = sum(s.requests for s in stats)
     passed = done > 0 and not any(s.failures for s in stats)
-    return BenchReport(url, concurrency, max_tokens, round(wall, 3), stats, round(total / wall, 2),
-                       round(done / wall, 3), passed)
+    return BenchReport(
+        url, concurrency, max_tokens, round(wall, 3), stats, round(total / wall, 2), round(done / wall, 3), passed
+    )
 
 
 def _ms(value: float | None) -> float | None:
@@ -149,21 +179,30 @@ def _fmt_ms(value: float | None, width: int, digits: int = 0) -> str:
 
 
 def format_bench(report: BenchReport) -> str:
-    lines = [f"Load on {report.url}: {report.concurrency} concurrent, {report.max_tokens} tokens each, "
-             f"{report.seconds:.1f} s", "",
-             f"{'model':<18}{'ok':>5}{'fail':>5}{'unsent':>7}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}"
-             f"{'ITL p50':>9}{'ITL p90':>9}{'E2E p50':>9}"]
+    lines = [
+        f"Load on {report.url}: {report.concurrency} concurrent, {report.max_tokens} tokens each, "
+        f"{report.seconds:.1f} s",
+        "",
+        f"{'model':<18}{'ok':>5}{'fail':>5}{'unsent':>7}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p90':>10}"
+        f"{'ITL p50':>9}{'ITL p90':>9}{'E2E p50':>9}",
+    ]
     for s in report.models:
-        lines.append(f"{s.model:<18}{s.requests:>5}{s.failures:>5}{s.not_sent:>7}{s.tokens_per_s:>9.1f}"
-                     f"{_fmt_ms(s.ttft_p50_ms, 8)}{_fmt_ms(s.ttft_p90_ms, 8)}{_fmt_ms(s.itl_p50_ms, 7, 1)}"
-                     f"{_fmt_ms(s.itl_p90_ms, 7, 1)}{_fmt_ms(s.e2e_p50_ms, 7)}")
+        lines.append(
+            f"{s.model:<18}{s.requests:>5}{s.failures:>5}{s.not_sent:>7}{s.tokens_per_s:>9.1f}"
+            f"{_fmt_ms(s.ttft_p50_ms, 8)}{_fmt_ms(s.ttft_p90_ms, 8)}{_fmt_ms(s.itl_p50_ms, 7, 1)}"
+            f"{_fmt_ms(s.itl_p90_ms, 7, 1)}{_fmt_ms(s.e2e_p50_ms, 7)}"
+        )
     lines.append(f"\ntotal: {report.total_tokens_per_s:.1f} output tokens/s, {report.requests_per_s:.2f} requests/s")
     for s in report.models:
         for reason, n in s.failure_reasons.items():
             lines.append(f"  {s.model}: {n} failed: {reason}")
     if report.not_sent:
         lines.append(f"  {report.not_sent} request(s) not sent: the run reached its time limit first")
-    lines.append("PASSED: every request answered" if report.passed else
-                 f"FAILED: {report.failures} request(s) failed" if report.failures else "FAILED: no request answered")
+    lines.append(
+        "PASSED: every request answered"
+        if report.passed
+        else f"FAILED: {report.failures} request(s) failed"
+        if report.failures
+        else "FAILED: no request answered"
+    )
     return "\n".join(lines)
-

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import requests
 
@@ -61,17 +62,24 @@ def server_root(url: str) -> str:
         parts = urlsplit(given)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
     except ValueError as e:
-        raise InputError(f"--url {url!r} is not a valid URL ({e})",
-                         hint="give the server as http://HOST:PORT (or HOST:PORT), e.g. http://localhost:8000") from e
+        raise InputError(
+            f"--url {url!r} is not a valid URL ({e})",
+            hint="give the server as http://HOST:PORT (or HOST:PORT), e.g. http://localhost:8000",
+        ) from e
     if parts.scheme not in ("http", "https"):
-        raise InputError(f"--url {url!r}: scheme {parts.scheme!r} is not http or https",
-                         hint="give the server as http://HOST:PORT, e.g. http://localhost:8000")
+        raise InputError(
+            f"--url {url!r}: scheme {parts.scheme!r} is not http or https",
+            hint="give the server as http://HOST:PORT, e.g. http://localhost:8000",
+        )
     if not parts.hostname:
-        raise InputError(f"--url {url!r} names no host", hint="give the server as http://HOST:PORT, e.g. "
-                         "http://localhost:8000")
+        raise InputError(
+            f"--url {url!r} names no host", hint="give the server as http://HOST:PORT, e.g. http://localhost:8000"
+        )
     if parts.query or parts.fragment:
-        raise InputError(f"--url {url!r} has a query or fragment; it should be the server's address only",
-                         hint="e.g. http://localhost:8000 (a trailing /v1 is fine)")
+        raise InputError(
+            f"--url {url!r} has a query or fragment; it should be the server's address only",
+            hint="e.g. http://localhost:8000 (a trailing /v1 is fine)",
+        )
     return given.rstrip("/").removesuffix("/v1").rstrip("/")
 
 
@@ -85,20 +93,29 @@ def _read_bounded(r: requests.Response, where: str, failure_exit: int) -> None:
             body += chunk
             if len(body) > MAX_RESPONSE_BYTES:
                 r.close()
-                raise LoraDeployError(f"{where}: the answer is larger than {MAX_RESPONSE_BYTES >> 20} MiB; cut off",
-                                      exit_code=failure_exit, hint=_NOT_VLLM_HINT)
+                raise LoraDeployError(
+                    f"{where}: the answer is larger than {MAX_RESPONSE_BYTES >> 20} MiB; cut off",
+                    exit_code=failure_exit,
+                    hint=_NOT_VLLM_HINT,
+                )
     except (requests.RequestException, AttributeError, ValueError, OSError) as e:
         _raise_past_deadline(r, where, failure_exit)
-        raise LoraDeployError(f"{where}: the answer broke off ({e.__class__.__name__})", exit_code=failure_exit,
-                              hint="read the server's log") from e
+        raise LoraDeployError(
+            f"{where}: the answer broke off ({e.__class__.__name__})",
+            exit_code=failure_exit,
+            hint="read the server's log",
+        ) from e
     _raise_past_deadline(r, where, failure_exit)  # closed at the deadline: what arrived is incomplete
     r._content = bytes(body)  # requests' own cache of the body: .json() and .text read it from here
 
 
 def _raise_past_deadline(r: requests.Response, where: str, failure_exit: int) -> None:
     if time.monotonic() >= getattr(r, _DEADLINE, float("inf")):
-        raise LoraDeployError(f"{where}: no complete answer within the call's deadline", exit_code=failure_exit,
-                              hint="the server is overloaded or stuck; raise --timeout")
+        raise LoraDeployError(
+            f"{where}: no complete answer within the call's deadline",
+            exit_code=failure_exit,
+            hint="the server is overloaded or stuck; raise --timeout",
+        )
 
 
 def _watchdog(r: requests.Response, deadline: float):
@@ -143,18 +160,23 @@ def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> 
     where = f"{response.request.method} {response.url}" if response.request is not None else response.url
     kind = response.headers.get("content-type", "")
     if not kind.startswith("text/event-stream"):  # a proxy's page answered instead of the server's stream
-        raise LoraDeployError(f"{where} answered HTTP {response.status_code} with something that is not a JSON "
-                              f"object or event stream ({_describe_body(response)})", exit_code=failure_exit,
-                              hint=_NOT_VLLM_HINT)
+        raise LoraDeployError(
+            f"{where} answered HTTP {response.status_code} with something that is not a JSON "
+            f"object or event stream ({_describe_body(response)})",
+            exit_code=failure_exit,
+            hint=_NOT_VLLM_HINT,
+        )
     deadline, received = getattr(response, _DEADLINE, None), 0
     try:
         for line in response.iter_lines(decode_unicode=True):
             received += len(line) + 1
             if received > MAX_RESPONSE_BYTES or (deadline is not None and time.monotonic() > deadline):
                 response.close()
-                raise LoraDeployError(f"{where}: the stream ran past its deadline or {MAX_RESPONSE_BYTES >> 20} MiB; "
-                                      "cut off", exit_code=failure_exit, hint="raise --timeout, or read the server's "
-                                      "log")
+                raise LoraDeployError(
+                    f"{where}: the stream ran past its deadline or {MAX_RESPONSE_BYTES >> 20} MiB; cut off",
+                    exit_code=failure_exit,
+                    hint="raise --timeout, or read the server's log",
+                )
             if not line or not line.startswith("data:"):
                 continue
             data = line[5:].strip()
@@ -165,17 +187,30 @@ def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> 
             except ValueError:
                 chunk = None
             if not isinstance(chunk, dict):
-                raise LoraDeployError(f"{where} streamed a chunk that is not a JSON object: {data[:200]!r}",
-                                      exit_code=failure_exit, hint=_NOT_VLLM_HINT)
+                raise LoraDeployError(
+                    f"{where} streamed a chunk that is not a JSON object: {data[:200]!r}",
+                    exit_code=failure_exit,
+                    hint=_NOT_VLLM_HINT,
+                )
             yield chunk
-    except (requests.RequestException, AttributeError, ValueError, OSError) as e:  # broke off, or closed at the deadline
+    except (
+        requests.RequestException,
+        AttributeError,
+        ValueError,
+        OSError,
+    ) as e:  # broke off, or closed at the deadline
         _raise_past_deadline(response, where, failure_exit)
-        raise LoraDeployError(f"{where}: the stream broke off ({e.__class__.__name__}: {e})",
-                              exit_code=failure_exit, hint="read the server's log") from e
+        raise LoraDeployError(
+            f"{where}: the stream broke off ({e.__class__.__name__}: {e})",
+            exit_code=failure_exit,
+            hint="read the server's log",
+        ) from e
 
 
-_NOT_VLLM_HINT = ("is --url the OpenAI-compatible server itself (not a proxy, gateway or web page in front of it)? "
-                  "try: curl URL/v1/models")
+_NOT_VLLM_HINT = (
+    "is --url the OpenAI-compatible server itself (not a proxy, gateway or web page in front of it)? "
+    "try: curl URL/v1/models"
+)
 
 
 def _describe_body(r: requests.Response) -> str:
@@ -192,16 +227,32 @@ class Endpoint:
     the admin commands' 9); a 401 is always bad input (3): the caller's key is wrong or missing.
     """
 
-    def __init__(self, url: str, api_key: str | None = None, *, timeout: float = 60.0, retries: int = 3,
-                 failure_exit: int = EXIT_SMOKE):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        retries: int = 3,
+        failure_exit: int = EXIT_SMOKE,
+    ):
         self.url = server_root(url)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
         self.retries = retries
         self.failure_exit = failure_exit
 
-    def request(self, method: str, path: str, *, json: Any = None, stream: bool = False, check: bool = True,
-                retries: int | None = None, timeout: float | None = None) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        stream: bool = False,
+        check: bool = True,
+        retries: int | None = None,
+        timeout: float | None = None,
+    ) -> requests.Response:
         """Send one request, retrying refused connections and 5xx; ``check`` raises on any HTTP error."""
         retries = self.retries if retries is None else retries
         timeout = self.timeout if timeout is None else timeout
@@ -211,15 +262,25 @@ class Endpoint:
             deadline = time.monotonic() + timeout  # the whole call, not each socket read
             try:
                 # redirects are never followed: the API key would travel to wherever the answer points
-                r = requests.request(method, self.url + path, headers=self.headers, timeout=timeout, json=json,
-                                     stream=True, allow_redirects=False)
+                r = requests.request(
+                    method,
+                    self.url + path,
+                    headers=self.headers,
+                    timeout=timeout,
+                    json=json,
+                    stream=True,
+                    allow_redirects=False,
+                )
                 setattr(r, _DEADLINE, deadline)
                 watchdog = _watchdog(r, deadline)
                 if 300 <= r.status_code < 400:
                     r.close()
-                    raise LoraDeployError(f"{where} answered a redirect (HTTP {r.status_code} to "
-                                          f"{redact_url(r.headers.get('location', '?'))}); not followed",
-                                          exit_code=self.failure_exit, hint="give the server's own address as --url")
+                    raise LoraDeployError(
+                        f"{where} answered a redirect (HTTP {r.status_code} to "
+                        f"{redact_url(r.headers.get('location', '?'))}); not followed",
+                        exit_code=self.failure_exit,
+                        hint="give the server's own address as --url",
+                    )
                 if not stream:
                     try:
                         _read_bounded(r, where, self.failure_exit)
@@ -231,13 +292,17 @@ class Endpoint:
                     time.sleep(min(2.0, 0.5 * (attempt + 1)))
                 continue
             except requests.Timeout as e:
-                raise LoraDeployError(f"{where} timed out after {timeout:.0f} s",
-                                      exit_code=self.failure_exit,
-                                      hint="the server is overloaded or stuck; raise --timeout") from e
+                raise LoraDeployError(
+                    f"{where} timed out after {timeout:.0f} s",
+                    exit_code=self.failure_exit,
+                    hint="the server is overloaded or stuck; raise --timeout",
+                ) from e
             except requests.RequestException as e:  # an invalid URL, a TLS failure, a broken answer
-                raise LoraDeployError(f"{where} failed: {e.__class__.__name__}",
-                                      exit_code=self.failure_exit,
-                                      hint="check --url (scheme, host, port) and that the server speaks HTTP") from e
+                raise LoraDeployError(
+                    f"{where} failed: {e.__class__.__name__}",
+                    exit_code=self.failure_exit,
+                    hint="check --url (scheme, host, port) and that the server speaks HTTP",
+                ) from e
             if r.status_code >= 500 and attempt < retries:
                 r.close()
                 time.sleep(0.5 * (attempt + 1))
@@ -245,9 +310,12 @@ class Endpoint:
             if check:
                 self.raise_for_status(r, path, json)
             return r
-        raise LoraDeployError(f"cannot connect to {redact_url(self.url)} ({last.__class__.__name__}: connection refused or "
-                              "host unreachable)", exit_code=self.failure_exit,
-                              hint="is the server running, and is --url right (scheme, host, port)?")
+        raise LoraDeployError(
+            f"cannot connect to {redact_url(self.url)} ({last.__class__.__name__}: connection refused or "
+            "host unreachable)",
+            exit_code=self.failure_exit,
+            hint="is the server running, and is --url right (scheme, host, port)?",
+        )
 
     def raise_for_status(self, r: requests.Response, path: str, body: Any = None) -> None:
         """A LoraDeployError for an HTTP error, with the server's message and what to do about it."""
@@ -255,14 +323,23 @@ class Endpoint:
             return
         detail = error_text(r)
         if r.status_code == 401:
-            raise LoraDeployError(f"{path}: 401 Unauthorized ({detail})", exit_code=EXIT_INPUT,
-                                  hint="the server wants an API key: pass --api-key-env VAR with VAR set to it")
+            raise LoraDeployError(
+                f"{path}: 401 Unauthorized ({detail})",
+                exit_code=EXIT_INPUT,
+                hint="the server wants an API key: pass --api-key-env VAR with VAR set to it",
+            )
         if r.status_code == 404 and isinstance(body, dict) and "model" in body:
-            raise LoraDeployError(f"{path}: 404, model {body['model']!r} is unknown to the server ({detail})",
-                                  exit_code=self.failure_exit, hint="check the names /v1/models lists")
+            raise LoraDeployError(
+                f"{path}: 404, model {body['model']!r} is unknown to the server ({detail})",
+                exit_code=self.failure_exit,
+                hint="check the names /v1/models lists",
+            )
         if r.status_code >= 500:
-            raise LoraDeployError(f"{path}: server error {r.status_code} ({detail})", exit_code=self.failure_exit,
-                                  hint="read the server's log")
+            raise LoraDeployError(
+                f"{path}: server error {r.status_code} ({detail})",
+                exit_code=self.failure_exit,
+                hint="read the server's log",
+            )
         raise LoraDeployError(f"{path}: HTTP {r.status_code} ({detail})", exit_code=self.failure_exit)
 
     def json_of(self, r: requests.Response, path: str) -> dict:
@@ -273,15 +350,21 @@ class Endpoint:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise LoraDeployError(f"{r.request.method if r.request else 'GET'} {redact_url(self.url)}{path} answered HTTP "
-                                  f"{r.status_code} with something that is not a JSON object ({_describe_body(r)})",
-                                  exit_code=self.failure_exit, hint=_NOT_VLLM_HINT)
+            raise LoraDeployError(
+                f"{r.request.method if r.request else 'GET'} {redact_url(self.url)}{path} answered HTTP "
+                f"{r.status_code} with something that is not a JSON object ({_describe_body(r)})",
+                exit_code=self.failure_exit,
+                hint=_NOT_VLLM_HINT,
+            )
         return body
 
     def unexpected(self, path: str, body: object, wanted: str) -> LoraDeployError:
         """The error for a JSON answer without the fields an OpenAI-compatible server sends."""
-        return LoraDeployError(f"{redact_url(self.url)}{path} answered JSON without {wanted}: {str(body)[:200]}",
-                               exit_code=self.failure_exit, hint=_NOT_VLLM_HINT)
+        return LoraDeployError(
+            f"{redact_url(self.url)}{path} answered JSON without {wanted}: {str(body)[:200]}",
+            exit_code=self.failure_exit,
+            hint=_NOT_VLLM_HINT,
+        )
 
     def post(self, path: str, body: dict, **kw) -> dict:
         """POST a JSON body and return the JSON answer (raising on HTTP errors and on non-JSON answers)."""
@@ -300,8 +383,7 @@ class Endpoint:
         try:
             if requests.get(self.url + "/health", timeout=timeout, allow_redirects=False).status_code != 200:
                 return list(expected)
-            listed = requests.get(self.url + "/v1/models", headers=self.headers, timeout=timeout,
-                                  allow_redirects=False)
+            listed = requests.get(self.url + "/v1/models", headers=self.headers, timeout=timeout, allow_redirects=False)
             if listed.status_code != 200:
                 return list(expected)
             ids = {m["id"] for m in listed.json().get("data", [])}
@@ -311,8 +393,9 @@ class Endpoint:
 
     def complete(self, model: str, prompt: str, max_tokens: int = 16, **extra) -> dict:
         """A greedy completion's first choice."""
-        answer = self.post("/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                                               "temperature": 0, **extra})
+        answer = self.post(
+            "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+        )
         try:
             choice = answer["choices"][0]
             if isinstance(choice, dict) and isinstance(choice["text"], str):
@@ -341,6 +424,8 @@ def api_key_from_env(var: str | None) -> str | None:
     if not key:
         from lora_deploy.errors import InputError
 
-        raise InputError(f"--api-key-env {var}: that environment variable is empty or unset",
-                         hint=f"export {var}=<the server's API key>, or drop --api-key-env")
+        raise InputError(
+            f"--api-key-env {var}: that environment variable is empty or unset",
+            hint=f"export {var}=<the server's API key>, or drop --api-key-env",
+        )
     return key

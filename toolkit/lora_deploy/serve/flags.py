@@ -25,12 +25,19 @@ MIXED_BATCH_NOTE = (
     "vLLM CPU build: --max-loras is set one above the adapter count so one LoRA slot stays empty. The CPU "
     "LoRA ops index slot -1 for requests without an adapter (Python's last slot), which silently applies an "
     "adapter to base-model requests batched with adapter requests (vllm-project/vllm PRs #48421, #49656); "
-    "an empty last slot contributes zero.")
+    "an empty last slot contributes zero."
+)
 
 
 # vLLM's --dtype names (vllm/config/model.py) -> the torch dtype each one means
-VLLM_DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
-               "float32": "float32"}
+VLLM_DTYPES = {
+    "auto": "auto",
+    "half": "float16",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+    "float": "float32",
+    "float32": "float32",
+}
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's own default, for servers whose adapters are all loaded at run time
 # lora-deploy's ASGI middleware for vLLM (serve/guard.py): the key on every path, plain model names only. Locally it is
 # imported from the installed package; pods import the same file mounted from the ConfigMap (k8s/workload.py)
@@ -43,8 +50,7 @@ def vllm_dtype(name: str) -> str:
     try:
         return VLLM_DTYPES[name]
     except KeyError:
-        raise InputError(f"--dtype {name!r} is not one vLLM serves in",
-                         hint=", ".join(VLLM_DTYPES)) from None
+        raise InputError(f"--dtype {name!r} is not one vLLM serves in", hint=", ".join(VLLM_DTYPES)) from None
 
 
 # The one rule for names clients send as `model` (local servers and the cluster alike): an adapter name is also a
@@ -60,8 +66,10 @@ def model_name_problem(name: str, *, adapter: bool) -> str | None:
     if rule.fullmatch(name) and ".." not in name:
         return None
     allowed = "letters, digits, '.', '_' and '-'" + ("" if adapter else " (and the '/' of a hub id)")
-    return (f"{name!r} cannot be a model name as given: use {allowed}, starting with a letter or digit, at most 128 "
-            "characters")
+    return (
+        f"{name!r} cannot be a model name as given: use {allowed}, starting with a letter or digit, at most 128 "
+        "characters"
+    )
 
 
 def default_served_name(model: str) -> str:
@@ -96,8 +104,10 @@ def smallest_allowed_rank(rank: int) -> int:
     for allowed in ALLOWED_LORA_RANKS:
         if allowed >= rank:
             return allowed
-    raise InputError(f"LoRA rank {rank} exceeds vLLM's largest --max-lora-rank ({ALLOWED_LORA_RANKS[-1]})",
-                     hint="deploy it merged instead: lora-deploy merged --base BASE --adapter ADAPTER --output OUT")
+    raise InputError(
+        f"LoRA rank {rank} exceeds vLLM's largest --max-lora-rank ({ALLOWED_LORA_RANKS[-1]})",
+        hint="deploy it merged instead: lora-deploy merged --base BASE --adapter ADAPTER --output OUT",
+    )
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,11 @@ def detect_vllm() -> VllmInstall | None:
 def require_vllm() -> VllmInstall:
     install = detect_vllm()
     if install is None:
-        raise LoraDeployError("vLLM is not installed in this environment", exit_code=EXIT_SERVER,
-                              hint="pip install 'lora-deploy[gpu]' (CUDA) or 'lora-deploy[cpu]' (CPU build)")
+        raise LoraDeployError(
+            "vLLM is not installed in this environment",
+            exit_code=EXIT_SERVER,
+            hint="pip install 'lora-deploy[gpu]' (CUDA) or 'lora-deploy[cpu]' (CPU build)",
+        )
     return install
 
 
@@ -191,9 +204,13 @@ class ServeConfig:
     @property
     def lora_limits(self) -> LoraLimits:
         """This deployment's LoRA limits, the one record every LoRA flag is derived from."""
-        return LoraLimits(adapters=self.adapters, max_lora_rank=self.max_lora_rank, max_loras=self.max_loras,
-                          max_cpu_loras=self.max_cpu_loras,
-                          runtime_slots=self.runtime_slots if self.loads_at_run_time else 0)
+        return LoraLimits(
+            adapters=self.adapters,
+            max_lora_rank=self.max_lora_rank,
+            max_loras=self.max_loras,
+            max_cpu_loras=self.max_cpu_loras,
+            runtime_slots=self.runtime_slots if self.loads_at_run_time else 0,
+        )
 
 
 @dataclass(frozen=True)
@@ -228,14 +245,25 @@ class LoraLimits:
         return bool(self.adapters) or self.runtime_slots > 0 or bool(self.max_loras)
 
     def flags(self, *, cpu_build: bool) -> LoraFlags:
-        return derive_lora_flags(self.adapters, max_loras=self.max_loras, max_cpu_loras=self.max_cpu_loras,
-                                 max_lora_rank=self.max_lora_rank, cpu_build=cpu_build,
-                                 runtime_slots=self.runtime_slots)
+        return derive_lora_flags(
+            self.adapters,
+            max_loras=self.max_loras,
+            max_cpu_loras=self.max_cpu_loras,
+            max_lora_rank=self.max_lora_rank,
+            cpu_build=cpu_build,
+            runtime_slots=self.runtime_slots,
+        )
 
 
-def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | None = None,
-                      max_cpu_loras: int | None = None, max_lora_rank: int | None = None,
-                      cpu_build: bool = False, runtime_slots: int = 0) -> LoraFlags:
+def derive_lora_flags(
+    adapters: tuple[ServedAdapter, ...],
+    *,
+    max_loras: int | None = None,
+    max_cpu_loras: int | None = None,
+    max_lora_rank: int | None = None,
+    cpu_build: bool = False,
+    runtime_slots: int = 0,
+) -> LoraFlags:
     """--max-lora-rank, --max-loras, --max-cpu-loras from the adapters; user values win when valid.
 
     ``runtime_slots`` LoRA slots are added for adapters loaded at run time, on top of the CPU build's
@@ -248,12 +276,16 @@ def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | N
         rank = derived_rank
     else:
         if max_lora_rank not in ALLOWED_LORA_RANKS:
-            raise InputError(f"--max-lora-rank {max_lora_rank} is not one vLLM accepts",
-                             hint=f"use one of {', '.join(map(str, ALLOWED_LORA_RANKS))} (derived: {derived_rank})")
+            raise InputError(
+                f"--max-lora-rank {max_lora_rank} is not one vLLM accepts",
+                hint=f"use one of {', '.join(map(str, ALLOWED_LORA_RANKS))} (derived: {derived_rank})",
+            )
         if max_lora_rank < largest:
             worst = max(adapters, key=lambda a: a.rank)
-            raise InputError(f"--max-lora-rank {max_lora_rank} is below adapter {worst.name}'s rank {worst.rank}",
-                             hint=f"leave it out to use {derived_rank}, the smallest value that fits")
+            raise InputError(
+                f"--max-lora-rank {max_lora_rank} is below adapter {worst.name}'s rank {worst.rank}",
+                hint=f"leave it out to use {derived_rank}, the smallest value that fits",
+            )
         rank = max_lora_rank
     count = max(1, len(adapters) + runtime_slots)
     if max_loras is None:
@@ -265,8 +297,10 @@ def derive_lora_flags(adapters: tuple[ServedAdapter, ...], *, max_loras: int | N
             raise InputError("--max-loras must be at least 1")
         loras = max_loras
         if cpu_build and max_loras <= len(adapters):
-            notes.append(f"--max-loras {max_loras} leaves no empty LoRA slot on the CPU build: base-model requests "
-                         "batched with adapter requests may be answered with an adapter applied")
+            notes.append(
+                f"--max-loras {max_loras} leaves no empty LoRA slot on the CPU build: base-model requests "
+                "batched with adapter requests may be answered with an adapter applied"
+            )
     cpu_loras = max_cpu_loras if max_cpu_loras is not None else max(loras, count)
     if cpu_loras < loras:
         raise InputError(f"--max-cpu-loras {cpu_loras} must be at least --max-loras {loras}")
@@ -283,9 +317,14 @@ def lora_module_arg(adapter: ServedAdapter, base_name: str) -> str:
     return json.dumps(entry, separators=(",", ":"))
 
 
-def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | None = None,
-                    include_network: bool = True, guard: str = GUARD_MIDDLEWARE
-                    ) -> tuple[list[str], LoraFlags | None, list[str]]:
+def build_vllm_args(
+    cfg: ServeConfig,
+    *,
+    cpu_build: bool,
+    model_max_len: int | None = None,
+    include_network: bool = True,
+    guard: str = GUARD_MIDDLEWARE,
+) -> tuple[list[str], LoraFlags | None, list[str]]:
     """vLLM's server flags (after the model) for ``cfg``; returns (args, LoRA flags, notes). ``guard`` is the import
     path of the guard middleware where the server runs (:attr:`ServeConfig.guarded`)."""
     args = ["--served-model-name", cfg.served_model_name]
@@ -297,8 +336,10 @@ def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | N
     max_len = cfg.max_model_len
     if max_len is None and cpu_build:
         max_len = min(model_max_len or CPU_DEFAULT_MAX_MODEL_LEN, CPU_DEFAULT_MAX_MODEL_LEN)
-        notes.append(f"CPU build: --max-model-len {max_len} (KV cache of {CPU_KVCACHE_GIB} GiB; pass "
-                     "--max-model-len to change it)")
+        notes.append(
+            f"CPU build: --max-model-len {max_len} (KV cache of {CPU_KVCACHE_GIB} GiB; pass "
+            "--max-model-len to change it)"
+        )
     if max_len is not None:
         args += ["--max-model-len", str(max_len)]
     if cfg.gpu_memory_utilization is not None:
@@ -306,24 +347,36 @@ def build_vllm_args(cfg: ServeConfig, *, cpu_build: bool, model_max_len: int | N
     if cfg.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
     if cpu_build and not _has_flag(cfg.extra_args, "--enforce-eager"):
-        args += ["--enforce-eager", "--max-num-seqs", "8"] if not _has_flag(cfg.extra_args, "--max-num-seqs") \
+        args += (
+            ["--enforce-eager", "--max-num-seqs", "8"]
+            if not _has_flag(cfg.extra_args, "--max-num-seqs")
             else ["--enforce-eager"]
+        )
     if cfg.seed is not None:
         args += ["--seed", str(cfg.seed)]
     flags = None
     if cfg.dynamic:
         flags = cfg.lora_limits.flags(cpu_build=cpu_build)
         notes.extend(flags.notes)
-        args += ["--enable-lora", "--max-lora-rank", str(flags.max_lora_rank), "--max-loras", str(flags.max_loras),
-                 "--max-cpu-loras", str(flags.max_cpu_loras)]
+        args += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(flags.max_lora_rank),
+            "--max-loras",
+            str(flags.max_loras),
+            "--max-cpu-loras",
+            str(flags.max_cpu_loras),
+        ]
         if cfg.tensor_parallel_size > 1:
             args.append("--fully-sharded-loras")
         if any(a.moe_3d for a in cfg.adapters) and not _has_flag(cfg.extra_args, "--enable-mixed-moe-lora-format"):
             # PEFT saves expert LoRA as fused 3-D tensors; vLLM's 2-D MoE LoRA wrapper (most MoE models) refuses
             # them unless the engine takes both formats and the request marks the adapter as 3-D
             args.append("--enable-mixed-moe-lora-format")
-            notes.append("MoE expert LoRA (target_parameters): --enable-mixed-moe-lora-format, and the adapter is "
-                         "marked is_3d_lora_weight in --lora-modules")
+            notes.append(
+                "MoE expert LoRA (target_parameters): --enable-mixed-moe-lora-format, and the adapter is "
+                "marked is_3d_lora_weight in --lora-modules"
+            )
         if cfg.adapters:
             args.append("--lora-modules")
             args += [lora_module_arg(a, cfg.served_model_name) for a in cfg.adapters]
@@ -346,8 +399,10 @@ def flag_pairs(args: list[str], *, drop: tuple[str, ...] = ()) -> list[str]:
 
 
 # vLLM flags whose value is a secret: never on a command line (ps, /proc, logs, manifests), always from the environment
-SECRET_FLAGS = {"--api-key": "the API key: --api-key-env VAR locally, apiKeySecret in a deploy spec",
-                "--hf-token": "a Hugging Face token: HF_TOKEN in the environment, weights.hfTokenSecret in a spec"}
+SECRET_FLAGS = {
+    "--api-key": "the API key: --api-key-env VAR locally, apiKeySecret in a deploy spec",
+    "--hf-token": "a Hugging Face token: HF_TOKEN in the environment, weights.hfTokenSecret in a spec",
+}
 
 
 def secret_flag_problem(args: tuple[str, ...] | list[str]) -> str | None:
@@ -355,7 +410,10 @@ def secret_flag_problem(args: tuple[str, ...] | list[str]) -> str | None:
     for a in args:
         flag = a.split("=", 1)[0]
         if flag in SECRET_FLAGS:
-            return f"{flag} puts a secret on the command line, where ps, logs and manifests show it: pass {SECRET_FLAGS[flag]}"
+            return (
+                f"{flag} puts a secret on the command line, where ps, logs and manifests show it: "
+                f"pass {SECRET_FLAGS[flag]}"
+            )
     return None
 
 
@@ -377,22 +435,28 @@ def build_env(cfg: ServeConfig, *, cpu_build: bool) -> dict[str, str]:
     if cfg.api_key_env:
         key = os.environ.get(cfg.api_key_env)
         if not key:
-            raise InputError(f"--api-key-env {cfg.api_key_env}: that environment variable is empty or unset",
-                             hint=f"export {cfg.api_key_env}=<a long random secret> first")
+            raise InputError(
+                f"--api-key-env {cfg.api_key_env}: that environment variable is empty or unset",
+                hint=f"export {cfg.api_key_env}=<a long random secret> first",
+            )
         env["VLLM_API_KEY"] = key
     if cfg.guarded:
         env[GUARD_SERVED_NAMES_ENV] = cfg.served_model_name
     if cfg.allow_runtime_adapters:
         if not cfg.api_key_env:
-            raise InputError("--allow-runtime-adapters needs an API key: anyone who reaches the server could load "
-                             "any adapter path it can read",
-                             hint="export LORA_DEPLOY_API_KEY=<secret> and pass --api-key-env LORA_DEPLOY_API_KEY")
+            raise InputError(
+                "--allow-runtime-adapters needs an API key: anyone who reaches the server could load "
+                "any adapter path it can read",
+                hint="export LORA_DEPLOY_API_KEY=<secret> and pass --api-key-env LORA_DEPLOY_API_KEY",
+            )
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if cfg.adapter_store is not None:
         if not cfg.api_key_env and cfg.host not in ("127.0.0.1", "localhost", "::1"):
-            raise InputError(f"--adapter-store on {cfg.host} needs an API key: serving a store turns on vLLM's "
-                             "runtime LoRA API, which loads any adapter path the server can read",
-                             hint="export LORA_DEPLOY_API_KEY=<secret> and pass --api-key-env LORA_DEPLOY_API_KEY")
+            raise InputError(
+                f"--adapter-store on {cfg.host} needs an API key: serving a store turns on vLLM's "
+                "runtime LoRA API, which loads any adapter path the server can read",
+                hint="export LORA_DEPLOY_API_KEY=<secret> and pass --api-key-env LORA_DEPLOY_API_KEY",
+            )
         env.update(resolver_env(cfg.adapter_store))
     return env
 

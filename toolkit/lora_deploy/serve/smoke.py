@@ -86,7 +86,7 @@ class Probe:
         if not self.top or not other.top:
             return math.inf
         diffs: list[float] = []
-        for i, (a, b) in enumerate(zip(self.top, other.top)):
+        for i, (a, b) in enumerate(zip(self.top, other.top, strict=False)):
             if not a or not b:
                 break
             floor_a, floor_b = min(a.values()), min(b.values())
@@ -145,9 +145,19 @@ class SmokeReport:
     passed: bool = field(default=False)
 
 
-def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | None = None,
-              api_key: str | None = None, prompt: str = DEFAULT_PROMPT, max_tokens: int = 16,
-              timeout: float = 60.0, retries: int = 3, chat: bool = True, rounds: int = 3) -> SmokeReport:
+def run_smoke(
+    url: str,
+    *,
+    models: list[str] | None = None,
+    base_model: str | None = None,
+    api_key: str | None = None,
+    prompt: str = DEFAULT_PROMPT,
+    max_tokens: int = 16,
+    timeout: float = 60.0,
+    retries: int = 3,
+    chat: bool = True,
+    rounds: int = 3,
+) -> SmokeReport:
     """Run every check against ``url``; ``models`` are the names that must be served (default: all listed)."""
     start = time.monotonic()
     client = Endpoint(url, api_key, timeout=timeout, retries=retries, failure_exit=EXIT_SMOKE)
@@ -161,14 +171,25 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
     if base and base not in wanted:
         wanted.insert(0, base)
     missing = [m for m in wanted if m not in parents]
-    checks.append(Check("models listed", not missing, "missing: " + ", ".join(missing) if missing
-                        else f"{len(parents)} model(s): " + ", ".join(parents)))
+    checks.append(
+        Check(
+            "models listed",
+            not missing,
+            "missing: " + ", ".join(missing) if missing else f"{len(parents)} model(s): " + ", ".join(parents),
+        )
+    )
     adapters = [m for m in wanted if m != base]
     if base and adapters:
         wrong_parent = [m for m in adapters if m in parents and parents[m] != base]
-        checks.append(Check("adapters' parent", not wrong_parent,
-                            "parent is not " + base + ": " + ", ".join(wrong_parent) if wrong_parent
-                            else f"all adapters report {base}"))
+        checks.append(
+            Check(
+                "adapters' parent",
+                not wrong_parent,
+                "parent is not " + base + ": " + ", ".join(wrong_parent)
+                if wrong_parent
+                else f"all adapters report {base}",
+            )
+        )
     present = [m for m in wanted if m in parents]
     distributions = [True]  # until the server refuses log-probabilities: then judge by text from there on
 
@@ -189,7 +210,7 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
     seen: dict[str, list[Probe]] = {m: [] for m in present}
     with ThreadPoolExecutor(max_workers=max(1, len(burst))) as pool:
         for _ in range(rounds):
-            for m, got in zip(burst, pool.map(probe, burst)):
+            for m, got in zip(burst, pool.map(probe, burst), strict=True):
                 seen[m].append(got)
     use_distributions = distributions[0] and all(r.top for r in refs.values())
     noise = max((refs[m].distance(g) for m in present for g in seen[m]), default=0.0) if use_distributions else 0.0
@@ -199,12 +220,18 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
         try:
             for m in present:
                 chat_answers[m] = client.chat(m, [{"role": "user", "content": prompt}], max_tokens)
-            checks.append(Check("chat completion", all(isinstance(v, str) for v in chat_answers.values()),
-                                "every model answered a chat request"))
+            checks.append(
+                Check(
+                    "chat completion",
+                    all(isinstance(v, str) for v in chat_answers.values()),
+                    "every model answered a chat request",
+                )
+            )
         except LoraDeployError as e:
             if "chat template" in e.message.lower() or "chat_template" in e.message.lower():
-                checks.append(Check("chat completion", True, "skipped: the tokenizer has no chat template",
-                                    skipped=True))
+                checks.append(
+                    Check("chat completion", True, "skipped: the tokenizer has no chat template", skipped=True)
+                )
             else:
                 checks.append(Check("chat completion", False, e.message))
     models_out = []
@@ -216,15 +243,32 @@ def run_smoke(url: str, *, models: list[str] | None = None, base_model: str | No
         checks.append(_burst_check(m, ref, seen[m], refs, threshold, use_distributions))
         together = next((g.text for g in seen[m] if g.text != ref.text), ref.text)
         to_base = ref.distance(refs[base]) if base in refs and m != base and use_distributions else None
-        models_out.append(ModelResult(m, parents.get(m), ref.text, stream_text, together, ttft, total,
-                                      chat_answers.get(m), None if to_base is None else round(to_base, 6)))
+        models_out.append(
+            ModelResult(
+                m,
+                parents.get(m),
+                ref.text,
+                stream_text,
+                together,
+                ttft,
+                total,
+                chat_answers.get(m),
+                None if to_base is None else round(to_base, 6),
+            )
+        )
     if base in refs:
         for m in adapters:
             if m in refs:
                 checks.append(_applied_check(m, refs[m], refs[base], threshold, use_distributions))
     if not use_distributions:
-        checks.append(Check("output distributions", True, "skipped: the server returns no logprobs; "
-                            "verdicts compare text (false alarms possible on near-ties)", skipped=True))
+        checks.append(
+            Check(
+                "output distributions",
+                True,
+                "skipped: the server returns no logprobs; verdicts compare text (false alarms possible on near-ties)",
+                skipped=True,
+            )
+        )
     passed = all(c.passed for c in checks)
     return SmokeReport(client.url, base, models_out, checks, prompt, round(time.monotonic() - start, 3), passed)
 
@@ -233,18 +277,33 @@ def _applied_check(model: str, ref: Probe, base: Probe, threshold: float, use_di
     """An adapter must change the base's output distribution by more than the measured noise."""
     if not use_distributions:
         differs = ref.text != base.text
-        return Check("adapter applied", differs, "answers differ from the base" if differs else
-                     "answers exactly like the base: is it applied?", model)
+        return Check(
+            "adapter applied",
+            differs,
+            "answers differ from the base" if differs else "answers exactly like the base: is it applied?",
+            model,
+        )
     d = ref.distance(base)
     if d > threshold:
-        return Check("adapter applied", True, f"distribution differs from the base by {d:.3g} nats "
-                     f"(mean |d logprob| of the top-{TOP_K} tokens; threshold {threshold:.2g})", model)
-    return Check("adapter applied", False, f"output distribution equals the base's (distance {d:.3g} nats, "
-                 f"threshold {threshold:.2g}): the adapter is not applied, or its lora_B is zero", model)
+        return Check(
+            "adapter applied",
+            True,
+            f"distribution differs from the base by {d:.3g} nats "
+            f"(mean |d logprob| of the top-{TOP_K} tokens; threshold {threshold:.2g})",
+            model,
+        )
+    return Check(
+        "adapter applied",
+        False,
+        f"output distribution equals the base's (distance {d:.3g} nats, "
+        f"threshold {threshold:.2g}): the adapter is not applied, or its lora_B is zero",
+        model,
+    )
 
 
-def _burst_check(model: str, ref: Probe, got: list[Probe], refs: dict[str, Probe], threshold: float,
-                 use_distributions: bool) -> Check:
+def _burst_check(
+    model: str, ref: Probe, got: list[Probe], refs: dict[str, Probe], threshold: float, use_distributions: bool
+) -> Check:
     """Every answer from the mixed bursts is this model's: closest to its own reference, text at near-ties."""
     for g in got:
         if use_distributions:
@@ -253,16 +312,25 @@ def _burst_check(model: str, ref: Probe, got: list[Probe], refs: dict[str, Probe
             others = {n: r.distance(g) for n, r in refs.items() if n != model and r.distance(ref) > threshold}
             closest = min(others, key=others.get, default=None)
             if closest is not None and others[closest] <= own:
-                return Check("mixed batch = own model", False,
-                             f"an answer in a concurrent burst is closer to {closest!r} ({others[closest]:.3g} "
-                             f"nats) than to {model!r} itself ({own:.3g}): requests got another model's "
-                             f"weights; text {g.text!r} (alone: {ref.text!r})", model)
+                return Check(
+                    "mixed batch = own model",
+                    False,
+                    f"an answer in a concurrent burst is closer to {closest!r} ({others[closest]:.3g} "
+                    f"nats) than to {model!r} itself ({own:.3g}): requests got another model's "
+                    f"weights; text {g.text!r} (alone: {ref.text!r})",
+                    model,
+                )
         ok, detail = ref.divergence(g.text)
         if not ok:
             return Check("mixed batch = own model", False, f"in a concurrent burst: {detail}", model)
     spread = max((ref.distance(g) for g in got), default=0.0) if use_distributions else 0.0
-    return Check("mixed batch = own model", True, f"{len(got)} concurrent answers match this model"
-                 + (f" (max distance {spread:.3g} nats)" if use_distributions else ""), model)
+    return Check(
+        "mixed batch = own model",
+        True,
+        f"{len(got)} concurrent answers match this model"
+        + (f" (max distance {spread:.3g} nats)" if use_distributions else ""),
+        model,
+    )
 
 
 def probe_model(client: Endpoint, model: str, prompt: str, max_tokens: int, *, logprobs: bool = True) -> Probe:
@@ -287,8 +355,12 @@ def _stream(client: Endpoint, model: str, prompt: str, max_tokens: int) -> tuple
     start = time.monotonic()
     ttft = None
     parts = []
-    r = client.request("POST", "/v1/completions", stream=True, json={
-        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    r = client.request(
+        "POST",
+        "/v1/completions",
+        stream=True,
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True},
+    )
     with r:
         for chunk in iter_sse(r):
             text = chunk["choices"][0].get("text", "") if chunk.get("choices") else ""
@@ -304,13 +376,17 @@ def format_report(report: SmokeReport) -> str:
     width = max((len(m.model) for m in report.models), default=5)
     lines.append(f"{'model'.ljust(width)}  {'parent'.ljust(12)}  {'TTFT':>7}  {'total':>7}  answer")
     for m in report.models:
-        lines.append(f"{m.model.ljust(width)}  {str(m.parent or '-')[:12].ljust(12)}  {m.ttft_s * 1000:>5.0f}ms  "
-                     f"{m.total_s * 1000:>5.0f}ms  {m.answer!r}")
+        lines.append(
+            f"{m.model.ljust(width)}  {str(m.parent or '-')[:12].ljust(12)}  {m.ttft_s * 1000:>5.0f}ms  "
+            f"{m.total_s * 1000:>5.0f}ms  {m.answer!r}"
+        )
     lines.append("")
     for c in report.checks:
         mark = "SKIP" if c.skipped else ("PASS" if c.passed else "FAIL")
         lines.append(f"  {mark}  {c.name}{f' [{c.model}]' if c.model else ''}: {c.detail}")
     lines.append("")
-    lines.append(f"{'PASSED' if report.passed else 'FAILED'}: {sum(c.passed for c in report.checks)} of "
-                 f"{len(report.checks)} checks in {report.seconds:.1f} s")
+    lines.append(
+        f"{'PASSED' if report.passed else 'FAILED'}: {sum(c.passed for c in report.checks)} of "
+        f"{len(report.checks)} checks in {report.seconds:.1f} s"
+    )
     return "\n".join(lines)

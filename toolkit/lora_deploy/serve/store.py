@@ -59,12 +59,18 @@ class BaseShape:
     @classmethod
     def from_config(cls, config: dict) -> BaseShape:
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-        return cls(str(config.get("model_type")), text.get("hidden_size"), text.get("num_hidden_layers"),
-                   text.get("vocab_size", config.get("vocab_size")))
+        return cls(
+            str(config.get("model_type")),
+            text.get("hidden_size"),
+            text.get("num_hidden_layers"),
+            text.get("vocab_size", config.get("vocab_size")),
+        )
 
     def describe(self) -> str:
-        return (f"{self.model_type}, hidden {self.hidden_size}, {self.num_hidden_layers} layers, "
-                f"vocabulary {self.vocab_size}")
+        return (
+            f"{self.model_type}, hidden {self.hidden_size}, {self.num_hidden_layers} layers, "
+            f"vocabulary {self.vocab_size}"
+        )
 
 
 @dataclass(frozen=True)
@@ -87,22 +93,30 @@ class StoreRecord:
         try:
             return cls(**{**data, "shape": BaseShape(**data["shape"])})
         except (TypeError, KeyError) as e:
-            raise InputError(f"{source} is not a lora-deploy store record ({e})",
-                             hint="it is written by lora-deploy dynamic --adapter-store or adapters publish; "
-                                  "restore it or start a new store") from e
+            raise InputError(
+                f"{source} is not a lora-deploy store record ({e})",
+                hint="it is written by lora-deploy dynamic --adapter-store or adapters publish; "
+                "restore it or start a new store",
+            ) from e
 
     def mismatch(self, other: StoreRecord) -> list[str]:
         """Why a server described by ``other`` cannot serve this store (empty when it can)."""
         problems = []
         if other.model != self.model:
-            problems.append(f"the store's adapters name --model {self.model!r} as their base, this server's --model "
-                            f"is {other.model!r} (vLLM's resolver compares the two strings exactly)")
+            problems.append(
+                f"the store's adapters name --model {self.model!r} as their base, this server's --model "
+                f"is {other.model!r} (vLLM's resolver compares the two strings exactly)"
+            )
         if other.shape != self.shape:
-            problems.append(f"the store was made for a base of shape ({self.shape.describe()}), this server's base "
-                            f"is ({other.shape.describe()})")
+            problems.append(
+                f"the store was made for a base of shape ({self.shape.describe()}), this server's base "
+                f"is ({other.shape.describe()})"
+            )
         if other.max_lora_rank < self.max_lora_rank:
-            problems.append(f"the store accepts adapters up to rank {self.max_lora_rank}, this server's "
-                            f"--max-lora-rank is {other.max_lora_rank}: it could not load them all")
+            problems.append(
+                f"the store accepts adapters up to rank {self.max_lora_rank}, this server's "
+                f"--max-lora-rank is {other.max_lora_rank}: it could not load them all"
+            )
         return problems
 
 
@@ -150,15 +164,15 @@ class RetireReport:
     endpoints: tuple[EndpointResult, ...] = ()
 
 
-def describe_server(base: str, model: str, served_model_name: str, max_lora_rank: int,
-                    served_from: str) -> StoreRecord:
+def describe_server(base: str, model: str, served_model_name: str, max_lora_rank: int, served_from: str) -> StoreRecord:
     """The record a server (or a publish that creates the store) stands for, from its base's config."""
     from lora_deploy.hub import resolve_headers
     from lora_deploy.model.layout import read_config
 
     if max_lora_rank not in ALLOWED_LORA_RANKS:
-        raise InputError(f"--max-lora-rank {max_lora_rank} is not one vLLM accepts",
-                         hint=", ".join(map(str, ALLOWED_LORA_RANKS)))
+        raise InputError(
+            f"--max-lora-rank {max_lora_rank} is not one vLLM accepts", hint=", ".join(map(str, ALLOWED_LORA_RANKS))
+        )
     config = read_config(resolve_headers(base, kind="base model").path)
     base = str(Path(base).resolve()) if Path(base).exists() else base  # readable from any working directory
     return StoreRecord(model, served_model_name, base, BaseShape.from_config(config), max_lora_rank, served_from)
@@ -192,10 +206,12 @@ def open_store(folder: str | Path, server: StoreRecord | None = None, *, create:
         return None
     if record is None:
         if server is None:
-            raise InputError(f"{folder} is not an adapter store (no {META_DIR}/{RECORD_FILE})",
-                             hint="start a server with lora-deploy dynamic --base BASE --adapter-store DIR "
-                                  "--max-lora-rank R, or pass --base, --max-lora-rank (and --model) to publish "
-                                  "to create it")
+            raise InputError(
+                f"{folder} is not an adapter store (no {META_DIR}/{RECORD_FILE})",
+                hint="start a server with lora-deploy dynamic --base BASE --adapter-store DIR "
+                "--max-lora-rank R, or pass --base, --max-lora-rank (and --model) to publish "
+                "to create it",
+            )
         meta = folder / META_DIR
         meta.mkdir(parents=True, exist_ok=True)
         with _locked(folder):
@@ -208,10 +224,12 @@ def open_store(folder: str | Path, server: StoreRecord | None = None, *, create:
     if server is not None:
         problems = record.mismatch(server)
         if problems:
-            raise InputError(f"adapter store {folder} was made for another server: " + "; ".join(problems),
-                             hint=f"serve it with --model {record.model} and --max-lora-rank >= "
-                                  f"{record.max_lora_rank} (the store's base: {record.base}), or use another "
-                                  "folder for this base")
+            raise InputError(
+                f"adapter store {folder} was made for another server: " + "; ".join(problems),
+                hint=f"serve it with --model {record.model} and --max-lora-rank >= "
+                f"{record.max_lora_rank} (the store's base: {record.base}), or use another "
+                "folder for this base",
+            )
     return record
 
 
@@ -245,15 +263,25 @@ def _check_name(name: str, record: StoreRecord) -> None:
     if problem:
         raise InputError(f"adapter name {problem}", hint="pass --name NAME, for example --name support-v2")
     if name == record.served_model_name:
-        raise InputError(f"adapter name {name!r} is the base's served name: requests for it would reach the base",
-                         hint="pass --name with another name")
+        raise InputError(
+            f"adapter name {name!r} is the base's served name: requests for it would reach the base",
+            hint="pass --name with another name",
+        )
     if name.startswith(".") or name == META_DIR:
         raise InputError(f"adapter name {name!r} is reserved for the store's own files", hint="pass --name")
 
 
-def publish(adapter: str, store: str | Path, *, name: str | None = None, replace: bool = False,
-            endpoints: tuple[str, ...] = (), api_key: str | None = None, create: StoreRecord | None = None,
-            revision: str | None = None) -> PublishReport:
+def publish(
+    adapter: str,
+    store: str | Path,
+    *,
+    name: str | None = None,
+    replace: bool = False,
+    endpoints: tuple[str, ...] = (),
+    api_key: str | None = None,
+    create: StoreRecord | None = None,
+    revision: str | None = None,
+) -> PublishReport:
     """Publish ``adapter`` (a folder or hub id) into the store as ``name`` (default: the folder's or repo's name).
 
     Pre-flight first (exit 3 for broken input, 4 for what the servers could not serve), then the files are written
@@ -264,8 +292,16 @@ def publish(adapter: str, store: str | Path, *, name: str | None = None, replace
     when it does not exist yet (checked otherwise). A store that cannot be written is exit 5.
     """
     with _store_io(Path(store)):
-        return _publish(adapter, Path(store), name=name, replace=replace, endpoints=endpoints, api_key=api_key,
-                        create=create, revision=revision)
+        return _publish(
+            adapter,
+            Path(store),
+            name=name,
+            replace=replace,
+            endpoints=endpoints,
+            api_key=api_key,
+            create=create,
+            revision=revision,
+        )
 
 
 @contextmanager
@@ -276,13 +312,24 @@ def _store_io(folder: Path) -> Iterator[None]:
     except LoraDeployError:
         raise
     except OSError as e:
-        raise OutputError(f"adapter store {folder}: {e.strerror or e} ({e.filename or folder})",
-                          hint="the store must be writable by this user (in the pods: uid 2000, mounted read-write "
-                               "only for the publish Job)") from e
+        raise OutputError(
+            f"adapter store {folder}: {e.strerror or e} ({e.filename or folder})",
+            hint="the store must be writable by this user (in the pods: uid 2000, mounted read-write "
+            "only for the publish Job)",
+        ) from e
 
 
-def _publish(adapter: str, folder: Path, *, name: str | None, replace: bool, endpoints: tuple[str, ...],
-             api_key: str | None, create: StoreRecord | None, revision: str | None) -> PublishReport:
+def _publish(
+    adapter: str,
+    folder: Path,
+    *,
+    name: str | None,
+    replace: bool,
+    endpoints: tuple[str, ...],
+    api_key: str | None,
+    create: StoreRecord | None,
+    revision: str | None,
+) -> PublishReport:
     from lora_deploy.errors import UnsupportedError
     from lora_deploy.hub import resolve_ref
     from lora_deploy.serve.preflight import check_adapters, require_passed
@@ -295,23 +342,30 @@ def _publish(adapter: str, folder: Path, *, name: str | None, replace: bool, end
     _check_name(name, record)
     link = folder / name
     if (link.exists() or link.is_symlink()) and not replace:
-        raise OutputError(f"the store already has an adapter named {name!r}",
-                          hint="pass --replace to publish a new version under the same name, or --name NAME")
+        raise OutputError(
+            f"the store already has an adapter named {name!r}",
+            hint="pass --replace to publish a new version under the same name, or --name NAME",
+        )
     if link.exists() and not link.is_symlink():
-        raise OutputError(f"{link} is a folder copied into the store by hand: it cannot be swapped atomically",
-                          hint=f"retire it first (lora-deploy adapters retire {name} --store {folder}), then publish")
+        raise OutputError(
+            f"{link} is a folder copied into the store by hand: it cannot be swapped atomically",
+            hint=f"retire it first (lora-deploy adapters retire {name} --store {folder}), then publish",
+        )
     staging = folder / META_DIR / "staging" / f"normalised-{uuid.uuid4().hex[:12]}"
-    report = check_adapters(record.base, {name: str(source.path)}, max_lora_rank=record.max_lora_rank,
-                            normalise_dir=staging)
+    report = check_adapters(
+        record.base, {name: str(source.path)}, max_lora_rank=record.max_lora_rank, normalise_dir=staging
+    )
     try:
         require_passed(report)
         checked = report.accepted[0]
         if checked.moe_3d:
             # vLLM's resolver builds its load request without is_3d_lora_weight, which fused expert LoRA needs
-            raise UnsupportedError(f"{name}: LoRA on fused MoE expert parameters (target_parameters) cannot be served "
-                                   "through vLLM's filesystem resolver, which does not mark it is_3d_lora_weight",
-                                   hint="serve it as a startup adapter (dynamic --adapter NAME=PATH, or adapters: in "
-                                        "the deploy spec), or merge it")
+            raise UnsupportedError(
+                f"{name}: LoRA on fused MoE expert parameters (target_parameters) cannot be served "
+                "through vLLM's filesystem resolver, which does not mark it is_3d_lora_weight",
+                hint="serve it as a startup adapter (dynamic --adapter NAME=PATH, or adapters: in "
+                "the deploy spec), or merge it",
+            )
         notes = list(report.notes)
         version = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{uuid.uuid4().hex[:8]}"
         versions = _versions(folder, name)
@@ -321,21 +375,36 @@ def _publish(adapter: str, folder: Path, *, name: str | None, replace: bool, end
         with staged_folder(versions / version, force=False, what=f"adapter {name}") as staged:
             original = _copy_adapter(Path(checked.path), staged.path, record.model)
             if original != record.model:
-                notes.append(f"base_model_name_or_path was {original!r}; set to {record.model!r}, the servers' "
-                             "--model, so vLLM's resolver loads it (the original is kept in the publish record)")
-            entry = StoredAdapter(name, True, checked.rank, version, source.source, original,
-                                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            (staged.path / PUBLISH_FILE).write_text(json.dumps({**asdict(entry), "revision": source.revision,
-                                                                "lora_deploy": __version__}, indent=2) + "\n")
+                notes.append(
+                    f"base_model_name_or_path was {original!r}; set to {record.model!r}, the servers' "
+                    "--model, so vLLM's resolver loads it (the original is kept in the publish record)"
+                )
+            entry = StoredAdapter(
+                name,
+                True,
+                checked.rank,
+                version,
+                source.source,
+                original,
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            )
+            (staged.path / PUBLISH_FILE).write_text(
+                json.dumps({**asdict(entry), "revision": source.revision, "lora_deploy": __version__}, indent=2) + "\n"
+            )
             _fsync_tree(staged.path)
         with _locked(folder):
             if (link.exists() or link.is_symlink()) and not replace:  # appeared meanwhile
                 shutil.rmtree(versions / version, ignore_errors=True)
-                raise OutputError(f"an adapter named {name!r} was published while this one was written",
-                                  hint="pass --replace to publish a new version")
+                raise OutputError(
+                    f"an adapter named {name!r} was published while this one was written",
+                    hint="pass --replace to publish a new version",
+                )
             if not (versions / version / CONFIG_FILE).is_file():
-                raise OutputError(f"version {version} of {name!r} disappeared before it was switched in (another "
-                                  "publish of the same name cleaned up)", hint="publish it again")
+                raise OutputError(
+                    f"version {version} of {name!r} disappeared before it was switched in (another "
+                    "publish of the same name cleaned up)",
+                    hint="publish it again",
+                )
             previous = _current_version(folder, name)
             tmp = folder / f".{name}.link-{uuid.uuid4().hex[:12]}"
             os.symlink(Path(META_DIR, "versions", name, version), tmp)
@@ -344,8 +413,11 @@ def _publish(adapter: str, folder: Path, *, name: str | None, replace: bool, end
             # versions older than the previous one leave the volume (a crafted model name could reach them); the
             # previous one stays for replicas that were told to load it and may reload it after an eviction
             for old in versions.iterdir():
-                if not old.name.startswith(".") and old.name not in (version, previous) and (
-                        previous is None or old.name < previous):
+                if (
+                    not old.name.startswith(".")
+                    and old.name not in (version, previous)
+                    and (previous is None or old.name < previous)
+                ):
                     shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -354,15 +426,19 @@ def _publish(adapter: str, folder: Path, *, name: str | None, replace: bool, end
         served_path = f"{record.served_from.rstrip('/')}/{META_DIR}/versions/{name}/{version}"
         results = tuple(_reload(url, name, served_path, api_key) for url in endpoints)
         if not endpoints:
-            notes.append(f"replicas that already loaded {name} keep serving version {previous} until they are told "
-                         "(adapters publish --replace --endpoint URL, naming every replica) or restarted, and they "
-                         "switch to the new files at their own moment when vLLM evicts and reloads the adapter, with "
-                         "prefix-cache blocks of the old weights: tell every replica")
+            notes.append(
+                f"replicas that already loaded {name} keep serving version {previous} until they are told "
+                "(adapters publish --replace --endpoint URL, naming every replica) or restarted, and they "
+                "switch to the new files at their own moment when vLLM evicts and reloads the adapter, with "
+                "prefix-cache blocks of the old weights: tell every replica"
+            )
     out = PublishReport(entry, str(folder), str(link), previous, tuple(notes), results)
     served_path = f"{record.served_from.rstrip('/')}/{META_DIR}/versions/{name}/{version}"
-    _raise_for_endpoints(out.endpoints, f"{name} version {version} is published",
-                         f"lora-deploy adapters load {name} {served_path} --replace --url URL (for each replica "
-                         "listed), or restart it")
+    _raise_for_endpoints(
+        out.endpoints,
+        f"{name} version {version} is published",
+        f"lora-deploy adapters load {name} {served_path} --replace --url URL (for each replica listed), or restart it",
+    )
     return out
 
 
@@ -414,8 +490,9 @@ def _raise_for_endpoints(results: tuple[EndpointResult, ...], done: str, fix: st
     failed = [r for r in results if r.action == "failed"]
     if failed:
         listing = "\n".join(f"  - {r.url}: {r.detail}" for r in failed)
-        raise LoraDeployError(f"{done}, but {len(failed)} replica(s) could not be told:\n{listing}",
-                              exit_code=EXIT_ADMIN, hint=fix)
+        raise LoraDeployError(
+            f"{done}, but {len(failed)} replica(s) could not be told:\n{listing}", exit_code=EXIT_ADMIN, hint=fix
+        )
 
 
 def replica_urls(host_port: str) -> tuple[str, ...]:
@@ -425,13 +502,16 @@ def replica_urls(host_port: str) -> tuple[str, ...]:
 
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
-        raise InputError(f"--replicas {host_port!r} is not HOST:PORT", hint="for example --replicas "
-                                                                         "support-pods.llm.svc:8000")
+        raise InputError(
+            f"--replicas {host_port!r} is not HOST:PORT", hint="for example --replicas support-pods.llm.svc:8000"
+        )
     try:
         found = sorted({a[4][0] for a in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)})
     except socket.gaierror as e:
-        raise InputError(f"--replicas {host_port}: {host} does not resolve ({e})",
-                         hint="the headless Service NAME-pods.NAMESPACE.svc lists the ready server pods") from e
+        raise InputError(
+            f"--replicas {host_port}: {host} does not resolve ({e})",
+            hint="the headless Service NAME-pods.NAMESPACE.svc lists the ready server pods",
+        ) from e
     return tuple(f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in found)
 
 
@@ -440,8 +520,10 @@ def list_store(store: str | Path) -> tuple[StoredAdapter, ...]:
     try:
         return _list_store(Path(store))
     except OSError as e:
-        raise InputError(f"adapter store {store}: {e.strerror or e} ({e.filename or store})",
-                         hint="the store must be readable by this user") from e
+        raise InputError(
+            f"adapter store {store}: {e.strerror or e} ({e.filename or store})",
+            hint="the store must be readable by this user",
+        ) from e
 
 
 def _list_store(folder: Path) -> tuple[StoredAdapter, ...]:
@@ -474,12 +556,14 @@ def _hand_copied(entry: Path, record: StoreRecord) -> StoredAdapter:
         problem = f"peft_type is {config.get('peft_type')!r}, not LORA"
     elif base != record.model:
         problem = f"base_model_name_or_path is {base!r}, not the servers' --model {record.model!r}"
-    return StoredAdapter(entry.name, False, rank if isinstance(rank, int) else None, original_base=base,
-                         problem=problem)
+    return StoredAdapter(
+        entry.name, False, rank if isinstance(rank, int) else None, original_base=base, problem=problem
+    )
 
 
-def retire(name: str, store: str | Path, *, endpoints: tuple[str, ...] = (),
-           api_key: str | None = None) -> RetireReport:
+def retire(
+    name: str, store: str | Path, *, endpoints: tuple[str, ...] = (), api_key: str | None = None
+) -> RetireReport:
     """Take ``name`` out of the store: the name disappears first (no replica resolves it any more), then each of
     ``endpoints`` (name every replica) that loaded it unloads it, then every version leaves the volume. A store that
     cannot be written is exit 5; files that could not be removed are an error, not a success."""
@@ -495,8 +579,9 @@ def _retire(name: str, folder: Path, *, endpoints: tuple[str, ...], api_key: str
     link = folder / name
     with _locked(folder):
         if not (link.exists() or link.is_symlink()):
-            raise InputError(f"the store has no adapter named {name!r}",
-                             hint=f"lora-deploy adapters list --store {folder}")
+            raise InputError(
+                f"the store has no adapter named {name!r}", hint=f"lora-deploy adapters list --store {folder}"
+            )
         version = _current_version(folder, name)
         versions = _versions(folder, name)
         # exactly what is retired, recorded under the lock: a publish of the same name while the replicas are told
@@ -515,20 +600,43 @@ def _retire(name: str, folder: Path, *, endpoints: tuple[str, ...], api_key: str
             shutil.rmtree(v, ignore_errors=True)
         left = [str(p) for p in (gone, *retired) if p.exists() or p.is_symlink()]
     if left:
-        raise OutputError(f"{name} is no longer served from the store, but these could not be removed: "
-                          f"{', '.join(left)} (a crafted model name could still load them)",
-                          hint="remove them as their owner, or with the permissions the store's files need")
+        raise OutputError(
+            f"{name} is no longer served from the store, but these could not be removed: "
+            f"{', '.join(left)} (a crafted model name could still load them)",
+            hint="remove them as their owner, or with the permissions the store's files need",
+        )
     # a replica that still holds the adapter reloads it from its path after an eviction; with the files gone that
     # load fails inside vLLM's engine, so every replica must be told
-    notes = () if endpoints else (f"replicas that already loaded {name} keep serving it until they are told "
-                                  "(adapters retire --endpoint URL for every replica, or adapters unload) or "
-                                  "restarted; one that evicts and reloads it meanwhile finds its files gone",)
+    notes = (
+        ()
+        if endpoints
+        else (
+            f"replicas that already loaded {name} keep serving it until they are told "
+            "(adapters retire --endpoint URL for every replica, or adapters unload) or "
+            "restarted; one that evicts and reloads it meanwhile finds its files gone",
+        )
+    )
     out = RetireReport(name, str(folder), version, notes, results)
-    _raise_for_endpoints(out.endpoints, f"{name} is retired from the store",
-                         f"lora-deploy adapters unload {name} --force --url URL (for each replica listed), or "
-                         "restart it")
+    _raise_for_endpoints(
+        out.endpoints,
+        f"{name} is retired from the store",
+        f"lora-deploy adapters unload {name} --force --url URL (for each replica listed), or restart it",
+    )
     return out
 
 
-__all__ = ["BaseShape", "EndpointResult", "PublishReport", "RetireReport", "StoreRecord", "StoredAdapter",
-           "describe_server", "list_store", "open_store", "publish", "read_record", "replica_urls", "retire"]
+__all__ = [
+    "BaseShape",
+    "EndpointResult",
+    "PublishReport",
+    "RetireReport",
+    "StoreRecord",
+    "StoredAdapter",
+    "describe_server",
+    "list_store",
+    "open_store",
+    "publish",
+    "read_record",
+    "replica_urls",
+    "retire",
+]
