@@ -17,12 +17,13 @@ SHELL := /bin/bash
 QUIET_PIP := 2>&1 | sed -e '/is ignored: it is neither a file nor a directory/d'
 
 
-.PHONY: help venv demo demo-tiny test crds clean bench-merge bench-serve bench-qlora bench-fleet
+.PHONY: help venv demo demo-tiny lint test crds clean bench-merge bench-serve bench-qlora bench-fleet
 
 help:
 	@echo "make demo   - set up .venv, build the SmolLM2 example, merge it (verified), serve merged and dynamic"
 	@echo "make demo-tiny - the same story on a random 2-layer Llama (seconds to build)"
-	@echo "make test   - set up .venv with test extras and run the whole test suite"
+	@echo "make test   - set up .venv with test extras, run the quality gate (make lint), then the whole test suite"
+	@echo "make lint   - ruff check, ruff format --check and mypy over toolkit/ (the versions pinned in the test extra)"
 	@echo "make crds   - download the published CRDs the tests and 'manifests --crd' use (sha256 checked)"
 	@echo "make bench-merge - copy vs lora-deploy merged vs PEFT on a 1.1B-parameter checkpoint"
 	@echo "make bench-serve - merged vs dynamic LoRA serving on real vLLM, with a PNG plot in docs/"
@@ -58,7 +59,13 @@ demo-tiny: $(STAMP)
 		--output demo-out/tiny-merged-classify --verify --force
 	$(PY) -m lora_deploy.examples.demo --example tiny-example --merged demo-out/tiny-merged-classify
 
-test: $(STAMP)
+# the quality gate: lint, formatting and types (pinned in the `test` extra); `make test` runs it first
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest -q --durations=15
 
 # the published CRDs (lora_deploy/k8s/crds.py: URL at a release tag, sha256) into ~/.cache/lora-deploy/crds or

@@ -95,7 +95,7 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
                     f"{kind} {text!r}: its safetensors index names a shard {name!r} outside the repository's folder",
                     hint="a repository's shard names are plain file names; this one cannot be read safely",
                 )
-            header = {
+            header: dict[str, object] = {
                 t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
                 for t, i in file_meta.tensors.items()
             }

@@ -113,7 +113,7 @@ def entry_point() -> None:
     """
     try:
         main()
-        code: object = 0
+        code: str | int | None = 0
     except SystemExit as e:
         code = e.code
     if "torch" not in sys.modules:

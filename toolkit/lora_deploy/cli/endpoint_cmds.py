@@ -108,6 +108,7 @@ def adapters_list(
         return
     from lora_deploy.serve.admin import list_models
 
+    assert url is not None  # exactly one of --url and --store, checked above
     models = list_models(url, _api_key(api_key_env))
     out.result(models, out.table([(m.id, f"parent={m.parent or '-'}  root={m.root}") for m in models]))
 

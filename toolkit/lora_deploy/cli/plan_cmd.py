@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -99,8 +99,8 @@ def plan(
     from lora_deploy.plan.capacity import PlanRequest, plan_capacity
     from lora_deploy.serve.flags import LoraLimits
 
-    limits = dict(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
-    options = dict(
+    limits: dict[str, Any] = dict(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
+    options: dict[str, Any] = dict(
         adapters=_pairs(adapter or [], "adapter"),
         max_model_len=max_model_len,
         concurrency=concurrency,
@@ -130,15 +130,15 @@ def plan(
             lora=limits,
             **{k: v for k, v in options.items() if v not in ({}, None)},
         )
-        result = check_spec(deploy, plan_capacity(req), str(spec))
+        checked = check_spec(deploy, plan_capacity(req), str(spec))
         _print(
-            result.plan,
+            checked.plan,
             extra=[("spec", str(spec))]
-            + [("problem", p) for p in result.problems]
-            + [("warning", w) for w in result.warnings],
-            payload=result,
+            + [("problem", p) for p in checked.problems]
+            + [("warning", w) for w in checked.warnings],
+            payload=checked,
         )
-        if not result.passed:
+        if not checked.passed:
             raise typer.Exit(EXIT_VERIFY)
         return
     if base is None:

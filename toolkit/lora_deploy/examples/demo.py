@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 from lora_deploy.errors import EXIT_SMOKE
 from lora_deploy.serve.flags import ServeConfig, ServedAdapter
@@ -49,7 +50,7 @@ def _answers(url: str, models: dict[str, str], questions: list[tuple[str, str]],
     out: dict[str, list[str]] = {}
     for m, task in models.items():
         out[m] = [
-            client.chat.completions.create(model=m, messages=messages(task, q), max_tokens=16, temperature=0)
+            client.chat.completions.create(model=m, messages=cast(Any, messages(task, q)), max_tokens=16, temperature=0)
             .choices[0]
             .message.content
             or ""

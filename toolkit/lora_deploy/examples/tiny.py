@@ -16,6 +16,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_deploy.output import quiet_libraries
 
@@ -72,7 +73,7 @@ def tiny_config(arch: str = "llama", **overrides):
 
     common = dict(vocab_size=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if arch == "gpt2":
-        kw = dict(n_embd=128, n_layer=2, n_head=2, n_positions=256, **common)
+        kw: dict[str, Any] = dict(n_embd=128, n_layer=2, n_head=2, n_positions=256, **common)
         kw.update(overrides)
         return GPT2Config(**kw)
     kw = dict(
@@ -232,7 +233,7 @@ def build_example(root: Path, *, steps: int = 150, force: bool = False) -> Examp
             LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"),
         )
         _train(peft_model, tok, data[name], steps, 2e-3, 1 + i)
-        peft_model.save_pretrained(paths.adapters[name])
+        peft_model.save_pretrained(str(paths.adapters[name]))
         point_adapter_at_base(paths.adapters[name], paths.base)
     marker.write_text(
         json.dumps(
@@ -291,7 +292,7 @@ def greedy_answer(
             hint="copy the base model's tokenizer files (tokenizer.json, tokenizer_config.json) into it",
         )
     tok = AutoTokenizer.from_pretrained(adapter if has_own else model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
 
@@ -305,4 +306,4 @@ def greedy_answer(
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
-    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    return str(tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))

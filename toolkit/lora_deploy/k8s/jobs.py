@@ -141,7 +141,7 @@ def smoke_job(spec: DeploySpec) -> dict:
         {"key": "lora_deploy__init__.py", "path": "lora_deploy/__init__.py"},
         *({"key": _module_key(m), "path": f"lora_deploy/{m}"} for m in SMOKE_MODULES),
     ]
-    container = {
+    container: dict = {
         "name": "smoke-test",
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, replace
 
 from lora_deploy.errors import InputError
-from lora_deploy.k8s.spec import quantity_value
+from lora_deploy.k8s.spec import DeploySpec, quantity_value
 from lora_deploy.plan.capacity import CapacityPlan, PlanRequest, tp_ok
 from lora_deploy.plan.shape import GIB
 
@@ -104,7 +104,7 @@ def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
     return SpecCheck(source, g.gpu, tuple(problems), tuple(warnings), plan)
 
 
-def sized_spec(spec, plan: CapacityPlan, given: set[str]) -> tuple[object, list[str]]:
+def sized_spec(spec: DeploySpec, plan: CapacityPlan, given: set[str]) -> tuple[DeploySpec, list[str]]:
     """``spec`` with what it does not say sized from ``plan``'s first GPU: ``gpus`` and ``vllm.tensorParallelSize``
     (the tensor parallelism needed), ``vllm.maxModelLen`` and ``resources.memory`` (the weights one pod reads, plus
     a quarter and 8 GiB of headroom; at least 16Gi). Keys in ``given`` (the spec's own, dotted camelCase) stay."""

@@ -302,7 +302,7 @@ def _build(cls, data: Any, where: str, problems: list[str]):
                     raise InputError(f"{path}: expected a list of strings")
                 kwargs[key] = tuple(value)
             else:
-                kwargs[key] = _typed(value, known[key].type, path)
+                kwargs[key] = _typed(value, str(known[key].type), path)  # a string: annotations are postponed
         except InputError as e:
             problems.append(e.message)
     required = [_camel(f.name) for f in fields(cls) if f.name not in kwargs and _required(f)]

@@ -249,15 +249,16 @@ def validate_object(
     obj: dict, version: str = KUBERNETES_VERSION, crds: Mapping[tuple[str, str], CrdSchema] | None = None
 ) -> list[str]:
     """Every problem with one object, each naming the field; empty when the cluster would accept it."""
-    kind = obj.get("kind")
+    kind = str(obj.get("kind", ""))
     if kind == "Kustomization":
         return [] if isinstance(obj.get("resources"), list) else ["kustomization has no resources list"]
-    crd = (crds or {}).get((obj.get("apiVersion"), kind))
+    key = (str(obj.get("apiVersion", "")), kind)
+    crd = (crds or {}).get(key)
     if kind == "LeaderWorkerSet":  # a supplied CRD replaces only the schema: the webhook's rules still apply
         return _validate_lws(obj, version, crd.schema if crd else LWS_V1_SCHEMA)
     if crd is not None:
         return _json_schema_problems(crd.schema, obj, kind)
-    if (obj.get("apiVersion"), kind) in CRD_ONLY_KINDS:
+    if key in CRD_ONLY_KINDS:
         return _shape_problems(obj)
     if kind in MODEL_KINDS:
         return _validate_with_model(obj, MODEL_KINDS[kind])
@@ -276,7 +277,8 @@ def unvalidated_files(files: dict[str, dict], crds: Mapping[tuple[str, str], Crd
     return [
         f"{name} ({obj['kind']}: kubectl get crd {CRD_ONLY_KINDS[key]} -o yaml > FILE, then --crd FILE)"
         for name, obj in files.items()
-        if (key := (obj.get("apiVersion"), obj.get("kind"))) in CRD_ONLY_KINDS and key not in (crds or {})
+        if (key := (str(obj.get("apiVersion", "")), str(obj.get("kind", "")))) in CRD_ONLY_KINDS
+        and key not in (crds or {})
     ]
 
 

@@ -141,13 +141,13 @@ def server_volumes(spec: DeploySpec) -> tuple[list[dict], list[dict]]:
             "name": "models",
             "persistentVolumeClaim": {"claimName": claim, "readOnly": spec.weights.source == "pvc"},
         }
-    volumes = [
+    volumes: list[dict] = [
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm_size(spec.tensor_parallel_size)}},
         models,
         {"name": "tmp", "emptyDir": {}},
         {"name": "config", "configMap": {"name": f"{spec.name}-config"}},
     ]
-    mounts = [
+    mounts: list[dict] = [
         {"name": "shm", "mountPath": "/dev/shm"},
         {"name": "models", "mountPath": spec.weights.mount_path, "readOnly": spec.weights.source == "pvc"},
         {"name": "tmp", "mountPath": "/tmp"},
@@ -263,7 +263,7 @@ def deployment(spec: DeploySpec, args: list[str]) -> dict:
     volumes, mounts = server_volumes(spec)
     selector = server_selector(spec)
     pod = pod_spec(spec, [vllm_container(spec, args, mounts)], volumes, init=download_init(spec, mounts))
-    dep = {
+    dep: dict = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": object_meta(spec, spec.name),
@@ -348,7 +348,7 @@ def network_policy(spec: DeploySpec, selector: dict) -> dict:
     peers: list[dict] = [{"podSelector": {"matchLabels": {"lora-deploy/client": "true"}}}]
     if spec.routing.kind == "inference-pool":
         peers.append({"podSelector": {"matchLabels": {**object_labels(spec, "endpoint-picker")}}})
-        labels = np.gateway_pod_labels or {"gateway.networking.k8s.io/gateway-name": spec.routing.gateway}
+        labels = np.gateway_pod_labels or {"gateway.networking.k8s.io/gateway-name": str(spec.routing.gateway)}
         peers.append(
             {
                 "namespaceSelector": {
@@ -386,7 +386,7 @@ def stamp_template(template: dict) -> str:
 
 
 def models_claim(spec: DeploySpec) -> dict:
-    pvc = {
+    pvc: dict = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
         "metadata": object_meta(spec, spec.weights.claim or f"{spec.name}-models"),

@@ -196,9 +196,10 @@ def _stream(
                 continue
             streamable = _streamable(p)
             if streamable:
-                if slot_jobs[slot] is not None:
-                    slot_jobs[slot].result()  # that slot's previous tensor is on disk: reuse its buffer
-                src = reader.read(p.source, reuse=True)
+                previous = slot_jobs[slot]
+                if previous is not None:
+                    previous.result()  # that slot's previous tensor is on disk: reuse its buffer
+                src = reader.read(p.base_entry, reuse=True)
                 t = workspace.output(src.numel(), out_dtype, slot).view(p.shape)
                 lo, hi = add_low_rank_blocked(src, _factors(p, adapter_tensors), t, workspace)
                 check_range(p.name, lo, hi, plan.dtype)

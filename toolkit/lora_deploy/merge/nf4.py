@@ -311,7 +311,7 @@ def dequantize_stored(s: Stored4bit, reader: TensorReader) -> torch.Tensor:
         n *= d
     indices = unpack_4bit(reader.read(s.packed), n)
     absmax = reader.read(s.absmax)
-    if s.nested_absmax is not None:
+    if s.nested_absmax is not None and s.nested_quant_map is not None:
         nested_map = reader.read(s.nested_quant_map).float()
         absmax = _expand(nested_map[absmax.long()], reader.read(s.nested_absmax).float(), s.nested_blocksize) + s.offset
     values = reader.read(s.quant_map).float()[indices.long()]

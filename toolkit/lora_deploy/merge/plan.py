@@ -183,6 +183,14 @@ class TensorPlan:
         return self.dtype in FLOAT_CODES
 
     @property
+    def base_entry(self) -> TensorEntry:
+        """The base tensor this output starts from; only a tensor an adapter saved whole (``replacement``) or one
+        the base leaves implicit (a tied head) has none, and those are never read from the base."""
+        if self.source is None:
+            raise RuntimeError(f"{self.name}: planned without a base tensor, yet read from the base")
+        return self.source
+
+    @property
     def nbytes(self) -> int:
         n = 1
         for s in self.shape:
@@ -263,7 +271,8 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
     base = resolve_ref(cfg.base, kind="base model", revision=cfg.base_revision)
     config = read_config(base.path)
     index = ShardIndex.from_folder(base.path)
-    qlora, stored = cfg.qlora, {}
+    qlora = cfg.qlora
+    stored: dict = {}
     if config.get("quantization_config"):
         qc = config["quantization_config"]
         method = str(qc.get("quant_method", "quantized"))
@@ -298,7 +307,7 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
         listing = "\n".join(f"  - {p}" for p in planner.problems[:40])
         more = f"\n  ... and {len(planner.problems) - 40} more" if len(planner.problems) > 40 else ""
         raise InputError(f"the adapter(s) do not fit base {base.source}:\n{listing}{more}")
-    if merge_into == "dequantized":
+    if merge_into == "dequantized" and qlora is not None:  # None was refused above
         planner.dequantize(qlora, stored)
     tensors, out_config = planner.finish(config)
     _check_complete(index, config, tensors, out_config)
@@ -541,7 +550,7 @@ class _Planner:
                     continue
                 if shared(r):
                     earlier = holds.get(side.name)
-                    same = SameValues(i, r.key, earlier) if earlier not in (None, r.key) else None
+                    same = SameValues(i, r.key, earlier) if earlier is not None and earlier != r.key else None
                     if same is not None and same not in self.same_values:
                         self.same_values.append(same)  # two names for one storage: the input side's is used
                     holds[side.name] = r.key
@@ -657,7 +666,7 @@ class _Planner:
         update = LowRankUpdate(i, m.name, kind, m.a_key, m.b_key, m.scale, w)
         partner = self._tie_partner(draft)
         shared = _ties_weights(info) and partner is not None
-        sides = self._tied_module(i, info, m, draft, partner) if shared else [draft]
+        sides = self._tied_module(i, info, m, draft, partner) if shared and partner is not None else [draft]
         if not sides:
             return
         if partner is not None and not shared:
@@ -721,7 +730,8 @@ class _Planner:
             None,
         )
         emb_m, head_m = (other, m) if head else (m, other)
-        if other is not None and emb_m.embedding:  # the head's factors are the embedding's, transposed: must agree
+        # the head's factors are the embedding's, transposed: must agree
+        if emb_m is not None and head_m is not None and emb_m.embedding:
             for same in (
                 SameValues(i, emb_m.b_key, head_m.a_key, True),
                 SameValues(i, emb_m.a_key, head_m.b_key, True),
@@ -788,8 +798,8 @@ class _Planner:
             )
         found = 0
         for module in quantized_linear_modules(model, s):
-            name = self.names.single(f"{module}.weight")
-            draft = self.drafts.get(name) if name else None
+            single = self.names.single(f"{module}.weight")
+            draft = self.drafts.get(single) if single else None
             if draft is None or draft.replacement is not None or draft.source is None:
                 continue  # a saved full tensor (modules_to_save) was trained unquantized
             draft.fourbit = s
@@ -828,8 +838,8 @@ class _Planner:
         inputs = set(self.tied.values()) or {
             n for n in self.drafts if n.endswith(("embed_tokens.weight", "wte.weight"))
         }
-        for emb in sorted(inputs):
-            rows = self.drafts[emb].shape[0]
+        for emb_name in sorted(inputs):
+            rows = self.drafts[emb_name].shape[0]
             if "vocab_size" in out_config and out_config["vocab_size"] != rows:
                 self.warnings.append(
                     f"vocabulary resized by the adapter: vocab_size {out_config['vocab_size']} -> {rows}"

@@ -68,6 +68,9 @@ def measure_quality(
     from lora_deploy.merge.values import compute_value
     from lora_deploy.model.shards import TensorReader
 
+    if plan.quantization is None:
+        raise ValueError("measure_quality compares a quantized merge: the plan has no quantization")
+    scheme = plan.quantization
     config = {k: v for k, v in plan.config.items() if k != "quantization_config"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -119,9 +122,7 @@ def measure_quality(
             name,
             dequantize_weight(where[name].get_tensor(name), where[name + SCALE_SUFFIX].get_tensor(name + SCALE_SUFFIX)),
         )
-    hooks = fake_quantize_activations(
-        model, plan.quantization.scheme, {n[: -len(".weight")] for n in plan.quantization.weights}
-    )
+    hooks = fake_quantize_activations(model, scheme.scheme, {n[: -len(".weight")] for n in scheme.weights})
     try:
         test = logits()
     finally:

@@ -48,7 +48,7 @@ def compute_value(p: TensorPlan, reader: TensorReader, adapter_tensors: list[dic
         if isinstance(p.fourbit, Stored4bit):
             t = dequantize_stored(p.fourbit, reader)
         else:
-            t = reader.read(p.source)
+            t = reader.read(p.base_entry)
             if not t.is_floating_point():
                 return t
             t = roundtrip_4bit(t, p.fourbit) if p.fourbit is not None else t.float()

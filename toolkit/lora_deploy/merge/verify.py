@@ -92,7 +92,7 @@ def verify_plan(plan: MergePlan, output: Path, *, prompts: tuple[str, ...] = CHE
         p = plans[name]
         if isinstance(p.fourbit, Stored4bit):
             return dequantize_stored(p.fourbit, reader)
-        t = load_tensor(p.source)
+        t = load_tensor(p.base_entry)
         return roundtrip_4bit(t, p.fourbit) if p.fourbit is not None else t
 
     try:
@@ -124,7 +124,7 @@ def verify_merge(
     *,
     dtype: str,
     expected_changes: list[str],
-    allowed_new: set[str] = frozenset(),
+    allowed_new: frozenset[str] | set[str] = frozenset(),
     prompts: tuple[str, ...] = CHECK_PROMPTS,
     base_index: ShardIndex | None = None,
     start_value: Callable[[str], torch.Tensor] | None = None,
@@ -273,7 +273,7 @@ class _Models:
             self._reference_nested_statistics(model, quantized)
         if quantized is not None or prequantized:
             self._float32_layers(model)
-        if self.rows and model.get_input_embeddings().weight.shape[0] != self.rows:  # the adapter resized it
+        if self.rows and model.get_input_embeddings().weight.shape[0] != self.rows:  # type: ignore[index]  # the adapter resized it
             model.resize_token_embeddings(self.rows)
         return model
 
@@ -401,7 +401,7 @@ def _vocab_size(folder: Path) -> int:
 
     config = json.loads((folder / "config.json").read_text())
     text = config.get("text_config") or {}
-    return int(config.get("vocab_size") or text.get("vocab_size"))
+    return int(config.get("vocab_size") or text["vocab_size"])
 
 
 def _distance(a: list[torch.Tensor], ref: list[torch.Tensor]) -> tuple[float, float]:

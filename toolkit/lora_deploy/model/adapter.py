@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TypeGuard
 
 from lora_deploy._files import contained_file, read_json_object
 from lora_deploy.errors import InputError, UnsupportedError
@@ -118,11 +119,11 @@ class TokenRows:
     indices: tuple[int, ...]
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: object) -> bool:
+def _is_number(v: object) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -505,8 +506,8 @@ def _nested_repetition(pattern: str) -> bool:
     classic form that backtracks exponentially in Python's re. A pattern that does not parse is left to the matcher,
     which reports it."""
     try:
-        from re import _constants as c  # Python's own regex parser (sre_parse)
-        from re import _parser as parser
+        from re import _constants as c  # type: ignore[attr-defined]  # Python's own regex parser (sre_parse)
+        from re import _parser as parser  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover - Python 3.10
         import sre_constants as c
         import sre_parse as parser
@@ -593,7 +594,9 @@ def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: 
         )
     features.extend(settings.features)
 
-    modules, replacements, token_rows = [], [], []
+    modules: list[LoraModule] = []
+    replacements: list[Replacement] = []
+    token_rows: list[TokenRows] = []
     if not missing:
         modules, replacements, token_rows = _classify(config, tensors, problems)
     if any(m.embedding for m in modules):

@@ -7,13 +7,14 @@ header up front so that each tensor is written and dropped as soon as it is comp
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 from lora_deploy.errors import InputError
 
@@ -105,13 +106,13 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     for name, info in header.items():
         entries[name] = _entry(path, base, name, info)
     cursor = base
-    for e in sorted(entries.values(), key=lambda t: (t.start, t.end)):
-        if e.start != cursor:
-            what = "overlaps the tensor before it" if e.start < cursor else f"leaves a gap of {e.start - cursor} bytes"
+    for t in sorted(entries.values(), key=lambda t: (t.start, t.end)):
+        if t.start != cursor:
+            what = "overlaps the tensor before it" if t.start < cursor else f"leaves a gap of {t.start - cursor} bytes"
             raise InputError(
-                f"{path}: corrupt safetensors header: tensor {e.name!r} {what} (data_offsets must tile the data region)"
+                f"{path}: corrupt safetensors header: tensor {t.name!r} {what} (data_offsets must tile the data region)"
             )
-        cursor = e.end
+        cursor = t.end
     if cursor > size:
         raise InputError(
             f"{path}: truncated: the tensors end at byte {cursor}, the file has {size}",
@@ -273,7 +274,7 @@ class TensorReader:
     """
 
     def __init__(self) -> None:
-        self._files: dict[Path, BinaryIO] = {}
+        self._files: dict[Path, io.FileIO] = {}
         self._buffer = bytearray()
 
     def read(self, entry: TensorEntry, *, reuse: bool = False) -> torch.Tensor:
@@ -327,7 +328,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
 # ---------------------------------------------------------------- writer
@@ -380,7 +381,7 @@ class ShardWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self._order = [(i, t) for i, s in enumerate(shards) for t in s.tensors]
         self._pos = 0
-        self._file: BinaryIO | None = None
+        self._file: io.FileIO | None = None
         self._file_idx = -1
         self.bytes_written = 0
 
@@ -410,23 +411,29 @@ class ShardWriter:
             self._open(idx)
         self._pos += 1
 
+    def _current(self) -> io.FileIO:
+        if self._file is None:
+            raise RuntimeError("no shard is open: write tensors in the planned order")
+        return self._file
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self._next(name, st_dtype(tensor.dtype), tuple(tensor.shape))
         data = tensor_bytes(tensor)
-        written = 0
+        out, written = self._current(), 0
         while written < data.nbytes:  # a raw file may write less than asked
-            written += self._file.write(data[written:])
+            written += out.write(data[written:]) or 0
         self.bytes_written += data.nbytes
 
     def copy_raw(self, name: str, entry: TensorEntry, chunk: int = 8 << 20) -> None:
         """Copy an untouched tensor's bytes straight from its source file (in-kernel where the OS allows)."""
         self._next(name, entry.dtype, entry.shape)
+        out = self._current()
         with open(entry.file, "rb", buffering=0) as src:
             left, offset = entry.nbytes, entry.start
             if hasattr(os, "copy_file_range"):
                 try:
                     while left:
-                        n = os.copy_file_range(src.fileno(), self._file.fileno(), min(left, 1 << 30), offset)
+                        n = os.copy_file_range(src.fileno(), out.fileno(), min(left, 1 << 30), offset)
                         if n == 0:
                             raise InputError(f"{entry.file}: truncated while copying tensor {entry.name!r}")
                         left, offset = left - n, offset + n
@@ -437,7 +444,7 @@ class ShardWriter:
                 block = src.read(min(chunk, left))
                 if not block:
                     raise InputError(f"{entry.file}: truncated while copying tensor {entry.name!r}")
-                self._file.write(block)
+                out.write(block)
                 left -= len(block)
         self.bytes_written += entry.nbytes
 

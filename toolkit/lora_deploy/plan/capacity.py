@@ -262,7 +262,7 @@ def _plan_gpu(
     want = req.concurrency or 1
     per_stage = math.ceil(shape.layers / pp)
     stage = replace(shape, layers=per_stage, layer_kinds=shape.layer_kinds[:per_stage])  # one pipeline stage
-    best = None
+    best: tuple[int, int, int, int] | None = None
     for tp in TP_SIZES:
         if not tp_ok(shape, tp):
             continue
@@ -273,6 +273,7 @@ def _plan_gpu(
         best = (tp, kv_room, fits, reserve)
         if fits >= want:
             break
+    assert best is not None, "the loop runs at least once"
     tp, kv_room, fits, reserve = best
     ok = fits >= want
     notes = []

@@ -51,7 +51,8 @@ class ModelShape:
 
 def read_shape(config: dict) -> ModelShape:
     """A :class:`ModelShape` from ``config.json`` (a multimodal model's ``text_config`` is the language model)."""
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text = config.get("text_config")
+    cfg: dict = text if isinstance(text, dict) else config
 
     def first(*keys, default=None):
         for k in keys:

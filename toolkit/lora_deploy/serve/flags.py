@@ -311,7 +311,7 @@ def derive_lora_flags(
 def lora_module_arg(adapter: ServedAdapter, base_name: str) -> str:
     """The JSON --lora-modules entry, with base_model_name so /v1/models reports the parent (and
     ``is_3d_lora_weight`` for fused MoE expert LoRA, which vLLM reads only from the request)."""
-    entry = {"name": adapter.name, "path": adapter.path, "base_model_name": base_name}
+    entry: dict[str, object] = {"name": adapter.name, "path": adapter.path, "base_model_name": base_name}
     if adapter.moe_3d:
         entry["is_3d_lora_weight"] = True
     return json.dumps(entry, separators=(",", ":"))
@@ -475,7 +475,8 @@ def resolver_env(folder: str) -> dict[str, str]:
 def config_max_len(config: dict) -> int | None:
     """The longest sequence a ``config.json`` allows (a multimodal model's ``text_config`` is its language model):
     what vLLM takes as the default ``--max-model-len``, for the launcher and the plan alike."""
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    text = config.get("text_config")
+    cfg = text if isinstance(text, dict) else config
     value = cfg.get("max_position_embeddings") or cfg.get("n_positions")
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 

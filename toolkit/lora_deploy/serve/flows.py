@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lora_deploy.errors import InputError
 from lora_deploy.serve.flags import ServeConfig, default_served_name, model_name_problem
@@ -51,7 +52,7 @@ def plan_dynamic(
     check_port: bool = True,
     download: bool = True,
     adapter_store: str | None = None,
-    **serve: object,
+    **serve: Any,  # ServeConfig's own fields, checked by its constructor
 ) -> DynamicDeployment:
     """Pre-flight every adapter against ``base`` and build the vLLM configuration that serves them.
 
@@ -116,7 +117,7 @@ def merged_serve_config(
     *,
     serve_dtype: str | None = None,
     served_model_name: str | None = None,
-    **serve: object,
+    **serve: Any,  # ServeConfig's own fields, checked by its constructor
 ) -> ServeConfig:
     """How `merged --serve` serves a checkpoint: at the dtype it was written in unless ``serve_dtype`` says
     otherwise (vLLM's ``auto`` would downcast a float32 merge and make merged and dynamic answers differ)."""

@@ -95,7 +95,7 @@ class ApiKeyGuard:
     def _authorized(self, scope) -> bool:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        if scheme.lower() != "bearer" or not token or self.key_hash is None:
             return False
         return secrets.compare_digest(hashlib.sha256(token.encode()).digest(), self.key_hash)
 

@@ -198,6 +198,7 @@ class VllmServer:
         import json
 
         path = record_path(self.plan.url)
+        assert self.proc is not None, "record() follows start()"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(
@@ -342,9 +343,9 @@ def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=
             return 0
         while server.alive():
             time.sleep(0.5)
+        code = server.proc.returncode if server.proc else None
         raise LoraDeployError(
-            f"vLLM exited unexpectedly (exit code {server.proc.returncode}); log: "
-            f"{server.log_path}\n{server.log_tail()}",
+            f"vLLM exited unexpectedly (exit code {code}); log: {server.log_path}\n{server.log_tail()}",
             exit_code=EXIT_SERVER,
         )
     except KeyboardInterrupt:

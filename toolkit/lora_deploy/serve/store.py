@@ -58,7 +58,8 @@ class BaseShape:
 
     @classmethod
     def from_config(cls, config: dict) -> BaseShape:
-        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        sub = config.get("text_config")
+        text: dict = sub if isinstance(sub, dict) else config
         return cls(
             str(config.get("model_type")),
             text.get("hidden_size"),
@@ -506,7 +507,7 @@ def replica_urls(host_port: str) -> tuple[str, ...]:
             f"--replicas {host_port!r} is not HOST:PORT", hint="for example --replicas support-pods.llm.svc:8000"
         )
     try:
-        found = sorted({a[4][0] for a in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)})
+        found = sorted({str(a[4][0]) for a in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)})
     except socket.gaierror as e:
         raise InputError(
             f"--replicas {host_port}: {host} does not resolve ({e})",
