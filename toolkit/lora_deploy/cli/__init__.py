@@ -13,7 +13,7 @@ import sys
 import typer
 
 from lora_deploy import __version__
-from lora_deploy.cli import endpoint_cmds, example_cmd, k8s_cmds, merge_cmds, plan_cmd, serve_cmds
+from lora_deploy.cli import _help, endpoint_cmds, example_cmd, k8s_cmds, merge_cmds, plan_cmd, serve_cmds
 from lora_deploy.errors import EXIT_INPUT, EXIT_INTERRUPTED, LoraDeployError
 from lora_deploy.output import out
 
@@ -23,25 +23,25 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,  # plain click help, as argparse's (vLLM's) reads: see _help.py
+    context_settings=_help.context_settings(),
 )
-app.command("merged", epilog=merge_cmds.MERGED_EXAMPLES)(merge_cmds.merged)
-app.command("inspect", epilog=merge_cmds.INSPECT_EXAMPLES)(merge_cmds.inspect_adapter)
-app.command("example", epilog=example_cmd.EXAMPLES)(example_cmd.example)
+app.command("merged", epilog=_help.epilog(merge_cmds.MERGED_EXAMPLES))(merge_cmds.merged)
+app.command("inspect", epilog=_help.epilog(merge_cmds.INSPECT_EXAMPLES))(merge_cmds.inspect_adapter)
+app.command("example", epilog=_help.epilog(example_cmd.EXAMPLES))(example_cmd.example)
 app.command("generate")(example_cmd.generate)
 app.command(
     "dynamic",
-    epilog=serve_cmds.DYNAMIC_EXAMPLES,
+    epilog=_help.epilog(serve_cmds.DYNAMIC_EXAMPLES),
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )(serve_cmds.dynamic)
 app.command("check")(serve_cmds.check)
 app.command("smoke")(endpoint_cmds.smoke)
 app.command("bench")(endpoint_cmds.bench)
 app.add_typer(endpoint_cmds.adapters_app, name="adapters")
-app.command("manifests", epilog=k8s_cmds.EXAMPLES)(k8s_cmds.manifests)
-app.command("crds", epilog=k8s_cmds.CRDS_EXAMPLES)(k8s_cmds.crds)
-app.command("plan", epilog=plan_cmd.EXAMPLES)(plan_cmd.plan)
+app.command("manifests", epilog=_help.epilog(k8s_cmds.EXAMPLES))(k8s_cmds.manifests)
+app.command("crds", epilog=_help.epilog(k8s_cmds.CRDS_EXAMPLES))(k8s_cmds.crds)
+app.command("plan", epilog=_help.epilog(plan_cmd.EXAMPLES))(plan_cmd.plan)
 
 
 def _version(value: bool) -> None:
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        app(args=argv, prog_name="lora-deploy")  # standalone: always leaves through SystemExit
+        command = typer.main.get_command(app)
+        _help.apply(command)
+        command.main(args=argv, prog_name="lora-deploy")  # standalone: always leaves through SystemExit
     except LoraDeployError as e:
         if os.environ.get("LORA_DEPLOY_DEBUG"):
             raise

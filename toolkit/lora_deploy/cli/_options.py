@@ -23,7 +23,9 @@ ServedNameOpt = Annotated[
     str | None, typer.Option(help="Model name of the base on the API (default: from the folder or hub id).")
 ]
 NoSmokeOpt = Annotated[bool, typer.Option("--no-smoke", help="Skip the smoke test after start-up.")]
-ExitAfterSmokeOpt = Annotated[bool, typer.Option(help="Stop vLLM and exit once the smoke test has run (CI).")]
+ExitAfterSmokeOpt = Annotated[
+    bool, typer.Option("--exit-after-smoke", help="Stop vLLM and exit once the smoke test has run (CI).")
+]
 StartTimeoutOpt = Annotated[float, typer.Option("--timeout", help="Seconds to wait for vLLM to serve every model.")]
 LogOpt = Annotated[Path | None, typer.Option(help="vLLM's log file (default: a temporary file).")]
 

@@ -54,6 +54,7 @@ adapters_app = typer.Typer(
     help="Adapters on a running vLLM (list, load, unload; confirmed via /v1/models) and in an "
     "adapter store every replica serves from (publish, list --store, retire).",
     no_args_is_help=True,
+    rich_markup_mode=None,  # plain click help, as the main app's (cli/_help.py)
 )
 StoreOpt = Annotated[str, typer.Option(help="The adapter store folder (as `dynamic --adapter-store` serves it).")]
 EndpointOpt = Annotated[
@@ -126,7 +127,8 @@ def adapters_publish(
         str | None, typer.Option(help="Create a missing store: the servers' base (folder or hub id).")
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="Create a missing store: the servers' --model string (default: --base).")
+        str | None,
+        typer.Option(metavar="PATH|ID", help="Create a missing store: the servers' --model string (default: --base)."),
     ] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Create a missing store: the base's API name.")] = None,
     max_lora_rank: Annotated[

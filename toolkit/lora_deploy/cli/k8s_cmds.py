@@ -33,7 +33,9 @@ def manifests(
             "--output", "-o", help="Folder for the kustomize base (default: manifests/NAME for deploy/NAME.yaml)."
         ),
     ] = None,
-    check: Annotated[bool, typer.Option(help="Do not write: exit 6 if OUTPUT differs from a fresh render.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Do not write: exit 6 if OUTPUT differs from a fresh render.")
+    ] = False,
     crd: Annotated[
         list[Path] | None,
         typer.Option(

@@ -68,7 +68,8 @@ def merged(
     verify: Annotated[
         bool,
         typer.Option(
-            help="After merging, load base+PEFT and the merged model and compare logits (loads whole models)."
+            "--verify",
+            help="After merging, load base+PEFT and the merged model and compare logits (loads whole models).",
         ),
     ] = False,
     qlora: Annotated[
@@ -80,7 +81,10 @@ def merged(
         ),
     ] = None,
     qlora_double_quant: Annotated[
-        bool, typer.Option(help="The QLoRA base used double quantization (bnb_4bit_use_double_quant).")
+        bool,
+        typer.Option(
+            "--qlora-double-quant", help="The QLoRA base used double quantization (bnb_4bit_use_double_quant)."
+        ),
     ] = False,
     quantize: Annotated[
         str | None,
@@ -110,7 +114,9 @@ def merged(
         Path | None,
         typer.Option(help="Also write a deploy spec and Kubernetes manifests for serving the merged checkpoint here."),
     ] = None,
-    serve: Annotated[bool, typer.Option(help="Then serve the merged checkpoint with vLLM and smoke-test it.")] = False,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Then serve the merged checkpoint with vLLM and smoke-test it.")
+    ] = False,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
     serve_dtype: Annotated[

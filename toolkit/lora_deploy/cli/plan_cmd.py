@@ -43,7 +43,9 @@ def plan(
             "safetensors headers only; no weights are downloaded)."
         ),
     ] = None,
-    adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH of an adapter to serve; repeat.")] = None,
+    adapter: Annotated[
+        list[str] | None, typer.Option(metavar="NAME=PATH", help="NAME=PATH of an adapter to serve; repeat.")
+    ] = None,
     gpu: Annotated[
         list[str] | None,
         typer.Option(

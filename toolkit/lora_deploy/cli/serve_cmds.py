@@ -40,7 +40,9 @@ LORA_DEPLOY_API_KEY=... lora-deploy dynamic --base ./base --adapter a=./a --allo
 def dynamic(
     ctx: typer.Context,
     base: Annotated[str, typer.Option(help="Base model: local folder or hub id (served untouched).")],
-    adapter: Annotated[list[str] | None, typer.Option(help="NAME=PATH (folder or hub id); repeat for several.")] = None,
+    adapter: Annotated[
+        list[str] | None, typer.Option(metavar="NAME=PATH", help="NAME=PATH (folder or hub id); repeat for several.")
+    ] = None,
     adapter_store: Annotated[
         str | None,
         typer.Option(
@@ -59,13 +61,18 @@ def dynamic(
     max_model_len: MaxLenOpt = None,
     served_model_name: ServedNameOpt = None,
     allow_runtime_adapters: Annotated[
-        bool, typer.Option(help="Let API clients load/unload adapters at run time (needs --api-key-env).")
+        bool,
+        typer.Option(
+            "--allow-runtime-adapters", help="Let API clients load/unload adapters at run time (needs --api-key-env)."
+        ),
     ] = False,
     runtime_adapter_slots: Annotated[
         int, typer.Option(min=1, help="LoRA slots reserved for runtime adapters (with --allow-runtime-adapters).")
     ] = 1,
     api_key_env: ApiKeyEnvOpt = None,
-    dry_run: Annotated[bool, typer.Option(help="Print the exact vLLM command and environment, then exit.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the exact vLLM command and environment, then exit.")
+    ] = False,
     manifests: Annotated[
         Path | None,
         typer.Option(help="Write Kubernetes manifests for this deployment here (with --dry-run: nothing starts)."),
@@ -132,7 +139,7 @@ def dynamic(
 
 def check(
     base: Annotated[str, typer.Option(help="Base model: local folder or hub id.")],
-    adapter: Annotated[list[str], typer.Option(help="NAME=PATH; repeat for several.")],
+    adapter: Annotated[list[str], typer.Option(metavar="NAME=PATH", help="NAME=PATH; repeat for several.")],
     max_lora_rank: MaxRankOpt = None,
     json: JsonOpt = False,
 ) -> None:
