@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_user_error, edit_json, make_adapter, make_base, run_cli, run_console
+from helpers import assert_user_error, edit_json, make_adapter, make_base, run_cli, run_console
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

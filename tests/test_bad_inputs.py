@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import edit_json, make_adapter, make_base, run_cli, run_console
+from helpers import edit_json, make_adapter, make_base, run_cli, run_console
 from lora_deploy.errors import EXIT_INPUT, EXIT_OUTPUT, EXIT_UNSUPPORTED, EXIT_USAGE
 
 
@@ -116,7 +116,7 @@ def test_adapter_module_not_in_base(llama_base, tmp_path):
 def test_unsupported_peft_type(llama_base, tmp_path):
     from peft import IA3Config, get_peft_model
 
-    from conftest import load_base
+    from helpers import load_base
 
     get_peft_model(
         load_base(llama_base), IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import run_console
+from helpers import run_console
 
 COMMANDS = [
     ("merged",),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from lora_deploy.errors import EXIT_OUTPUT
 
 

@@ -38,7 +38,7 @@ def test_vllm_validation_we_call_is_where_we_import_it(module, name):
 
 def test_the_cpu_builds_int8_kernel_rule_is_where_we_import_it():
     """Only vLLM's CPU build has the AMX INT8 kernel rule that pre-flight asks per weight."""
-    from conftest import require_cpu_build
+    from helpers import require_cpu_build
 
     require_cpu_build()
     from vllm.model_executor.layers.utils import check_cpu_sgl_kernel

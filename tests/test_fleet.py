@@ -23,7 +23,7 @@ PROMPTS = [PROMPT_TEMPLATE.format(message=ms[0]) for ms in TICKETS.values()]
 
 @pytest.fixture(scope="module")
 def fleet(example, tmp_path_factory):
-    from conftest import require_cpu_build
+    from helpers import require_cpu_build
 
     require_cpu_build()
     f = Fleet(tmp_path_factory.mktemp("fleet"), example)
@@ -89,8 +89,8 @@ def test_an_adapter_published_while_requests_flow_is_served_by_every_replica(fle
 def test_the_smoke_job_checks_each_replica_with_the_stores_adapters(fleet, tmp_path):
     """The in-cluster smoke Job's own script, run once per replica (each "pod" has its own port here): it loads
     the store's adapters and passes on every replica."""
-    from conftest import mount_smoke_job
     from fleet_harness import API_KEY, fleet_spec
+    from helpers import mount_smoke_job
     from lora_deploy.k8s.render import render_manifests
     from lora_deploy.k8s.spec import parse_spec
 

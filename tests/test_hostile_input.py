@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import assert_user_error, run_console
+from helpers import assert_user_error, run_console
 from lora_deploy.serve.flags import model_name_problem
 
 
@@ -265,7 +265,7 @@ def test_weights_with_nan_or_inf_are_refused_before_they_are_published(llama_bas
 @pytest.fixture(scope="module")
 def wide_base(tmp_path_factory):
     """A one-layer base with 1024-wide embeddings: a saved embedding of a million rows is 4 GiB in float32."""
-    from conftest import make_adapter, make_base
+    from helpers import make_adapter, make_base
 
     root = tmp_path_factory.mktemp("wide")
     base = make_base(
@@ -382,7 +382,7 @@ def guarded(example, tmp_path_factory):
     API and its filesystem resolver are on), with an API key: as `lora-deploy dynamic --adapter-store` starts it."""
     import os
 
-    from conftest import free_port, require_cpu_build
+    from helpers import free_port, require_cpu_build
     from lora_deploy.serve.flags import ServeConfig, ServedAdapter
     from lora_deploy.serve.launcher import VllmServer, plan_launch
 
@@ -565,7 +565,7 @@ class _Hostile:
         import http.server
         import threading
 
-        from conftest import free_port
+        from helpers import free_port
 
         outer = self
 

@@ -6,71 +6,28 @@ import copy
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import published_crds, run_cli
+from helpers import published_crds, run_cli
+from k8s_cases import (
+    BASE,
+    DYNAMIC,
+    EXAMPLES,
+    KEDA_MISTAKES,
+    LWS_MISTAKES,
+    ROOT,
+    VARIANTS,
+    mutated,
+    spec_files,
+    variant_files,
+)
 from lora_deploy.errors import InputError
 from lora_deploy.k8s.render import compare_with, lws_name, render_manifests
 from lora_deploy.k8s.spec import load_spec, parse_spec
 from lora_deploy.k8s.validate import KUBERNETES_VERSION, load_crds, validate_object
 from lora_deploy.serve.flags import ServeConfig, ServedAdapter, build_vllm_args
-
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = sorted((ROOT / "deploy").glob("*.yaml"))
-
-BASE = {"name": "bot", "namespace": "llm", "model": "/models/base"}
-DYNAMIC = {
-    **BASE,
-    "mode": "dynamic",
-    "adapters": [
-        {"name": "a1", "path": "/models/adapters/a1", "rank": 16},
-        {"name": "a2", "path": "/models/adapters/a2", "rank": 40},
-    ],
-}
-VARIANTS = {
-    "merged-1gpu": {**BASE, "mode": "merged"},
-    "dynamic-1gpu": DYNAMIC,
-    "dynamic-4gpu": {**DYNAMIC, "gpus": 4, "replicas": 2},
-    "dynamic-runtime-hpa": {
-        **DYNAMIC,
-        "runtimeAdapters": True,
-        "apiKeySecret": {"name": "key"},
-        "autoscaling": {"enabled": True, "kind": "hpa", "maxReplicas": 3},
-    },
-    "merged-download-keda": {
-        **BASE,
-        "model": "org/model",
-        "mode": "merged",
-        "weights": {"source": "download", "hfTokenSecret": "hf"},
-        "autoscaling": {"enabled": True},
-    },
-    "multinode": {
-        **BASE,
-        "model": "org/big",
-        "mode": "merged",
-        "gpus": 8,
-        "multiNode": {"nodes": 2},
-        "weights": {"source": "hub", "hfTokenSecret": "hf"},
-    },
-    "multinode-dynamic": {**DYNAMIC, "gpus": 8, "multiNode": {"nodes": 3}},
-    "fleet": {
-        **DYNAMIC,
-        "replicas": 3,
-        "apiKeySecret": {"name": "key"},
-        "adapterStore": {
-            "claim": "adapters",
-            "maxLoraRank": 64,
-            "publishImage": "example.org/lora-deploy:1",
-            "sourceClaim": "uploads",
-        },
-        "routing": {"kind": "inference-pool", "gateway": "gw"},
-        "autoscaling": {"enabled": True},
-    },
-}
-
 
 # the kinds lora-deploy renders that hold no pod template; any other kind must be one _pod_templates knows
 NO_POD_KINDS = {
@@ -104,17 +61,9 @@ def _pod_templates(obj: dict) -> list[dict]:
     return []
 
 
-def _files_of(data: dict) -> dict:
-    return render_manifests(parse_spec(copy.deepcopy(data))).files
-
-
-def _files(name: str) -> dict:
-    return _files_of(VARIANTS[name])
-
-
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_object_passes_the_kubernetes_schemas(name):
-    files = _files(name)
+    files = variant_files(name)
     for fname, obj in files.items():
         assert validate_object(obj) == [], fname
     templates = {"publish-job.yaml"}  # created per adapter with kubectl create, not applied with the base
@@ -122,7 +71,7 @@ def test_every_object_passes_the_kubernetes_schemas(name):
 
 
 def test_the_validator_is_not_a_rubber_stamp():
-    dep = _files("merged-1gpu")["deployment.yaml"]
+    dep = variant_files("merged-1gpu")["deployment.yaml"]
     bad = copy.deepcopy(dep)
     bad["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] = ["48Gi"]
     assert validate_object(bad)
@@ -131,56 +80,15 @@ def test_the_validator_is_not_a_rubber_stamp():
     assert validate_object(bad)
 
 
-def _mutated(obj: dict, path: str, value) -> dict:
-    """A copy of ``obj`` with the dotted ``path`` set to ``value`` (``DELETE`` removes it)."""
-    out = copy.deepcopy(obj)
-    *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
-    node = out
-    for p in parents:
-        node = node[p]
-    if value is DELETE:
-        del node[last]
-    else:
-        node[last] = value
-    return out
-
-
-DELETE = object()
-
-
-# A mistake in a custom resource, and what the validator must say about it: (path, value, needle).
-LWS_MISTAKES = [  # against the LeaderWorkerSet v1 API; pod templates against the core schemas
-    ("spec.leaderWorkerTemplate.workerTemplate.spec.containers.0.env", "x", "workerTemplate"),
-    ("spec.leaderWorkerTemplate.leaderTemplate.spec.containers.0.probe", {}, "leaderTemplate"),
-    ("spec.leaderWorkerTemplate.sise", 2, "'sise' was unexpected"),
-    ("spec.startupPolicy", "LeaderFirst", "'LeaderFirst' is not one of"),
-    ("spec.leaderWorkerTemplate.restartPolicy", "Always", "'Always' is not one of"),
-    ("spec.leaderWorkerTemplate.size", "2", "'2' is not of type 'integer'"),
-    ("spec.leaderWorkerTemplate.size", 0, "size must be equal or greater than 1"),  # LWS's webhook
-    ("spec.leaderWorkerTemplate.workerTemplate", DELETE, "'workerTemplate' is a required property"),
-    ("spec.rolloutStrategy.rollingUpdateConfiguration.maxUnavailable", 0, "cannot both be 0"),
-    ("apiVersion", "leaderworkerset.x-k8s.io/v1beta1", "is not one of ['leaderworkerset.x-k8s.io/v1']"),
-]
-KEDA_MISTAKES = [  # against KEDA's CRD
-    ("spec.minReplicas", 1, "spec.minReplicas: unknown field"),  # the HPA spelling, not KEDA's
-    ("spec.triggers.0.metdata", {}, "spec.triggers[0].metdata: unknown field"),
-    ("spec.cooldownPeriod", "600", "spec.cooldownPeriod: Input should be a valid integer"),
-    ("spec.triggers.0.metadata.threshold", 5, "threshold: Input should be a valid string"),
-    ("spec.scaleTargetRef.name", DELETE, "spec.scaleTargetRef.name: Field required"),
-    ("spec.triggers", DELETE, "spec.triggers: Field required"),
-    ("apiVersion", "keda.sh/v1", "apiVersion: Input should be 'keda.sh/v1alpha1'"),
-]
-
-
 @pytest.mark.parametrize(
     "variant,fname,path,value,needle",
     [("multinode", "leaderworkerset.yaml", *m) for m in LWS_MISTAKES]
     + [("merged-download-keda", "scaledobject.yaml", *m) for m in KEDA_MISTAKES],
 )
 def test_custom_resources_are_refused_where_their_api_refuses_them(variant, fname, path, value, needle):
-    obj = _files(variant)[fname]
+    obj = variant_files(variant)[fname]
     assert validate_object(obj) == []
-    problems = validate_object(_mutated(obj, path, value))
+    problems = validate_object(mutated(obj, path, value))
     assert any(needle in p for p in problems), problems
 
 
@@ -206,10 +114,10 @@ def test_a_supplied_crd_replaces_the_built_in_check(tmp_path):
     for path in (listed, bundle):
         crds = load_crds([path])
         assert list(crds) == [("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet")]
-    lws = _files("multinode")["leaderworkerset.yaml"]
+    lws = variant_files("multinode")["leaderworkerset.yaml"]
     assert validate_object(lws, crds=crds) == []
     rolling = "spec.rolloutStrategy.rollingUpdateConfiguration"
-    assert validate_object(_mutated(lws, f"{rolling}.maxSurge", "25%"), crds=crds) == []  # int-or-string
+    assert validate_object(mutated(lws, f"{rolling}.maxSurge", "25%"), crds=crds) == []  # int-or-string
     for path, value, needle in [
         (f"{rolling}.maxSurge", True, "is not valid under any of the given schemas"),
         ("spec.leaderWorkerTemplate.sise", 2, "'sise' was unexpected"),
@@ -219,7 +127,7 @@ def test_a_supplied_crd_replaces_the_built_in_check(tmp_path):
         ("spec.leaderWorkerTemplate.workerTemplate.spec.containers.0.env", "x", "workerTemplate"),
         (f"{rolling}.maxUnavailable", 0, "cannot both be 0"),
     ]:
-        problems = validate_object(_mutated(lws, path, value), crds=crds)
+        problems = validate_object(mutated(lws, path, value), crds=crds)
         assert any(needle in p for p in problems), (path, problems)
 
 
@@ -244,7 +152,7 @@ def test_manifests_cli_holds_custom_resources_to_the_given_crd(tmp_path):
 def test_hardening_on_every_pod_template(name):
     """Every pod the manifests start (servers, workers, the endpoint picker, the smoke and publish Jobs) is hardened;
     the check saw at least the server's pod template of every variant."""
-    files = _files(name)
+    files = variant_files(name)
     assert any(_pod_templates(obj) for obj in files.values()), sorted(files)
     for obj in files.values():
         for tmpl in _pod_templates(obj):
@@ -280,20 +188,20 @@ def test_hardening_on_every_pod_template(name):
 
 
 def test_probes_fit_weight_loading_and_check_adapters():
-    pvc = _files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
-    dl = _files("merged-download-keda")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    pvc = variant_files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
+    dl = variant_files("merged-download-keda")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]
     assert pvc["startupProbe"]["failureThreshold"] * pvc["startupProbe"]["periodSeconds"] == 600
     assert dl["startupProbe"]["failureThreshold"] * dl["startupProbe"]["periodSeconds"] == 1800
     assert pvc["livenessProbe"]["httpGet"]["path"] == "/health"
     assert pvc["readinessProbe"]["exec"]["command"] == ["python3", "/etc/lora-deploy/ready.py"]
-    models = json.loads(_files("dynamic-1gpu")["configmap.yaml"]["data"]["models.json"])
+    models = json.loads(variant_files("dynamic-1gpu")["configmap.yaml"]["data"]["models.json"])
     assert models == ["base", "a1", "a2"]
 
 
 def test_dynamic_flags_are_the_launchers_flags():
     """The manifests and `lora-deploy dynamic` share one derivation of every LoRA flag."""
     spec = parse_spec(copy.deepcopy(DYNAMIC))
-    args = _files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = variant_files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
     adapters = (ServedAdapter("a1", "/models/adapters/a1", 16), ServedAdapter("a2", "/models/adapters/a2", 40))
     launcher, _, _ = build_vllm_args(
         ServeConfig(
@@ -311,12 +219,12 @@ def test_dynamic_flags_are_the_launchers_flags():
     assert args[args.index("--max-lora-rank") + 1] == "64" and args[args.index("--max-loras") + 1] == "2"
     assert args[args.index("--max-cpu-loras") + 1] == "2"
     assert [json.loads(a)["name"] for a in args if a.startswith("{")] == ["a1", "a2"]
-    merged = _files("merged-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    merged = variant_files("merged-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [a for a in merged if "lora" in a]
 
 
 def test_multi_gpu_sets_parallelism_shm_and_gpus():
-    dep = _files("dynamic-4gpu")["deployment.yaml"]
+    dep = variant_files("dynamic-4gpu")["deployment.yaml"]
     pod = dep["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
     assert args[args.index("--tensor-parallel-size") + 1] == "4" and "--fully-sharded-loras" in args
@@ -326,7 +234,7 @@ def test_multi_gpu_sets_parallelism_shm_and_gpus():
 
 
 def test_multi_node_is_a_leader_worker_set():
-    files = _files("multinode-dynamic")
+    files = variant_files("multinode-dynamic")
     assert "deployment.yaml" not in files
     lws = files["leaderworkerset.yaml"]
     assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
@@ -345,7 +253,7 @@ def test_multi_node_is_a_leader_worker_set():
 def test_multi_node_leaves_lws_its_headless_service_and_protects_whole_groups(name):
     """LWS names its headless Service (the leader address workers dial) after itself and skips creating it
     when that name is taken; a drain must not evict pods of several groups at once."""
-    files = _files(name)
+    files = variant_files(name)
     lws = files["leaderworkerset.yaml"]
     assert lws["metadata"]["name"] == lws_name(parse_spec(copy.deepcopy(VARIANTS[name])))
     services = [o["metadata"]["name"] for o in files.values() if o["kind"] == "Service"]
@@ -360,14 +268,14 @@ def test_multi_node_leaves_lws_its_headless_service_and_protects_whole_groups(na
 def test_the_weights_claim_is_shared_whenever_more_than_one_pod_mounts_it():
     """One pod may use a node-local volume; several replicas, or one group spread over nodes, cannot."""
     one = {**BASE, "model": "org/model", "weights": {"source": "download"}}
-    assert _files_of(one)["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteOnce"]
-    assert _files_of({**one, "replicas": 2})["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteMany"]
-    group = _files_of({**one, "gpus": 8, "multiNode": {"nodes": 2}})  # one replica, two nodes
+    assert spec_files(one)["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert spec_files({**one, "replicas": 2})["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    group = spec_files({**one, "gpus": 8, "multiNode": {"nodes": 2}})  # one replica, two nodes
     assert "leaderworkerset.yaml" in group and group["pvc.yaml"]["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
 def test_runtime_adapters_need_a_key_and_get_a_network_policy():
-    files = _files("dynamic-runtime-hpa")
+    files = variant_files("dynamic-runtime-hpa")
     env = {e["name"]: e for e in files["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]["value"] == "True"
     assert env["VLLM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "key", "key": "api-key"}
@@ -376,22 +284,23 @@ def test_runtime_adapters_need_a_key_and_get_a_network_policy():
     job_labels = files["smoke-test-job.yaml"]["spec"]["template"]["metadata"]["labels"]
     assert job_labels["lora-deploy/client"] == "true"  # the smoke test may pass the policy
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in {
-        e["name"] for e in _files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]
+        e["name"]
+        for e in variant_files("dynamic-1gpu")["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]
     }
     with pytest.raises(InputError, match="needs apiKeySecret"):
         parse_spec({**DYNAMIC, "runtimeAdapters": True})
 
 
 def test_autoscaling_on_the_queue_metric():
-    keda = _files("merged-download-keda")["scaledobject.yaml"]
+    keda = variant_files("merged-download-keda")["scaledobject.yaml"]
     assert "vllm:num_requests_waiting" in keda["spec"]["triggers"][0]["metadata"]["query"]
-    hpa = _files("dynamic-runtime-hpa")
+    hpa = variant_files("dynamic-runtime-hpa")
     assert hpa["hpa.yaml"]["spec"]["metrics"][0]["external"]["metric"]["name"] == "vllm_num_requests_waiting"
     assert "replicas" not in hpa["deployment.yaml"]["spec"]  # the autoscaler owns it
 
 
 def test_smoke_job_runs_the_smoke_module_with_images_already_in_use():
-    files = _files("dynamic-1gpu")
+    files = variant_files("dynamic-1gpu")
     job = files["smoke-test-job.yaml"]
     images = {c["image"] for c in files["deployment.yaml"]["spec"]["template"]["spec"]["containers"]}
     assert {c["image"] for c in job["spec"]["template"]["spec"]["containers"]} <= images
@@ -406,7 +315,7 @@ def test_the_smoke_jobs_mounted_code_imports_alone_without_torch(tmp_path):
     import subprocess
     import sys
 
-    files = _files("dynamic-1gpu")
+    files = variant_files("dynamic-1gpu")
     data = files["configmap.yaml"]["data"]
     job = files["smoke-test-job.yaml"]["spec"]["template"]["spec"]
     for item in job["volumes"][0]["configMap"]["items"]:
@@ -614,7 +523,7 @@ def test_api_names_are_the_same_locally_and_in_the_cluster(tmp_path):
     """One naming rule: a base folder `Llama-3` and an adapter `Support_A` keep those names in `dynamic`'s own command
     and in the Deployment rendered for the same deployment (no lower-casing, no DNS mangling); a spec without
     servedModelName serves its model under the same name a local run would; a name outside the rule is refused."""
-    from conftest import make_adapter, make_base
+    from helpers import make_adapter, make_base
 
     base = make_base(tmp_path / "Llama-3", "llama", tokenizer=True)
     adapter = make_adapter(base, tmp_path / "a", target_modules=["q_proj"])

@@ -1,5 +1,5 @@
 """The fleet's manifests: the adapter store on every server, InferencePool routing with llm-d's endpoint picker,
-PodMonitors, the per-replica smoke Job and the publish Job, all held to the published CRDs (conftest.published_crds:
+PodMonitors, the per-replica smoke Job and the publish Job, all held to the published CRDs (helpers.published_crds:
 $LORA_DEPLOY_CRDS, ../shared/crds or the cache `make crds` fills)."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import json
 import pytest
 import yaml
 
-from conftest import published_crds, run_cli
+from helpers import published_crds, run_cli
+from k8s_cases import DYNAMIC, EXAMPLES, KEDA_MISTAKES, LWS_MISTAKES, VARIANTS, mutated, spec_files, variant_files
 from lora_deploy.errors import InputError
 from lora_deploy.k8s.spec import load_spec, parse_spec
 from lora_deploy.k8s.validate import CRD_ONLY_KINDS, KUBERNETES_VERSION, load_crds, validate_manifests, validate_object
 from lora_deploy.serve.flags import resolver_env
-from test_k8s import DYNAMIC, EXAMPLES, KEDA_MISTAKES, LWS_MISTAKES, VARIANTS, _files, _files_of, _mutated
 
 FLEET = VARIANTS["fleet"]
 
@@ -63,7 +63,7 @@ def test_every_custom_resource_passes_its_published_crd(name, crds):
     valid under the CRD its project publishes, and a CRD exists for each: nothing passes unchecked, and the check saw
     exactly the custom resources the variant renders."""
     assert set(CUSTOM_KINDS) == set(VARIANTS)
-    files = _files(name)
+    files = variant_files(name)
     assert validate_manifests(files, crds=crds) == []
     custom = _custom(files)
     for fname, obj in custom.items():
@@ -99,9 +99,9 @@ CRD_MISTAKES = [
 
 @pytest.mark.parametrize("fname,path,value,needle", CRD_MISTAKES)
 def test_the_published_crds_refuse_mistakes(fname, path, value, needle, crds):
-    obj = _files("fleet")[fname]
+    obj = variant_files("fleet")[fname]
     assert validate_object(obj, crds=crds) == []
-    problems = validate_object(_mutated(obj, path, value), crds=crds)
+    problems = validate_object(mutated(obj, path, value), crds=crds)
     assert any(needle in p for p in problems), problems
 
 
@@ -129,19 +129,19 @@ PODMONITOR_MISTAKES = [
 def test_pod_monitors_are_validated_offline_against_prometheus_operators_models(path, value, needle):
     """PodMonitor needs no CRD file: cloudcoil's models of prometheus-operator's published CRD check it strictly
     (types, unknown keys), both ways: the rendered monitors pass, each mistake is refused naming its field."""
-    files = _files("fleet")
+    files = variant_files("fleet")
     for fname in ("podmonitor.yaml", "podmonitor-endpoint-picker.yaml"):
         assert validate_object(files[fname]) == [], fname
-    problems = validate_object(_mutated(files["podmonitor.yaml"], path, value))
+    problems = validate_object(mutated(files["podmonitor.yaml"], path, value))
     assert any(needle in p for p in problems), problems
 
 
 @pytest.mark.parametrize("path,value,needle", PODMONITOR_MISTAKES)
 def test_the_pod_monitor_models_agree_with_the_published_crd(path, value, needle, crds):
     """No drift between the offline models and the published CRD: every mistake the models refuse, the CRD refuses."""
-    obj = _files("fleet")["podmonitor.yaml"]
+    obj = variant_files("fleet")["podmonitor.yaml"]
     assert validate_object(obj, crds=crds) == []
-    assert validate_object(_mutated(obj, path, value), crds=crds)
+    assert validate_object(mutated(obj, path, value), crds=crds)
 
 
 def _server(files: dict) -> dict:
@@ -149,7 +149,7 @@ def _server(files: dict) -> dict:
 
 
 def test_servers_mount_the_store_read_only_with_the_resolvers_environment():
-    files = _files("fleet")
+    files = variant_files("fleet")
     pod = _server(files)
     vllm = pod["containers"][0]
     env = {e["name"]: e.get("value") for e in vllm["env"]}
@@ -168,7 +168,7 @@ def test_servers_mount_the_store_read_only_with_the_resolvers_environment():
 
 
 def test_the_publish_job_is_a_template_with_the_store_writable():
-    files = _files("fleet")
+    files = variant_files("fleet")
     job = files["publish-job.yaml"]
     assert "publish-job.yaml" not in files["kustomization.yaml"]["resources"]
     assert job["metadata"]["generateName"] == "bot-publish-" and "name" not in job["metadata"]
@@ -178,12 +178,12 @@ def test_the_publish_job_is_a_template_with_the_store_writable():
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert mounts["adapters"]["readOnly"] is False and mounts["models"]["readOnly"] is True
     assert mounts["sources"] == {"name": "sources", "mountPath": "/sources", "readOnly": True}
-    no_image = _files_of({**FLEET, "adapterStore": {"claim": "adapters", "maxLoraRank": 64}})
+    no_image = spec_files({**FLEET, "adapterStore": {"claim": "adapters", "maxLoraRank": 64}})
     assert "publish-job.yaml" not in no_image
 
 
 def test_routing_exposes_only_inference_routes_through_the_pool():
-    files = _files("fleet")
+    files = variant_files("fleet")
     route = files["httproute.yaml"]["spec"]
     paths = [m["path"]["value"] for rule in route["rules"] for m in rule["matches"]]
     # exact paths: a prefix /v1/chat/completions would forward /v1/chat/completions/batch too
@@ -204,7 +204,7 @@ def test_routing_exposes_only_inference_routes_through_the_pool():
 
 
 def test_the_endpoint_picker_scores_lora_affinity_with_least_privilege():
-    files = _files("fleet")
+    files = variant_files("fleet")
     config = yaml.safe_load(files["endpoint-picker-config.yaml"]["data"]["epp-config.yaml"])
     assert config["apiVersion"] == "llm-d.ai/v1alpha1" and config["kind"] == "EndpointPickerConfig"
     types = {p["type"] for p in config["plugins"]}
@@ -224,7 +224,7 @@ def test_the_endpoint_picker_scores_lora_affinity_with_least_privilege():
 
 
 def test_the_autoscaler_reads_what_the_pod_monitor_scrapes():
-    files = _files("fleet")
+    files = variant_files("fleet")
     monitor = files["podmonitor.yaml"]["spec"]
     server_labels = files["deployment.yaml"]["spec"]["template"]["metadata"]["labels"]
     assert monitor["selector"]["matchLabels"].items() <= server_labels.items()
@@ -232,14 +232,14 @@ def test_the_autoscaler_reads_what_the_pod_monitor_scrapes():
     query = files["scaledobject.yaml"]["spec"]["triggers"][0]["metadata"]["query"]
     assert 'namespace="llm"' in query and "vllm:num_requests_waiting" in query  # labels the Operator adds
     assert "podmonitor-endpoint-picker.yaml" in files
-    off = _files_of({**FLEET, "monitoring": {"podMonitor": False}})
+    off = spec_files({**FLEET, "monitoring": {"podMonitor": False}})
     assert "podmonitor.yaml" not in off
-    assert "podmonitor.yaml" in _files_of({**DYNAMIC, "autoscaling": {"enabled": True}})  # on with autoscaling
-    assert "podmonitor.yaml" not in _files_of(DYNAMIC)
+    assert "podmonitor.yaml" in spec_files({**DYNAMIC, "autoscaling": {"enabled": True}})  # on with autoscaling
+    assert "podmonitor.yaml" not in spec_files(DYNAMIC)
 
 
 def test_the_smoke_job_checks_every_replica_and_the_stores_adapters():
-    files = _files("fleet")
+    files = variant_files("fleet")
     smoke = json.loads(files["configmap.yaml"]["data"]["smoke.json"])
     headless = files["service-pods.yaml"]
     assert headless["spec"]["clusterIP"] == "None"
@@ -252,7 +252,7 @@ def test_the_smoke_job_checks_every_replica_and_the_stores_adapters():
     # only this rollout's pods: the headless Service selects the pod template's own hash, which changes with it
     labels = files["deployment.yaml"]["spec"]["template"]["metadata"]["labels"]
     assert headless["spec"]["selector"]["lora-deploy/template"] == labels["lora-deploy/template"]
-    changed = _files_of({**FLEET, "vllm": {"maxLoras": 6}})
+    changed = spec_files({**FLEET, "vllm": {"maxLoras": 6}})
     assert changed["service-pods.yaml"]["spec"]["selector"]["lora-deploy/template"] != labels["lora-deploy/template"]
     assert "lora-deploy/template" not in files["service.yaml"]["spec"]["selector"]  # the Service keeps old pods
     # the publish Job tells every ready pod of the rollout (the same headless name), with the API key
@@ -304,10 +304,10 @@ def test_the_fleet_example_is_committed():
 def test_the_built_in_checks_agree_with_the_published_crds(variant, fname, path, value, crds):
     """Where no CRD is given, LeaderWorkerSet and ScaledObject are checked by built-in schemas (LWS's v1 API typed
     here, KEDA's generated models); every mistake those refuse, the published CRD refuses too (no drift)."""
-    obj = _files(variant)[fname]
+    obj = variant_files(variant)[fname]
     assert validate_object(obj, crds=crds) == []
-    assert validate_object(_mutated(obj, path, value))  # built in
-    assert validate_object(_mutated(obj, path, value), crds=crds)  # the published CRD
+    assert validate_object(mutated(obj, path, value))  # built in
+    assert validate_object(mutated(obj, path, value), crds=crds)  # the published CRD
 
 
 def test_crds_fetches_the_published_files_and_refuses_any_other(tmp_path):
@@ -319,7 +319,7 @@ def test_crds_fetches_the_published_files_and_refuses_any_other(tmp_path):
     import shutil
     import threading
 
-    from conftest import assert_user_error, free_port, run_console
+    from helpers import assert_user_error, free_port, run_console
     from lora_deploy.k8s.crds import PUBLISHED_CRDS, missing_crds
 
     source = published_crds()
@@ -356,7 +356,7 @@ def test_the_runtime_api_is_fenced_by_a_network_policy_and_the_guard_middleware(
     package, from its ConfigMap."""
     from importlib import resources
 
-    files = _files("fleet")
+    files = variant_files("fleet")
     policy = files["networkpolicy.yaml"]["spec"]
     (rule,) = policy["ingress"]
     peers = rule["from"]
@@ -378,7 +378,7 @@ def test_the_runtime_api_is_fenced_by_a_network_policy_and_the_guard_middleware(
     assert env["PYTHONPATH"] == "/etc/lora-deploy" and env["LORA_DEPLOY_SERVED_NAMES"] == "base"
     guard = resources.files("lora_deploy").joinpath("serve/guard.py").read_text()
     assert files["configmap.yaml"]["data"]["lora_deploy_guard.py"] == guard
-    open_spec = _files_of({**DYNAMIC})  # no key, no runtime API: no guard, no policy
+    open_spec = spec_files({**DYNAMIC})  # no key, no runtime API: no guard, no policy
     assert (
         "networkpolicy.yaml" not in open_spec
         and "--middleware" not in open_spec["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -1,4 +1,4 @@
-"""Merges on many architecture families, judged by the unmerged PEFT model (see conftest.check_against_oracle).
+"""Merges on many architecture families, judged by the unmerged PEFT model (see helpers.check_against_oracle).
 
 Bases come from transformers' own config classes and ``save_pretrained`` (so MoE checkpoints are in the
 per-expert layout transformers writes, GPT-NeoX's head is ``embed_out`` on disk); adapters from PEFT with
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from archs import build_arch
-from conftest import check_against_oracle, file_tensors, make_adapter
+from helpers import check_against_oracle, file_tensors, make_adapter
 from lora_deploy.merge import MergeConfig, run_merge
 
 DENSE = [
@@ -89,7 +89,7 @@ def test_weighted_expert_adapters_with_a_rank_pattern(model_type, arch_base, tmp
     """W + 0.7 dWa - 0.4 dWb on per-expert checkpoint tensors; b has a rank_pattern on gate_up_proj."""
     from peft import PeftModel
 
-    from conftest import loaded_state
+    from helpers import loaded_state
 
     base = arch_base(model_type)
     targets = _experts(model_type)
@@ -107,7 +107,7 @@ def test_weighted_expert_adapters_with_a_rank_pattern(model_type, arch_base, tmp
     _merge(base, [a, b], tmp_path / "out", dtype="float32", weights=(0.7, -0.4))
     # PEFT cannot combine target_parameters adapters (add_weighted_adapter refuses), so the oracle is built from
     # its own per-adapter merges: W + 0.7 (Wa - W) - 0.4 (Wb - W), every tensor
-    from conftest import load_base
+    from helpers import load_base
 
     w0 = {k: v.detach().clone() for k, v in load_base(base).state_dict().items()}
     merged = []

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import file_tensors, loaded_state, make_adapter, make_base, run_cli
+from helpers import file_tensors, loaded_state, make_adapter, make_base, run_cli
 from lora_deploy.hub import sha256_file
 
 
@@ -116,7 +116,7 @@ def test_sharded_output_has_index_and_loads(llama_base, llama_adapter, tmp_path)
 
 def test_sharded_base_is_read_in_order(tmp_path):
     """A hub-style sharded base (index + several files) merges like a single-file one."""
-    from conftest import load_base
+    from helpers import load_base
 
     base = make_base(tmp_path / "base", "llama")
     sharded = tmp_path / "sharded"
@@ -250,7 +250,7 @@ def test_hub_id_resolves_from_the_local_cache(llama_base, llama_adapter, tmp_pat
 @pytest.mark.slow
 def test_memory_does_not_grow_with_the_model(tmp_path):
     """Merging a ~340 MB checkpoint raises peak RSS by far less than the model's size."""
-    from conftest import load_base
+    from helpers import load_base
 
     base = make_base(
         tmp_path / "base",

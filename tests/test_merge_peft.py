@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import check_against_oracle, file_tensors, loaded_state, make_adapter, make_base, peft_merged_state
+from helpers import check_against_oracle, file_tensors, loaded_state, make_adapter, make_base, peft_merged_state
 from lora_deploy.merge import MergeConfig, run_merge
 
 # (id, arch, base overrides, LoraConfig kwargs, extra: resize / save kwargs)
@@ -176,7 +176,7 @@ def test_merge_is_more_exact_than_peft_on_a_half_precision_base(tmp_path):
     """The common recipe (bf16 base, adapter kept in bf16) rounds dW before adding it; we round W + dW once."""
     from peft import PeftModel
 
-    from conftest import load_base
+    from helpers import load_base
 
     base = make_base(tmp_path / "base16", "llama", dtype="bfloat16")
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"], r=8, lora_alpha=64)
@@ -217,7 +217,7 @@ def test_logits_equal_unmerged_peft_model(llama_base, llama_adapter, tmp_path):
     """The merged checkpoint, loaded by plain transformers, computes the PEFT model's logits."""
     from peft import PeftModel
 
-    from conftest import load_base
+    from helpers import load_base
 
     _merge(llama_base, [llama_adapter], tmp_path / "out", dtype="float32")
     merged = load_base(tmp_path / "out").eval()

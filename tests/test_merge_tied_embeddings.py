@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from archs import VOCAB, build_arch
-from conftest import file_tensors, loaded_model, logits_of, make_adapter, peft_model, run_cli
+from helpers import file_tensors, loaded_model, logits_of, make_adapter, peft_model, run_cli
 from lora_deploy.merge import MergeConfig, run_merge
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -47,7 +47,7 @@ def _tolerance(want: torch.Tensor) -> float:
 
 def _unmerged_logits(base, adapter) -> torch.Tensor:
     """The oracle, after checking the adapter changes the model at all (else the test proves nothing)."""
-    from conftest import load_base
+    from helpers import load_base
 
     want = logits_of(peft_model(base, [adapter]), VOCAB)
     assert (want - logits_of(load_base(base).eval(), VOCAB)).abs().max() > 100 * _tolerance(want), (

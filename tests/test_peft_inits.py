@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import loaded_model, make_base, run_cli
+from helpers import loaded_model, make_base, run_cli
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INITS = [True, False, "gaussian", "orthogonal", "mica", "eva", "olora", "pissa", "pissa_niter_4", "corda", "lora_ga"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_base, require_cpu_build, run_cli
+from helpers import make_base, require_cpu_build, run_cli
 
 GIB = 1 << 30
 

@@ -15,7 +15,7 @@ import bitsandbytes.functional as bnb_functional  # the test extra installs it: 
 import pytest
 import torch
 
-from conftest import loaded_model, logits_of, make_adapter, make_base, run_cli
+from helpers import loaded_model, logits_of, make_adapter, make_base, run_cli
 
 
 def _unpack(packed, n):

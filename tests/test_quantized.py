@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import free_port, make_adapter, make_base, require_cpu_build, run_cli, spread_cores
+from helpers import free_port, make_adapter, make_base, require_cpu_build, run_cli, spread_cores
 
 LABELS = ["account", "billing", "shipping", "technical"]  # the classify adapter on the four demo tickets
 

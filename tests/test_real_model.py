@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import ask_tickets, file_tensors, free_port, run_cli, scaled_adapter, serve_then
+from helpers import ask_tickets, file_tensors, free_port, run_cli, scaled_adapter, serve_then
 from lora_deploy.examples.smollm2 import messages
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import edit_json, file_tensors, make_adapter, make_base, require_cpu_build, run_cli
+from helpers import edit_json, file_tensors, make_adapter, make_base, require_cpu_build, run_cli
 from lora_deploy.errors import EXIT_INPUT, EXIT_UNSUPPORTED, InputError
 from lora_deploy.merge import MergeConfig, run_merge
 from lora_deploy.serve.flags import ServedAdapter, derive_lora_flags, smallest_allowed_rank

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import assert_user_error, free_port, make_adapter, make_base, run_console
+from helpers import assert_user_error, free_port, make_adapter, make_base, run_console
 from lora_deploy.errors import EXIT_ADMIN, EXIT_INPUT, EXIT_SMOKE, EXIT_UNSUPPORTED, EXIT_VERIFY
 
 ENDPOINT_COMMANDS = [("smoke",), ("adapters", "list"), ("bench", "--model", "m", "--requests-per-model", "1")]

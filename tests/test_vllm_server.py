@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import free_port, mount_smoke_job, run_cli, scaled_adapter
-from conftest import start_cli as _cli
-from conftest import wait_for_log as _wait_for
+from helpers import free_port, mount_smoke_job, run_cli, scaled_adapter
+from helpers import start_cli as _cli
+from helpers import wait_for_log as _wait_for
 from lora_deploy.errors import EXIT_INPUT
 from lora_deploy.examples.tiny import PROMPT_TEMPLATE, TICKETS, greedy_answer
 from lora_deploy.serve.flags import ServeConfig, ServedAdapter
@@ -207,7 +207,7 @@ def test_runtime_load_and_unload_are_confirmed(server, client, example, tmp_path
 
 def test_a_runtime_adapter_for_another_base_is_refused_before_vllm_sees_it(server, client, tmp_path):
     """Pre-flight against the served base: other hidden size, refused (exit 3), never listed."""
-    from conftest import make_adapter, make_base
+    from helpers import make_adapter, make_base
 
     other = make_base(tmp_path / "other", "llama", hidden_size=128, intermediate_size=256)
     adapter = make_adapter(other, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
@@ -404,7 +404,7 @@ def test_smoke_judges_distributions_not_text(example, tmp_path):
 def test_bench_reports_strict_json_and_fails_when_requests_fail(server):
     """`bench` through the console script: a healthy run exits 0 with strict JSON (no NaN: a parser that refuses
     NaN reads it); every request to an unknown model failing is exit 8 with the server's reason, not a quiet 0."""
-    from conftest import run_console
+    from helpers import run_console
 
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in --json"))
