@@ -145,3 +145,26 @@ def test_every_name_imported_from_the_package_exists():
                     if not hasattr(module, a.name) and f"{node.module}.{a.name}" not in _modules()
                 ]
     assert not missing, "imports of names that do not exist:\n" + "\n".join(missing)
+
+
+def test_one_error_class_per_exit_code_and_no_hand_picked_codes():
+    """Errors carry their kind, and the kind carries the code: every exit code of the table that an error can
+    mean has exactly one class, and no library call passes ``exit_code=`` (the old hand-picked integers)."""
+    from lora_deploy import errors
+
+    codes = {n: v for n, v in vars(errors).items() if n.startswith("EXIT_")}
+    kinds = {
+        c.exit_code: c
+        for c in vars(errors).values()
+        if isinstance(c, type) and issubclass(c, errors.LoraDeployError) and c is not errors.HttpError
+    }
+    raised = set(codes.values()) - {errors.EXIT_OK, errors.EXIT_USAGE, errors.EXIT_INTERRUPTED}
+    assert set(kinds) == raised, (sorted(kinds), sorted(raised))
+    assert errors.HttpError("x", status=404, detail="y").exit_code == errors.EXIT_SMOKE
+    passing = [
+        f"{path.relative_to(PKG)}:{node.lineno}"
+        for path in PKG.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.keyword) and node.arg in ("exit_code", "failure_exit")
+    ]
+    assert passing == [], passing

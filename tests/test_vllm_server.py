@@ -446,3 +446,21 @@ def test_bench_reports_strict_json_and_fails_when_requests_fail(server):
         env=env,
     )
     assert res.returncode == 8 and "nope" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_http_errors_carry_the_status_and_the_servers_message(server):
+    """The client raises by kind: an unknown model is an HttpError (exit 8) with vLLM's status and its own
+    message. An adapter command's endpoint failure is an AdminError (exit 9) that keeps the endpoint's error."""
+    from lora_deploy.errors import EXIT_ADMIN, EXIT_SMOKE, AdminError, EndpointError, HttpError
+    from lora_deploy.serve.admin import list_models, unload_runtime_adapter
+    from lora_deploy.serve.client import Endpoint
+
+    with pytest.raises(HttpError) as e:
+        Endpoint(server.plan.url, API_KEY).complete("no-such-model", "hi")
+    assert e.value.status == 404 and "no-such-model" in e.value.detail and e.value.exit_code == EXIT_SMOKE
+    with pytest.raises(AdminError) as admin:
+        unload_runtime_adapter(server.plan.url, "no-such-adapter", API_KEY)
+    assert admin.value.exit_code == EXIT_ADMIN and "no-such-adapter" in admin.value.message, admin.value
+    with pytest.raises(AdminError) as down:
+        list_models(f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert isinstance(down.value.__cause__, EndpointError) and "cannot connect" in down.value.message

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_deploy.errors import EXIT_INPUT, LoraDeployError
+from lora_deploy.errors import InputError
 from lora_deploy.k8s.autoscaling import autoscaler
 from lora_deploy.k8s.jobs import config_map, publish_job, smoke_job
 from lora_deploy.k8s.monitoring import pod_monitors
@@ -156,9 +156,8 @@ def write_manifests(
 
     problems = validate_manifests(rendered.files, crds=crds)
     if problems:
-        raise LoraDeployError(
+        raise InputError(
             "refusing to write manifests that fail their schemas:\n" + "\n".join(f"  - {p}" for p in problems),
-            exit_code=EXIT_INPUT,
         )
     output = Path(output)
     if output.exists() and not force and any(output.iterdir()):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from lora_deploy.errors import EXIT_INPUT, LoraDeployError
+from lora_deploy.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -73,16 +73,14 @@ def merge_weight(
 def check_range(name: str, lo: float, hi: float, dtype: str) -> None:
     """Refuse NaN/Inf results, and values that float16 cannot hold (they would silently become Inf)."""
     if any(math.isnan(v) or math.isinf(v) for v in (lo, hi)):
-        raise LoraDeployError(
+        raise InputError(
             f"merged tensor {name} has NaN or Inf values",
-            exit_code=EXIT_INPUT,
             hint="check the base and adapter for corrupt values",
         )
     peak = max(abs(lo), abs(hi))
     if dtype == "float16" and peak > FP16_MAX:
-        raise LoraDeployError(
+        raise InputError(
             f"merged tensor {name} reaches {peak:.6g}, beyond float16's range (65504)",
-            exit_code=EXIT_INPUT,
             hint="write the merge with --dtype bfloat16 or float32",
         )
 

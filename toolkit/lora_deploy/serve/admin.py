@@ -6,18 +6,40 @@ alone: every change is confirmed by reading the model list back.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
-from lora_deploy.errors import EXIT_ADMIN, LoraDeployError
+from lora_deploy.errors import AdminError, EndpointError
 from lora_deploy.serve.client import Endpoint, ServedModel, error_text
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _admin_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """An adapter change that the endpoint failed is an :class:`AdminError` (exit 9), with the endpoint's message
+    and hint; the original (an ``HttpError`` with its status, say) stays reachable as ``__cause__``. A wrong key
+    stays an ``InputError`` (exit 3): the change was never attempted."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except EndpointError as e:
+            raise AdminError(e.message, hint=e.hint) from e
+
+    return wrapper
 
 
 def _endpoint(url: str, api_key: str | None) -> Endpoint:
     # loads can take a while (weights read from disk); one retry only: a change is not idempotent
-    return Endpoint(url, api_key, timeout=120.0, retries=1, failure_exit=EXIT_ADMIN)
+    return Endpoint(url, api_key, timeout=120.0, retries=1)
 
 
+@_admin_errors
 def list_models(url: str, api_key: str | None = None) -> list[ServedModel]:
     """The models a server lists, with each adapter's parent and root."""
     return _endpoint(url, api_key).models()
@@ -33,6 +55,7 @@ class RuntimeLoad:
     replaced: str | None = None  # the path the adapter was served from before a --replace
 
 
+@_admin_errors
 def load_runtime_adapter(
     url: str, name: str, path: str, api_key: str | None = None, *, preflight: bool = True, replace: bool = False
 ) -> RuntimeLoad:
@@ -55,22 +78,19 @@ def load_runtime_adapter(
     served = server.models()
     previous = next((m for m in served if m.id == name), None)
     if previous is not None and not previous.parent:
-        raise LoraDeployError(
+        raise AdminError(
             f"{name!r} is the server's base model, not an adapter",
-            exit_code=EXIT_ADMIN,
             hint="pick another name for the adapter",
         )
     if previous is not None and not replace:
-        raise LoraDeployError(
+        raise AdminError(
             f"the server already serves an adapter named {name!r} (from {previous.root})",
-            exit_code=EXIT_ADMIN,
             hint=f"pass --replace to swap its weights in place (clients keep the name), or "
             f"unload it first (lora-deploy adapters unload {name}), or pick another name",
         )
     if previous is None and replace:
-        raise LoraDeployError(
+        raise AdminError(
             f"--replace: the server serves no adapter named {name!r}",
-            exit_code=EXIT_ADMIN,
             hint="drop --replace to load it as a new adapter",
         )
     from lora_deploy.serve.launcher import read_record
@@ -79,10 +99,9 @@ def load_runtime_adapter(
     if record is not None and previous is None:
         runtime = [m.id for m in served if m.parent and m.id not in record.startup_adapters]
         if len(runtime) >= record.runtime_slots:
-            raise LoraDeployError(
+            raise AdminError(
                 f"all {record.runtime_slots} LoRA slot(s) reserved for runtime adapters are in use "
                 f"({', '.join(runtime) or 'none: runtime loading is off'})",
-                exit_code=EXIT_ADMIN,
                 hint="unload one first, or restart with a larger --runtime-adapter-slots (on the CPU build a "
                 "load beyond them would take the empty slot that keeps base answers correct)",
             )
@@ -102,9 +121,8 @@ def load_runtime_adapter(
     _load(server, name, path, inplace=replace, moe_3d=moe_3d)
     listed = {m.id: m for m in server.models()}
     if name not in listed or (replace and listed[name].root != path):
-        raise LoraDeployError(
+        raise AdminError(
             f"the server accepted the load but does not list {name!r} from {path}: the load did not happen",
-            exit_code=EXIT_ADMIN,
             hint="check that the path exists on the server",
         )
     distance = None
@@ -120,10 +138,9 @@ def load_runtime_adapter(
             else:
                 unload_runtime_adapter(url, name, api_key, force=True)
                 undone = "unloaded again"
-            raise LoraDeployError(
+            raise AdminError(
                 f"{name!r} loaded but answers exactly like the base {base.id!r} (distance "
                 f"{distance:.3g} nats): {undone}",
-                exit_code=EXIT_ADMIN,
                 hint="the adapter's lora_B is zero, or it does not target this model's modules",
             )
     return RuntimeLoad(
@@ -142,35 +159,31 @@ def _load(server: Endpoint, name: str, path: str, *, inplace: bool, moe_3d: bool
         body["is_3d_lora_weight"] = True
     r = server.request("POST", "/v1/load_lora_adapter", json=body, check=False, retries=0)
     if r.status_code == 404 and "load_lora_adapter" in r.text or r.status_code == 405:
-        raise LoraDeployError(
+        raise AdminError(
             "the server does not allow runtime adapter loading",
-            exit_code=EXIT_ADMIN,
             hint="start it with lora-deploy dynamic --allow-runtime-adapters",
         )
     if r.status_code >= 400 and "already" in r.text.lower():
-        raise LoraDeployError(
+        raise AdminError(
             f"the server already serves an adapter named {name!r}",
-            exit_code=EXIT_ADMIN,
             hint=f"pass --replace to swap its weights in place, or unload it first "
             f"(lora-deploy adapters unload {name})",
         )
     if r.status_code == 401:
         server.raise_for_status(r, "/v1/load_lora_adapter")
     if r.status_code >= 400:
-        raise LoraDeployError(
-            f"loading {name!r} from {path} failed: HTTP {r.status_code} {error_text(r)}", exit_code=EXIT_ADMIN
-        )
+        raise AdminError(f"loading {name!r} from {path} failed: HTTP {r.status_code} {error_text(r)}")
 
 
+@_admin_errors
 def unload_runtime_adapter(url: str, name: str, api_key: str | None = None, *, force: bool = False) -> None:
     """Unload an adapter and confirm it is gone; a startup adapter (the readiness probe requires it) needs force."""
     from lora_deploy.serve.launcher import read_record
 
     record = read_record(url)
     if record is not None and name in record.startup_adapters and not force:
-        raise LoraDeployError(
+        raise AdminError(
             f"{name!r} was served from the start: the readiness probe and clients expect it",
-            exit_code=EXIT_ADMIN,
             hint="pass --force to unload it anyway",
         )
     server = _endpoint(url, api_key)
@@ -178,11 +191,12 @@ def unload_runtime_adapter(url: str, name: str, api_key: str | None = None, *, f
     if r.status_code == 401:
         server.raise_for_status(r, "/v1/unload_lora_adapter")
     if r.status_code >= 400:
-        raise LoraDeployError(f"unloading {name!r} failed: HTTP {r.status_code} {error_text(r)}", exit_code=EXIT_ADMIN)
+        raise AdminError(f"unloading {name!r} failed: HTTP {r.status_code} {error_text(r)}")
     if any(m.id == name for m in server.models()):
-        raise LoraDeployError(f"the server answered {r.status_code} but still lists {name!r}", exit_code=EXIT_ADMIN)
+        raise AdminError(f"the server answered {r.status_code} but still lists {name!r}")
 
 
+@_admin_errors
 def reload_from(url: str, name: str, path: str, api_key: str | None = None) -> bool:
     """Make a replica that serves ``name`` load it from ``path`` in place (a new version in an adapter store);
     False when it had not loaded ``name``, so its next request loads the store's current version anyway.
@@ -196,14 +210,14 @@ def reload_from(url: str, name: str, path: str, api_key: str | None = None) -> b
     _load(server, name, path, inplace=True)  # never MoE expert LoRA: stores refuse it (store.publish)
     listed = {m.id: m for m in server.models()}
     if name not in listed or listed[name].root != path:
-        raise LoraDeployError(
+        raise AdminError(
             f"the replica accepted the reload but does not list {name!r} from {path}",
-            exit_code=EXIT_ADMIN,
             hint="check that the store is mounted at the same path there",
         )
     return True
 
 
+@_admin_errors
 def forget(url: str, name: str, api_key: str | None = None) -> bool:
     """Unload ``name`` from a replica if it loaded it (False when it had not); confirmed through /v1/models."""
     server = _endpoint(url, api_key)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import requests
 
-from lora_deploy.errors import EXIT_SMOKE, LoraDeployError
+from lora_deploy.errors import LoraDeployError
 from lora_deploy.prompts import DEFAULT_PROMPT
 from lora_deploy.serve.client import Endpoint, iter_sse
 
@@ -84,7 +84,7 @@ def _one(server: Endpoint, model: str, prompt: str, max_tokens: int):
     }
     tokens = 0
     with server.request("POST", "/v1/completions", json=body, stream=True, retries=0) as r:
-        for chunk in iter_sse(r, failure_exit=server.failure_exit):
+        for chunk in iter_sse(r):
             if chunk.get("usage"):
                 tokens = chunk["usage"].get("completion_tokens", tokens)
             if chunk.get("choices"):  # one chunk per decoding step (ignored EOS steps may carry empty text)
@@ -111,7 +111,7 @@ def run_load(
     max_seconds: float = 600.0,
 ) -> BenchReport:
     """Send ``requests_per_model`` streamed requests per model, ``concurrency`` at a time."""
-    server = Endpoint(url, api_key, timeout=timeout, failure_exit=EXIT_SMOKE)
+    server = Endpoint(url, api_key, timeout=timeout)
     url = server.url
     _one(server, models[0], prompt, 4)  # warm-up: first-request costs are not load
     jobs = [m for _ in range(requests_per_model) for m in models]

@@ -17,7 +17,7 @@ from typing import Any
 
 import requests
 
-from lora_deploy.errors import EXIT_INPUT, EXIT_SMOKE, InputError, LoraDeployError
+from lora_deploy.errors import EndpointError, HttpError, InputError, LoraDeployError
 
 # An answer larger than this is not an OpenAI-compatible reply to anything lora-deploy asks: it is cut off, and an error
 MAX_RESPONSE_BYTES = 32 << 20
@@ -83,7 +83,7 @@ def server_root(url: str) -> str:
     return given.rstrip("/").removesuffix("/v1").rstrip("/")
 
 
-def _read_bounded(r: requests.Response, where: str, failure_exit: int) -> None:
+def _read_bounded(r: requests.Response, where: str) -> None:
     """Read a response's body within its deadline and :data:`MAX_RESPONSE_BYTES` (a server that sends a byte every
     few seconds, or an endless body, cannot hold a command or fill its memory): the watchdog that
     :meth:`Endpoint.request` set closes the connection at the deadline, which ends a read that is waiting."""
@@ -93,27 +93,24 @@ def _read_bounded(r: requests.Response, where: str, failure_exit: int) -> None:
             body += chunk
             if len(body) > MAX_RESPONSE_BYTES:
                 r.close()
-                raise LoraDeployError(
+                raise EndpointError(
                     f"{where}: the answer is larger than {MAX_RESPONSE_BYTES >> 20} MiB; cut off",
-                    exit_code=failure_exit,
                     hint=_NOT_VLLM_HINT,
                 )
     except (requests.RequestException, AttributeError, ValueError, OSError) as e:
-        _raise_past_deadline(r, where, failure_exit)
-        raise LoraDeployError(
+        _raise_past_deadline(r, where)
+        raise EndpointError(
             f"{where}: the answer broke off ({e.__class__.__name__})",
-            exit_code=failure_exit,
             hint="read the server's log",
         ) from e
-    _raise_past_deadline(r, where, failure_exit)  # closed at the deadline: what arrived is incomplete
+    _raise_past_deadline(r, where)  # closed at the deadline: what arrived is incomplete
     r._content = bytes(body)  # requests' own cache of the body: .json() and .text read it from here
 
 
-def _raise_past_deadline(r: requests.Response, where: str, failure_exit: int) -> None:
+def _raise_past_deadline(r: requests.Response, where: str) -> None:
     if time.monotonic() >= getattr(r, _DEADLINE, float("inf")):
-        raise LoraDeployError(
+        raise EndpointError(
             f"{where}: no complete answer within the call's deadline",
-            exit_code=failure_exit,
             hint="the server is overloaded or stuck; raise --timeout",
         )
 
@@ -151,7 +148,7 @@ def error_text(r: requests.Response) -> str:
         return r.text[:300]
 
 
-def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> Iterator[dict]:
+def iter_sse(response: requests.Response) -> Iterator[dict]:
     """The JSON chunks of an OpenAI-style server-sent-event stream, up to `data: [DONE]`.
 
     A chunk that is not a JSON object (a proxy's page, a cut connection) is a :class:`LoraDeployError` that
@@ -160,10 +157,9 @@ def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> 
     where = f"{response.request.method} {response.url}" if response.request is not None else response.url
     kind = response.headers.get("content-type", "")
     if not kind.startswith("text/event-stream"):  # a proxy's page answered instead of the server's stream
-        raise LoraDeployError(
+        raise EndpointError(
             f"{where} answered HTTP {response.status_code} with something that is not a JSON "
             f"object or event stream ({_describe_body(response)})",
-            exit_code=failure_exit,
             hint=_NOT_VLLM_HINT,
         )
     deadline, received = getattr(response, _DEADLINE, None), 0
@@ -172,9 +168,8 @@ def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> 
             received += len(line) + 1
             if received > MAX_RESPONSE_BYTES or (deadline is not None and time.monotonic() > deadline):
                 response.close()
-                raise LoraDeployError(
+                raise EndpointError(
                     f"{where}: the stream ran past its deadline or {MAX_RESPONSE_BYTES >> 20} MiB; cut off",
-                    exit_code=failure_exit,
                     hint="raise --timeout, or read the server's log",
                 )
             if not line or not line.startswith("data:"):
@@ -187,9 +182,8 @@ def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> 
             except ValueError:
                 chunk = None
             if not isinstance(chunk, dict):
-                raise LoraDeployError(
+                raise EndpointError(
                     f"{where} streamed a chunk that is not a JSON object: {data[:200]!r}",
-                    exit_code=failure_exit,
                     hint=_NOT_VLLM_HINT,
                 )
             yield chunk
@@ -199,10 +193,9 @@ def iter_sse(response: requests.Response, *, failure_exit: int = EXIT_SMOKE) -> 
         ValueError,
         OSError,
     ) as e:  # broke off, or closed at the deadline
-        _raise_past_deadline(response, where, failure_exit)
-        raise LoraDeployError(
+        _raise_past_deadline(response, where)
+        raise EndpointError(
             f"{where}: the stream broke off ({e.__class__.__name__}: {e})",
-            exit_code=failure_exit,
             hint="read the server's log",
         ) from e
 
@@ -223,8 +216,10 @@ def _describe_body(r: requests.Response) -> str:
 class Endpoint:
     """An OpenAI-compatible server at ``url``.
 
-    ``failure_exit`` is the exit code of errors that mean "the server did not do it" (the smoke test's 8,
-    the admin commands' 9); a 401 is always bad input (3): the caller's key is wrong or missing.
+    What goes wrong is an :class:`~lora_deploy.errors.EndpointError` (an HTTP error answer: its subclass
+    :class:`~lora_deploy.errors.HttpError`, with the status and the server's message); a 401 is an
+    :class:`~lora_deploy.errors.InputError`: the caller's key is wrong or missing. A caller whose kind of work
+    has its own exit code (the admin commands' 9) converts at its boundary (``serve/admin.py``).
     """
 
     def __init__(
@@ -234,13 +229,11 @@ class Endpoint:
         *,
         timeout: float = 60.0,
         retries: int = 3,
-        failure_exit: int = EXIT_SMOKE,
     ):
         self.url = server_root(url)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
         self.retries = retries
-        self.failure_exit = failure_exit
 
     def request(
         self,
@@ -275,15 +268,14 @@ class Endpoint:
                 watchdog = _watchdog(r, deadline)
                 if 300 <= r.status_code < 400:
                     r.close()
-                    raise LoraDeployError(
+                    raise EndpointError(
                         f"{where} answered a redirect (HTTP {r.status_code} to "
                         f"{redact_url(r.headers.get('location', '?'))}); not followed",
-                        exit_code=self.failure_exit,
                         hint="give the server's own address as --url",
                     )
                 if not stream:
                     try:
-                        _read_bounded(r, where, self.failure_exit)
+                        _read_bounded(r, where)
                     finally:
                         watchdog.cancel()
             except requests.ConnectionError as e:
@@ -292,15 +284,13 @@ class Endpoint:
                     time.sleep(min(2.0, 0.5 * (attempt + 1)))
                 continue
             except requests.Timeout as e:
-                raise LoraDeployError(
+                raise EndpointError(
                     f"{where} timed out after {timeout:.0f} s",
-                    exit_code=self.failure_exit,
                     hint="the server is overloaded or stuck; raise --timeout",
                 ) from e
             except requests.RequestException as e:  # an invalid URL, a TLS failure, a broken answer
-                raise LoraDeployError(
+                raise EndpointError(
                     f"{where} failed: {e.__class__.__name__}",
-                    exit_code=self.failure_exit,
                     hint="check --url (scheme, host, port) and that the server speaks HTTP",
                 ) from e
             if r.status_code >= 500 and attempt < retries:
@@ -310,37 +300,35 @@ class Endpoint:
             if check:
                 self.raise_for_status(r, path, json)
             return r
-        raise LoraDeployError(
+        raise EndpointError(
             f"cannot connect to {redact_url(self.url)} ({last.__class__.__name__}: connection refused or "
             "host unreachable)",
-            exit_code=self.failure_exit,
             hint="is the server running, and is --url right (scheme, host, port)?",
         )
 
     def raise_for_status(self, r: requests.Response, path: str, body: Any = None) -> None:
-        """A LoraDeployError for an HTTP error, with the server's message and what to do about it."""
+        """An :class:`HttpError` for an HTTP error answer, with the server's message and what to do about it."""
         if r.status_code < 400:
             return
         detail = error_text(r)
         if r.status_code == 401:
-            raise LoraDeployError(
+            raise InputError(
                 f"{path}: 401 Unauthorized ({detail})",
-                exit_code=EXIT_INPUT,
                 hint="the server wants an API key: pass --api-key-env VAR with VAR set to it",
             )
-        if r.status_code == 404 and isinstance(body, dict) and "model" in body:
-            raise LoraDeployError(
+        status = r.status_code
+        if status == 404 and isinstance(body, dict) and "model" in body:
+            raise HttpError(
                 f"{path}: 404, model {body['model']!r} is unknown to the server ({detail})",
-                exit_code=self.failure_exit,
+                status=status,
+                detail=detail,
                 hint="check the names /v1/models lists",
             )
-        if r.status_code >= 500:
-            raise LoraDeployError(
-                f"{path}: server error {r.status_code} ({detail})",
-                exit_code=self.failure_exit,
-                hint="read the server's log",
+        if status >= 500:
+            raise HttpError(
+                f"{path}: server error {status} ({detail})", status=status, detail=detail, hint="read the server's log"
             )
-        raise LoraDeployError(f"{path}: HTTP {r.status_code} ({detail})", exit_code=self.failure_exit)
+        raise HttpError(f"{path}: HTTP {status} ({detail})", status=status, detail=detail)
 
     def json_of(self, r: requests.Response, path: str) -> dict:
         """The JSON object a response carries; anything else (an HTML error page from a proxy that answered
@@ -350,19 +338,17 @@ class Endpoint:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise LoraDeployError(
+            raise EndpointError(
                 f"{r.request.method if r.request else 'GET'} {redact_url(self.url)}{path} answered HTTP "
                 f"{r.status_code} with something that is not a JSON object ({_describe_body(r)})",
-                exit_code=self.failure_exit,
                 hint=_NOT_VLLM_HINT,
             )
         return body
 
     def unexpected(self, path: str, body: object, wanted: str) -> LoraDeployError:
         """The error for a JSON answer without the fields an OpenAI-compatible server sends."""
-        return LoraDeployError(
+        return EndpointError(
             f"{redact_url(self.url)}{path} answered JSON without {wanted}: {str(body)[:200]}",
-            exit_code=self.failure_exit,
             hint=_NOT_VLLM_HINT,
         )
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from lora_deploy.errors import EXIT_SERVER, InputError, LoraDeployError
+from lora_deploy.errors import InputError, ServerError
 
 # vLLM's accepted --max-lora-rank values (vllm/config/lora.py: MaxLoRARanks)
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -140,9 +140,8 @@ def detect_vllm() -> VllmInstall | None:
 def require_vllm() -> VllmInstall:
     install = detect_vllm()
     if install is None:
-        raise LoraDeployError(
+        raise ServerError(
             "vLLM is not installed in this environment",
-            exit_code=EXIT_SERVER,
             hint="pip install 'lora-deploy[gpu]' (CUDA) or 'lora-deploy[cpu]' (CPU build)",
         )
     return install

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lora_deploy.errors import EXIT_SERVER, LoraDeployError
+from lora_deploy.errors import ServerError
 from lora_deploy.model.quantization import checkpoint_quantization, is_float8
 from lora_deploy.serve.client import Endpoint
 from lora_deploy.serve.flags import ServeConfig, VllmInstall, build_env, build_vllm_args, model_max_len, require_vllm
@@ -117,9 +117,8 @@ def check_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as e:
-            raise LoraDeployError(
+            raise ServerError(
                 f"cannot serve on {host}:{port}: {e.strerror or e}",
-                exit_code=EXIT_SERVER,
                 hint=f"another process listens there (see: ss -ltnp 'sport = :{port}'); "
                 "stop it or pass --port with a free port",
             ) from e
@@ -177,9 +176,8 @@ class VllmServer:
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 code = None if self.proc is None else self.proc.returncode
-                raise LoraDeployError(
+                raise ServerError(
                     f"vLLM exited during start-up (exit code {code}); log: {self.log_path}\n" + self.log_tail(),
-                    exit_code=EXIT_SERVER,
                     hint="the log's last lines above say why; check the flags and the model",
                 )
             missing = endpoint.ready(self.plan.expected_models)
@@ -187,10 +185,9 @@ class VllmServer:
                 self._write_record()
                 return
             time.sleep(poll)
-        raise LoraDeployError(
+        raise ServerError(
             f"vLLM was not ready within {timeout:.0f} s (still missing: {', '.join(missing)}); "
             f"log: {self.log_path}\n" + self.log_tail(),
-            exit_code=EXIT_SERVER,
             hint="raise --timeout for large models, or read the log",
         )
 
@@ -344,9 +341,8 @@ def serve(plan: LaunchPlan, options: ServeOptions, *, on_started=None, on_ready=
         while server.alive():
             time.sleep(0.5)
         code = server.proc.returncode if server.proc else None
-        raise LoraDeployError(
+        raise ServerError(
             f"vLLM exited unexpectedly (exit code {code}); log: {server.log_path}\n{server.log_tail()}",
-            exit_code=EXIT_SERVER,
         )
     except KeyboardInterrupt:
         return 130

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_deploy._files import contained_file
-from lora_deploy.errors import EXIT_INPUT, InputError, LoraDeployError, UnsupportedError
+from lora_deploy.errors import InputError, LoraDeployError, UnsupportedError
 from lora_deploy.hub import ResolvedRef, resolve_headers
 from lora_deploy.model.adapter import CONFIG_FILE, PREFIX, AdapterInfo, LoraSettings, load_adapter, nonfinite_tensors
 from lora_deploy.serve.flags import ALLOWED_LORA_RANKS, ServedAdapter
@@ -116,7 +116,7 @@ def check_adapters(
         try:
             info = load_adapter(source)
         except LoraDeployError as e:
-            rule = "readable adapter" if e.exit_code == EXIT_INPUT else "supported adapter"
+            rule = "readable adapter" if isinstance(e, InputError) else "supported adapter"
             refusals.append(Refusal(name, rule, e.message, e.hint or "fix the adapter folder"))
             continue
         found = _rules(name, info, base, base_ref, vocab, max_lora_rank, base_config)

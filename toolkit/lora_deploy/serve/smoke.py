@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from lora_deploy.errors import EXIT_SMOKE, LoraDeployError
+from lora_deploy.errors import HttpError, LoraDeployError
 from lora_deploy.prompts import DEFAULT_PROMPT
 from lora_deploy.serve.client import Endpoint, iter_sse
 
@@ -160,7 +160,7 @@ def run_smoke(
 ) -> SmokeReport:
     """Run every check against ``url``; ``models`` are the names that must be served (default: all listed)."""
     start = time.monotonic()
-    client = Endpoint(url, api_key, timeout=timeout, retries=retries, failure_exit=EXIT_SMOKE)
+    client = Endpoint(url, api_key, timeout=timeout, retries=retries)
     checks: list[Check] = []
     health = client.request("GET", "/health")
     checks.append(Check("health", health.status_code == 200, f"HTTP {health.status_code}"))
@@ -227,13 +227,15 @@ def run_smoke(
                     "every model answered a chat request",
                 )
             )
-        except LoraDeployError as e:
-            if "chat template" in e.message.lower() or "chat_template" in e.message.lower():
+        except HttpError as e:
+            if e.status == 400 and ("chat template" in e.detail.lower() or "chat_template" in e.detail.lower()):
                 checks.append(
                     Check("chat completion", True, "skipped: the tokenizer has no chat template", skipped=True)
                 )
             else:
                 checks.append(Check("chat completion", False, e.message))
+        except LoraDeployError as e:
+            checks.append(Check("chat completion", False, e.message))
     models_out = []
     for m, stream_text, ttft, total in results:
         ref = refs[m]
@@ -339,8 +341,8 @@ def probe_model(client: Endpoint, model: str, prompt: str, max_tokens: int, *, l
     if logprobs:
         try:
             return _parse_probe(client.complete(model, prompt, max_tokens, logprobs=TOP_K))
-        except LoraDeployError as e:
-            if "HTTP 400" not in e.message or "logprob" not in e.message.lower():
+        except HttpError as e:
+            if e.status != 400 or "logprob" not in e.detail.lower():
                 raise
     return Probe(client.complete(model, prompt, max_tokens)["text"])
 

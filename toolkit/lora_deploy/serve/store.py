@@ -38,7 +38,7 @@ from pathlib import Path
 
 from lora_deploy import __version__
 from lora_deploy._files import contained_file, fsync_dir, remove_stale_partials, staged_folder
-from lora_deploy.errors import EXIT_ADMIN, InputError, LoraDeployError, OutputError
+from lora_deploy.errors import AdminError, InputError, LoraDeployError, OutputError
 from lora_deploy.model.adapter import CONFIG_FILE
 from lora_deploy.serve.flags import ALLOWED_LORA_RANKS, model_name_problem
 
@@ -491,9 +491,7 @@ def _raise_for_endpoints(results: tuple[EndpointResult, ...], done: str, fix: st
     failed = [r for r in results if r.action == "failed"]
     if failed:
         listing = "\n".join(f"  - {r.url}: {r.detail}" for r in failed)
-        raise LoraDeployError(
-            f"{done}, but {len(failed)} replica(s) could not be told:\n{listing}", exit_code=EXIT_ADMIN, hint=fix
-        )
+        raise AdminError(f"{done}, but {len(failed)} replica(s) could not be told:\n{listing}", hint=fix)
 
 
 def replica_urls(host_port: str) -> tuple[str, ...]:
