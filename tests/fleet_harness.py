@@ -139,10 +139,10 @@ class Fleet:
         else:
             argv = install.launch_prefix + [model] + args
         return LaunchPlan(
-            argv,
-            env,
-            replica.url,
-            [SERVED, "classify"],
+            argv=argv,
+            env=env,
+            url=replica.url,
+            expected_models=[SERVED, "classify"],
             host="127.0.0.1",
             port=replica.port,
             startup_adapters=("classify",),

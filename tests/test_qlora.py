@@ -128,7 +128,11 @@ def test_double_quantization_follows_the_reference_kernel(quant_type):
     dist = (scaled - code.view(1, -1)).abs()
     assert torch.all(dist.gather(1, ours.absmax.long().view(-1, 1)).squeeze(1) <= dist.min(1).values + 1e-7)
     theirs = Quantized4bit(
-        _unpack(packed, t.numel()), state.absmax, tuple(t.shape), state.state2.absmax, float(state.offset)
+        indices=_unpack(packed, t.numel()),
+        absmax=state.absmax,
+        shape=tuple(t.shape),
+        absmax2=state.state2.absmax,
+        offset=float(state.offset),
     )
     state.dtype = torch.float32
     assert torch.equal(dequantize_4bit(theirs, quant_type, 64), bnb_functional.dequantize_4bit(packed, state))
@@ -224,7 +228,12 @@ def test_merge_into_dequantized_computes_the_qlora_model(qlora_case, tmp_path):
     for into in ("dequantized", "original"):
         report = run_merge(
             MergeConfig(
-                str(base), (str(adapter),), tmp_path / into, dtype="float32", qlora=Bnb4bit("nf4"), merge_into=into
+                base=str(base),
+                adapters=(str(adapter),),
+                output=tmp_path / into,
+                dtype="float32",
+                qlora=Bnb4bit("nf4"),
+                merge_into=into,
             )
         )
         diffs[into] = float((logits_of(loaded_model(tmp_path / into)) - reference).abs().max())
@@ -311,7 +320,12 @@ def test_verify_catches_a_merge_into_the_wrong_base(qlora_case, tmp_path):
     base, adapter, _ = qlora_case
     plan_report = run_merge(
         MergeConfig(
-            str(base), (str(adapter),), tmp_path / "m", dtype="float32", qlora=Bnb4bit("nf4"), merge_into="original"
+            base=str(base),
+            adapters=(str(adapter),),
+            output=tmp_path / "m",
+            dtype="float32",
+            qlora=Bnb4bit("nf4"),
+            merge_into="original",
         )
     )
     report = verify_merge(
@@ -398,7 +412,12 @@ def test_dequantized_merge_computes_the_qlora_model_on_the_real_model(real, tmp_
     for into in ("dequantized", "original"):
         run_merge(
             MergeConfig(
-                str(real.base), (str(adapter),), tmp_path / into, dtype="float32", qlora=Bnb4bit("nf4"), merge_into=into
+                base=str(real.base),
+                adapters=(str(adapter),),
+                output=tmp_path / into,
+                dtype="float32",
+                qlora=Bnb4bit("nf4"),
+                merge_into=into,
             )
         )
         got[into] = float((logits_of(loaded_model(tmp_path / into), vocab=49152) - reference).abs().max())

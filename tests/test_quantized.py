@@ -154,9 +154,9 @@ def _merge(real, out, *, quantize=None, weight=1.0):
 
     run_merge(
         MergeConfig(
-            str(real.base),
-            (str(real.adapters["classify"]),),
-            out,
+            base=str(real.base),
+            adapters=(str(real.adapters["classify"]),),
+            output=out,
             weights=(weight,),
             dtype="bfloat16",
             quantize=quantize,
@@ -439,6 +439,10 @@ def test_quality_says_what_it_was_measured_on(tmp_path):
 
     base = make_base(tmp_path / "base", "llama", tokenizer=False, hidden_size=128, intermediate_size=256)
     adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"])
-    report = run_merge(MergeConfig(str(base), (str(adapter),), tmp_path / "q", dtype="bfloat16", quantize="w8a8-int8"))
+    report = run_merge(
+        MergeConfig(
+            base=str(base), adapters=(str(adapter),), output=tmp_path / "q", dtype="bfloat16", quantize="w8a8-int8"
+        )
+    )
     quality = report.quantization.quality
     assert "fixed sequences of token ids" in quality.measured_on and quality.positions > 0

@@ -64,7 +64,7 @@ ADAPTERS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RealExample:
     """The converted base and the trained adapters, with where they came from and what was reused."""
 
@@ -245,12 +245,12 @@ def build_real_example(
             + "\n"
         )
     return RealExample(
-        root,
-        root / "base",
-        {n: root / "adapters" / n for n in ADAPTERS},
-        label,
-        reused,
-        round(time.monotonic() - start, 2),
+        root=root,
+        base=root / "base",
+        adapters={n: root / "adapters" / n for n in ADAPTERS},
+        source=label,
+        reused=reused,
+        seconds=round(time.monotonic() - start, 2),
     )
 
 

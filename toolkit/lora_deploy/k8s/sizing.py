@@ -12,7 +12,7 @@ from lora_deploy.plan.capacity import CapacityPlan, PlanRequest, tp_ok
 from lora_deploy.plan.shape import GIB
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SpecCheck:
     """What a deploy spec gets wrong for its model and GPU: problems (vLLM would fail) and warnings."""
 
@@ -101,7 +101,7 @@ def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
             f"resources.memory {spec.resources.memory} is below the weights one pod loads "
             f"({need / GIB:.1f} GiB): loading may be OOM-killed"
         )
-    return SpecCheck(source, g.gpu, tuple(problems), tuple(warnings), plan)
+    return SpecCheck(spec=source, gpu=g.gpu, problems=tuple(problems), warnings=tuple(warnings), plan=plan)
 
 
 def sized_spec(spec: DeploySpec, plan: CapacityPlan, given: set[str]) -> tuple[DeploySpec, list[str]]:

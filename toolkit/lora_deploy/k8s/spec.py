@@ -61,7 +61,7 @@ class AdapterRef:
     moe_experts: bool | None = None  # LoRA on fused MoE expert parameters (None: read from the adapter if readable)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeightsSpec:
     """Where the model (and adapters) come from inside the pod.
 
@@ -77,7 +77,7 @@ class WeightsSpec:
     hf_token_secret: str | None = None  # Secret with key HF_TOKEN, for gated hub repos
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VllmSpec:
     """vLLM options the manifests pass as flags."""
 
@@ -112,7 +112,7 @@ class SecretRef:
     key: str = "api-key"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AutoscalingSpec:
     """Scale on vLLM's queue (vllm:num_requests_waiting) through an autoscaler already in the cluster."""
 
@@ -138,7 +138,7 @@ class SmokeSpec:
     max_tokens: int = 16
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AdapterStoreSpec:
     """An adapter store on a ReadWriteMany claim: every server mounts it read-only at ``mountPath`` and serves each
     ``<mountPath>/<name>/`` published into it (vLLM's filesystem resolver), now or after the rollout."""
@@ -154,7 +154,7 @@ class AdapterStoreSpec:
 DEFAULT_PICKER_IMAGE = "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RoutingSpec:
     """How clients reach the servers: a plain Service, or an InferencePool behind a Gateway with llm-d's endpoint
     picker, which sends each request to a pod that already holds its adapter (``lora-affinity-scorer``)."""
@@ -186,7 +186,7 @@ class MonitoringSpec:
     pod_monitor: bool | None = None  # default: true when autoscaling is enabled (its trigger reads what is scraped)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DeploySpec:
     """A whole rollout: what to serve, in which mode, on what hardware, and how it is exposed."""
 

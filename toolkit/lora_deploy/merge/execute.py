@@ -44,7 +44,7 @@ _SKIP_NAMES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeReport:
     """What a merge did: where it wrote, how much, how fast, and which tensors it changed."""
 
@@ -113,11 +113,11 @@ def execute_plan(plan: MergePlan, *, progress: bool = False, quality: bool = Tru
             quantization = None
             if plan.quantization is not None:
                 quantization = QuantizationReport(
-                    plan.quantization.scheme,
-                    len(plan.quantization.weights),
-                    writer.bytes_written,
-                    sum(t.nbytes for t in _unquantized(plan.tensors, plan.dtype)),
-                    None,
+                    scheme=plan.quantization.scheme,
+                    weights_quantized=len(plan.quantization.weights),
+                    bytes_written=writer.bytes_written,
+                    bytes_16bit=sum(t.nbytes for t in _unquantized(plan.tensors, plan.dtype)),
+                    quality=None,
                 )
             provenance = _provenance(plan, hashes, quantization)
             (staged.path / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")

@@ -120,7 +120,7 @@ def _expand(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Quantized4bit:
     """One tensor in 4-bit: code indices (one uint8 per value, unpacked), the absmax statistics, its shape."""
 
@@ -142,12 +142,12 @@ def quantize_4bit(t: torch.Tensor, s: Bnb4bit) -> Quantized4bit:
         q = order[q]
     q = q.to(torch.uint8)
     if not s.double_quant:
-        return Quantized4bit(q, absmax, tuple(t.shape))
+        return Quantized4bit(indices=q, absmax=absmax, shape=tuple(t.shape))
     offset = absmax.mean()
     dyn = dynamic_code()
     scaled2, absmax2 = _blockwise_scale(absmax - offset, NESTED_BLOCKSIZE)
     q8 = torch.bucketize(scaled2, (dyn[:-1] + dyn[1:]) / 2, out_int32=True).to(torch.uint8)
-    return Quantized4bit(q, q8, tuple(t.shape), absmax2, float(offset))
+    return Quantized4bit(indices=q, absmax=q8, shape=tuple(t.shape), absmax2=absmax2, offset=float(offset))
 
 
 def dequantize_4bit(q: Quantized4bit, quant_type: str, blocksize: int) -> torch.Tensor:
@@ -189,7 +189,7 @@ def quantized_linear_modules(model, s: Bnb4bit) -> list[str]:
     ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stored4bit:
     """A weight that a bitsandbytes 4-bit checkpoint stores packed, and the tensors of its statistics.
 
@@ -232,17 +232,17 @@ def split_stored_4bit(index: ShardIndex) -> tuple[ShardIndex, dict[str, Stored4b
                 nested = "nested_offset" in state
                 entry = tensors[name]
                 stored[name] = Stored4bit(
-                    entry,
-                    tensors[f"{name}.absmax"],
-                    tensors[f"{name}.quant_map"],
-                    state["quant_type"],
-                    int(state["blocksize"]),
-                    tuple(int(x) for x in state["shape"]),
-                    st_dtype(getattr(torch, state["dtype"])),
-                    tensors.get(f"{name}.nested_absmax") if nested else None,
-                    tensors.get(f"{name}.nested_quant_map") if nested else None,
-                    int(state.get("nested_blocksize", NESTED_BLOCKSIZE)),
-                    float(state.get("nested_offset", 0.0)),
+                    packed=entry,
+                    absmax=tensors[f"{name}.absmax"],
+                    quant_map=tensors[f"{name}.quant_map"],
+                    quant_type=state["quant_type"],
+                    blocksize=int(state["blocksize"]),
+                    shape=tuple(int(x) for x in state["shape"]),
+                    dtype=st_dtype(getattr(torch, state["dtype"])),
+                    nested_absmax=tensors.get(f"{name}.nested_absmax") if nested else None,
+                    nested_quant_map=tensors.get(f"{name}.nested_quant_map") if nested else None,
+                    nested_blocksize=int(state.get("nested_blocksize", NESTED_BLOCKSIZE)),
+                    offset=float(state.get("nested_offset", 0.0)),
                 )
             except (KeyError, ValueError, AttributeError, UnicodeDecodeError) as e:
                 raise InputError(
@@ -253,7 +253,12 @@ def split_stored_4bit(index: ShardIndex) -> tuple[ShardIndex, dict[str, Stored4b
             for suffix in _STAT_SUFFIXES:
                 tensors.pop(name + suffix, None)
             tensors[name] = TensorEntry(
-                name, entry.file, stored[name].dtype, stored[name].shape, entry.start, entry.end
+                name=name,
+                file=entry.file,
+                dtype=stored[name].dtype,
+                shape=stored[name].shape,
+                start=entry.start,
+                end=entry.end,
             )
     finally:
         reader.close()
@@ -287,11 +292,11 @@ def dequantize_bnb_layer(weight) -> tuple[torch.Tensor, bool]:
         n *= d
     nested = getattr(state, "nested", False)
     q = Quantized4bit(
-        unpack_4bit(weight.data, n),
-        state.absmax,
-        tuple(state.shape),
-        state.state2.absmax.float() if nested else None,
-        float(state.offset) if nested else 0.0,
+        indices=unpack_4bit(weight.data, n),
+        absmax=state.absmax,
+        shape=tuple(state.shape),
+        absmax2=state.state2.absmax.float() if nested else None,
+        offset=float(state.offset) if nested else 0.0,
     )
     expected = dequantize_4bit(q, state.quant_type, state.blocksize)
     dtype, state.dtype = state.dtype, torch.float32  # bitsandbytes' float32 product, before any cast

@@ -52,7 +52,7 @@ MERGE_INTO = ("original", "dequantized")
 MAX_EMBEDDING_ROWS = 1 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergeConfig:
     """Everything a merge needs; built by the CLI or by Python callers."""
 
@@ -73,7 +73,7 @@ class MergeConfig:
     quantize: str | None = None  # write a compressed-tensors checkpoint: fp8-dynamic | w8a8-int8
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModuleMerge:
     """How one adapter changed one module: the resolved rank, alpha, scale and the user's weight."""
 
@@ -88,7 +88,7 @@ class ModuleMerge:
     experts: int = 0  # > 0 for a LoRA on fused expert parameters (rank is per expert)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LowRankUpdate:
     """w * s * (B @ A) added to one output tensor, in that tensor's storage orientation.
 
@@ -144,7 +144,7 @@ class SameValues:
     transposed: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorPlan:
     """What one output tensor becomes: its starting value, then the adapters' operations in order.
 
@@ -203,7 +203,7 @@ class TensorPlan:
         return (start, self.shape, self.rows, self.deltas, self.biases, self.dora, self.fourbit)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MergePlan:
     """A validated merge: every output tensor's plan, the config to write, and what each adapter changes."""
 
@@ -317,25 +317,25 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
         tensors = _quantized_tensors(tensors, quantization, TORCH_TO_CODE[dtype])
         out_config["quantization_config"] = quantization.config()
     return MergePlan(
-        base,
-        index,
-        layout,
-        adapters,
-        weights,
-        dtype,
-        tensors,
-        out_config,
-        tuple(planner.modules),
-        max_shard,
-        Path(cfg.output),
-        cfg.force,
-        cfg.hash_inputs,
-        tuple(planner.warnings),
-        tuple(planner.peft_differs),
-        qlora,
-        merge_into,
-        quantization,
-        tuple(planner.same_values),
+        base=base,
+        base_index=index,
+        layout=layout,
+        adapters=adapters,
+        weights=weights,
+        dtype=dtype,
+        tensors=tensors,
+        config=out_config,
+        modules=tuple(planner.modules),
+        max_shard_bytes=max_shard,
+        output=Path(cfg.output),
+        force=cfg.force,
+        hash_inputs=cfg.hash_inputs,
+        warnings=tuple(planner.warnings),
+        peft_differs=tuple(planner.peft_differs),
+        qlora=qlora,
+        merge_into=merge_into,
+        quantization=quantization,
+        same_values=tuple(planner.same_values),
     )
 
 
@@ -349,7 +349,11 @@ def _quantized_tensors(
             out.append(p)
             continue
         out.append(replace(p, dtype=q.weight_dtype, quantize=q.scheme))
-        out.append(TensorPlan(p.name + SCALE_SUFFIX, None, (p.shape[0], 1), scale_dtype, scale_of=p.name))
+        out.append(
+            TensorPlan(
+                name=p.name + SCALE_SUFFIX, source=None, shape=(p.shape[0], 1), dtype=scale_dtype, scale_of=p.name
+            )
+        )
     return tuple(out)
 
 
@@ -394,7 +398,7 @@ def fit_problems(base: ResolvedRef, info: AdapterInfo) -> list[str]:
     return planner.problems
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _Draft:
     """A tensor plan while it is being built (frozen into a :class:`TensorPlan` at the end)."""
 
@@ -413,16 +417,16 @@ class _Draft:
         src_dtype = self.source.dtype if self.source is not None else "F32"
         out = TORCH_TO_CODE[dtype] if src_dtype in FLOAT_CODES else src_dtype
         return TensorPlan(
-            self.name,
-            self.source,
-            tuple(self.shape),
-            out,
-            self.replacement,
-            tuple(self.rows),
-            tuple(self.deltas),
-            tuple(self.biases),
-            self.dora,
-            self.fourbit,
+            name=self.name,
+            source=self.source,
+            shape=tuple(self.shape),
+            dtype=out,
+            replacement=self.replacement,
+            rows=tuple(self.rows),
+            deltas=tuple(self.deltas),
+            biases=tuple(self.biases),
+            dora=self.dora,
+            fourbit=self.fourbit,
         )
 
 
@@ -441,7 +445,7 @@ class _Planner:
         self.base, self.index, self.layout = base, index, layout
         self.adapters, self.weights, self.dtype = adapters, weights, dtype
         self.names: CheckpointNames = layout.checkpoint_names(index.tensors)
-        self.drafts: dict[str, _Draft] = {n: _Draft(n, e, e.shape) for n, e in index.tensors.items()}
+        self.drafts: dict[str, _Draft] = {n: _Draft(name=n, source=e, shape=e.shape) for n, e in index.tensors.items()}
         self.problems: list[str] = []
         self.warnings: list[str] = []
         self.peft_differs: list[str] = []
@@ -457,7 +461,9 @@ class _Planner:
             h = self.names.single(head) or head
             self.tied[h] = e
             # a tied model computes its head from the input embedding, whatever the checkpoint stores for it
-            self.drafts[h] = _Draft(h, index.tensors[e], index.tensors[e].shape, in_base=h in index.tensors)
+            self.drafts[h] = _Draft(
+                name=h, source=index.tensors[e], shape=index.tensors[e].shape, in_base=h in index.tensors
+            )
 
     # ------------------------------------------------------------ helpers
     def _problem(self, info: AdapterInfo, text: str) -> None:
@@ -631,19 +637,31 @@ class _Planner:
             whole = part.dims == tuple(range(len(shape))) and part.shape == tuple(shape)
             draft.deltas.append(
                 LowRankUpdate(
-                    i,
-                    name,
-                    kind,
-                    m.a_key,
-                    m.b_key,
-                    scale,
-                    self.weights[i],
-                    experts,
-                    transposed,
-                    None if whole else part,
+                    adapter=i,
+                    module=name,
+                    kind=kind,
+                    a_key=m.a_key,
+                    b_key=m.b_key,
+                    scale=scale,
+                    weight=self.weights[i],
+                    experts=experts,
+                    transposed=transposed,
+                    part=None if whole else part,
                 )
             )
-        self.modules.append(ModuleMerge(i, name, kind, r, alpha, scale, self.weights[i], False, experts))
+        self.modules.append(
+            ModuleMerge(
+                adapter=i,
+                module=name,
+                kind=kind,
+                rank=r,
+                alpha=alpha,
+                scale=scale,
+                weight=self.weights[i],
+                dora=False,
+                experts=experts,
+            )
+        )
 
     def _module(self, i: int, info: AdapterInfo, m: LoraModule) -> None:
         if m.parameters:
@@ -663,7 +681,9 @@ class _Planner:
                 f"{draft.name} has {list(draft.shape)} (is this adapter for another base model?)",
             )
             return
-        update = LowRankUpdate(i, m.name, kind, m.a_key, m.b_key, m.scale, w)
+        update = LowRankUpdate(
+            adapter=i, module=m.name, kind=kind, a_key=m.a_key, b_key=m.b_key, scale=m.scale, weight=w
+        )
         partner = self._tie_partner(draft)
         shared = _ties_weights(info) and partner is not None
         sides = self._tied_module(i, info, m, draft, partner) if shared and partner is not None else [draft]
@@ -706,7 +726,18 @@ class _Planner:
                 )
             else:
                 bias.biases.append(BiasUpdate(i, m.bias_key, m.scale, w))
-        self.modules.append(ModuleMerge(i, m.name, kind, m.rank, m.alpha, m.scale, w, m.magnitude_key is not None))
+        self.modules.append(
+            ModuleMerge(
+                adapter=i,
+                module=m.name,
+                kind=kind,
+                rank=m.rank,
+                alpha=m.alpha,
+                scale=m.scale,
+                weight=w,
+                dora=m.magnitude_key is not None,
+            )
+        )
 
     def _tied_module(self, i: int, info: AdapterInfo, m: LoraModule, draft: _Draft, partner: _Draft) -> list[_Draft]:
         """The tensors a LoRA on one side of a tie changes under ``ensure_weight_tying`` (empty: nothing more to do).

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 # the prompts quality and verify measure on: the smoke test's own prompt and two generic ones
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantQuality:
     """The quantized model against the 16-bit merge, over every position of the prompts."""
 
@@ -39,7 +39,7 @@ class QuantQuality:
     measured_on: str  # what the logits were computed on: the prompts, or fixed token ids (no tokenizer)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class QuantizationReport:
     """What a quantized merge wrote: the scheme, how many weights, the size against a 16-bit merge, the quality."""
 
@@ -130,7 +130,13 @@ def measure_quality(
             h.remove()
     kl = kl_per_position(test, reference)
     top1 = torch.cat([(t.argmax(-1) == r.argmax(-1)).reshape(-1) for t, r in zip(test, reference, strict=True)])
-    return QuantQuality(float(kl.mean()), float(kl.max()), float(top1.float().mean()), int(kl.numel()), measured_on)
+    return QuantQuality(
+        mean_kl=float(kl.mean()),
+        max_kl=float(kl.max()),
+        top1_agreement=float(top1.float().mean()),
+        positions=int(kl.numel()),
+        measured_on=measured_on,
+    )
 
 
 def kl_per_position(test: list, reference: list):

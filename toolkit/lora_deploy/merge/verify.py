@@ -42,7 +42,7 @@ class QloraChoice:
     mean_kl: float  # KL(QLoRA model || this choice), nats per token, averaged over every position
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VerifyReport:
     """The outcome of every verification check, with the measured logit difference."""
 
@@ -183,19 +183,19 @@ def verify_merge(
             )
     choices = models.qlora_choices(qlora, prequantized, reference if quantized_oracle else None) if qlora else []
     return VerifyReport(
-        not problems,
-        not lora_names,
-        not (missing or extra or reshaped),
-        len(expected_changes) - len(unchanged),
-        unchanged,
-        diff,
-        peak,
-        tol,
-        greedy,
-        problems,
-        notes,
-        oracle,
-        choices,
+        passed=not problems,
+        lora_free=not lora_names,
+        same_tensors=not (missing or extra or reshaped),
+        changed_modules=len(expected_changes) - len(unchanged),
+        unchanged_modules=unchanged,
+        max_logit_diff=diff,
+        max_logit=peak,
+        tolerance=tol,
+        greedy_match=greedy,
+        problems=problems,
+        notes=notes,
+        oracle=oracle,
+        qlora_choices=choices,
         compared=reference is not None,
     )
 

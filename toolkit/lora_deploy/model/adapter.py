@@ -77,7 +77,7 @@ _LORA_SUFFIXES = {
 _TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraModule:
     """One adapted module: its A/B tensors, resolved rank/alpha/scale, and optional bias and DoRA magnitude."""
 
@@ -196,7 +196,7 @@ def check_config_types(config: dict, source: str = CONFIG_FILE) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraSettings:
     """``adapter_config.json`` parsed once into the facts every rule reads (merge, pre-flight, inspect).
 
@@ -281,7 +281,7 @@ class LoraSettings:
         return tuple(name for name, present in found if present)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AdapterInfo:
     """What an adapter is, as read from its folder: config facts, classified tensors and every problem found.
 
@@ -608,15 +608,15 @@ def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: 
     if not modules and not replacements and not token_rows and not problems:
         problems.append(f"{weights_file.name} holds no LoRA tensors")
     return AdapterInfo(
-        resolved,
-        config,
-        weights_file,
-        tensors,
-        tuple(modules),
-        tuple(replacements),
-        tuple(token_rows),
-        tuple(features),
-        tuple(problems),
+        ref=resolved,
+        config=config,
+        weights_file=weights_file,
+        tensors=tensors,
+        modules=tuple(modules),
+        replacements=tuple(replacements),
+        token_rows=tuple(token_rows),
+        features=tuple(features),
+        problems=tuple(problems),
     )
 
 
@@ -683,7 +683,9 @@ def _pickle_entries(path: Path) -> dict[str, TensorEntry]:
     from lora_deploy.model.shards import st_dtype
 
     return {
-        k: TensorEntry(k, path, st_dtype(v.dtype), tuple(v.shape), 0, v.numel() * v.element_size())
+        k: TensorEntry(
+            name=k, file=path, dtype=st_dtype(v.dtype), shape=tuple(v.shape), start=0, end=v.numel() * v.element_size()
+        )
         for k, v in state.items()
     }
 
@@ -775,7 +777,15 @@ def _classify(
             # "down_proj" in target_parameters also matches Linear modules that PEFT adapted as modules)
             modules.append(
                 LoraModule(
-                    module, False, r, plain_alpha, plain_scale, roles["A"], roles["B"], parameters=params, depth=depth
+                    name=module,
+                    embedding=False,
+                    rank=r,
+                    alpha=plain_alpha,
+                    scale=plain_scale,
+                    a_key=roles["A"],
+                    b_key=roles["B"],
+                    parameters=params,
+                    depth=depth,
                 )
             )
             continue
@@ -792,7 +802,15 @@ def _classify(
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules.append(
             LoraModule(
-                module, embedding, r, alpha, scale, roles["A"], roles["B"], roles.get("B_bias"), roles.get("magnitude")
+                name=module,
+                embedding=embedding,
+                rank=r,
+                alpha=alpha,
+                scale=scale,
+                a_key=roles["A"],
+                b_key=roles["B"],
+                bias_key=roles.get("B_bias"),
+                magnitude_key=roles.get("magnitude"),
             )
         )
     for module, roles in parts.items():

@@ -18,7 +18,7 @@ from lora_deploy._files import read_json_object
 from lora_deploy.output import quiet_libraries
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelLayout:
     """Module facts of one architecture: its Conv1D modules and which output weights are tied to inputs."""
 
@@ -251,7 +251,7 @@ def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:
         hf_config = model.config
     except Exception:  # noqa: BLE001 - any failure here means "unknown architecture", handled below
         tied = {"lm_head.weight": "model.embed_tokens.weight"} if config.get("tie_word_embeddings") else {}
-        return ModelLayout(arch, tied=tied, known=False, folder=folder)
+        return ModelLayout(architecture=arch, tied=tied, known=False, folder=folder)
     conv1d = frozenset(n for n, m in model.named_modules() if isinstance(m, Conv1D))
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     if not tied and getattr(hf_config, "tie_word_embeddings", False):
@@ -259,7 +259,7 @@ def read_layout(folder: Path, tensor_names: Iterable[str] = ()) -> ModelLayout:
         names = {id(m): n for n, m in model.named_modules()}
         if out_emb is not None and id(out_emb) in names and id(in_emb) in names:
             tied = {f"{names[id(out_emb)]}.weight": f"{names[id(in_emb)]}.weight"}
-    return ModelLayout(arch, conv1d, tied, True, folder)
+    return ModelLayout(architecture=arch, conv1d=conv1d, tied=tied, known=True, folder=folder)
 
 
 def _fast_layout(config: dict, arch: str, tensor_names: set[str], folder: Path) -> ModelLayout | None:
@@ -287,10 +287,10 @@ def _fast_layout(config: dict, arch: str, tensor_names: set[str], folder: Path) 
         if len(inputs) != 1 or any(n.endswith("lm_head.weight") and n != "lm_head.weight" for n in tensor_names):
             return None
         tied = {"lm_head.weight": inputs[0]}
-    return ModelLayout(arch, tied=tied, known=True, folder=folder)
+    return ModelLayout(architecture=arch, tied=tied, known=True, folder=folder)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExpectedTensors:
     """The tensor names transformers expects in a checkpoint of one config, as its own save and load rules say.
 
@@ -345,10 +345,10 @@ def expected_tensors(config: dict) -> ExpectedTensors | None:
     except Exception:  # noqa: BLE001 - any failure means "transformers does not know this architecture"
         return None
     return ExpectedTensors(
-        frozenset(kept),
-        frozenset(saved),
-        frozenset(tied),
-        model.base_model_prefix or "",
-        tuple(model._keys_to_ignore_on_load_missing or ()),
-        tuple(model._keys_to_ignore_on_load_unexpected or ()),
+        in_memory=frozenset(kept),
+        saved=frozenset(saved),
+        optional=frozenset(tied),
+        prefix=model.base_model_prefix or "",
+        ignore_missing=tuple(model._keys_to_ignore_on_load_missing or ()),
+        ignore_unexpected=tuple(model._keys_to_ignore_on_load_unexpected or ()),
     )

@@ -54,7 +54,7 @@ DTYPE_BYTES = {
 _MAX_HEADER = 100 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TensorEntry:
     """Where one tensor lies: file, dtype (safetensors name), shape, and absolute byte range."""
 
@@ -149,7 +149,7 @@ def _entry(path: Path, base: int, name: str, info: object) -> TensorEntry:
         raise InputError(
             f"{where}: {end - begin} bytes for shape {shape} of {dtype} ({count * DTYPE_SIZES[dtype]} expected)"
         )
-    return TensorEntry(name, path, dtype, tuple(shape), base + begin, base + end)
+    return TensorEntry(name=name, file=path, dtype=dtype, shape=tuple(shape), start=base + begin, end=base + end)
 
 
 @dataclass(frozen=True)

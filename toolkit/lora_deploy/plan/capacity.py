@@ -55,7 +55,7 @@ DEFAULT_LORA_OVERHEAD = 0.20
 # ---------------------------------------------------------------- the plan
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PlanRequest:
     """What to plan for: the base, its adapters, the GPUs to consider, the traffic."""
 
@@ -76,7 +76,7 @@ class PlanRequest:
     lora_overhead: float | None = None  # measured per-token LoRA cost (fraction), e.g. from `lora-deploy bench`
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GpuPlan:
     """One GPU type: the tensor parallelism needed and what then fits, with the vLLM flags to pass."""
 
@@ -92,7 +92,7 @@ class GpuPlan:
     notes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Advice:
     """Merged or dynamic, with the user's numbers."""
 
@@ -104,7 +104,7 @@ class Advice:
     lora_overhead_source: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CapacityPlan:
     """Memory as vLLM allocates it, per GPU type, and the advice."""
 
@@ -195,24 +195,24 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
     for dt, n in weights:
         by_dtype[dt] = by_dtype.get(dt, 0) + n
     return CapacityPlan(
-        req.base,
-        shape.model_type,
-        shape.dtype,
-        sum(by_dtype.values()),
-        by_dtype,
-        kv_bytes_per_token(shape, kv_bytes),
-        max_len,
-        tuple(ranks),
-        max_loras,
-        max_rank,
-        max_cpu,
-        slots,
-        cpu_cache,
-        gpu_plans,
-        advice,
-        shape,
-        tokens,
-        estimates,
+        base=req.base,
+        model_type=shape.model_type,
+        dtype=shape.dtype,
+        weights_bytes=sum(by_dtype.values()),
+        weights_by_dtype=by_dtype,
+        kv_cache_bytes_per_token=kv_bytes_per_token(shape, kv_bytes),
+        max_model_len=max_len,
+        adapters=tuple(ranks),
+        max_loras=max_loras,
+        max_lora_rank=max_rank,
+        max_cpu_loras=max_cpu,
+        lora_slot_bytes=slots,
+        lora_cpu_cache_bytes=cpu_cache,
+        gpus=gpu_plans,
+        advice=advice,
+        shape=shape,
+        kv_cache_tokens=tokens,
+        estimates=estimates,
     )
 
 
@@ -313,16 +313,16 @@ def _plan_gpu(
     # names and paths are the deployment's own (`dynamic` and the manifests add them); the sizing flags are these
     flags = flag_pairs(args, drop=("--served-model-name", "--lora-modules", "--middleware"))
     return GpuPlan(
-        name,
-        gib,
-        tp if ok else None,
-        math.ceil(total / (tp * pp)),
-        slots,
-        reserve,
-        max(kv_room, 0),
-        fits,
-        tuple(flags),
-        tuple(notes),
+        gpu=name,
+        memory_gib=gib,
+        tensor_parallel_size=tp if ok else None,
+        weights_bytes_per_gpu=math.ceil(total / (tp * pp)),
+        lora_bytes_per_gpu=slots,
+        reserve_bytes_per_gpu=reserve,
+        kv_cache_bytes_per_gpu=max(kv_room, 0),
+        max_concurrent_sequences=fits,
+        vllm_flags=tuple(flags),
+        notes=tuple(notes),
     )
 
 
@@ -341,16 +341,23 @@ def _advise(
     )
     n = len(infos)
     if not n:
-        return Advice("none", ("no adapters given: nothing to choose",), None, None, overhead, source)
+        return Advice(
+            recommendation="none",
+            reasons=("no adapters given: nothing to choose",),
+            merged_gpus=None,
+            dynamic_gpus=None,
+            lora_overhead=overhead,
+            lora_overhead_source=source,
+        )
     fitting = [i for i, g in enumerate(merged) if g.tensor_parallel_size]
     if not fitting:
         return Advice(
-            "none",
-            (f"the model does not fit on 8 GPUs of any type planned: {merged[0].notes[0]}",),
-            None,
-            None,
-            overhead,
-            source,
+            recommendation="none",
+            reasons=(f"the model does not fit on 8 GPUs of any type planned: {merged[0].notes[0]}",),
+            merged_gpus=None,
+            dynamic_gpus=None,
+            lora_overhead=overhead,
+            lora_overhead_source=source,
         )
     i = next((i for i in fitting if dynamic[i].tensor_parallel_size), fitting[0])  # the first GPU type that fits
     d, m = dynamic[i], merged[i]
@@ -391,7 +398,14 @@ def _advise(
             f"the LoRA slots take {d.lora_bytes_per_gpu / GIB:.2f} GiB per GPU: "
             f"{d.max_concurrent_sequences} concurrent sequences instead of {m.max_concurrent_sequences}"
         )
-    return Advice(rec, tuple(reasons), m_gpus, d_gpus, overhead, source)
+    return Advice(
+        recommendation=rec,
+        reasons=tuple(reasons),
+        merged_gpus=m_gpus,
+        dynamic_gpus=d_gpus,
+        lora_overhead=overhead,
+        lora_overhead_source=source,
+    )
 
 
 def _read_base(base: str) -> tuple[dict, list[tuple[str, int]]]:

@@ -29,7 +29,7 @@ CPU_BLOCK_SIZE, CPU_MLA_BLOCK_SIZE, CPU_BATCHED_TOKENS = 128, 16, 4096
 _NO_PER_LAYER_WINDOW = ("qwen2",)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelShape:
     """The numbers of an architecture that memory depends on, read from its config."""
 

@@ -15,7 +15,7 @@ from lora_deploy.errors import InputError
 VOCAB_PADDING = 64  # vLLM pads the LoRA logits' vocabulary to this multiple
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WrappedModule:
     """A module vLLM wraps for LoRA: input and output size, and how many stacked slices (q, k, v...) it has."""
 
@@ -49,13 +49,21 @@ def lora_modules(config: dict) -> list[WrappedModule]:
         if isinstance(m, nn.Linear):
             short = name.rsplit(".", 1)[-1]
             slices = 3 if "qkv" in short else 2 if "gate_up" in short else 1
-            out.append(WrappedModule(name, m.in_features, m.out_features, slices))
+            out.append(WrappedModule(name=name, in_features=m.in_features, out_features=m.out_features, slices=slices))
         elif m is emb:
-            out.append(WrappedModule(name, m.num_embeddings, m.embedding_dim))
+            out.append(WrappedModule(name=name, in_features=m.num_embeddings, out_features=m.embedding_dim))
     for name, p in model.named_parameters():
         if p.dim() == 3:  # fused experts [E, out, in] (or [E, in, out]: the sum is the same)
             short = name.rsplit(".", 1)[-1]
-            out.append(WrappedModule(name, p.shape[2], p.shape[1], 2 if "gate_up" in short else 1, p.shape[0]))
+            out.append(
+                WrappedModule(
+                    name=name,
+                    in_features=p.shape[2],
+                    out_features=p.shape[1],
+                    slices=2 if "gate_up" in short else 1,
+                    copies=p.shape[0],
+                )
+            )
     return out
 
 

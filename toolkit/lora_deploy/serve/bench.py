@@ -21,7 +21,7 @@ from lora_deploy.prompts import DEFAULT_PROMPT
 from lora_deploy.serve.client import Endpoint, iter_sse
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelStats:
     """Latency and throughput of one model under the shared load."""
 
@@ -39,7 +39,7 @@ class ModelStats:
     failure_reasons: dict[str, int]  # error message -> how many requests failed with it
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BenchReport:
     """The whole run: settings, wall time, and per-model and overall numbers."""
 
@@ -148,25 +148,32 @@ def run_load(
         toks = sum(r[3] for r in rs)
         stats.append(
             ModelStats(
-                m,
-                len(rs),
-                sum(reasons[m].values()),
-                not_sent[m],
-                toks,
-                _ms(_pct(ttfts, 0.5)),
-                _ms(_pct(ttfts, 0.9)),
-                _ms(_pct(itls, 0.5)),
-                _ms(_pct(itls, 0.9)),
-                _ms(_pct(e2e, 0.5)),
-                round(toks / wall, 2),
-                dict(reasons[m]),
+                model=m,
+                requests=len(rs),
+                failures=sum(reasons[m].values()),
+                not_sent=not_sent[m],
+                output_tokens=toks,
+                ttft_p50_ms=_ms(_pct(ttfts, 0.5)),
+                ttft_p90_ms=_ms(_pct(ttfts, 0.9)),
+                itl_p50_ms=_ms(_pct(itls, 0.5)),
+                itl_p90_ms=_ms(_pct(itls, 0.9)),
+                e2e_p50_ms=_ms(_pct(e2e, 0.5)),
+                tokens_per_s=round(toks / wall, 2),
+                failure_reasons=dict(reasons[m]),
             )
         )
     total = sum(s.output_tokens for s in stats)
     done = sum(s.requests for s in stats)
     passed = done > 0 and not any(s.failures for s in stats)
     return BenchReport(
-        url, concurrency, max_tokens, round(wall, 3), stats, round(total / wall, 2), round(done / wall, 3), passed
+        url=url,
+        concurrency=concurrency,
+        max_tokens=max_tokens,
+        seconds=round(wall, 3),
+        models=stats,
+        total_tokens_per_s=round(total / wall, 2),
+        requests_per_s=round(done / wall, 3),
+        passed=passed,
     )
 
 

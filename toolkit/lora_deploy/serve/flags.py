@@ -157,7 +157,7 @@ class ServedAdapter:
     moe_3d: bool = False  # LoRA on fused MoE expert parameters (PEFT target_parameters): 3-D weights
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeConfig:
     """A vLLM deployment: the model, the adapters, and every serving choice (None = derive it)."""
 
@@ -212,7 +212,7 @@ class ServeConfig:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LoraFlags:
     """The derived LoRA flags, and why each value was chosen."""
 
@@ -304,7 +304,9 @@ def derive_lora_flags(
     if cpu_loras < loras:
         raise InputError(f"--max-cpu-loras {cpu_loras} must be at least --max-loras {loras}")
     runtime = max(0, loras - len(adapters) - (1 if cpu_build else 0)) if runtime_slots else 0
-    return LoraFlags(rank, loras, cpu_loras, tuple(notes), runtime)
+    return LoraFlags(
+        max_lora_rank=rank, max_loras=loras, max_cpu_loras=cpu_loras, notes=tuple(notes), runtime_slots=runtime
+    )
 
 
 def lora_module_arg(adapter: ServedAdapter, base_name: str) -> str:

@@ -22,7 +22,7 @@ from lora_deploy.serve.client import Endpoint
 from lora_deploy.serve.flags import ServeConfig, VllmInstall, build_env, build_vllm_args, model_max_len, require_vllm
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LaunchPlan:
     """The exact command and environment that start vLLM, and what "ready" means for it."""
 
@@ -64,16 +64,16 @@ def plan_launch(cfg: ServeConfig, install: VllmInstall | None = None) -> LaunchP
     env = build_env(cfg, cpu_build=install.cpu)
     expected = [cfg.served_model_name] + [a.name for a in cfg.adapters]
     return LaunchPlan(
-        argv,
-        env,
-        cfg.url,
-        expected,
-        notes,
-        f"{install.distribution} {install.version}",
-        cfg.host,
-        cfg.port,
-        tuple(a.name for a in cfg.adapters),
-        slots,
+        argv=argv,
+        env=env,
+        url=cfg.url,
+        expected_models=expected,
+        notes=notes,
+        install=f"{install.distribution} {install.version}",
+        host=cfg.host,
+        port=cfg.port,
+        startup_adapters=tuple(a.name for a in cfg.adapters),
+        runtime_slots=slots,
     )
 
 
@@ -291,7 +291,7 @@ def group_members(pgid: int) -> list[int]:
     return pids
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeOptions:
     """How `serve` runs: log file, start-up budget, smoke test, and whether to keep serving afterwards."""
 

@@ -35,7 +35,7 @@ class Refusal:
     fix: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckedAdapter:
     """An adapter that passed pre-flight: what vLLM will load (possibly a normalised copy) and its rank."""
 
@@ -138,7 +138,14 @@ def check_adapters(
                 f"module's scale folded into lora_B ({path})"
             )
         accepted.append(
-            CheckedAdapter(name, source, path, info.max_rank, normalised, bool(info.settings.target_parameters))
+            CheckedAdapter(
+                name=name,
+                source=source,
+                path=path,
+                rank=info.max_rank,
+                normalised=normalised,
+                moe_3d=bool(info.settings.target_parameters),
+            )
         )
     return PreflightReport(base, accepted, refusals, notes)
 

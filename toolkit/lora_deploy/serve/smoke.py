@@ -44,7 +44,7 @@ NEAR_TIE_NATS = 0.1
 TOP_K = 5  # log-probabilities per generated token (vLLM allows 20 by default)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Check:
     """One smoke check's verdict."""
 
@@ -117,7 +117,7 @@ class Probe:
         return False, f"{text!r} continues past the reference {self.text!r}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelResult:
     """What one model answered, and how fast."""
 
@@ -132,7 +132,7 @@ class ModelResult:
     distance_to_base: float | None = None  # mean |d logprob| vs the base, nats (None for the base)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SmokeReport:
     """Everything the smoke test saw; ``passed`` only when every check passed."""
 
@@ -163,7 +163,7 @@ def run_smoke(
     client = Endpoint(url, api_key, timeout=timeout, retries=retries)
     checks: list[Check] = []
     health = client.request("GET", "/health")
-    checks.append(Check("health", health.status_code == 200, f"HTTP {health.status_code}"))
+    checks.append(Check(name="health", passed=health.status_code == 200, detail=f"HTTP {health.status_code}"))
     parents = {m.id: m.parent for m in client.models()}
     roots = [m for m, p in parents.items() if not p]
     base = base_model or (roots[0] if len(roots) == 1 else None)
@@ -173,9 +173,9 @@ def run_smoke(
     missing = [m for m in wanted if m not in parents]
     checks.append(
         Check(
-            "models listed",
-            not missing,
-            "missing: " + ", ".join(missing) if missing else f"{len(parents)} model(s): " + ", ".join(parents),
+            name="models listed",
+            passed=not missing,
+            detail="missing: " + ", ".join(missing) if missing else f"{len(parents)} model(s): " + ", ".join(parents),
         )
     )
     adapters = [m for m in wanted if m != base]
@@ -183,9 +183,9 @@ def run_smoke(
         wrong_parent = [m for m in adapters if m in parents and parents[m] != base]
         checks.append(
             Check(
-                "adapters' parent",
-                not wrong_parent,
-                "parent is not " + base + ": " + ", ".join(wrong_parent)
+                name="adapters' parent",
+                passed=not wrong_parent,
+                detail="parent is not " + base + ": " + ", ".join(wrong_parent)
                 if wrong_parent
                 else f"all adapters report {base}",
             )
@@ -222,40 +222,45 @@ def run_smoke(
                 chat_answers[m] = client.chat(m, [{"role": "user", "content": prompt}], max_tokens)
             checks.append(
                 Check(
-                    "chat completion",
-                    all(isinstance(v, str) for v in chat_answers.values()),
-                    "every model answered a chat request",
+                    name="chat completion",
+                    passed=all(isinstance(v, str) for v in chat_answers.values()),
+                    detail="every model answered a chat request",
                 )
             )
         except HttpError as e:
             if e.status == 400 and ("chat template" in e.detail.lower() or "chat_template" in e.detail.lower()):
                 checks.append(
-                    Check("chat completion", True, "skipped: the tokenizer has no chat template", skipped=True)
+                    Check(
+                        name="chat completion",
+                        passed=True,
+                        detail="skipped: the tokenizer has no chat template",
+                        skipped=True,
+                    )
                 )
             else:
-                checks.append(Check("chat completion", False, e.message))
+                checks.append(Check(name="chat completion", passed=False, detail=e.message))
         except LoraDeployError as e:
-            checks.append(Check("chat completion", False, e.message))
+            checks.append(Check(name="chat completion", passed=False, detail=e.message))
     models_out = []
     for m, stream_text, ttft, total in results:
         ref = refs[m]
-        checks.append(Check("greedy completion", bool(ref.text.strip()), repr(ref.text), m))
+        checks.append(Check(name="greedy completion", passed=bool(ref.text.strip()), detail=repr(ref.text), model=m))
         ok, detail = ref.divergence(stream_text)
-        checks.append(Check("stream = non-stream", ok, detail, m))
+        checks.append(Check(name="stream = non-stream", passed=ok, detail=detail, model=m))
         checks.append(_burst_check(m, ref, seen[m], refs, threshold, use_distributions))
         together = next((g.text for g in seen[m] if g.text != ref.text), ref.text)
         to_base = ref.distance(refs[base]) if base in refs and m != base and use_distributions else None
         models_out.append(
             ModelResult(
-                m,
-                parents.get(m),
-                ref.text,
-                stream_text,
-                together,
-                ttft,
-                total,
-                chat_answers.get(m),
-                None if to_base is None else round(to_base, 6),
+                model=m,
+                parent=parents.get(m),
+                answer=ref.text,
+                stream_answer=stream_text,
+                concurrent_answer=together,
+                ttft_s=ttft,
+                total_s=total,
+                chat_answer=chat_answers.get(m),
+                distance_to_base=None if to_base is None else round(to_base, 6),
             )
         )
     if base in refs:
@@ -265,14 +270,23 @@ def run_smoke(
     if not use_distributions:
         checks.append(
             Check(
-                "output distributions",
-                True,
-                "skipped: the server returns no logprobs; verdicts compare text (false alarms possible on near-ties)",
+                name="output distributions",
+                passed=True,
+                detail="skipped: the server returns no logprobs; verdicts compare text "
+                "(false alarms possible on near-ties)",
                 skipped=True,
             )
         )
     passed = all(c.passed for c in checks)
-    return SmokeReport(client.url, base, models_out, checks, prompt, round(time.monotonic() - start, 3), passed)
+    return SmokeReport(
+        url=client.url,
+        base_model=base,
+        models=models_out,
+        checks=checks,
+        prompt=prompt,
+        seconds=round(time.monotonic() - start, 3),
+        passed=passed,
+    )
 
 
 def _applied_check(model: str, ref: Probe, base: Probe, threshold: float, use_distributions: bool) -> Check:
@@ -280,26 +294,26 @@ def _applied_check(model: str, ref: Probe, base: Probe, threshold: float, use_di
     if not use_distributions:
         differs = ref.text != base.text
         return Check(
-            "adapter applied",
-            differs,
-            "answers differ from the base" if differs else "answers exactly like the base: is it applied?",
-            model,
+            name="adapter applied",
+            passed=differs,
+            detail="answers differ from the base" if differs else "answers exactly like the base: is it applied?",
+            model=model,
         )
     d = ref.distance(base)
     if d > threshold:
         return Check(
-            "adapter applied",
-            True,
-            f"distribution differs from the base by {d:.3g} nats "
+            name="adapter applied",
+            passed=True,
+            detail=f"distribution differs from the base by {d:.3g} nats "
             f"(mean |d logprob| of the top-{TOP_K} tokens; threshold {threshold:.2g})",
-            model,
+            model=model,
         )
     return Check(
-        "adapter applied",
-        False,
-        f"output distribution equals the base's (distance {d:.3g} nats, "
+        name="adapter applied",
+        passed=False,
+        detail=f"output distribution equals the base's (distance {d:.3g} nats, "
         f"threshold {threshold:.2g}): the adapter is not applied, or its lora_B is zero",
-        model,
+        model=model,
     )
 
 
@@ -315,23 +329,25 @@ def _burst_check(
             closest = min(others, key=lambda n: others[n], default=None)
             if closest is not None and others[closest] <= own:
                 return Check(
-                    "mixed batch = own model",
-                    False,
-                    f"an answer in a concurrent burst is closer to {closest!r} ({others[closest]:.3g} "
+                    name="mixed batch = own model",
+                    passed=False,
+                    detail=f"an answer in a concurrent burst is closer to {closest!r} ({others[closest]:.3g} "
                     f"nats) than to {model!r} itself ({own:.3g}): requests got another model's "
                     f"weights; text {g.text!r} (alone: {ref.text!r})",
-                    model,
+                    model=model,
                 )
         ok, detail = ref.divergence(g.text)
         if not ok:
-            return Check("mixed batch = own model", False, f"in a concurrent burst: {detail}", model)
+            return Check(
+                name="mixed batch = own model", passed=False, detail=f"in a concurrent burst: {detail}", model=model
+            )
     spread = max((ref.distance(g) for g in got), default=0.0) if use_distributions else 0.0
     return Check(
-        "mixed batch = own model",
-        True,
-        f"{len(got)} concurrent answers match this model"
+        name="mixed batch = own model",
+        passed=True,
+        detail=f"{len(got)} concurrent answers match this model"
         + (f" (max distance {spread:.3g} nats)" if use_distributions else ""),
-        model,
+        model=model,
     )
 
 

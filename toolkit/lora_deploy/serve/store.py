@@ -74,7 +74,7 @@ class BaseShape:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoreRecord:
     """What the servers of one store are: the facts a publish must fit and a new server must match."""
 
@@ -121,7 +121,7 @@ class StoreRecord:
         return problems
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StoredAdapter:
     """One adapter the store serves under ``name``."""
 
@@ -144,7 +144,7 @@ class EndpointResult:
     detail: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PublishReport:
     """A published adapter, what was changed on the way in, and what the replicas were told."""
 
@@ -156,7 +156,7 @@ class PublishReport:
     endpoints: tuple[EndpointResult, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RetireReport:
     name: str
     store: str
@@ -176,7 +176,14 @@ def describe_server(base: str, model: str, served_model_name: str, max_lora_rank
         )
     config = read_config(resolve_headers(base, kind="base model").path)
     base = str(Path(base).resolve()) if Path(base).exists() else base  # readable from any working directory
-    return StoreRecord(model, served_model_name, base, BaseShape.from_config(config), max_lora_rank, served_from)
+    return StoreRecord(
+        model=model,
+        served_model_name=served_model_name,
+        base=base,
+        shape=BaseShape.from_config(config),
+        max_lora_rank=max_lora_rank,
+        served_from=served_from,
+    )
 
 
 def read_record(folder: str | Path) -> StoreRecord | None:
@@ -381,13 +388,13 @@ def _publish(
                     "--model, so vLLM's resolver loads it (the original is kept in the publish record)"
                 )
             entry = StoredAdapter(
-                name,
-                True,
-                checked.rank,
-                version,
-                source.source,
-                original,
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                name=name,
+                managed=True,
+                rank=checked.rank,
+                version=version,
+                source=source.source,
+                original_base=original,
+                published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             )
             (staged.path / PUBLISH_FILE).write_text(
                 json.dumps({**asdict(entry), "revision": source.revision, "lora_deploy": __version__}, indent=2) + "\n"
@@ -433,7 +440,14 @@ def _publish(
                 "switch to the new files at their own moment when vLLM evicts and reloads the adapter, with "
                 "prefix-cache blocks of the old weights: tell every replica"
             )
-    out = PublishReport(entry, str(folder), str(link), previous, tuple(notes), results)
+    out = PublishReport(
+        adapter=entry,
+        store=str(folder),
+        path=str(link),
+        replaced_version=previous,
+        notes=tuple(notes),
+        endpoints=results,
+    )
     served_path = f"{record.served_from.rstrip('/')}/{META_DIR}/versions/{name}/{version}"
     _raise_for_endpoints(
         out.endpoints,
@@ -549,14 +563,18 @@ def _hand_copied(entry: Path, record: StoreRecord) -> StoredAdapter:
         config = json.loads((entry / CONFIG_FILE).read_text())
         base, rank = config.get("base_model_name_or_path"), config.get("r")
     except (OSError, ValueError, AttributeError):
-        return StoredAdapter(entry.name, False, problem=f"{CONFIG_FILE} is not readable JSON")
+        return StoredAdapter(name=entry.name, managed=False, problem=f"{CONFIG_FILE} is not readable JSON")
     problem = None
     if config.get("peft_type") != "LORA":
         problem = f"peft_type is {config.get('peft_type')!r}, not LORA"
     elif base != record.model:
         problem = f"base_model_name_or_path is {base!r}, not the servers' --model {record.model!r}"
     return StoredAdapter(
-        entry.name, False, rank if isinstance(rank, int) else None, original_base=base, problem=problem
+        name=entry.name,
+        managed=False,
+        rank=rank if isinstance(rank, int) else None,
+        original_base=base,
+        problem=problem,
     )
 
 
@@ -615,7 +633,7 @@ def _retire(name: str, folder: Path, *, endpoints: tuple[str, ...], api_key: str
             "restarted; one that evicts and reloads it meanwhile finds its files gone",
         )
     )
-    out = RetireReport(name, str(folder), version, notes, results)
+    out = RetireReport(name=name, store=str(folder), removed_version=version, notes=notes, endpoints=results)
     _raise_for_endpoints(
         out.endpoints,
         f"{name} is retired from the store",
