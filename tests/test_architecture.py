@@ -168,3 +168,16 @@ def test_one_error_class_per_exit_code_and_no_hand_picked_codes():
         if isinstance(node, ast.keyword) and node.arg in ("exit_code", "failure_exit")
     ]
     assert passing == [], passing
+
+
+def test_no_test_module_imports_another_or_the_conftest():
+    """Tests import helpers by name from helpers.py (and k8s_cases.py, fleet_harness.py...); a test module or
+    conftest.py imported elsewhere runs its tests or hooks twice and hides what is shared."""
+    tests = Path(__file__).parent
+    found = [
+        f"{path.name}:{node.lineno} imports {node.module}"
+        for path in sorted(tests.glob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0].startswith(("test_", "conftest"))
+    ]
+    assert found == [], found

@@ -502,7 +502,7 @@ def test_crafted_model_names_never_reach_the_resolver(guarded):
 def _spec_file(tmp_path, **changes):
     import yaml
 
-    from test_k8s import DYNAMIC
+    from k8s_cases import DYNAMIC
 
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({**DYNAMIC, **changes}))
@@ -529,10 +529,10 @@ def test_secret_values_never_reach_a_command_line_or_a_manifest(tmp_path, llama_
 def test_tokens_reach_only_the_container_that_downloads(tmp_path):
     """HF_TOKEN goes to the download init container only (vLLM serves local files then); with weights.source hub
     vLLM downloads itself and gets it. A pinned digest is a valid image; an external Service without a key warns."""
-    from test_k8s import _files_of
+    from k8s_cases import spec_files
 
     base = {"name": "bot", "namespace": "llm", "model": "org/model", "mode": "merged"}
-    files = _files_of(
+    files = spec_files(
         {
             **base,
             "weights": {"source": "download", "hfTokenSecret": "hf"},
@@ -543,7 +543,7 @@ def test_tokens_reach_only_the_container_that_downloads(tmp_path):
     assert "HF_TOKEN" not in {e["name"] for e in pod["containers"][0]["env"]}
     assert "HF_TOKEN" in {e["name"] for e in pod["initContainers"][0]["env"]}
     assert pod["containers"][0]["image"].endswith("a" * 64)
-    hub = _files_of({**base, "weights": {"source": "hub", "hfTokenSecret": "hf"}})
+    hub = spec_files({**base, "weights": {"source": "hub", "hfTokenSecret": "hf"}})
     assert "HF_TOKEN" in {e["name"] for e in hub["deployment.yaml"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     from lora_deploy.k8s.render import render_manifests
     from lora_deploy.k8s.spec import parse_spec
