@@ -26,6 +26,7 @@ from lora_deploy.merge import MergeConfig, run_merge
 from lora_deploy.serve.bench import format_bench, run_load
 from lora_deploy.serve.flags import ServeConfig, ServedAdapter
 from lora_deploy.serve.launcher import VllmServer, plan_launch
+from lora_deploy.serve.settings import EngineSettings
 
 
 def measure(cfg: ServeConfig, models: list[str], args, log: Path):
@@ -88,13 +89,16 @@ def main() -> int:
         )
     )
     merged_cfg = ServeConfig(
-        model=str(merged_dir.resolve()), served_model_name="merged", port=args.port, dtype=args.dtype
+        model=str(merged_dir.resolve()),
+        served_model_name="merged",
+        port=args.port,
+        engine=EngineSettings(dtype=args.dtype),
     )
     dynamic_cfg = ServeConfig(
         model=str(ex.base.resolve()),
         served_model_name="base",
         port=args.port,
-        dtype=args.dtype,
+        engine=EngineSettings(dtype=args.dtype),
         adapters=(
             ServedAdapter("classify", str(ex.adapters["classify"].resolve()), 8),
             ServedAdapter("reply", str(ex.adapters["reply"].resolve()), 16),

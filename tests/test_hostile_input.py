@@ -10,6 +10,7 @@ import pytest
 
 from helpers import assert_user_error, run_console
 from lora_deploy.serve.flags import model_name_problem
+from lora_deploy.serve.settings import EngineSettings, LoraSettings
 
 
 @pytest.mark.parametrize(
@@ -409,11 +410,11 @@ def guarded(example, tmp_path_factory):
         model=str(example.base),
         served_model_name="base",
         port=free_port(),
-        dtype="float32",
+        engine=EngineSettings(dtype="float32"),
         adapters=(ServedAdapter("classify", str(example.adapters["classify"]), 8),),
         adapter_store=str(store),
         api_key_env="HOSTILE_TEST_KEY",
-        max_lora_rank=16,
+        lora=LoraSettings(max_lora_rank=16),
     )
     with VllmServer(plan_launch(cfg), log_path=root / "vllm.log", api_key=GUARD_KEY) as server:
         server.wait_ready(900)

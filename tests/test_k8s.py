@@ -210,7 +210,6 @@ def test_dynamic_flags_are_the_launchers_flags():
             adapters=adapters,
             host="0.0.0.0",
             port=8000,
-            gpu_memory_utilization=0.9,
             seed=None,
         ),
         cpu_build=False,

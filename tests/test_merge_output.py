@@ -162,6 +162,7 @@ def test_verify_passes_and_reports_the_logit_difference(example, tmp_path):
 
 def test_verify_catches_a_wrong_merge(example, tmp_path):
     """Verification is not a rubber stamp: a checkpoint that lost the adapter fails it."""
+    from lora_deploy.merge import MergeConfig, plan_merge
     from lora_deploy.merge.verify import verify_merge
 
     wrong = tmp_path / "wrong"
@@ -169,14 +170,14 @@ def test_verify_catches_a_wrong_merge(example, tmp_path):
         "merged", "--base", str(example.base), "--adapter", str(example.adapters["reply"]), "--output", str(wrong)
     )
     assert rc == 0, stderr
-    report = verify_merge(
-        wrong,
-        example.base,
-        [example.adapters["classify"]],
-        [1.0],
-        dtype="float16",
-        expected_changes=["model.layers.0.self_attn.q_proj.weight"],
-    )
+    # the plan of a merge of classify into that folder: what was written there is reply's merge instead
+    plan = plan_merge(
+        MergeConfig(
+            base=str(example.base), adapters=(str(example.adapters["classify"]),), output=wrong, dtype="float16",
+            force=True,
+        )
+    )  # fmt: skip
+    report = verify_merge(plan)
     assert not report.passed and report.max_logit_diff > report.tolerance
 
 

@@ -343,7 +343,7 @@ def test_plan_spec_prints_exactly_the_flags_the_manifests_run(name, tmp_path):
 
 @pytest.mark.parametrize(
     "args,needle",
-    [(["--max-lora-rank", "600"], "not one vLLM accepts"), (["--dtype", "fp32"], "not one vLLM serves in")],
+    [(["--max-lora-rank", "600"], "not one vLLM accepts"), (["--dtype", "fp32"], "--dtype: 'fp32' is not 'auto'")],
 )
 def test_plan_refuses_flags_vllm_refuses(llama_base, llama_adapter, args, needle):
     code, _, err = run_cli(

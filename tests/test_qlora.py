@@ -313,31 +313,26 @@ def test_verify_reports_both_choices_and_passes_double_quant(qlora_case, tmp_pat
 def test_verify_catches_a_merge_into_the_wrong_base(qlora_case, tmp_path):
     """The broken direction: a checkpoint merged into the original weights, verified as a merge into the
     dequantized ones, fails against the QLoRA model."""
-    from lora_deploy.merge import MergeConfig, run_merge
+    from lora_deploy.merge import MergeConfig, plan_merge, run_merge
     from lora_deploy.merge.nf4 import Bnb4bit
     from lora_deploy.merge.verify import verify_merge
 
     base, adapter, _ = qlora_case
-    plan_report = run_merge(
-        MergeConfig(
+
+    def config(merge_into: str) -> MergeConfig:
+        return MergeConfig(
             base=str(base),
             adapters=(str(adapter),),
             output=tmp_path / "m",
             dtype="float32",
             qlora=Bnb4bit("nf4"),
-            merge_into="original",
+            merge_into=merge_into,
+            force=True,
         )
-    )
-    report = verify_merge(
-        tmp_path / "m",
-        base,
-        [adapter],
-        [1.0],
-        dtype="float32",
-        expected_changes=[],
-        qlora=Bnb4bit("nf4"),
-        merge_into="dequantized",
-    )
+
+    plan_report = run_merge(config("original"))
+    # the folder holds the merge into the original base; verified as the merge into the dequantized one it is not
+    report = verify_merge(plan_merge(config("dequantized")))
     assert plan_report.tensors_changed and not report.passed
     assert any("QLoRA model" in p for p in report.problems)
 

@@ -326,13 +326,16 @@ def test_vllm_serves_each_quantized_merge_and_it_answers_like_the_16bit_merge(re
     from transformers import AutoTokenizer
 
     from lora_deploy.serve.flags import ServeConfig
+    from lora_deploy.serve.settings import EngineSettings
 
     schemes = ["w8a8-int8"] + ([] if _amx() else ["fp8-dynamic"])
     if _amx():
         warnings.warn(f"FP8-dynamic merge not served: {FP8_SLOW}", stacklevel=1)
     folders = {scheme: _merge(real, tmp_path / (scheme or "bf16"), quantize=scheme) for scheme in [None, *schemes]}
     cfgs = {
-        key: ServeConfig(model=str(folders[key]), served_model_name="m", port=free_port(), dtype="bfloat16")
+        key: ServeConfig(
+            model=str(folders[key]), served_model_name="m", port=free_port(), engine=EngineSettings(dtype="bfloat16")
+        )
         for key in schemes
     }
     texts = _teacher_texts(AutoTokenizer.from_pretrained(folders[None]))
@@ -379,6 +382,7 @@ def test_lora_on_quantized_bases_is_refused_exactly_where_vllm_cpu_fails(real, t
 
     from lora_deploy.serve.flags import ServeConfig, ServedAdapter
     from lora_deploy.serve.preflight import check_adapters
+    from lora_deploy.serve.settings import EngineSettings
 
     require_cpu_build()
     adapter = str(real.adapters["classify"])
@@ -409,14 +413,14 @@ def test_lora_on_quantized_bases_is_refused_exactly_where_vllm_cpu_fails(real, t
         served_model_name="q",
         adapters=tuple(a.served() for a in accepted),
         port=free_port(),
-        dtype="bfloat16",
+        engine=EngineSettings(dtype="bfloat16"),
     )
     bad = ServeConfig(
         model=str(asym),
         served_model_name="asym",
         adapters=(ServedAdapter("classify", adapter, 8),),
         port=free_port(),
-        dtype="bfloat16",
+        engine=EngineSettings(dtype="bfloat16"),
     )
     texts = _teacher_texts(AutoTokenizer.from_pretrained(real.base))
     # both start together: the crash is found while the good one loads

@@ -72,6 +72,7 @@ def real_server(real, tmp_path_factory):
     greedily like the base) and "zero" (lora_B = 0: not applied at all)."""
     from lora_deploy.serve.flags import ServeConfig, ServedAdapter
     from lora_deploy.serve.launcher import VllmServer, plan_launch
+    from lora_deploy.serve.settings import EngineSettings
 
     root = tmp_path_factory.mktemp("real-server")
     faint = scaled_adapter(real.adapters["classify"], root / "faint", 1e-4)
@@ -83,7 +84,11 @@ def real_server(real, tmp_path_factory):
         ServedAdapter("zero", str(zero), 8),
     )
     cfg = ServeConfig(
-        model=str(real.base), served_model_name="smollm2", adapters=adapters, port=free_port(), dtype="float32"
+        model=str(real.base),
+        served_model_name="smollm2",
+        adapters=adapters,
+        port=free_port(),
+        engine=EngineSettings(dtype="float32"),
     )
     with VllmServer(plan_launch(cfg), log_path=root / "vllm.log") as server:
         server.wait_ready(600)

@@ -22,6 +22,7 @@ from lora_deploy.errors import EXIT_INPUT
 from lora_deploy.examples.tiny import PROMPT_TEMPLATE, TICKETS, greedy_answer
 from lora_deploy.serve.flags import ServeConfig, ServedAdapter
 from lora_deploy.serve.launcher import VllmServer, group_members, plan_launch
+from lora_deploy.serve.settings import EngineSettings
 
 API_KEY_VAR = "LORA_DEPLOY_TEST_KEY"
 API_KEY = "test-key-not-secret"
@@ -40,7 +41,7 @@ def server(example, tmp_path_factory):
             ServedAdapter("reply", str(example.adapters["reply"]), 16),
         ),
         port=free_port(),
-        dtype="float32",
+        engine=EngineSettings(dtype="float32"),
         allow_runtime_adapters=True,
         api_key_env=API_KEY_VAR,
         runtime_slots=1,
@@ -378,7 +379,7 @@ def test_smoke_judges_distributions_not_text(example, tmp_path):
     cfg = ServeConfig(
         model=str(example.base),
         served_model_name="support",
-        dtype="float32",
+        engine=EngineSettings(dtype="float32"),
         port=free_port(),
         adapters=(
             ServedAdapter("classify", str(example.adapters["classify"]), 8),

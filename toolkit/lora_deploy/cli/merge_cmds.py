@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -16,15 +16,20 @@ from lora_deploy.cli._options import (
     HostOpt,
     JsonOpt,
     LogOpt,
-    MaxLenOpt,
     NoSmokeOpt,
     PortOpt,
     PromptOpt,
     ServedNameOpt,
     StartTimeoutOpt,
+    settings_from,
+    settings_options,
 )
 from lora_deploy.errors import EXIT_VERIFY, InputError
 from lora_deploy.output import out
+from lora_deploy.serve.settings import EngineSettings
+
+# the engine settings `merged --serve` and its manifests take (dtype is --serve-dtype: --dtype is the output's)
+MERGED_ENGINE = ("max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "kv_cache_dtype")
 
 MERGED_EXAMPLES = """Examples:
 
@@ -56,6 +61,7 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
         ) from e
 
 
+@settings_options(EngineSettings, before="served_model_name", only=MERGED_ENGINE)
 def merged(
     base: Annotated[str, typer.Option(help="Base model: a local folder or a Hugging Face hub id.")],
     adapter: Annotated[list[str], typer.Option(help="LoRA adapter folder or hub id; repeat to merge several.")],
@@ -122,7 +128,6 @@ def merged(
     serve_dtype: Annotated[
         str | None, typer.Option(help="vLLM --dtype for --serve (default: the --dtype the checkpoint was written in).")
     ] = None,
-    max_model_len: MaxLenOpt = None,
     served_model_name: ServedNameOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     no_smoke: NoSmokeOpt = False,
@@ -131,6 +136,7 @@ def merged(
     log: LogOpt = None,
     prompt: PromptOpt = None,
     json: JsonOpt = False,
+    **settings: Any,  # EngineSettings' fields but dtype (--dtype is the output's; --serve-dtype serves it)
 ) -> None:
     """Fold LoRA adapter(s) into the base and write a standard safetensors checkpoint, streaming and exact.
 
@@ -140,6 +146,8 @@ def merged(
     6 verification failed.
     """
     out.set_mode(json_mode=json)
+    # checked before anything is written
+    given_engine = settings_from(EngineSettings, settings, **({"dtype": serve_dtype} if serve_dtype else {}))
     from lora_deploy.merge import MergeConfig, execute_plan, plan_merge
     from lora_deploy.merge.nf4 import Bnb4bit
 
@@ -225,9 +233,9 @@ def merged(
     failed = False
     if verify:
         out.info("Verifying: loading the base with PEFT and the merged model (whole models, float32)...")
-        from lora_deploy.merge.verify import verify_plan
+        from lora_deploy.merge.verify import verify_merge
 
-        vr = verify_plan(plan, Path(report.output))
+        vr = verify_merge(plan)  # the checkpoint at plan.output, just written
         result["verify"] = vr
         failed = not vr.passed
         diff = (
@@ -251,24 +259,23 @@ def merged(
     out.result(result, out.table(rows))
     if failed:
         raise typer.Exit(EXIT_VERIFY)
+    from lora_deploy.serve.flows import merged_engine
+
+    engine = merged_engine(report.dtype, given_engine, serve_dtype=serve_dtype)
     if manifests is not None:
         from lora_deploy.k8s.local import merged_spec, write_deployment
 
-        spec = merged_spec(
-            report.output, served_model_name=served_model_name, api_key=bool(api_key_env), max_model_len=max_model_len
-        )
+        spec = merged_spec(report.output, served_model_name=served_model_name, api_key=bool(api_key_env), engine=engine)
         report_written(write_deployment(spec, manifests, force=force))
     if serve:
         from lora_deploy.serve.flows import merged_serve_config
 
         cfg_serve = merged_serve_config(
             report.output,
-            report.dtype,
+            engine=engine,
             served_model_name=served_model_name,
             host=host,
             port=port,
-            serve_dtype=serve_dtype,
-            max_model_len=max_model_len,
             api_key_env=api_key_env,
         )
         launch(

@@ -7,9 +7,13 @@ from typing import Annotated, Any
 
 import typer
 
-from lora_deploy.cli._options import JsonOpt
+from lora_deploy.cli._options import JsonOpt, settings_from, settings_options
 from lora_deploy.errors import EXIT_VERIFY, InputError
 from lora_deploy.output import out
+from lora_deploy.serve.settings import EngineSettings, LoraSettings
+
+# the engine settings a plan takes: tensor parallelism is what it works out
+PLAN_ENGINE = ("dtype", "max_model_len", "gpu_memory_utilization", "kv_cache_dtype")
 
 EXAMPLES = """Examples:
 
@@ -35,6 +39,8 @@ def _pairs(values: list[str], what: str, cast=str) -> dict:
     return got
 
 
+@settings_options(LoraSettings, before="kv_cache_gib")
+@settings_options(EngineSettings, before="concurrency", only=PLAN_ENGINE)
 def plan(
     base: Annotated[
         str | None,
@@ -55,22 +61,10 @@ def plan(
         ),
     ] = None,
     gpu_memory: Annotated[float | None, typer.Option(help="Plan for another GPU with this many GiB.")] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Longest sequence (default: the model's).")] = None,
     concurrency: Annotated[
         int | None,
         typer.Option(help="Sequences of --max-model-len to hold at once (default 1): more may need more GPUs."),
     ] = None,
-    max_loras: Annotated[int | None, typer.Option(help="LoRA slots (default: adapters + 1).")] = None,
-    max_lora_rank: Annotated[int | None, typer.Option(help="LoRA slot rank (default: smallest that fits).")] = None,
-    max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters cached in CPU memory.")] = None,
-    gpu_memory_utilization: Annotated[
-        float | None,
-        typer.Option(help="vLLM's share of each GPU (default 0.9; with --spec, the spec's vllm.gpuMemoryUtilization)."),
-    ] = None,
-    dtype: Annotated[
-        str, typer.Option(help="vLLM --dtype (auto: the checkpoint's; float32 is served in bfloat16).")
-    ] = "auto",
-    kv_cache_dtype: Annotated[str | None, typer.Option(help="KV cache dtype, e.g. fp8 (default: model's).")] = None,
     kv_cache_gib: Annotated[
         float | None,
         typer.Option(
@@ -90,6 +84,7 @@ def plan(
         ),
     ] = None,
     json: JsonOpt = False,
+    **settings: Any,  # the fields of LoraSettings and EngineSettings but tensor_parallel_size (what plan decides)
 ) -> None:
     """Plan GPU memory as vLLM allocates it: weights, KV cache, LoRA slots; per GPU type the tensor parallelism,
     concurrent sequences and exact vLLM flags; and whether to deploy merged or dynamic.
@@ -101,13 +96,11 @@ def plan(
     from lora_deploy.plan.capacity import PlanRequest, plan_capacity
     from lora_deploy.serve.flags import LoraLimits
 
-    limits: dict[str, Any] = dict(max_loras=max_loras, max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras)
+    lora = settings_from(LoraSettings, settings)
+    engine = settings_from(EngineSettings, settings)
     options: dict[str, Any] = dict(
         adapters=_pairs(adapter or [], "adapter"),
-        max_model_len=max_model_len,
         concurrency=concurrency,
-        dtype=None if dtype == "auto" else dtype,
-        kv_cache_dtype=kv_cache_dtype,
         kv_cache_gib=kv_cache_gib,
         lora_overhead=lora_overhead,
         traffic=_pairs(traffic or [], "traffic", float),
@@ -128,8 +121,8 @@ def plan(
             base=base,
             gpu=gpu[0] if gpu else None,
             gpu_memory_gib=gpu_memory,
-            gpu_memory_utilization=gpu_memory_utilization,
-            lora=limits,
+            lora=lora,
+            engine=engine,
             **{k: v for k, v in options.items() if v not in ({}, None)},
         )
         checked = check_spec(deploy, plan_capacity(req), str(spec))
@@ -145,13 +138,12 @@ def plan(
         return
     if base is None:
         raise InputError("plan needs --base (or --spec)", hint="lora-deploy plan --base ./model --gpu H100-80GB")
-    if gpu_memory_utilization is not None:
-        options["gpu_memory_utilization"] = gpu_memory_utilization
     req = PlanRequest(
         base=base,
         gpus=tuple(gpu or ()),
         gpu_memory_gib=gpu_memory,
-        lora=LoraLimits(**limits),
+        lora=LoraLimits(settings=lora),
+        engine=engine,
         **{k: v for k, v in options.items() if v is not None},
     )
     result = plan_capacity(req)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -15,15 +15,16 @@ from lora_deploy.cli._options import (
     HostOpt,
     JsonOpt,
     LogOpt,
-    MaxLenOpt,
-    MaxRankOpt,
     NoSmokeOpt,
     PortOpt,
     PromptOpt,
     ServedNameOpt,
     StartTimeoutOpt,
+    settings_from,
+    settings_options,
 )
 from lora_deploy.output import out
+from lora_deploy.serve.settings import EngineSettings, LoraSettings
 
 DYNAMIC_EXAMPLES = """Examples:
 
@@ -37,6 +38,8 @@ LORA_DEPLOY_API_KEY=... lora-deploy dynamic --base ./base --adapter a=./a --allo
 """
 
 
+@settings_options(LoraSettings, before="served_model_name")
+@settings_options(EngineSettings, before="served_model_name", flags={"dtype": ("--serve-dtype", "--dtype")})
 def dynamic(
     ctx: typer.Context,
     base: Annotated[str, typer.Option(help="Base model: local folder or hub id (served untouched).")],
@@ -52,13 +55,6 @@ def dynamic(
     ] = None,
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
-    dtype: Annotated[
-        str, typer.Option("--serve-dtype", "--dtype", help="vLLM --dtype: auto, float16, bfloat16 or float32.")
-    ] = "auto",
-    max_loras: Annotated[int | None, typer.Option(help="Adapters in one batch (default: derived).")] = None,
-    max_cpu_loras: Annotated[int | None, typer.Option(help="Adapters cached in CPU memory (default: derived).")] = None,
-    max_lora_rank: MaxRankOpt = None,
-    max_model_len: MaxLenOpt = None,
     served_model_name: ServedNameOpt = None,
     allow_runtime_adapters: Annotated[
         bool,
@@ -84,6 +80,7 @@ def dynamic(
     log: LogOpt = None,
     prompt: PromptOpt = None,
     json: JsonOpt = False,
+    **settings: Any,  # the fields of LoraSettings and EngineSettings, one option each
 ) -> None:
     """Serve the base with vLLM --enable-lora and every adapter as its own model name.
 
@@ -109,11 +106,8 @@ def dynamic(
         adapter_store=adapter_store,
         host=host,
         port=port,
-        dtype=dtype,
-        max_loras=max_loras,
-        max_cpu_loras=max_cpu_loras,
-        max_lora_rank=max_lora_rank,
-        max_model_len=max_model_len,
+        lora=settings_from(LoraSettings, settings),
+        engine=settings_from(EngineSettings, settings),
         allow_runtime_adapters=allow_runtime_adapters,
         runtime_slots=runtime_adapter_slots,
         api_key_env=api_key_env,
@@ -137,11 +131,12 @@ def dynamic(
     )
 
 
+@settings_options(LoraSettings, before="json", only=("max_lora_rank",))
 def check(
     base: Annotated[str, typer.Option(help="Base model: local folder or hub id.")],
     adapter: Annotated[list[str], typer.Option(metavar="NAME=PATH", help="NAME=PATH; repeat for several.")],
-    max_lora_rank: MaxRankOpt = None,
     json: JsonOpt = False,
+    **settings: Any,  # LoraSettings.max_lora_rank: the rank limit pre-flight checks against
 ) -> None:
     """Pre-flight only: would vLLM serve these adapters on this base, and correctly? Exit 0 yes; 3 when an adapter is
     unreadable or does not fit the base; 4 when it uses what vLLM cannot serve."""
@@ -150,7 +145,8 @@ def check(
     from lora_deploy.serve.flows import parse_named_adapters
     from lora_deploy.serve.preflight import INPUT_RULES, check_adapters
 
-    report = check_adapters(base, parse_named_adapters(adapter), max_lora_rank=max_lora_rank)
+    lora = settings_from(LoraSettings, settings)
+    report = check_adapters(base, parse_named_adapters(adapter), max_lora_rank=lora.max_lora_rank)
     rows = [(a.name, f"OK  rank {a.rank}" + ("  (normalised copy)" if a.normalised else "")) for a in report.accepted]
     rows += [(r.adapter, f"REFUSED [{r.rule}] {r.message}\n{' ' * 4}fix: {r.fix}") for r in report.refusals]
     out.result(report, out.table(rows) + "\n" + ("\n".join(report.notes)))

@@ -21,6 +21,7 @@ from typing import Any, cast
 from lora_deploy.errors import EXIT_SMOKE
 from lora_deploy.serve.flags import ServeConfig, ServedAdapter
 from lora_deploy.serve.launcher import ServeOptions, VllmServer, plan_launch
+from lora_deploy.serve.settings import EngineSettings
 from lora_deploy.serve.smoke import format_report, run_smoke
 
 
@@ -88,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     base_name = "smollm2" if real else "support-base"
     merged = _run(
         ServeConfig(
-            model=str(args.merged.resolve()), served_model_name="merged-classify", port=args.port, dtype="float32"
+            model=str(args.merged.resolve()),
+            served_model_name="merged-classify",
+            port=args.port,
+            engine=EngineSettings(dtype="float32"),
         ),
         logs / "vllm-merged.log",
         {"merged-classify": "classify"},
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             served_model_name=base_name,
             adapters=adapters,
             port=args.port,
-            dtype="float32",
+            engine=EngineSettings(dtype="float32"),
         ),
         logs / "vllm-dynamic.log",
         {base_name: "classify", "classify": "classify", "reply": "reply"},

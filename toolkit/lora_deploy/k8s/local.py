@@ -12,6 +12,7 @@ from pathlib import Path
 from lora_deploy.k8s.spec import DeploySpec, spec_for_local_run
 from lora_deploy.serve.flags import default_served_name
 from lora_deploy.serve.flows import DynamicDeployment
+from lora_deploy.serve.settings import EngineSettings
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,17 @@ def dynamic_spec(base: str, deployment: DynamicDeployment) -> DeploySpec:
         adapters=tuple((a.name, a.rank, a.moe_3d) for a in deployment.preflight.accepted),
         api_key=bool(cfg.api_key_env),
         runtime_adapters=cfg.allow_runtime_adapters,
-        max_model_len=cfg.max_model_len,
+        lora=cfg.lora,
+        engine=cfg.engine,
     )
 
 
 def merged_spec(
-    checkpoint: str, *, served_model_name: str | None = None, api_key: bool = False, max_model_len: int | None = None
+    checkpoint: str,
+    *,
+    served_model_name: str | None = None,
+    api_key: bool = False,
+    engine: EngineSettings = EngineSettings(),
 ) -> DeploySpec:
     """The deploy spec for serving a merged checkpoint (no LoRA at all)."""
     return spec_for_local_run(
@@ -49,7 +55,7 @@ def merged_spec(
         model=checkpoint,
         local_model=True,
         api_key=api_key,
-        max_model_len=max_model_len,
+        engine=engine,
     )
 
 

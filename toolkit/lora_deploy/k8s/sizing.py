@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 from lora_deploy.errors import InputError
 from lora_deploy.k8s.spec import DeploySpec, quantity_value
 from lora_deploy.plan.capacity import CapacityPlan, PlanRequest, tp_ok
 from lora_deploy.plan.shape import GIB
+from lora_deploy.serve.settings import EngineSettings, LoraSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,34 +30,34 @@ class SpecCheck:
 
 
 def request_for_spec(
-    spec,
+    spec: DeploySpec,
     base: str | None = None,
     gpu: str | None = None,
     gpu_memory_gib: float | None = None,
-    lora: dict | None = None,
-    **overrides,
+    lora: LoraSettings = LoraSettings(),
+    engine: EngineSettings = EngineSettings(),
+    **overrides: Any,
 ) -> PlanRequest:
-    """The plan a deploy spec implies: its model (or ``base``, a readable copy), and the LoRA limits of the very
-    :class:`ServeConfig` its servers are rendered from (adapter ranks from the spec or the adapter folders, the
-    store's rank limit and runtime slot), so the plan sizes the flags the manifests run. ``lora`` overrides single
-    limits (``max_loras``, ``max_lora_rank``, ``max_cpu_loras``: what ``plan`` was also given)."""
+    """The plan a deploy spec implies: its model (or ``base``, a readable copy), and the settings records of the
+    very :class:`ServeConfig` its servers are rendered from (adapter ranks from the spec or the adapter folders, the
+    store's rank limit and runtime slot), so the plan sizes the flags the manifests run. The fields ``lora`` and
+    ``engine`` set (what ``plan`` was also given) override the spec's."""
     from lora_deploy.k8s.workload import resolve_ranks, server_config
 
     adapters = resolve_ranks(spec) if spec.mode == "dynamic" else ()
-    limits = server_config(spec, adapters).lora_limits
-    limits = replace(limits, **{k: v for k, v in (lora or {}).items() if v is not None})
-    fields = dict(
+    cfg = server_config(spec, adapters)
+    limits = cfg.lora_limits
+    limits = replace(limits, settings=limits.settings.model_copy(update=lora.model_dump(exclude_none=True)))
+    given = engine.model_dump(exclude_none=True, exclude={"dtype"} if engine.dtype == "auto" else set())
+    return PlanRequest(
         base=base or spec.model,
         lora=limits,
+        engine=spec.vllm.engine.model_copy(update=given),
         gpus=(gpu,) if gpu else (),
         gpu_memory_gib=gpu_memory_gib,
-        max_model_len=spec.vllm.max_model_len,
-        gpu_memory_utilization=spec.vllm.gpu_memory_utilization,
-        dtype=spec.vllm.dtype,
         pipeline_parallel=spec.multi_node.nodes,
+        **{k: v for k, v in overrides.items() if v is not None},
     )
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    return PlanRequest(**fields)
 
 
 def check_spec(spec, plan: CapacityPlan, source: str = "spec") -> SpecCheck:
@@ -114,13 +116,13 @@ def sized_spec(spec: DeploySpec, plan: CapacityPlan, given: set[str]) -> tuple[D
     notes = []
     tp = g.tensor_parallel_size
     if "gpus" not in given and "vllm.tensorParallelSize" not in given:
-        spec = replace(spec, gpus=tp, vllm=replace(spec.vllm, tensor_parallel_size=tp))
+        spec = spec.model_copy(update={"gpus": tp, "vllm": spec.vllm.model_copy(update={"tensor_parallel_size": tp})})
         notes.append(f"gpus and tensorParallelSize {tp} (the plan for {g.gpu})")
     if "vllm.maxModelLen" not in given:
-        spec = replace(spec, vllm=replace(spec.vllm, max_model_len=plan.max_model_len))
+        spec = spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"max_model_len": plan.max_model_len})})
         notes.append(f"maxModelLen {plan.max_model_len}")
     if "resources.memory" not in given:
         memory_gib = max(16, math.ceil(g.weights_bytes_per_gpu * spec.tensor_parallel_size * 1.25 / GIB) + 8)
-        spec = replace(spec, resources=replace(spec.resources, memory=f"{memory_gib}Gi"))
+        spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"memory": f"{memory_gib}Gi"})})
         notes.append(f"memory {memory_gib}Gi (the weights a pod reads, +25% and 8Gi)")
     return spec, notes

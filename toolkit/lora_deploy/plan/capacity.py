@@ -28,6 +28,7 @@ from lora_deploy.plan.shape import (
 )
 from lora_deploy.plan.slots import lora_modules, lora_slot_bytes
 from lora_deploy.serve.flags import LoraLimits, ServeConfig, ServedAdapter, build_vllm_args, flag_pairs
+from lora_deploy.serve.settings import EngineSettings
 
 DEFAULT_UTILIZATION = 0.90
 # not measured by this tool: CUDA graphs, NCCL buffers and the CUDA context, which vLLM's profiling reports as
@@ -65,11 +66,9 @@ class PlanRequest:
     lora: LoraLimits = field(default_factory=LoraLimits)
     gpus: tuple[str, ...] = ()  # catalog names; empty = the whole catalog
     gpu_memory_gib: float | None = None  # another GPU: its total memory
-    max_model_len: int | None = None
+    # the servers' engine settings (dtype, max model length, GPU share, KV cache dtype): a spec's, or the CLI's
+    engine: EngineSettings = EngineSettings()
     concurrency: int | None = None  # sequences of max_model_len the deployment should hold at once
-    gpu_memory_utilization: float = DEFAULT_UTILIZATION
-    dtype: str = "auto"  # vLLM --dtype
-    kv_cache_dtype: str | None = None  # vLLM --kv-cache-dtype; default: the serving dtype
     pipeline_parallel: int = 1  # nodes of a multi-node deployment (pipeline stages)
     kv_cache_gib: float | None = None  # also report the tokens a CPU KV cache of this size holds
     traffic: dict[str, float] = field(default_factory=dict)  # adapter name -> share of requests
@@ -134,21 +133,24 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
 
     config, weights = _read_base(req.base)
     shape = read_shape(config)
-    served = serving_dtype(shape.dtype, req.dtype)
+    engine = req.engine
+    served = serving_dtype(shape.dtype, engine.dtype)
     if served not in ("bfloat16", "float16", "float32", "half", "float"):
-        raise InputError(f"--dtype {req.dtype!r} is not one vLLM serves in", hint="auto, bfloat16, float16 or float32")
-    dtype_bytes = DTYPE_BYTES.get(served, 2)
-    if req.kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
         raise InputError(
-            f"--kv-cache-dtype {req.kv_cache_dtype!r} is not one of vLLM's", hint=", ".join(KV_CACHE_DTYPES)
+            f"--dtype {engine.dtype!r} is not one vLLM serves in", hint="auto, bfloat16, float16 or float32"
         )
-    kv_bytes = KV_CACHE_DTYPES.get(req.kv_cache_dtype or "auto") or dtype_bytes
+    dtype_bytes = DTYPE_BYTES.get(served, 2)
+    if engine.kv_cache_dtype not in (None, *KV_CACHE_DTYPES):
+        raise InputError(
+            f"--kv-cache-dtype {engine.kv_cache_dtype!r} is not one of vLLM's", hint=", ".join(KV_CACHE_DTYPES)
+        )
+    kv_bytes = KV_CACHE_DTYPES.get(engine.kv_cache_dtype or "auto") or dtype_bytes
     # floating-point weights are loaded in the serving dtype (a float32 checkpoint in bf16 under --dtype auto)
     served_weights = [(dt, n // DTYPE_SIZES[dt] * dtype_bytes if dt in FLOAT_CODES else n) for dt, n in weights]
     from dataclasses import replace
 
     shape = replace(shape, dtype=served)
-    max_len = req.max_model_len or shape.max_position_embeddings or 4096
+    max_len = engine.max_model_len or shape.max_position_embeddings or 4096
     if shape.max_position_embeddings and max_len > shape.max_position_embeddings:
         raise InputError(
             f"--max-model-len {max_len} exceeds the model's max_position_embeddings {shape.max_position_embeddings}",
@@ -258,7 +260,8 @@ def _plan_gpu(
 
     pp = max(1, req.pipeline_parallel)
     total = sum(n for _, n in weights)
-    budget = int(gib * GIB * req.gpu_memory_utilization)
+    utilization = req.engine.gpu_memory_utilization or DEFAULT_UTILIZATION
+    budget = int(gib * GIB * utilization)
     want = req.concurrency or 1
     per_stage = math.ceil(shape.layers / pp)
     stage = replace(shape, layers=per_stage, layer_kinds=shape.layer_kinds[:per_stage])  # one pipeline stage
@@ -288,8 +291,6 @@ def _plan_gpu(
         "--max-num-seqs",
         str(max(1, min(GPU_MAX_NUM_SEQS, fits))),
     ]
-    if req.kv_cache_dtype and req.kv_cache_dtype != "auto":
-        extra += ["--kv-cache-dtype", req.kv_cache_dtype]
     lora = limits or LoraLimits()
     # a server whose adapters all arrive at run time (or that only asked for slots) has LoRA on with no adapters
     runtime = limits is not None and (lora.runtime_slots > 0 or not lora.adapters)
@@ -297,15 +298,10 @@ def _plan_gpu(
         model=req.base,
         served_model_name=req.base,
         adapters=lora.adapters,
-        dtype=req.dtype,
-        max_loras=lora.max_loras,
-        max_cpu_loras=lora.max_cpu_loras,
-        max_lora_rank=lora.max_lora_rank,
-        max_model_len=max_len,
+        lora=lora.settings,
+        engine=req.engine.model_copy(update={"max_model_len": max_len, "tensor_parallel_size": tp}),
         allow_runtime_adapters=runtime,
         runtime_slots=lora.runtime_slots,
-        tensor_parallel_size=tp,
-        gpu_memory_utilization=req.gpu_memory_utilization,
         extra_args=tuple(extra),
         seed=None,
     )

@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 from lora_deploy.errors import InputError, ServerError
+from lora_deploy.serve.settings import VLLM_DTYPES, EngineSettings, LoraSettings
 
 # vLLM's accepted --max-lora-rank values (vllm/config/lora.py: MaxLoRARanks)
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -29,15 +30,6 @@ MIXED_BATCH_NOTE = (
 )
 
 
-# vLLM's --dtype names (vllm/config/model.py) -> the torch dtype each one means
-VLLM_DTYPES = {
-    "auto": "auto",
-    "half": "float16",
-    "float16": "float16",
-    "bfloat16": "bfloat16",
-    "float": "float32",
-    "float32": "float32",
-}
 DEFAULT_MAX_LORA_RANK = 16  # vLLM's own default, for servers whose adapters are all loaded at run time
 # lora-deploy's ASGI middleware for vLLM (serve/guard.py): the key on every path, plain model names only. Locally it is
 # imported from the installed package; pods import the same file mounted from the ConfigMap (k8s/workload.py)
@@ -166,17 +158,12 @@ class ServeConfig:
     adapters: tuple[ServedAdapter, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
-    dtype: str = "auto"
-    max_loras: int | None = None
-    max_cpu_loras: int | None = None
-    max_lora_rank: int | None = None
-    max_model_len: int | None = None
+    lora: LoraSettings = LoraSettings()  # the LoRA limits a user set (None fields: derived from the adapters)
+    engine: EngineSettings = EngineSettings()  # dtype, max model length, GPU share, tensor parallelism
     allow_runtime_adapters: bool = False
     runtime_slots: int = 1  # LoRA slots reserved for runtime adapters (with allow_runtime_adapters or a store)
     adapter_store: str | None = None  # a folder every adapter published into is served from (vLLM's resolver)
     api_key_env: str | None = None
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float | None = None
     extra_args: tuple[str, ...] = ()
     seed: int | None = 0
 
@@ -205,11 +192,13 @@ class ServeConfig:
         """This deployment's LoRA limits, the one record every LoRA flag is derived from."""
         return LoraLimits(
             adapters=self.adapters,
-            max_lora_rank=self.max_lora_rank,
-            max_loras=self.max_loras,
-            max_cpu_loras=self.max_cpu_loras,
+            settings=self.lora,
             runtime_slots=self.runtime_slots if self.loads_at_run_time else 0,
         )
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self.engine.tensor_parallel_size or 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,22 +222,20 @@ class LoraLimits:
     ``--max-cpu-loras`` with :meth:`flags`, so the memory planned is the memory the servers reserve."""
 
     adapters: tuple[ServedAdapter, ...] = ()
-    max_lora_rank: int | None = None
-    max_loras: int | None = None
-    max_cpu_loras: int | None = None
+    settings: LoraSettings = LoraSettings()
     runtime_slots: int = 0
 
     @property
     def any(self) -> bool:
         """Whether the server has LoRA at all (adapters, runtime slots, or LoRA slots asked for)."""
-        return bool(self.adapters) or self.runtime_slots > 0 or bool(self.max_loras)
+        return bool(self.adapters) or self.runtime_slots > 0 or bool(self.settings.max_loras)
 
     def flags(self, *, cpu_build: bool) -> LoraFlags:
         return derive_lora_flags(
             self.adapters,
-            max_loras=self.max_loras,
-            max_cpu_loras=self.max_cpu_loras,
-            max_lora_rank=self.max_lora_rank,
+            max_loras=self.settings.max_loras,
+            max_cpu_loras=self.settings.max_cpu_loras,
+            max_lora_rank=self.settings.max_lora_rank,
             cpu_build=cpu_build,
             runtime_slots=self.runtime_slots,
         )
@@ -332,9 +319,10 @@ def build_vllm_args(
     notes: list[str] = []
     if include_network:
         args += ["--host", cfg.host, "--port", str(cfg.port)]
-    if cfg.dtype != "auto":
-        args += ["--dtype", cfg.dtype]
-    max_len = cfg.max_model_len
+    engine = cfg.engine
+    if engine.dtype != "auto":
+        args += ["--dtype", engine.dtype]
+    max_len = engine.max_model_len
     if max_len is None and cpu_build:
         max_len = min(model_max_len or CPU_DEFAULT_MAX_MODEL_LEN, CPU_DEFAULT_MAX_MODEL_LEN)
         notes.append(
@@ -343,8 +331,10 @@ def build_vllm_args(
         )
     if max_len is not None:
         args += ["--max-model-len", str(max_len)]
-    if cfg.gpu_memory_utilization is not None:
-        args += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    if engine.gpu_memory_utilization is not None:
+        args += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
+    if engine.kv_cache_dtype not in (None, "auto"):
+        args += ["--kv-cache-dtype", str(engine.kv_cache_dtype)]
     if cfg.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
     if cpu_build and not _has_flag(cfg.extra_args, "--enforce-eager"):

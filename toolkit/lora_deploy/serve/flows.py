@@ -14,6 +14,7 @@ from typing import Any
 from lora_deploy.errors import InputError
 from lora_deploy.serve.flags import ServeConfig, default_served_name, model_name_problem
 from lora_deploy.serve.preflight import PreflightReport
+from lora_deploy.serve.settings import EngineSettings, LoraSettings
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,13 @@ def plan_dynamic(
     check_port: bool = True,
     download: bool = True,
     adapter_store: str | None = None,
+    lora: LoraSettings = LoraSettings(),
     **serve: Any,  # ServeConfig's own fields, checked by its constructor
 ) -> DynamicDeployment:
     """Pre-flight every adapter against ``base`` and build the vLLM configuration that serves them.
 
-    ``serve`` holds :class:`ServeConfig` fields (host, port, dtype, max_loras, ...). With ``check_port`` a busy
+    ``lora`` holds the LoRA limits the user set; ``serve`` the other :class:`ServeConfig` fields (host, port,
+    engine, ...). With ``check_port`` a busy
     port is refused first (a moment, where vLLM finds out only after loading the model). Without ``download`` a hub
     base is read as configs and headers only and named by its id in the command, and nothing is written. With
     ``adapter_store`` every adapter published into that folder is served too (vLLM's filesystem resolver): the
@@ -83,14 +86,14 @@ def plan_dynamic(
     store_record = None
     if adapter_store:
         store_record = open_store(adapter_store, create=False)
-        if serve.get("max_lora_rank") is None:
+        if lora.max_lora_rank is None:
             if store_record is None:
                 raise InputError(
                     f"--adapter-store {adapter_store} is a new store: say the largest rank its adapters may have",
                     hint="pass --max-lora-rank R (one of vLLM's values: 8, 16, 32, 64, ...)",
                 )
-            serve["max_lora_rank"] = store_record.max_lora_rank
-    report = check_adapters(base, adapters, max_lora_rank=serve.get("max_lora_rank"))
+            lora = lora.model_copy(update={"max_lora_rank": store_record.max_lora_rank})
+    report = check_adapters(base, adapters, max_lora_rank=lora.max_lora_rank)
     require_passed(report)
     # a launch serves the weights (a hub base is fetched into the cache once); a dry run only names them
     model = str(resolve_ref(base, kind="base model").path) if download or Path(base).exists() else base
@@ -101,29 +104,35 @@ def plan_dynamic(
     env = None
     if adapter_store:
         folder = str(Path(adapter_store).resolve())
-        server = describe_server(base, model, served, int(serve["max_lora_rank"]), folder)
+        assert lora.max_lora_rank is not None  # set from the store above, or refused
+        server = describe_server(base, model, served, lora.max_lora_rank, folder)
         open_store(folder, server, create=download)  # a dry run writes nothing: an existing store is still checked
         serve["adapter_store"] = folder
         env = {**os.environ, **resolver_env(folder)}
     cfg = ServeConfig(
-        model=model, served_model_name=served, adapters=tuple(a.served() for a in report.accepted), **serve
+        model=model, served_model_name=served, adapters=tuple(a.served() for a in report.accepted), lora=lora, **serve
     )
     return DynamicDeployment(cfg, report, tuple(resolver_notes(cfg.model, env)))
 
 
+def merged_engine(merged_dtype: str, engine: EngineSettings, *, serve_dtype: str | None) -> EngineSettings:
+    """The engine settings `merged --serve` (and its manifests) serve a checkpoint with: at the dtype it was written
+    in unless ``serve_dtype`` says otherwise (vLLM's ``auto`` would downcast a float32 merge and make merged and
+    dynamic answers differ)."""
+    return engine.model_copy(update={"dtype": serve_dtype or merged_dtype})
+
+
 def merged_serve_config(
     checkpoint: str,
-    merged_dtype: str,
     *,
-    serve_dtype: str | None = None,
+    engine: EngineSettings,
     served_model_name: str | None = None,
     **serve: Any,  # ServeConfig's own fields, checked by its constructor
 ) -> ServeConfig:
-    """How `merged --serve` serves a checkpoint: at the dtype it was written in unless ``serve_dtype`` says
-    otherwise (vLLM's ``auto`` would downcast a float32 merge and make merged and dynamic answers differ)."""
+    """How `merged --serve` serves a checkpoint (``engine`` from :func:`merged_engine`)."""
     return ServeConfig(
         model=checkpoint,
         served_model_name=served_model_name or default_served_name(checkpoint),
-        dtype=serve_dtype or merged_dtype,
+        engine=engine,
         **serve,
     )
