@@ -228,6 +228,7 @@ def test_moe_expert_lora_is_refused_from_a_store_where_vllm_could_serve_it(bases
     import dataclasses
 
     from lora_deploy.errors import UnsupportedError
+    from lora_deploy.hub import resolve_ref
     from lora_deploy.serve import preflight
     from lora_deploy.serve.store import describe_server, publish
 
@@ -245,7 +246,7 @@ def test_moe_expert_lora_is_refused_from_a_store_where_vllm_could_serve_it(bases
             str(adapters["a"]),
             store,
             name="experts",
-            create=describe_server(str(base), str(base), "base", 16, str(store)),
+            create=describe_server(resolve_ref(base, kind="base model"), str(base), "base", 16, str(store)),
         )
     assert not (store / "experts").exists() and not (store / ".lora-deploy" / "versions" / "experts").exists()
 
@@ -274,3 +275,35 @@ def test_a_hub_adapter_is_named_after_its_repository_not_its_snapshot(bases, ada
     done = json.loads(res.stdout)
     assert done["adapter"]["name"] == "support-lora" and done["adapter"]["source"] == "acme/support-lora"
     assert (store / "support-lora" / "adapter_config.json").is_file()
+
+
+def test_dynamic_resolves_its_base_once(bases, tmp_path, monkeypatch):
+    """`dynamic --base B --adapter-store S` resolves B once, where the user named it, and every step after
+    (pre-flight, the store's record, the served name, the served folder) takes that record. It used to be resolved
+    three times (pre-flight, the store's record, the launch): for a hub base, three lookups of the hub."""
+    from lora_deploy import hub
+    from lora_deploy.serve import preflight
+
+    base, _ = bases
+    calls: list[str] = []
+    depth = [0]  # resolve_headers of a folder is resolve_ref inside: one resolution, counted once
+
+    def counted(function):
+        def wrapper(ref, *args, **kwargs):
+            if kwargs.get("kind") == "base model" and depth[0] == 0:
+                calls.append(f"{function.__name__}({ref})")
+            depth[0] += 1
+            try:
+                return function(ref, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return wrapper
+
+    for module, name in ((hub, "resolve_ref"), (hub, "resolve_headers"), (preflight, "resolve_headers")):
+        monkeypatch.setattr(module, name, counted(getattr(module, name)))
+    code, _, stderr = run_cli(
+        "dynamic", "--base", str(base), "--adapter-store", str(tmp_path / "s"), "--max-lora-rank", "16", "--dry-run"
+    )
+    assert code == 0, stderr
+    assert calls == [f"resolve_headers({base})"], calls

@@ -181,3 +181,35 @@ def test_no_test_module_imports_another_or_the_conftest():
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0].startswith(("test_", "conftest"))
     ]
     assert found == [], found
+
+
+def test_wide_records_and_functions_are_keyword_only():
+    """A record of more than 4 fields is kw_only, and no library function takes more than 5 arguments by position:
+    a new field or parameter can then never shift the values of a positional call (typer commands, whose
+    parameters are options, are exempt)."""
+    import ast
+
+    wide = []
+    for path in sorted(PKG.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(PKG)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                for deco in node.decorator_list:
+                    call = deco if isinstance(deco, ast.Call) else None
+                    name = getattr(call.func if call else deco, "id", getattr(call.func if call else deco, "attr", ""))
+                    if name != "dataclass":
+                        continue
+                    fields = [s for s in node.body if isinstance(s, ast.AnnAssign)]
+                    kw_only = any(
+                        k.arg == "kw_only" and getattr(k.value, "value", False) for k in (call.keywords if call else [])
+                    )
+                    if len(fields) > 4 and not kw_only:
+                        wide.append(
+                            f"{where}:{node.lineno} dataclass {node.name} ({len(fields)} fields) is not kw_only"
+                        )
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "cli" not in where.parts:
+                positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+                if len(positional) > 5:
+                    wide.append(f"{where}:{node.lineno} {node.name}() takes {len(positional)} arguments by position")
+    assert not wide, "\n".join(wide)

@@ -349,11 +349,14 @@ def test_a_publish_while_retire_tells_the_replicas_survives_the_retire(
     """retire lets go of the store's lock while it tells each replica to unload; a publish of the same name in that
     window once exited 0 and was then left as a dangling link when retire deleted the whole versions folder. Retire
     now deletes exactly the versions it took away: the new publish stays whole and servable, the old versions go."""
+    from lora_deploy.hub import resolve_ref
     from lora_deploy.serve import store as store_module
     from lora_deploy.serve.store import EndpointResult, list_store, publish, retire
 
     store = tmp_path / "store"
-    create = store_module.describe_server(str(llama_base), str(llama_base), "base", 16, str(store))
+    create = store_module.describe_server(
+        resolve_ref(llama_base, kind="base model"), str(llama_base), "base", 16, str(store)
+    )
     first = publish(str(llama_adapter), store, name="support", create=create)
     published = []
 

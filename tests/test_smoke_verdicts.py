@@ -22,14 +22,16 @@ def test_an_applied_adapter_with_the_base_text_passes_and_an_identical_one_fails
 
 
 def test_a_base_request_answered_with_adapter_weights_is_caught():
-    check = _burst_check("base", BASE, [BASE, ADAPTER], REFS, 1e-3, True)
+    check = _burst_check("base", BASE, [BASE, ADAPTER], refs=REFS, threshold=1e-3, use_distributions=True)
     assert not check.passed and "closer to 'classify'" in check.detail
 
 
 def test_swapped_adapters_are_caught_even_when_an_adapter_matches_the_base_text():
-    assert not _burst_check("classify", ADAPTER, [FAINT], REFS, 1e-3, True).passed
-    assert not _burst_check("faint", FAINT, [BASE], REFS, 1e-3, True).passed  # base weights, same text
-    assert _burst_check("faint", FAINT, [FAINT, FAINT], REFS, 1e-3, True).passed
+    assert not _burst_check("classify", ADAPTER, [FAINT], refs=REFS, threshold=1e-3, use_distributions=True).passed
+    assert not _burst_check(
+        "faint", FAINT, [BASE], refs=REFS, threshold=1e-3, use_distributions=True
+    ).passed  # base weights, same text
+    assert _burst_check("faint", FAINT, [FAINT, FAINT], refs=REFS, threshold=1e-3, use_distributions=True).passed
 
 
 def test_a_text_flip_is_accepted_only_at_a_near_tie():
@@ -39,11 +41,11 @@ def test_a_text_flip_is_accepted_only_at_a_near_tie():
     ok, detail = tie.divergence(" A D")  # the second token had a 2.9-nat margin
     assert not ok and "not a near-tie" in detail
     same_batch_noise = Probe(" A B", tie.tokens, ({" A": -0.69, " C": -0.76}, {" B": -0.1, " D": -3.0}))
-    assert _burst_check("m", tie, [same_batch_noise], {"m": tie}, 1e-3, True).passed
+    assert _burst_check("m", tie, [same_batch_noise], refs={"m": tie}, threshold=1e-3, use_distributions=True).passed
 
 
 def test_without_logprobs_the_rules_fall_back_to_text():
     a, b = Probe(" x"), Probe(" y")
     assert _applied_check("m", a, b, 1e-3, False).passed
     assert not _applied_check("m", a, a, 1e-3, False).passed
-    assert not _burst_check("m", a, [b], {"m": a}, 1e-3, False).passed
+    assert not _burst_check("m", a, [b], refs={"m": a}, threshold=1e-3, use_distributions=False).passed

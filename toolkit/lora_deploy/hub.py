@@ -7,6 +7,7 @@ downloaded before; nothing here talks to the network for a local path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -14,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_deploy._files import read_json_object
 from lora_deploy.errors import InputError
 
 # What we need from a hub repo (model or adapter): weights, configs, tokenizer files. Never pickles by default.
@@ -23,19 +25,38 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 @dataclass(frozen=True)
 class ResolvedRef:
-    """Where a model or adapter came from and where it lies on disk now.
+    """A base or adapter reference, resolved once where the user named it and passed down as this record: what the
+    user typed, where its files lie on disk now, and its config (read once, on first use).
 
-    ``source`` is what the user typed; ``revision`` is the hub commit (None for local folders), so a
-    provenance record can name exactly what was merged.
+    ``source`` is what the user typed; ``revision`` is the hub commit (None for local folders), so a provenance
+    record can name exactly what was merged. ``headers_only``: ``path`` holds the configs and the safetensors
+    headers of a hub repository, not its weights (:func:`resolve_headers`); :meth:`fetched` downloads them.
     """
 
     source: str
     path: Path
     revision: str | None = None
+    headers_only: bool = False
 
     @property
     def is_hub(self) -> bool:
         return self.revision is not None
+
+    @functools.cached_property
+    def config(self) -> dict:
+        """Its ``config.json`` (a model's; an adapter folder has none), read on first use and kept."""
+        return read_json_object(
+            self.path / "config.json",
+            missing="the base folder is not a Hugging Face model",
+            hint="pass the folder that holds config.json and *.safetensors",
+        )
+
+    def fetched(self, *, kind: str = "base model") -> ResolvedRef:
+        """This reference with its weights on disk: itself, or the download of the very commit its headers were
+        read from (nothing else is resolved again)."""
+        if not self.headers_only:
+            return self
+        return resolve_ref(self.source, kind=kind, revision=self.revision)
 
 
 def resolve_ref(
@@ -113,7 +134,7 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
-    return ResolvedRef(source=text, path=target, revision=local.name)
+    return ResolvedRef(source=text, path=target, revision=local.name, headers_only=True)
 
 
 def _plain_relative(name: str) -> bool:

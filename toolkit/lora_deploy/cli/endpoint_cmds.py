@@ -149,6 +149,7 @@ def adapters_publish(
     servers could not serve, 5 the name exists (no --replace), 9 a replica could not be told.
     """
     out.set_mode(json_mode=json)
+    from lora_deploy.hub import resolve_headers
     from lora_deploy.serve.flags import default_served_name
     from lora_deploy.serve.store import describe_server, publish
 
@@ -159,7 +160,7 @@ def adapters_publish(
 
             raise InputError("--base describes a new store: it needs --max-lora-rank too")
         create = describe_server(
-            base,
+            resolve_headers(base, kind="base model"),
             model or base,
             served_model_name or default_served_name(model or base),
             max_lora_rank,

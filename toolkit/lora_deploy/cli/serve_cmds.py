@@ -90,6 +90,7 @@ def dynamic(
     failed (the table: README, Exit codes).
     """
     out.set_mode(json_mode=json)
+    from lora_deploy.hub import resolve_headers
     from lora_deploy.k8s.local import dynamic_spec, write_deployment
     from lora_deploy.serve.flows import parse_named_adapters, plan_dynamic
 
@@ -98,7 +99,7 @@ def dynamic(
             "runtime adapters are on: anyone holding the API key can make the server load any adapter path it can read"
         )
     deployment = plan_dynamic(
-        base,
+        resolve_headers(base, kind="base model"),  # resolved once, here: every step below takes the record
         parse_named_adapters(adapter or []),
         served_model_name=served_model_name,
         check_port=not dry_run,

@@ -169,7 +169,7 @@ def _batches(tok, pairs: list[tuple[str, str]], batch: int, rng: random.Random, 
             )
 
 
-def _train(model, tok, pairs, steps: int, lr: float, seed: int, *, full: bool = False) -> None:
+def _train(model, tok, pairs, *, steps: int, lr: float, seed: int, full: bool = False) -> None:
     import torch
 
     torch.manual_seed(seed)
@@ -217,7 +217,13 @@ def build_example(root: Path, *, steps: int = 150, force: bool = False) -> Examp
     base = AutoModelForCausalLM.from_pretrained(paths.base, dtype=torch.float32)
     all_messages = [m for ms in TICKETS.values() for m in ms]
     _train(
-        base, tok, [(PROMPT_TEMPLATE.format(message=m), BASE_ANSWER) for m in all_messages], steps, 3e-3, 0, full=True
+        base,
+        tok,
+        [(PROMPT_TEMPLATE.format(message=m), BASE_ANSWER) for m in all_messages],
+        steps=steps,
+        lr=3e-3,
+        seed=0,
+        full=True,
     )
     base.save_pretrained(paths.base)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -232,7 +238,7 @@ def build_example(root: Path, *, steps: int = 150, force: bool = False) -> Examp
             fresh,
             LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0, task_type="CAUSAL_LM"),
         )
-        _train(peft_model, tok, data[name], steps, 2e-3, 1 + i)
+        _train(peft_model, tok, data[name], steps=steps, lr=2e-3, seed=1 + i)
         peft_model.save_pretrained(str(paths.adapters[name]))
         point_adapter_at_base(paths.adapters[name], paths.base)
     marker.write_text(

@@ -31,6 +31,7 @@ class SpecCheck:
 
 def request_for_spec(
     spec: DeploySpec,
+    *,
     base: str | None = None,
     gpu: str | None = None,
     gpu_memory_gib: float | None = None,

@@ -26,7 +26,7 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, kind: str) -> tor
 
 
 def expert_delta(
-    a: torch.Tensor, b: torch.Tensor, scale: float, experts: int, transposed: bool, only: int | None = None
+    a: torch.Tensor, b: torch.Tensor, *, scale: float, experts: int, transposed: bool, only: int | None = None
 ) -> torch.Tensor:
     """The delta PEFT's ParamWrapper adds to a fused 3-D expert parameter, float32, shape [E, ., .].
 

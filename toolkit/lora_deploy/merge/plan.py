@@ -301,7 +301,7 @@ def plan_merge(cfg: MergeConfig) -> MergePlan:
     adapters = tuple(load_adapter(a, allow_pickle=cfg.allow_pickle) for a in cfg.adapters)
     for info in adapters:
         require_mergeable(info)
-    planner = _Planner(base, index, layout, adapters, weights, dtype)
+    planner = _Planner(base, index=index, layout=layout, adapters=adapters, weights=weights, dtype=dtype)
     planner.run()
     if planner.problems:
         listing = "\n".join(f"  - {p}" for p in planner.problems[:40])
@@ -393,7 +393,14 @@ def _ties_weights(info: AdapterInfo) -> bool:
 def fit_problems(base: ResolvedRef, info: AdapterInfo) -> list[str]:
     """Why ``info`` does not fit ``base`` (modules it lacks, shapes that differ); empty when it fits."""
     index = ShardIndex.from_folder(base.path)
-    planner = _Planner(base, index, read_layout(base.path, index.tensors), (info,), (1.0,), "float32")
+    planner = _Planner(
+        base,
+        index=index,
+        layout=read_layout(base.path, index.tensors),
+        adapters=(info,),
+        weights=(1.0,),
+        dtype="float32",
+    )
     planner.run()
     return planner.problems
 
@@ -436,6 +443,7 @@ class _Planner:
     def __init__(
         self,
         base: ResolvedRef,
+        *,
         index: ShardIndex,
         layout: ModelLayout,
         adapters: tuple[AdapterInfo, ...],

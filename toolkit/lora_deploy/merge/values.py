@@ -30,10 +30,12 @@ def update_delta(d: LowRankUpdate, adapter_tensors: list[dict]) -> torch.Tensor:
     if part is not None and part.box[0][1] - part.box[0][0] == 1:
         # a per-expert checkpoint tensor: compute that expert's delta only, not all E of them
         e = part.box[0][0]
-        delta = expert_delta(ts[d.a_key], ts[d.b_key], d.scale, d.experts, d.transposed, only=e)
+        delta = expert_delta(
+            ts[d.a_key], ts[d.b_key], scale=d.scale, experts=d.experts, transposed=d.transposed, only=e
+        )
         part = replace(part, box=((0, 1),) + part.box[1:])
     else:
-        delta = expert_delta(ts[d.a_key], ts[d.b_key], d.scale, d.experts, d.transposed)
+        delta = expert_delta(ts[d.a_key], ts[d.b_key], scale=d.scale, experts=d.experts, transposed=d.transposed)
     return delta if part is None else part.take(delta)
 
 

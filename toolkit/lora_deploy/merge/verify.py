@@ -141,7 +141,7 @@ def _verify(plan: MergePlan, start_value: Callable[[str], torch.Tensor], prompts
         problems.append(f"{len(unchanged)} targeted tensor(s) did not change: {', '.join(unchanged[:5])}")
     quantized_oracle = qlora is not None and plan.merge_into == "dequantized"
     oracle = "QLoRA model (4-bit base + adapter)" if quantized_oracle else "unmerged PEFT model"
-    models = _Models(output, base, adapters, weights, prompts, notes)
+    models = _Models(output, base=base, adapters=adapters, weights=weights, prompts=prompts, notes=notes)
     merged_logits = models.merged()
     reference = models.unmerged(qlora if quantized_oracle else None, prequantized)
     diff = peak = tol = greedy = None
@@ -180,6 +180,7 @@ class _Models:
     def __init__(
         self,
         output: Path,
+        *,
         base: Path,
         adapters: list[Path],
         weights: list[float],

@@ -172,11 +172,34 @@ def plan_capacity(req: PlanRequest) -> CapacityPlan:
     cpu_cache = max_cpu * biggest if lora else 0
     catalog = _gpus(req)
     gpu_plans = tuple(
-        _plan_gpu(name, gib, shape, served_weights, slots, kv_bytes, max_len, req, limits if lora else None)
+        _plan_gpu(
+            name,
+            gib,
+            shape=shape,
+            weights=served_weights,
+            slots=slots,
+            kv_bytes=kv_bytes,
+            max_len=max_len,
+            req=req,
+            limits=limits if lora else None,
+        )
         for name, gib in catalog
     )
     merged_plans = (
-        tuple(_plan_gpu(name, gib, shape, served_weights, 0, kv_bytes, max_len, req, None) for name, gib in catalog)
+        tuple(
+            _plan_gpu(
+                name,
+                gib,
+                shape=shape,
+                weights=served_weights,
+                slots=0,
+                kv_bytes=kv_bytes,
+                max_len=max_len,
+                req=req,
+                limits=None,
+            )
+            for name, gib in catalog
+        )
         if lora
         else gpu_plans
     )
@@ -246,6 +269,7 @@ def tp_ok(shape: ModelShape, tp: int) -> bool:
 def _plan_gpu(
     name: str,
     gib: float,
+    *,
     shape: ModelShape,
     weights: list[tuple[str, int]],
     slots: int,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_deploy.errors import InputError
+from lora_deploy.hub import ResolvedRef
 from lora_deploy.serve.flags import ServeConfig, default_served_name, model_name_problem
 from lora_deploy.serve.preflight import PreflightReport
 from lora_deploy.serve.settings import EngineSettings, LoraSettings
@@ -46,7 +47,7 @@ def parse_named_adapters(values: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 
 def plan_dynamic(
-    base: str,
+    base: ResolvedRef,
     adapters: dict[str, str],
     *,
     served_model_name: str | None = None,
@@ -56,7 +57,8 @@ def plan_dynamic(
     lora: LoraSettings = LoraSettings(),
     **serve: Any,  # ServeConfig's own fields, checked by its constructor
 ) -> DynamicDeployment:
-    """Pre-flight every adapter against ``base`` and build the vLLM configuration that serves them.
+    """Pre-flight every adapter against ``base`` (resolved once where the user named it, to its configs and headers:
+    :func:`lora_deploy.hub.resolve_headers`) and build the vLLM configuration that serves them.
 
     ``lora`` holds the LoRA limits the user set; ``serve`` the other :class:`ServeConfig` fields (host, port,
     engine, ...). With ``check_port`` a busy
@@ -68,7 +70,6 @@ def plan_dynamic(
     """
     import os
 
-    from lora_deploy.hub import resolve_ref
     from lora_deploy.serve.flags import resolver_env
     from lora_deploy.serve.preflight import check_adapters, require_passed, resolver_notes
     from lora_deploy.serve.store import describe_server, open_store
@@ -95,9 +96,9 @@ def plan_dynamic(
             lora = lora.model_copy(update={"max_lora_rank": store_record.max_lora_rank})
     report = check_adapters(base, adapters, max_lora_rank=lora.max_lora_rank)
     require_passed(report)
-    # a launch serves the weights (a hub base is fetched into the cache once); a dry run only names them
-    model = str(resolve_ref(base, kind="base model").path) if download or Path(base).exists() else base
-    served = served_model_name or default_served_name(base)
+    # a launch serves the weights (a hub base's are fetched into the cache once); a dry run only names them
+    model = str(base.fetched().path) if download or not base.is_hub else base.source
+    served = served_model_name or default_served_name(base.source)
     problem = model_name_problem(served, adapter=False)
     if problem:
         raise InputError(f"the base's served name: {problem}", hint="pass --served-model-name NAME")

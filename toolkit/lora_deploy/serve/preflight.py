@@ -86,7 +86,7 @@ def _merge_hint(base: str, source: str) -> str:
 
 
 def check_adapters(
-    base: str,
+    base: str | ResolvedRef,
     adapters: dict[str, str],
     *,
     max_lora_rank: int | None = None,
@@ -100,12 +100,13 @@ def check_adapters(
     the first request: shapes against the base, the base's quantization, MoE expert LoRA on CPU...), then,
     where vLLM is installed, vLLM's own adapter validation (``PEFTHelper.validate_legal`` with the LoRA
     config the launcher passes), so no adapter the installed vLLM refuses is reported as fine.
-    """
-    from lora_deploy.model.layout import read_config
 
-    base_ref = resolve_headers(base, kind="base model")  # configs and headers: a hub base is never downloaded here
-    base_config = read_config(base_ref.path)
-    vocab = base_config.get("vocab_size")
+    ``base`` is the record resolved where the user named it (a folder or hub id is resolved here, once, to its
+    configs and headers: a hub base is never downloaded for a check).
+    """
+    base_ref = base if isinstance(base, ResolvedRef) else resolve_headers(base, kind="base model")
+    base = base_ref.source
+    base_config = base_ref.config
     accepted, refusals, notes = [], [], []
     if base_config.get("quantization_config"):
         verdict = base_quantization(base_config["quantization_config"], base_ref.path)
@@ -119,7 +120,7 @@ def check_adapters(
             rule = "readable adapter" if isinstance(e, InputError) else "supported adapter"
             refusals.append(Refusal(name, rule, e.message, e.hint or "fix the adapter folder"))
             continue
-        found = _rules(name, info, base, base_ref, vocab, max_lora_rank, base_config)
+        found = _rules(name, info, base_ref, max_lora_rank=max_lora_rank)
         vllm_says = vllm_verdict(info.config, max_lora_rank) if validate_with_vllm else None
         if vllm_says and not found:  # vLLM refuses what our rules let through: its word is final
             found = [Refusal(name, "vLLM's own validation", vllm_says, _merge_hint(base, info.ref.source))]
@@ -183,16 +184,11 @@ def _check_name(name: str) -> None:
         raise InputError(f"adapter name: {problem}", hint="use NAME=PATH with a short name such as support-classify")
 
 
-def _rules(
-    name: str,
-    info: AdapterInfo,
-    base: str,
-    base_ref: ResolvedRef,
-    vocab: int | None,
-    max_lora_rank: int | None,
-    base_config: dict | None = None,
-) -> list[Refusal]:
+def _rules(name: str, info: AdapterInfo, base_ref: ResolvedRef, *, max_lora_rank: int | None) -> list[Refusal]:
     from lora_deploy.merge import fit_problems
+
+    base, base_config = base_ref.source, base_ref.config
+    vocab = base_config.get("vocab_size")
 
     st = info.settings
     out: list[Refusal] = []
@@ -259,7 +255,7 @@ def _rules(
                 f"target_parameters {list(st.target_parameters)}: LoRA on fused MoE expert "
                 "parameters is not served by vLLM's CPU build (it needs the fused-MoE LoRA kernels)",
             )
-    quant = (base_config or {}).get("quantization_config") or {}
+    quant = base_config.get("quantization_config") or {}
     if quant:
         verdict = base_quantization(quant, base_ref.path)
         if not verdict.served:

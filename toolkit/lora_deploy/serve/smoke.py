@@ -247,7 +247,9 @@ def run_smoke(
         checks.append(Check(name="greedy completion", passed=bool(ref.text.strip()), detail=repr(ref.text), model=m))
         ok, detail = ref.divergence(stream_text)
         checks.append(Check(name="stream = non-stream", passed=ok, detail=detail, model=m))
-        checks.append(_burst_check(m, ref, seen[m], refs, threshold, use_distributions))
+        checks.append(
+            _burst_check(m, ref, seen[m], refs=refs, threshold=threshold, use_distributions=use_distributions)
+        )
         together = next((g.text for g in seen[m] if g.text != ref.text), ref.text)
         to_base = ref.distance(refs[base]) if base in refs and m != base and use_distributions else None
         models_out.append(
@@ -318,7 +320,7 @@ def _applied_check(model: str, ref: Probe, base: Probe, threshold: float, use_di
 
 
 def _burst_check(
-    model: str, ref: Probe, got: list[Probe], refs: dict[str, Probe], threshold: float, use_distributions: bool
+    model: str, ref: Probe, got: list[Probe], *, refs: dict[str, Probe], threshold: float, use_distributions: bool
 ) -> Check:
     """Every answer from the mixed bursts is this model's: closest to its own reference, text at near-ties."""
     for g in got:

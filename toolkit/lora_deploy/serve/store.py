@@ -39,6 +39,7 @@ from pathlib import Path
 from lora_deploy import __version__
 from lora_deploy._files import contained_file, fsync_dir, remove_stale_partials, staged_folder
 from lora_deploy.errors import AdminError, InputError, LoraDeployError, OutputError
+from lora_deploy.hub import ResolvedRef
 from lora_deploy.model.adapter import CONFIG_FILE
 from lora_deploy.serve.flags import ALLOWED_LORA_RANKS, model_name_problem
 
@@ -165,22 +166,22 @@ class RetireReport:
     endpoints: tuple[EndpointResult, ...] = ()
 
 
-def describe_server(base: str, model: str, served_model_name: str, max_lora_rank: int, served_from: str) -> StoreRecord:
-    """The record a server (or a publish that creates the store) stands for, from its base's config."""
-    from lora_deploy.hub import resolve_headers
-    from lora_deploy.model.layout import read_config
-
+def describe_server(
+    base: ResolvedRef, model: str, served_model_name: str, max_lora_rank: int, served_from: str
+) -> StoreRecord:
+    """The record a server (or a publish that creates the store) stands for, from its base's config (``base`` as
+    resolved where the user named it)."""
     if max_lora_rank not in ALLOWED_LORA_RANKS:
         raise InputError(
             f"--max-lora-rank {max_lora_rank} is not one vLLM accepts", hint=", ".join(map(str, ALLOWED_LORA_RANKS))
         )
-    config = read_config(resolve_headers(base, kind="base model").path)
-    base = str(Path(base).resolve()) if Path(base).exists() else base  # readable from any working directory
+    # a folder by its absolute path (readable from any working directory), a hub id as it is
+    named = base.source if base.is_hub else str(base.path)
     return StoreRecord(
         model=model,
         served_model_name=served_model_name,
-        base=base,
-        shape=BaseShape.from_config(config),
+        base=named,
+        shape=BaseShape.from_config(base.config),
         max_lora_rank=max_lora_rank,
         served_from=served_from,
     )
