@@ -16,7 +16,7 @@ import lora_deploy
 PKG = Path(lora_deploy.__file__).parent
 # highest first: a module may import its own package and any package below it, never one above
 LAYERS = ("cli", "examples", "k8s", "plan", "serve", "merge", "model")
-BASE = ("errors", "_files", "hub", "output", "prompts")  # the bottom: files, errors, output, hub references
+BASE = ("errors", "_files", "hub", "objstore", "output", "prompts")  # the bottom: files, errors, output, hub references
 
 
 def _modules() -> dict[str, Path]:

@@ -182,6 +182,24 @@ def test_the_publish_job_is_a_template_with_the_store_writable():
     assert "publish-job.yaml" not in no_image
 
 
+def test_the_publish_job_reads_s3_with_a_secret_or_a_role_never_literal_keys():
+    """adapterStore.sourceSecret becomes envFrom (the keys stay in the Secret), sourceServiceAccount the Job's
+    ServiceAccount (IRSA / workload identity); without them the Job has neither. The rendered Job passes the
+    Kubernetes schema like every other object (render_manifests validates it)."""
+    store = {**FLEET["adapterStore"], "sourceSecret": "s3-reader", "sourceServiceAccount": "adapter-publisher"}
+    files = spec_files({**FLEET, "adapterStore": store})
+    pod = files["publish-job.yaml"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-reader"}}]
+    assert pod["serviceAccountName"] == "adapter-publisher"
+    assert not [e for e in container["env"] if e["name"].startswith("AWS_")]  # no key is ever written here
+    assert "s3://" in next(e["value"] for e in container["env"] if e["name"] == "ADAPTER_SOURCE")
+    plain = variant_files("fleet")["publish-job.yaml"]["spec"]["template"]["spec"]
+    assert "envFrom" not in plain["containers"][0] and "serviceAccountName" not in plain
+    with pytest.raises(InputError, match="adapterStore.sourceSecret"):
+        spec_files({**FLEET, "adapterStore": {**store, "sourceSecret": "S3 Reader"}})
+
+
 def test_routing_exposes_only_inference_routes_through_the_pool():
     files = variant_files("fleet")
     route = files["httproute.yaml"]["spec"]

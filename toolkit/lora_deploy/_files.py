@@ -43,6 +43,18 @@ def read_json_object(path: Path, *, missing: str, hint: str) -> dict:
     return data
 
 
+def plain_relative(name: str) -> bool:
+    """Whether ``name`` stays inside the folder it is joined to: relative, no '..', no backslash or NUL."""
+    parts = name.split("/")
+    return (
+        bool(name)
+        and not name.startswith("/")
+        and "\\" not in name
+        and "\0" not in name
+        and all(p not in ("", ".", "..") for p in parts)
+    )
+
+
 def contained_file(path: Path, folder: Path) -> Path:
     """``path``, a file listed in ``folder``, if reading it stays inside ``folder``; an InputError otherwise.
 

@@ -1,7 +1,9 @@
-"""Resolve a model or adapter reference (a local folder or a Hugging Face hub id) to a local folder.
+"""Resolve a model or adapter reference (a local folder, a Hugging Face hub id, or ``s3://BUCKET/PREFIX``) to a
+local folder.
 
 Hub ids go through ``huggingface_hub``'s cache, so ``HF_HUB_OFFLINE=1`` works on models that were
-downloaded before; nothing here talks to the network for a local path.
+downloaded before; ``s3://`` URLs through :mod:`lora_deploy.objstore`'s cache (keyed by the objects' ETags);
+nothing here talks to the network for a local path.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_deploy._files import read_json_object
+from lora_deploy import objstore
+from lora_deploy._files import plain_relative, read_json_object
 from lora_deploy.errors import InputError
 
 # What we need from a hub repo (model or adapter): weights, configs, tokenizer files. Never pickles by default.
@@ -39,7 +42,8 @@ class ResolvedRef:
     headers_only: bool = False
 
     @property
-    def is_hub(self) -> bool:
+    def is_remote(self) -> bool:
+        """From the hub or an object store (``revision``: the commit, or the digest of the objects' ETags)."""
         return self.revision is not None
 
     @functools.cached_property
@@ -64,6 +68,10 @@ def resolve_ref(
 ) -> ResolvedRef:
     """Return the local folder for ``ref``: an existing folder as is, else a hub id from the HF cache."""
     text = str(ref)
+    if objstore.is_s3(text):  # revision: the digest a headers-only read saw (the objects must still be those)
+        patterns = _PATTERNS + (["*.bin"] if allow_pickle else [])
+        got = objstore.fetch(text, patterns=patterns, expect=revision)
+        return ResolvedRef(source=text, path=got.path, revision=got.digest)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -91,6 +99,9 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
     region a hole on disk), so a 70B base costs a few megabytes instead of 140 GB.
     """
     text = str(ref)
+    if objstore.is_s3(text):
+        got = objstore.fetch(text, patterns=_METADATA_PATTERNS + ["*.safetensors"], headers_only=True)
+        return ResolvedRef(source=text, path=got.path, revision=got.digest, headers_only=True)
     path = Path(text).expanduser()
     if path.exists() or not _HUB_ID.fullmatch(text) or text.startswith((".", "/", "~")):
         return resolve_ref(ref, kind=kind, revision=revision)
@@ -110,7 +121,7 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
         staging = target.with_name(target.name + f".partial-{uuid.uuid4().hex[:12]}")  # not a PID: pods share 1
         shutil.copytree(local, staging, symlinks=False)
         for name, file_meta in meta.files_metadata.items():
-            if not _plain_relative(name):  # an index's shard names are the repo's to choose: never a path out
+            if not plain_relative(name):  # an index's shard names are the repo's to choose: never a path out
                 shutil.rmtree(staging, ignore_errors=True)
                 raise InputError(
                     f"{kind} {text!r}: its safetensors index names a shard {name!r} outside the repository's folder",
@@ -135,18 +146,6 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
             shutil.rmtree(target)
         staging.rename(target)
     return ResolvedRef(source=text, path=target, revision=local.name, headers_only=True)
-
-
-def _plain_relative(name: str) -> bool:
-    """Whether ``name`` stays inside the folder it is joined to: relative, no '..', no backslash or NUL."""
-    parts = name.split("/")
-    return (
-        bool(name)
-        and not name.startswith("/")
-        and "\\" not in name
-        and "\0" not in name
-        and all(p not in ("", ".", "..") for p in parts)
-    )
 
 
 @contextlib.contextmanager

@@ -116,7 +116,7 @@ def adapters_list(
 
 @adapters_app.command("publish")
 def adapters_publish(
-    adapter: Annotated[str, typer.Argument(help="The adapter: a folder or hub id.")],
+    adapter: Annotated[str, typer.Argument(help="The adapter: a folder, a hub id or s3://BUCKET/PREFIX.")],
     store: StoreOpt,
     name: Annotated[str | None, typer.Option(help="Its model name (default: the folder's name).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Publish a new version under an existing name.")] = False,
@@ -124,7 +124,7 @@ def adapters_publish(
     replicas: ReplicasOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
     base: Annotated[
-        str | None, typer.Option(help="Create a missing store: the servers' base (folder or hub id).")
+        str | None, typer.Option(help="Create a missing store: the servers' base (folder, hub id or s3:// URL).")
     ] = None,
     model: Annotated[
         str | None,

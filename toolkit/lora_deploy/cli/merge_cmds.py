@@ -63,8 +63,12 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
 
 @settings_options(EngineSettings, before="served_model_name", only=MERGED_ENGINE)
 def merged(
-    base: Annotated[str, typer.Option(help="Base model: a local folder or a Hugging Face hub id.")],
-    adapter: Annotated[list[str], typer.Option(help="LoRA adapter folder or hub id; repeat to merge several.")],
+    base: Annotated[
+        str, typer.Option(help="Base model: a local folder, a Hugging Face hub id, or s3://BUCKET/PREFIX.")
+    ],
+    adapter: Annotated[
+        list[str], typer.Option(help="LoRA adapter: a folder, hub id or s3://BUCKET/PREFIX; repeat to merge several.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the merged checkpoint into.")],
     weights: Annotated[
         str | None, typer.Option(help="Comma-separated weight per adapter: W + w1*dW1 + w2*dW2 (default 1 each).")
@@ -290,7 +294,7 @@ def merged(
 
 
 def inspect_adapter(
-    adapter: Annotated[str, typer.Argument(help="Adapter folder or hub id.")],
+    adapter: Annotated[str, typer.Argument(help="Adapter: a folder, a hub id or s3://BUCKET/PREFIX.")],
     allow_pickle: AllowPickleOpt = False,
     json: JsonOpt = False,
 ) -> None:

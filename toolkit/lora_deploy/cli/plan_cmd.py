@@ -45,7 +45,7 @@ def plan(
     base: Annotated[
         str | None,
         typer.Option(
-            help="Base model: a local folder or a hub id (config and "
+            help="Base model: a local folder, a hub id or s3://BUCKET/PREFIX (config and "
             "safetensors headers only; no weights are downloaded)."
         ),
     ] = None,

@@ -42,9 +42,12 @@ LORA_DEPLOY_API_KEY=... lora-deploy dynamic --base ./base --adapter a=./a --allo
 @settings_options(EngineSettings, before="served_model_name", flags={"dtype": ("--serve-dtype", "--dtype")})
 def dynamic(
     ctx: typer.Context,
-    base: Annotated[str, typer.Option(help="Base model: local folder or hub id (served untouched).")],
+    base: Annotated[
+        str, typer.Option(help="Base model: a local folder, hub id or s3://BUCKET/PREFIX (served untouched).")
+    ],
     adapter: Annotated[
-        list[str] | None, typer.Option(metavar="NAME=PATH", help="NAME=PATH (folder or hub id); repeat for several.")
+        list[str] | None,
+        typer.Option(metavar="NAME=PATH", help="NAME=PATH (folder, hub id or s3:// URL); repeat for several."),
     ] = None,
     adapter_store: Annotated[
         str | None,
@@ -134,8 +137,11 @@ def dynamic(
 
 @settings_options(LoraSettings, before="json", only=("max_lora_rank",))
 def check(
-    base: Annotated[str, typer.Option(help="Base model: local folder or hub id.")],
-    adapter: Annotated[list[str], typer.Option(metavar="NAME=PATH", help="NAME=PATH; repeat for several.")],
+    base: Annotated[str, typer.Option(help="Base model: a local folder, hub id or s3://BUCKET/PREFIX.")],
+    adapter: Annotated[
+        list[str],
+        typer.Option(metavar="NAME=PATH", help="NAME=PATH (folder, hub id or s3:// URL); repeat for several."),
+    ],
     json: JsonOpt = False,
     **settings: Any,  # LoraSettings.max_lora_rank: the rank limit pre-flight checks against
 ) -> None:

@@ -187,7 +187,8 @@ def publish_job(spec: DeploySpec) -> dict:
     """A Job template that publishes one adapter into the store from inside the cluster (no local mount needed):
     ``lora-deploy adapters publish`` with the store mounted read-write, the same checks as on a laptop.
 
-    A template, not part of the kustomization: set ``ADAPTER_SOURCE`` (a hub id, or a folder under /sources on
+    A template, not part of the kustomization: set ``ADAPTER_SOURCE`` (a hub id, an ``s3://BUCKET/PREFIX`` read
+    with ``adapterStore.sourceSecret``'s keys or ``sourceServiceAccount``'s role, or a folder under /sources on
     ``adapterStore.sourceClaim``) and ``ADAPTER_NAME``, then ``kubectl create -f publish-job.yaml`` (a new Job each
     time: ``generateName``). Add ``--replace`` to the arguments to publish a new version of an existing name.
     """
@@ -199,7 +200,7 @@ def publish_job(spec: DeploySpec) -> dict:
     env = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
-        {"name": "ADAPTER_SOURCE", "value": "REPLACE-ME (a hub id, or /sources/<folder>)"},
+        {"name": "ADAPTER_SOURCE", "value": "REPLACE-ME (a hub id, s3://BUCKET/PREFIX, or /sources/<folder>)"},
         {"name": "ADAPTER_NAME", "value": "REPLACE-ME"},
     ]
     if spec.weights.hf_token_secret:
@@ -251,9 +252,13 @@ def publish_job(spec: DeploySpec) -> dict:
         "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "4Gi"}},
         "securityContext": container_security(),
     }
+    if store.source_secret:  # object-store credentials by reference: the keys stay in the Secret
+        container["envFrom"] = [{"secretRef": {"name": store.source_secret}}]
     pod = pod_spec(spec, [container], volumes, restart="Never", grace=30)
     pod.pop("nodeSelector", None)
     pod.pop("tolerations", None)  # no GPU needed
+    if store.source_service_account:  # IRSA / workload identity: the pod's role reads the bucket
+        pod["serviceAccountName"] = store.source_service_account
     meta = object_meta(spec, "", "publish")
     del meta["name"]
     meta["generateName"] = f"{spec.name}-publish-"

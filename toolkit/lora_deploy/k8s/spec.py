@@ -185,6 +185,13 @@ class AdapterStoreSpec(Record):
     """An image with lora-deploy installed, for the publish Job template."""
     source_claim: str | None = None
     """A claim the publish Job reads adapters from (mounted at /sources)."""
+    source_secret: str | None = None
+    """A Secret whose keys the publish Job gets as environment variables (envFrom), for an s3:// ADAPTER_SOURCE:
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN, AWS_REGION, AWS_ENDPOINT_URL for MinIO or Ceph).
+    Never values in the manifest."""
+    source_service_account: str | None = None
+    """An existing ServiceAccount the publish Job runs as, instead of keys: one annotated for IRSA
+    (eks.amazonaws.com/role-arn) or GKE workload identity, whose role may read the bucket."""
 
 
 # llm-d's endpoint picker (llm-d/llm-d-router v0.10.0; the image its release workflow publishes for the tag)
@@ -408,8 +415,13 @@ def _validate(spec: DeploySpec) -> None:
                 f"vllm.maxLoraRank {spec.vllm.max_lora_rank} is below adapterStore.maxLoraRank "
                 f"{store.max_lora_rank}: the servers could not load every adapter the store accepts"
             )
-        if store.source_claim:
-            dns(store.source_claim, "adapterStore.sourceClaim", 253)
+        for key, value in (
+            ("adapterStore.sourceClaim", store.source_claim),
+            ("adapterStore.sourceSecret", store.source_secret),
+            ("adapterStore.sourceServiceAccount", store.source_service_account),
+        ):
+            if value:
+                dns(value, key, 253)
         if not store.mount_path.startswith("/") or store.mount_path.rstrip("/") in (
             "",
             spec.weights.mount_path.rstrip("/"),

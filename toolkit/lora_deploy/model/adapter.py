@@ -552,14 +552,22 @@ def target_matches(config: dict, module_name: str) -> bool:
     return any(module_name == t or module_name.endswith("." + t) for t in targets) or "all-linear" in targets
 
 
-def load_adapter(ref: str | Path, *, revision: str | None = None, allow_pickle: bool = False) -> AdapterInfo:
-    """Read an adapter folder (or hub id), classify every tensor, and collect every problem.
+def load_adapter(
+    ref: str | Path | ResolvedRef, *, revision: str | None = None, allow_pickle: bool = False
+) -> AdapterInfo:
+    """Read an adapter folder (or hub id, or ``s3://`` URL, or the record one was resolved to), classify every
+    tensor, and collect every problem. A headers-only record (:func:`lora_deploy.hub.resolve_headers`) is read from
+    its configs and safetensors headers: everything but the weights' values.
 
     Raises :class:`InputError` when the folder cannot be read at all (no config, bad JSON, no or
     corrupt weights). Features that cannot be merged are returned in ``problems`` so that
     ``inspect`` can still describe the adapter; :func:`require_mergeable` turns them into an error.
     """
-    resolved = resolve_ref(ref, kind="adapter", revision=revision, allow_pickle=allow_pickle)
+    resolved = (
+        ref
+        if isinstance(ref, ResolvedRef)
+        else resolve_ref(ref, kind="adapter", revision=revision, allow_pickle=allow_pickle)
+    )
     folder = resolved.path
     _refuse_links_out(folder)
     config = _read_config(folder)

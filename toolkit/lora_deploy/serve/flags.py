@@ -68,6 +68,8 @@ def default_served_name(model: str) -> str:
     """The API name a base is served under when none is given, locally and in the cluster alike: a folder's (or pod
     path's) last component as written, a hub id as it is (what vLLM itself would call it)."""
     text = model.rstrip("/")
+    if text.startswith("s3://"):  # an object store folder: its last component, as a folder's
+        return text.rsplit("/", 1)[-1]
     if text.startswith(("/", "./", "../", "~")) or text in (".", "..") or Path(text).exists():
         return Path(text).expanduser().resolve().name if Path(text).exists() else text.rsplit("/", 1)[-1]
     return text

@@ -97,7 +97,7 @@ def plan_dynamic(
     report = check_adapters(base, adapters, max_lora_rank=lora.max_lora_rank)
     require_passed(report)
     # a launch serves the weights (a hub base's are fetched into the cache once); a dry run only names them
-    model = str(base.fetched().path) if download or not base.is_hub else base.source
+    model = str(base.fetched().path) if download or not base.is_remote else base.source
     served = served_model_name or default_served_name(base.source)
     problem = model_name_problem(served, adapter=False)
     if problem:

@@ -87,7 +87,7 @@ def _merge_hint(base: str, source: str) -> str:
 
 def check_adapters(
     base: str | ResolvedRef,
-    adapters: dict[str, str],
+    adapters: Mapping[str, str | ResolvedRef],
     *,
     max_lora_rank: int | None = None,
     normalise_dir: Path | None = None,
@@ -115,12 +115,17 @@ def check_adapters(
     for name, source in adapters.items():
         _check_name(name)
         try:
-            info = load_adapter(source)
+            # metadata first: a hub or s3:// adapter's configs and headers, its weights only once they fit
+            ref = source if isinstance(source, ResolvedRef) else resolve_headers(source, kind="adapter")
+            info = load_adapter(ref)
+            found = _rules(name, info, base_ref, max_lora_rank=max_lora_rank)
+            if not found and info.ref.headers_only:
+                info = load_adapter(info.ref.fetched(kind="adapter"))
+            found = found or _finite(name, info)
         except LoraDeployError as e:
             rule = "readable adapter" if isinstance(e, InputError) else "supported adapter"
             refusals.append(Refusal(name, rule, e.message, e.hint or "fix the adapter folder"))
             continue
-        found = _rules(name, info, base_ref, max_lora_rank=max_lora_rank)
         vllm_says = vllm_verdict(info.config, max_lora_rank) if validate_with_vllm else None
         if vllm_says and not found:  # vLLM refuses what our rules let through: its word is final
             found = [Refusal(name, "vLLM's own validation", vllm_says, _merge_hint(base, info.ref.source))]
@@ -141,7 +146,7 @@ def check_adapters(
         accepted.append(
             CheckedAdapter(
                 name=name,
-                source=source,
+                source=info.ref.source,
                 path=path,
                 rank=info.max_rank,
                 normalised=normalised,
@@ -293,15 +298,22 @@ def _rules(name: str, info: AdapterInfo, base_ref: ResolvedRef, *, max_lora_rank
         trained_on = info.base_model or "see its adapter_config.json"
         for p in fit_problems(base_ref, info):
             refuse("fits the base", p, f"use the base this adapter was trained on ({trained_on})")
-    if not out:  # read last, one tensor at a time: the weights themselves (vLLM loads NaN without a word)
-        bad = nonfinite_tensors(info)
-        if bad:
-            refuse(
-                "finite weights",
-                f"{len(bad)} tensor(s) hold NaN or Inf values, e.g. {bad[0]}",
-                "the training run diverged; use an earlier checkpoint",
-            )
     return out
+
+
+def _finite(name: str, info: AdapterInfo) -> list[Refusal]:
+    """Read last, one tensor at a time: the weights themselves (vLLM loads NaN without a word)."""
+    bad = nonfinite_tensors(info)
+    if not bad:
+        return []
+    return [
+        Refusal(
+            name,
+            "finite weights",
+            f"{len(bad)} tensor(s) hold NaN or Inf values, e.g. {bad[0]}",
+            "the training run diverged; use an earlier checkpoint",
+        )
+    ]
 
 
 def normalise_scales(info: AdapterInfo, target: Path) -> Path:

@@ -176,7 +176,7 @@ def describe_server(
             f"--max-lora-rank {max_lora_rank} is not one vLLM accepts", hint=", ".join(map(str, ALLOWED_LORA_RANKS))
         )
     # a folder by its absolute path (readable from any working directory), a hub id as it is
-    named = base.source if base.is_hub else str(base.path)
+    named = base.source if base.is_remote else str(base.path)
     return StoreRecord(
         model=model,
         served_model_name=served_model_name,
@@ -328,6 +328,17 @@ def _store_io(folder: Path) -> Iterator[None]:
         ) from e
 
 
+def _hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a published version, for its record (what was served, byte for byte)."""
+    from lora_deploy.hub import sha256_file
+
+    return {
+        str(p.relative_to(folder)): sha256_file(p) or ""
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != PUBLISH_FILE
+    }
+
+
 def _publish(
     adapter: str,
     folder: Path,
@@ -340,14 +351,15 @@ def _publish(
     revision: str | None,
 ) -> PublishReport:
     from lora_deploy.errors import UnsupportedError
-    from lora_deploy.hub import resolve_ref
+    from lora_deploy.hub import resolve_headers
     from lora_deploy.serve.preflight import check_adapters, require_passed
 
     record = open_store(folder, create)
     assert record is not None  # created when missing
-    source = resolve_ref(adapter, kind="adapter", revision=revision)
+    # metadata first: pre-flight reads a hub or s3:// adapter's headers, and its weights only once they fit
+    source = resolve_headers(adapter, kind="adapter", revision=revision)
     # a hub id's folder is its snapshot (a commit hash): default to the repository's name instead
-    name = name or (source.source.rstrip("/").rsplit("/", 1)[-1] if source.is_hub else source.path.name)
+    name = name or (source.source.rstrip("/").rsplit("/", 1)[-1] if source.is_remote else source.path.name)
     _check_name(name, record)
     link = folder / name
     if (link.exists() or link.is_symlink()) and not replace:
@@ -361,9 +373,7 @@ def _publish(
             hint=f"retire it first (lora-deploy adapters retire {name} --store {folder}), then publish",
         )
     staging = folder / META_DIR / "staging" / f"normalised-{uuid.uuid4().hex[:12]}"
-    report = check_adapters(
-        record.base, {name: str(source.path)}, max_lora_rank=record.max_lora_rank, normalise_dir=staging
-    )
+    report = check_adapters(record.base, {name: source}, max_lora_rank=record.max_lora_rank, normalise_dir=staging)
     try:
         require_passed(report)
         checked = report.accepted[0]
@@ -398,7 +408,16 @@ def _publish(
                 published_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             )
             (staged.path / PUBLISH_FILE).write_text(
-                json.dumps({**asdict(entry), "revision": source.revision, "lora_deploy": __version__}, indent=2) + "\n"
+                json.dumps(
+                    {
+                        **asdict(entry),
+                        "revision": source.revision,
+                        "files": _hashes(staged.path),
+                        "lora_deploy": __version__,
+                    },
+                    indent=2,
+                )
+                + "\n"
             )
             _fsync_tree(staged.path)
         with _locked(folder):
