@@ -110,6 +110,10 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
 
     from huggingface_hub import get_safetensors_metadata, snapshot_download
 
+    cached = _cached_snapshot(text, revision)
+    if cached is not None:  # the whole repository is in the local cache already: read it there, offline too
+        return cached
+
     with _hub_errors(kind, text, "read its config and safetensors headers"):
         local = Path(snapshot_download(text, revision=revision, allow_patterns=_METADATA_PATTERNS))
         meta = get_safetensors_metadata(text, revision=revision)
@@ -146,6 +150,20 @@ def resolve_headers(ref: str | os.PathLike, *, kind: str, revision: str | None =
             shutil.rmtree(target)
         staging.rename(target)
     return ResolvedRef(source=text, path=target, revision=local.name, headers_only=True)
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> ResolvedRef | None:
+    """The repository's snapshot in the local Hugging Face cache, when it holds its configs and safetensors files
+    (nothing is downloaded, and ``HF_HUB_OFFLINE=1`` works); None when it is not there."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_PATTERNS, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache (or an unusable cache): the hub is asked instead
+        return None
+    if not any(local.glob("*.safetensors")) or not any(local.glob("*config.json")):
+        return None
+    return ResolvedRef(source=repo_id, path=local, revision=local.name)
 
 
 @contextlib.contextmanager
