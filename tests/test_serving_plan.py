@@ -373,9 +373,13 @@ def test_check_and_dry_run_on_a_hub_base_read_configs_and_headers_only(qwen, tmp
     shutil.copytree(qwen, repo)
     fetched: list[str] = []
 
-    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, local_files_only=False, **kw):
         import fnmatch
 
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        if local_files_only:  # the stand-in is the hub: nothing of the repository is in the local cache
+            raise LocalEntryNotFoundError(f"{repo_id} is not in the local cache")
         out = tmp_path / "snapshots" / "0123abcd"
         for f in repo.iterdir():
             if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
