@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -238,15 +237,6 @@ def _fill(s3: Any, url: str, *, bucket: str, objects: list[S3Object], folder: Pa
     staging.rename(folder)
 
 
-def manifest(path: Path) -> dict | None:
-    """The manifest beside a folder :func:`fetch` wrote (source, each file's ETag and sha256), or None."""
-    beside = path.with_name(path.name + ".json")
-    try:
-        return json.loads(beside.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _write_stub(s3: Any, url: str, bucket: str, o: S3Object, target: Path) -> None:
     """A safetensors file's header, at its place in a sparse file of the object's size (its data a hole)."""
     if o.size < 8:
@@ -331,9 +321,3 @@ def _sha256(path: Path) -> str:
         while block := f.read(16 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def remove_cached(url: str) -> None:
-    """Forget every cached copy of ``url``'s folder (what a test or a user clearing the cache does)."""
-    bucket, prefix = parse_url(url)
-    shutil.rmtree(_cache_root() / bucket / (prefix.strip("/") or "_"), ignore_errors=True)
